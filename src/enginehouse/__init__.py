@@ -1,0 +1,24 @@
+"""enginehouse: serve ONNX and PyTorch models over the KServe v2 / Triton protocol."""
+
+__version__ = "0.1.0"
+
+from enginehouse.core import (  # noqa: E402
+    ControlMode,
+    InferInput,
+    InferRequest,
+    InferResponse,
+    OutputTensor,
+    ServerCore,
+)
+from enginehouse.repository import ModelRepository  # noqa: E402
+
+__all__ = [
+    "ControlMode",
+    "InferInput",
+    "InferRequest",
+    "InferResponse",
+    "ModelRepository",
+    "OutputTensor",
+    "ServerCore",
+    "__version__",
+]

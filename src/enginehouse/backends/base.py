@@ -1,0 +1,65 @@
+"""What a runtime fills in to serve models: a backend that loads engines.
+
+A backend knows one kind of model file. It completes and checks a model's config against
+the file, and loads an :class:`Engine` per instance. An engine is used by one instance
+thread at a time; it never sees the scheduler or the frontends.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tritonclient.grpc import model_config_pb2 as mc
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where an instance runs: KIND_CPU, or KIND_GPU with a device index."""
+
+    kind: int
+    device_id: int = 0
+
+    @property
+    def label(self) -> str:
+        return "cpu" if self.kind == mc.ModelInstanceGroup.KIND_CPU else f"gpu:{self.device_id}"
+
+
+class Engine(ABC):
+    """One executable copy of a model, owned by one instance."""
+
+    @abstractmethod
+    def execute(
+        self, inputs: dict[str, np.ndarray], output_names: Sequence[str]
+    ) -> list[np.ndarray]:
+        """Run the model on named inputs and return the named outputs, in that order."""
+
+    def close(self) -> None:  # noqa: B027 - engines without resources need not override
+        """Release what the engine holds (sessions, device memory)."""
+
+
+class Backend(ABC):
+    """A runtime that turns a model file into engines."""
+
+    name: str
+    platform: str
+    default_filename: str
+
+    @abstractmethod
+    def complete_config(self, config: mc.ModelConfig, model_file: Path) -> mc.ModelConfig:
+        """Fill what the config leaves out from the model file (non-strict mode)."""
+
+    @abstractmethod
+    def check_config(self, config: mc.ModelConfig, model_file: Path) -> None:
+        """Raise ModelLoadError if the config does not describe the model file."""
+
+    @abstractmethod
+    def has_gpu(self) -> bool:
+        """Whether this backend can place instances on a GPU here."""
+
+    @abstractmethod
+    def load(self, config: mc.ModelConfig, model_file: Path, placement: Placement) -> Engine:
+        """A new engine for one instance."""

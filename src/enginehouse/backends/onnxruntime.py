@@ -1,0 +1,172 @@
+"""The ONNX Runtime backend: the embedded default, on every machine.
+
+Each instance gets its own ``InferenceSession``. Sessions are built with full graph
+optimisation and, by default, without spinning worker threads: spinning buys microseconds
+on an idle machine and steals the frontends' cores on a loaded one. Triton's ORT backend
+parameters ``intra_op_thread_count``, ``inter_op_thread_count`` and
+``enable_spinning`` (an enginehouse key) tune that per model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from tritonclient.grpc import model_config_pb2 as mc
+
+from enginehouse.backends.base import Backend, Engine, Placement
+from enginehouse.config import autocomplete
+from enginehouse.config.model_config import ONNX_BACKEND, ONNX_PLATFORM, parameter
+from enginehouse.errors import InvalidArgumentError, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+
+def _to_text(array: np.ndarray, name: str) -> np.ndarray:
+    """ORT's Python API takes string tensors as ``str`` objects; BYTES arrive as bytes."""
+    flat = array.reshape(-1)
+    out = np.empty(flat.shape[0], dtype=np.object_)
+    try:
+        for i, item in enumerate(flat):
+            out[i] = item.decode("utf-8") if isinstance(item, bytes) else str(item)
+    except UnicodeDecodeError:
+        raise InvalidArgumentError(
+            f"input '{name}': BYTES element {i} is not UTF-8; ONNX string tensors hold text"
+        ) from None
+    return out.reshape(array.shape)
+
+
+def _to_bytes(array: np.ndarray) -> np.ndarray:
+    flat = array.reshape(-1)
+    out = np.empty(flat.shape[0], dtype=np.object_)
+    for i, item in enumerate(flat):
+        out[i] = item.encode("utf-8") if isinstance(item, str) else bytes(item)
+    return out.reshape(array.shape)
+
+
+class OnnxRuntimeEngine(Engine):
+    """An ONNX Runtime session and the knowledge of which tensors are strings."""
+
+    def __init__(self, session: object, string_inputs: frozenset[str]) -> None:
+        self._session = session
+        self._string_inputs = string_inputs
+
+    def execute(
+        self, inputs: dict[str, np.ndarray], output_names: Sequence[str]
+    ) -> list[np.ndarray]:
+        if self._string_inputs:
+            inputs = {
+                name: _to_text(value, name) if name in self._string_inputs else value
+                for name, value in inputs.items()
+            }
+        results = self._session.run(list(output_names), inputs)  # type: ignore[attr-defined]
+        return [
+            _to_bytes(r) if isinstance(r, np.ndarray) and r.dtype == np.object_ else r
+            for r in results
+        ]
+
+    def close(self) -> None:
+        self._session = None
+
+
+class OnnxRuntimeBackend(Backend):
+    """Loads ``model.onnx`` files into ONNX Runtime sessions."""
+
+    name = ONNX_BACKEND
+    platform = ONNX_PLATFORM
+    default_filename = "model.onnx"
+
+    def complete_config(self, config: mc.ModelConfig, model_file: Path) -> mc.ModelConfig:
+        return autocomplete.complete(config, autocomplete.read_signature(model_file))
+
+    def check_config(self, config: mc.ModelConfig, model_file: Path) -> None:
+        signature = autocomplete.read_signature(model_file)
+        batch = (-1,) if config.max_batch_size > 0 else ()
+        graph_inputs = {t.name: t for t in signature.inputs}
+        graph_outputs = {t.name: t for t in signature.outputs}
+        for kind, tensors, graph in (
+            ("input", config.input, graph_inputs),
+            ("output", config.output, graph_outputs),
+        ):
+            for tensor in tensors:
+                found = graph.get(tensor.name)
+                if found is None:
+                    raise ModelLoadError(
+                        f"model '{config.name}': {kind} '{tensor.name}' is not in the ONNX "
+                        f"graph, which has {sorted(graph)}"
+                    )
+                if found.datatype.config_type != tensor.data_type:
+                    raise ModelLoadError(
+                        f"model '{config.name}': {kind} '{tensor.name}' is "
+                        f"{mc.DataType.Name(tensor.data_type)} in the config but "
+                        f"{found.datatype.name} in the ONNX graph"
+                    )
+                dims = tuple(tensor.reshape.shape if tensor.HasField("reshape") else tensor.dims)
+                expected = batch + dims
+                if not _compatible(expected, found.shape):
+                    raise ModelLoadError(
+                        f"model '{config.name}': {kind} '{tensor.name}' has shape "
+                        f"{list(expected)} by the config (max_batch_size "
+                        f"{config.max_batch_size}) but {list(found.shape)} in the ONNX graph"
+                    )
+        declared = {t.name for t in config.input}
+        for name in graph_inputs:
+            if name not in declared:
+                raise ModelLoadError(
+                    f"model '{config.name}': ONNX graph input '{name}' is missing from the config"
+                )
+
+    def has_gpu(self) -> bool:
+        import onnxruntime as ort
+
+        return "CUDAExecutionProvider" in ort.get_available_providers()
+
+    def load(self, config: mc.ModelConfig, model_file: Path, placement: Placement) -> Engine:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        intra = _int_parameter(config, "intra_op_thread_count")
+        inter = _int_parameter(config, "inter_op_thread_count")
+        if intra:
+            options.intra_op_num_threads = intra
+        if inter:
+            options.inter_op_num_threads = inter
+        if parameter(config, "enable_spinning", "0") not in ("1", "true", "True"):
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        providers: list[str | tuple[str, dict[str, str]]]
+        if placement.kind == mc.ModelInstanceGroup.KIND_GPU:
+            if not self.has_gpu():
+                raise ModelLoadError(
+                    f"model '{config.name}': instance_group asks for KIND_GPU but the installed "
+                    "onnxruntime has no CUDAExecutionProvider"
+                )
+            providers = [("CUDAExecutionProvider", {"device_id": str(placement.device_id)})]
+        else:
+            providers = ["CPUExecutionProvider"]
+        try:
+            session = ort.InferenceSession(str(model_file), options, providers=providers)
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
+            raise ModelLoadError(f"model '{config.name}': onnxruntime cannot load it: {exc}") from None
+        strings = frozenset(
+            t.name for t in config.input if t.data_type == mc.TYPE_STRING
+        )
+        return OnnxRuntimeEngine(session, strings)
+
+
+def _compatible(a: Sequence[int], b: Sequence[int]) -> bool:
+    return len(a) == len(b) and all(x == y or x == -1 or y == -1 for x, y in zip(a, b))
+
+
+def _int_parameter(config: mc.ModelConfig, key: str) -> int:
+    value = parameter(config, key, "0")
+    try:
+        return max(0, int(value))
+    except ValueError:
+        raise ModelLoadError(
+            f"model '{config.name}': parameter {key} must be an integer, got '{value}'"
+        ) from None

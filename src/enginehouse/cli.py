@@ -1,0 +1,129 @@
+"""The ``enginehouse`` command: ``serve`` a model repository (more verbs to come).
+
+Flag names and defaults follow tritonserver wherever both have the flag, so that
+deployment scripts carry over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from enginehouse import __version__
+from enginehouse.core.server import ControlMode, ServerCore
+from enginehouse.repository import ModelRepository
+
+log = logging.getLogger("enginehouse")
+
+
+def _bool(value: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got '{value}'")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="enginehouse", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"enginehouse {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve a model repository over HTTP and gRPC")
+    serve.add_argument("--model-repository", "--model-store", action="append", required=True,
+                       type=Path, help="model repository folder (repeatable)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--http-port", type=int, default=8000)
+    serve.add_argument("--grpc-port", type=int, default=8001)
+    serve.add_argument("--metrics-port", type=int, default=8002)
+    serve.add_argument("--allow-http", type=_bool, default=True)
+    serve.add_argument("--allow-grpc", type=_bool, default=True)
+    serve.add_argument("--allow-metrics", type=_bool, default=True)
+    serve.add_argument("--model-control-mode", choices=[m.value for m in ControlMode],
+                       default=ControlMode.NONE.value)
+    serve.add_argument("--load-model", action="append", default=[],
+                       help="model to load at start in explicit mode (repeatable, '*' for all)")
+    serve.add_argument("--strict-model-config", type=_bool, nargs="?", const=True, default=False,
+                       help="require config.pbtxt; do not complete configs from model files")
+    serve.add_argument("--strict-readiness", type=_bool, default=True,
+                       help="ready only when every model meant to load is ready")
+    serve.add_argument("--http-max-input-size", type=int, default=64 * 1024 * 1024,
+                       help="largest request body accepted, in bytes (413 above)")
+    serve.add_argument("--exit-timeout-secs", type=float, default=30.0,
+                       help="how long shutdown waits for in-flight requests")
+    serve.add_argument("--log-verbose", type=int, default=0, help="verbosity: 0 info, >0 debug")
+    return parser
+
+
+async def serve(args: argparse.Namespace) -> int:
+    """Run the server until SIGINT or SIGTERM, then drain and stop."""
+    from enginehouse.frontends.grpc.service import GrpcServer
+    from enginehouse.frontends.http.app import HttpServer
+    from enginehouse.frontends.metrics import MetricsServer
+
+    repository = ModelRepository(args.model_repository)
+    core = ServerCore(
+        repository,
+        control_mode=ControlMode(args.model_control_mode),
+        startup_models=args.load_model,
+        strict_model_config=args.strict_model_config,
+        strict_readiness=args.strict_readiness,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    servers: list[HttpServer | GrpcServer | MetricsServer] = []
+    if args.allow_http:
+        servers.append(HttpServer(core, args.host, args.http_port, args.http_max_input_size))
+    if args.allow_grpc:
+        servers.append(GrpcServer(core, args.host, args.grpc_port, args.http_max_input_size))
+    if args.allow_metrics:
+        servers.append(MetricsServer(core, args.host, args.metrics_port))
+    for server in servers:
+        await server.start()
+    load = asyncio.create_task(core.start())
+    await asyncio.wait([load, asyncio.create_task(stop.wait())],
+                       return_when=asyncio.FIRST_COMPLETED)
+    if load.done() and load.exception() is None:
+        log.info("server ready: %s", "yes" if core.ready else "no (a model failed to load)")
+    await stop.wait()
+    log.info("shutting down: draining requests in flight")
+    if not load.done():
+        load.cancel()
+    await core.stop(args.exit_timeout_secs)
+    for server in servers:
+        await server.stop()
+    log.info("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "log_verbose", 0) > 0 else logging.INFO,
+        format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if args.command == "serve":
+        try:
+            import uvloop
+
+            runner = uvloop.run
+        except ImportError:  # pragma: no cover - uvloop is a dependency; keep serving without it
+            runner = asyncio.run
+        try:
+            return runner(serve(args))
+        except (FileNotFoundError, OSError) as exc:
+            log.error("%s", exc)
+            return 1
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

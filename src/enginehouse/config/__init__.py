@@ -1,0 +1,1 @@
+"""Model configuration: Triton's config.pbtxt schema, auto-complete and validation."""

@@ -1,0 +1,147 @@
+"""Turning a model folder into loaded model versions.
+
+Reads and completes the config, picks the backend, selects the versions the policy
+serves, checks the config against each version's file and loads one engine per instance.
+It blocks (sessions take time to build), so the server calls it off the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tritonclient.grpc import model_config_pb2 as mc
+
+from enginehouse.backends import Backend, Placement, backend_for, backend_for_file
+from enginehouse.config import model_config
+from enginehouse.core.model import ModelVersion
+from enginehouse.errors import ModelLoadError
+from enginehouse.repository import ModelLocation, select_versions
+from enginehouse.runtime.instance import Instance
+from enginehouse.scheduler.pool import InstancePool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    """The versions of one model that loaded, and those that failed with their reason."""
+
+    config: mc.ModelConfig
+    versions: dict[int, ModelVersion]
+    failures: dict[int, str]
+
+
+def prepare_config(
+    location: ModelLocation, strict: bool, override: mc.ModelConfig | None = None
+) -> tuple[mc.ModelConfig, Backend, dict[int, Path]]:
+    """The complete, validated config, its backend, and the model file of each served version."""
+    config = override if override is not None else model_config.read_config(location.path)
+    if config is None:
+        if strict:
+            raise ModelLoadError(
+                f"model '{location.name}': no config.pbtxt and --strict-model-config is set"
+            )
+        config = mc.ModelConfig()
+    if config.name and config.name != location.name:
+        raise ModelLoadError(
+            f"model '{location.name}': config.pbtxt names it '{config.name}'; "
+            "the name must match the folder"
+        )
+    config.name = location.name
+    version_dirs = location.version_dirs()
+    if config.platform or config.backend:
+        backend = backend_for(config)
+    else:
+        names = sorted({p.name for d in version_dirs.values() for p in d.iterdir()})
+        found = backend_for_file(names)
+        if found is None:
+            raise ModelLoadError(
+                f"model '{location.name}': config names no backend or platform and no version "
+                f"holds a model file this server knows (found {names or 'nothing'})"
+            )
+        backend = found
+    filename = config.default_model_filename or backend.default_filename
+    selected = select_versions(config.version_policy, list(version_dirs))
+    if not selected:
+        raise ModelLoadError(
+            f"model '{location.name}': no version folder matches the version policy "
+            f"(found versions {sorted(version_dirs) or 'none'})"
+        )
+    files = {v: version_dirs[v] / filename for v in selected}
+    if not strict:
+        newest = files[selected[-1]]
+        if newest.is_file():
+            backend.complete_config(config, newest)
+    model_config.validate(config)
+    model_config.report_unsupported(config)
+    return config, backend, files
+
+
+def placements(config: mc.ModelConfig, backend: Backend) -> list[tuple[str, Placement]]:
+    """(instance name, placement) for every instance the instance groups ask for."""
+    groups = list(config.instance_group) or [mc.ModelInstanceGroup(count=1)]
+    found: list[tuple[str, Placement]] = []
+    for index, group in enumerate(groups):
+        kind = group.kind
+        if kind == mc.ModelInstanceGroup.KIND_AUTO:
+            kind = mc.ModelInstanceGroup.KIND_GPU if backend.has_gpu() else mc.ModelInstanceGroup.KIND_CPU
+        elif kind == mc.ModelInstanceGroup.KIND_MODEL:
+            kind = mc.ModelInstanceGroup.KIND_CPU
+        count = group.count or 1
+        group_name = group.name or f"{config.name}_{index}"
+        devices = list(group.gpus) or [0]
+        if kind != mc.ModelInstanceGroup.KIND_GPU:
+            devices = [0]
+        for device in devices:
+            for i in range(count):
+                found.append((f"{group_name}_{i}", Placement(kind, device)))
+    return found
+
+
+def load_version(
+    config: mc.ModelConfig, backend: Backend, version: int, model_file: Path
+) -> ModelVersion:
+    """Check the config against the file and load every instance of one version."""
+    if not model_file.is_file():
+        raise ModelLoadError(
+            f"model '{config.name}' version {version}: model file {model_file.name} not found"
+        )
+    backend.check_config(config, model_file)
+    instances: list[Instance] = []
+    try:
+        for name, placement in placements(config, backend):
+            started = time.perf_counter()
+            engine = backend.load(config, model_file, placement)
+            instances.append(Instance(f"{name}_v{version}", engine, placement))
+            log.info(
+                "model '%s' version %d: instance %s on %s loaded in %.3f s",
+                config.name,
+                version,
+                name,
+                placement.label,
+                time.perf_counter() - started,
+            )
+    except BaseException:
+        for instance in instances:
+            instance.close()
+        raise
+    return ModelVersion(config, version, InstancePool(instances))
+
+
+def load_model(
+    location: ModelLocation, strict: bool, override: mc.ModelConfig | None = None
+) -> LoadedModel:
+    """Load every version the policy serves; one failing version does not stop the others."""
+    config, backend, files = prepare_config(location, strict, override)
+    versions: dict[int, ModelVersion] = {}
+    failures: dict[int, str] = {}
+    for version, path in files.items():
+        try:
+            versions[version] = load_version(config, backend, version, path)
+        except ModelLoadError as exc:
+            failures[version] = exc.message
+            log.error("%s", exc.message)
+    return LoadedModel(config, versions, failures)

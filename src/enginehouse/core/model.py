@@ -1,0 +1,233 @@
+"""A loaded model version: request validation and the path of one request through it.
+
+Everything a request is checked against is computed once at load (tensor specs, output
+names); the request path does dictionary lookups and array views, nothing more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from tritonclient.grpc import model_config_pb2 as mc
+
+from enginehouse import datatypes
+from enginehouse.core.statistics import ModelStatistics
+from enginehouse.core.types import (
+    InferRequest,
+    InferResponse,
+    ModelMetadata,
+    OutputTensor,
+    TensorMetadata,
+)
+from enginehouse.errors import EnginehouseError, InternalError, InvalidArgumentError
+from enginehouse.scheduler.pool import InstancePool
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """A config input or output: wire datatype, client dims, and the engine's reshape."""
+
+    name: str
+    datatype: str
+    dims: tuple[int, ...]
+    reshape: tuple[int, ...] | None
+    optional: bool
+
+    @classmethod
+    def from_config(cls, tensor: mc.ModelInput | mc.ModelOutput) -> TensorSpec:
+        reshape = tuple(tensor.reshape.shape) if tensor.HasField("reshape") else None
+        optional = bool(getattr(tensor, "optional", False))
+        datatype = datatypes.BY_CONFIG[tensor.data_type].name
+        return cls(tensor.name, datatype, tuple(tensor.dims), reshape, optional)
+
+
+def _shape_matches(shape: Sequence[int], dims: Sequence[int]) -> bool:
+    if len(shape) != len(dims):
+        return False
+    for got, want in zip(shape, dims):
+        if want != -1 and got != want:
+            return False
+    return True
+
+
+class ModelVersion:
+    """One version of a model, loaded, with its instances and statistics."""
+
+    def __init__(self, config: mc.ModelConfig, version: int, pool: InstancePool) -> None:
+        self.config = config
+        self.name = config.name
+        self.version = str(version)
+        self.pool = pool
+        self.max_batch_size = config.max_batch_size
+        self.batching = config.max_batch_size > 0
+        self.inputs = {t.name: TensorSpec.from_config(t) for t in config.input}
+        self.outputs = {t.name: TensorSpec.from_config(t) for t in config.output}
+        self.required_inputs = frozenset(n for n, s in self.inputs.items() if not s.optional)
+        self.all_output_names = tuple(self.outputs)
+        self.statistics = ModelStatistics(self.name, self.version)
+        self.in_flight = 0
+
+    def metadata(self, versions: Sequence[str]) -> ModelMetadata:
+        batch = (-1,) if self.batching else ()
+        return ModelMetadata(
+            name=self.name,
+            versions=tuple(versions),
+            platform=self.config.platform or self.config.backend,
+            inputs=tuple(
+                TensorMetadata(s.name, s.datatype, batch + s.dims) for s in self.inputs.values()
+            ),
+            outputs=tuple(
+                TensorMetadata(s.name, s.datatype, batch + s.dims) for s in self.outputs.values()
+            ),
+        )
+
+    def _check_inputs(self, request: InferRequest) -> tuple[dict[str, np.ndarray], int]:
+        """The engine feeds and the batch size, or a 400 naming what is wrong."""
+        feeds: dict[str, np.ndarray] = {}
+        batch_size = 1
+        model = self.name
+        for item in request.inputs:
+            spec = self.inputs.get(item.name)
+            if spec is None:
+                raise InvalidArgumentError(
+                    f"unexpected inference input '{item.name}' for model '{model}', "
+                    f"expected one of {sorted(self.inputs)}"
+                )
+            if item.name in feeds:
+                raise InvalidArgumentError(
+                    f"input '{item.name}' appears more than once in the request"
+                )
+            if item.datatype != spec.datatype:
+                raise InvalidArgumentError(
+                    f"inference input '{item.name}' data-type is '{item.datatype}', "
+                    f"but model '{model}' expects '{spec.datatype}'"
+                )
+            shape = item.shape
+            if self.batching:
+                if len(shape) != len(spec.dims) + 1 or not _shape_matches(shape[1:], spec.dims):
+                    raise InvalidArgumentError(
+                        f"unexpected shape for input '{item.name}' for model '{model}'. "
+                        f"Expected [-1,{','.join(map(str, spec.dims))}], got {list(shape)}"
+                    )
+                if feeds:
+                    if shape[0] != batch_size:
+                        raise InvalidArgumentError(
+                            f"input '{item.name}' has batch size {shape[0]} but other inputs "
+                            f"of the request have {batch_size}"
+                        )
+                else:
+                    batch_size = shape[0]
+                    if batch_size < 1 or batch_size > self.max_batch_size:
+                        raise InvalidArgumentError(
+                            f"inference request batch-size must be <= {self.max_batch_size} "
+                            f"for '{model}', got {batch_size} (input '{item.name}')"
+                        )
+            elif not _shape_matches(shape, spec.dims):
+                raise InvalidArgumentError(
+                    f"unexpected shape for input '{item.name}' for model '{model}'. "
+                    f"Expected {list(spec.dims)}, got {list(shape)}"
+                )
+            data = item.data
+            if data.shape != shape:
+                raise InvalidArgumentError(
+                    f"input '{item.name}': data holds shape {list(data.shape)}, "
+                    f"the request says {list(shape)}"
+                )
+            if spec.reshape is not None:
+                data = data.reshape((batch_size, *spec.reshape) if self.batching else spec.reshape)
+            feeds[item.name] = data
+        if len(feeds) < len(self.required_inputs) or not self.required_inputs.issubset(feeds):
+            missing = sorted(self.required_inputs.difference(feeds))
+            raise InvalidArgumentError(
+                f"expected {len(self.required_inputs)} inputs but got {len(feeds)} inputs for "
+                f"model '{model}'; missing required input(s) {missing}"
+            )
+        return feeds, batch_size
+
+    def _output_names(self, request: InferRequest) -> tuple[str, ...]:
+        if request.outputs is None:
+            return self.all_output_names
+        for name in request.outputs:
+            if name not in self.outputs:
+                raise InvalidArgumentError(
+                    f"unexpected inference output '{name}' for model '{self.name}', "
+                    f"expected one of {sorted(self.outputs)}"
+                )
+        return tuple(request.outputs)
+
+    def _finisher(self, names: Sequence[str], batch_size: int):  # type: ignore[no-untyped-def]
+        specs = [self.outputs[n] for n in names]
+        batching = self.batching
+
+        def finish(results: list[np.ndarray]) -> list[np.ndarray]:
+            finished = []
+            for spec, result in zip(specs, results):
+                array = np.asarray(result)
+                if spec.reshape is not None:
+                    array = array.reshape((batch_size, *spec.dims) if batching else spec.dims)
+                finished.append(array)
+            return finished
+
+        return finish
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        """Validate, wait for a free instance, execute, and account for it."""
+        clock = time.perf_counter_ns
+        start = request.arrival_ns or clock()
+        stats = self.statistics
+        self.in_flight += 1
+        try:
+            feeds, batch_size = self._check_inputs(request)
+            names = self._output_names(request)
+            pool = self.pool
+            instance = pool.try_acquire() or await pool.acquire()
+            queued = clock()
+            future = instance.execute(lambda: feeds, names, self._finisher(names, batch_size))
+            try:
+                # Shielded: a cancelled request must not free an instance still executing.
+                execution = await asyncio.shield(future)
+            except asyncio.CancelledError:
+                future.add_done_callback(lambda _: pool.release(instance))
+                raise
+            except EnginehouseError:
+                pool.release(instance)
+                raise
+            except Exception as exc:
+                pool.release(instance)
+                raise InternalError(
+                    f"model '{self.name}' version {self.version} failed: {exc}"
+                ) from exc
+            pool.release(instance)
+            stats.record_execution(
+                batch_size if self.batching else 1,
+                execution.input_ns,
+                execution.infer_ns,
+                execution.output_ns,
+            )
+            outputs = [
+                OutputTensor(name, self.outputs[name].datatype, array.shape, array)
+                for name, array in zip(names, execution.outputs)
+            ]
+            response = InferResponse(self.name, self.version, request.id, outputs)
+            stats.record_success(
+                clock() - start,
+                queued - start,
+                execution.input_ns,
+                execution.infer_ns,
+                execution.output_ns,
+            )
+            return response
+        except BaseException:
+            stats.record_failure(clock() - start)
+            raise
+        finally:
+            self.in_flight -= 1
+
+    def close(self) -> None:
+        """Release every instance; the version must have no requests in flight."""
+        for instance in self.pool.instances:
+            instance.close()

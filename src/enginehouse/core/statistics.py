@@ -1,0 +1,142 @@
+"""Per-model-version statistics with Triton's semantics and both of its shapes.
+
+Every figure is a real measurement in nanoseconds. ``inference_count`` counts batch
+elements, ``execution_count`` counts executions; ``batch_stats`` are kept per batch size
+of an execution. Updates happen on the event loop thread only, so no lock is needed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from tritonclient.grpc import service_pb2 as pb
+
+
+@dataclass(slots=True)
+class Duration:
+    """A count and the total nanoseconds of something that happened ``count`` times."""
+
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int, count: int = 1) -> None:
+        self.count += count
+        self.ns += ns
+
+    def as_dict(self) -> dict[str, int]:
+        return {"count": self.count, "ns": self.ns}
+
+    def to_proto(self, target: pb.StatisticDuration) -> None:
+        target.count = self.count
+        target.ns = self.ns
+
+
+@dataclass(slots=True)
+class BatchStatistics:
+    """Compute times of the executions of one batch size."""
+
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+
+
+_INFERENCE_STATS = (
+    "success",
+    "fail",
+    "queue",
+    "compute_input",
+    "compute_infer",
+    "compute_output",
+    "cache_hit",
+    "cache_miss",
+)
+
+
+@dataclass(slots=True)
+class ModelStatistics:
+    """The statistics of one model version since it was loaded."""
+
+    name: str
+    version: str
+    last_inference_ms: int = 0
+    inference_count: int = 0
+    execution_count: int = 0
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+    cache_hit: Duration = field(default_factory=Duration)
+    cache_miss: Duration = field(default_factory=Duration)
+    batches: dict[int, BatchStatistics] = field(default_factory=dict)
+
+    def record_execution(
+        self, batch_size: int, input_ns: int, infer_ns: int, output_ns: int
+    ) -> None:
+        """One execution of ``batch_size`` elements (batch_size 1 for non-batching models)."""
+        self.execution_count += 1
+        self.inference_count += batch_size
+        batch = self.batches.get(batch_size)
+        if batch is None:
+            batch = self.batches[batch_size] = BatchStatistics()
+        batch.compute_input.add(input_ns)
+        batch.compute_infer.add(infer_ns)
+        batch.compute_output.add(output_ns)
+
+    def record_success(
+        self, total_ns: int, queue_ns: int, input_ns: int, infer_ns: int, output_ns: int
+    ) -> None:
+        """One request that completed; its compute times are its share of the execution."""
+        self.success.add(total_ns)
+        self.queue.add(queue_ns)
+        self.compute_input.add(input_ns)
+        self.compute_infer.add(infer_ns)
+        self.compute_output.add(output_ns)
+        self.last_inference_ms = time.time_ns() // 1_000_000
+
+    def record_failure(self, total_ns: int) -> None:
+        self.fail.add(total_ns)
+        self.last_inference_ms = time.time_ns() // 1_000_000
+
+    def as_dict(self) -> dict[str, Any]:
+        """Triton's JSON shape of one ``model_stats`` entry."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "last_inference": self.last_inference_ms,
+            "inference_count": self.inference_count,
+            "execution_count": self.execution_count,
+            "inference_stats": {
+                key: getattr(self, key).as_dict() for key in _INFERENCE_STATS
+            },
+            "response_stats": {},
+            "batch_stats": [
+                {
+                    "batch_size": size,
+                    "compute_input": batch.compute_input.as_dict(),
+                    "compute_infer": batch.compute_infer.as_dict(),
+                    "compute_output": batch.compute_output.as_dict(),
+                }
+                for size, batch in sorted(self.batches.items())
+            ],
+            "memory_usage": [],
+        }
+
+    def to_proto(self, target: pb.ModelStatistics) -> None:
+        """Fill one ``ModelStatistics`` message of the gRPC response."""
+        target.name = self.name
+        target.version = self.version
+        target.last_inference = self.last_inference_ms
+        target.inference_count = self.inference_count
+        target.execution_count = self.execution_count
+        for key in _INFERENCE_STATS:
+            getattr(self, key).to_proto(getattr(target.inference_stats, key))
+        for size, batch in sorted(self.batches.items()):
+            entry = target.batch_stats.add()
+            entry.batch_size = size
+            batch.compute_input.to_proto(entry.compute_input)
+            batch.compute_infer.to_proto(entry.compute_infer)
+            batch.compute_output.to_proto(entry.compute_output)

@@ -1,0 +1,1 @@
+"""Wire protocols over ServerCore: HTTP/REST and gRPC."""

@@ -1,0 +1,213 @@
+"""The GRPCInferenceService of KServe v2 / Triton on grpcio's asyncio server.
+
+The service class is the generated servicer from ``tritonclient.grpc`` (one source of
+truth for the wire format); each method translates to a ServerCore call. Errors are the
+status code their :class:`EnginehouseError` carries; on a stream they travel in the
+response's ``error_message``, as Triton sends them, and the stream stays open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
+
+from enginehouse.core.server import EXTENSIONS, SERVER_NAME, ServerCore
+from enginehouse.errors import EnginehouseError, InvalidArgumentError
+from enginehouse.frontends.grpc.codec import (
+    decode_infer_request,
+    encode_infer_response,
+    parameter_value,
+)
+
+log = logging.getLogger(__name__)
+
+
+class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
+    """Every RPC of GRPCInferenceService over one ServerCore."""
+
+    def __init__(self, core: ServerCore) -> None:
+        self.core = core
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+                         ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=self.core.live)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest,
+                          context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.core.ready)
+
+    async def ModelReady(self, request: pb.ModelReadyRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
+        return pb.ModelReadyResponse(ready=self.core.model_ready(request.name, request.version))
+
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest,
+                             context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=self.core.version, extensions=list(EXTENSIONS)
+        )
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest,
+                            context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
+        try:
+            meta = self.core.model_metadata(request.name, request.version)
+        except EnginehouseError as exc:
+            await context.abort(exc.grpc_code, exc.message)
+        response = pb.ModelMetadataResponse(
+            name=meta.name, versions=list(meta.versions), platform=meta.platform
+        )
+        for tensors, target in ((meta.inputs, response.inputs), (meta.outputs, response.outputs)):
+            for tensor in tensors:
+                target.add(name=tensor.name, datatype=tensor.datatype, shape=list(tensor.shape))
+        return response
+
+    async def ModelConfig(self, request: pb.ModelConfigRequest,
+                          context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
+        try:
+            config = self.core.model_config(request.name, request.version)
+        except EnginehouseError as exc:
+            await context.abort(exc.grpc_code, exc.message)
+        response = pb.ModelConfigResponse()
+        response.config.CopyFrom(config)
+        return response
+
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest,
+                              context: grpc.aio.ServicerContext) -> pb.ModelStatisticsResponse:
+        try:
+            stats = self.core.model_statistics(request.name, request.version)
+        except EnginehouseError as exc:
+            await context.abort(exc.grpc_code, exc.message)
+        response = pb.ModelStatisticsResponse()
+        for entry in stats:
+            entry.to_proto(response.model_stats.add())
+        return response
+
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest,
+                              context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:
+        response = pb.RepositoryIndexResponse()
+        for entry in self.core.repository_index(request.ready):
+            response.models.add(
+                name=entry.name, version=entry.version, state=entry.state, reason=entry.reason
+            )
+        return response
+
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
+                                  context: grpc.aio.ServicerContext
+                                  ) -> pb.RepositoryModelLoadResponse:
+        config = None
+        files: dict[str, bytes] = {}
+        for key, value in request.parameters.items():
+            if key == "config":
+                config = value.string_param
+            elif key.startswith("file:"):
+                files[key[5:]] = value.bytes_param
+        try:
+            await self.core.load_model(request.model_name, config, files or None)
+        except EnginehouseError as exc:
+            await context.abort(exc.grpc_code, exc.message)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
+                                    context: grpc.aio.ServicerContext
+                                    ) -> pb.RepositoryModelUnloadResponse:
+        try:
+            await self.core.unload_model(request.model_name)
+        except EnginehouseError as exc:
+            await context.abort(exc.grpc_code, exc.message)
+        return pb.RepositoryModelUnloadResponse()
+
+    async def ModelInfer(self, request: pb.ModelInferRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+        arrival = time.perf_counter_ns()
+        try:
+            infer_request = decode_infer_request(request)
+            infer_request.arrival_ns = arrival
+            response = await self.core.infer(infer_request)
+        except EnginehouseError as exc:
+            await context.abort(exc.grpc_code, exc.message)
+        return encode_infer_response(response)
+
+    async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
+                               context: grpc.aio.ServicerContext
+                               ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Requests of a stream run concurrently; each response goes out when it is done."""
+        done: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def one(message: pb.ModelInferRequest) -> None:
+            arrival = time.perf_counter_ns()
+            try:
+                infer_request = decode_infer_request(message)
+                infer_request.arrival_ns = arrival
+                response = await self.core.infer(infer_request)
+                done.put_nowait(
+                    pb.ModelStreamInferResponse(infer_response=encode_infer_response(response))
+                )
+            except EnginehouseError as exc:
+                failed = pb.ModelStreamInferResponse(error_message=exc.message)
+                failed.infer_response.id = message.id
+                failed.infer_response.model_name = message.model_name
+                failed.infer_response.model_version = message.model_version
+                done.put_nowait(failed)
+            except Exception as exc:  # never let one request end the stream
+                log.exception("stream request failed")
+                done.put_nowait(pb.ModelStreamInferResponse(error_message=f"internal error: {exc}"))
+
+        async def read() -> None:
+            try:
+                async for message in request_iterator:
+                    task = asyncio.create_task(one(message))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                while tasks:
+                    await asyncio.gather(*list(tasks))
+            finally:
+                done.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                item = await done.get()
+                if item is None:
+                    break
+                yield item
+        finally:
+            reader.cancel()
+
+
+class GrpcServer:
+    """grpcio's asyncio server with the inference service on one port."""
+
+    def __init__(self, core: ServerCore, host: str, port: int, max_message_bytes: int) -> None:
+        self.host = host
+        self.port = port
+        self._server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", -1),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceService(core), self._server
+        )
+
+    async def start(self) -> None:
+        address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        bound = self._server.add_insecure_port(address)
+        if bound == 0:
+            raise OSError(f"cannot bind gRPC port {address}")
+        self.port = bound
+        await self._server.start()
+        log.info("gRPC service listening on %s:%d", self.host, self.port)
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        await self._server.stop(grace_s)
+
+
+__all__ = ["GrpcServer", "InferenceService", "InvalidArgumentError", "parameter_value"]

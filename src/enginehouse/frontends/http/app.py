@@ -1,0 +1,260 @@
+"""The KServe v2 REST API with Triton's extensions, as handlers over ServerCore.
+
+Routing is a split of the path and a match on its parts: the whole surface is a dozen
+routes, and a request should not pay for a general router. Handlers return an
+:class:`HttpResponse`; only inference and repository control are asynchronous.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable
+from typing import Any
+from urllib.parse import unquote
+
+import orjson
+
+from enginehouse.config.protojson import message_to_json_dict
+from enginehouse.core.server import EXTENSIONS, SERVER_NAME, ServerCore
+from enginehouse.core.types import ModelMetadata
+from enginehouse.errors import EnginehouseError, InvalidArgumentError, NotFoundError
+from enginehouse.frontends.http.codec import decode_infer_request, encode_infer_response
+from enginehouse.frontends.http.protocol import HttpProtocol, HttpRequest, HttpResponse, error_response
+
+log = logging.getLogger(__name__)
+
+_EMPTY_OK = HttpResponse(200, [])
+_NOT_READY = HttpResponse(400, [])
+
+
+def _json(value: Any, status: int = 200) -> HttpResponse:
+    return HttpResponse(status, [orjson.dumps(value)])
+
+
+def _metadata_json(meta: ModelMetadata) -> dict[str, Any]:
+    return {
+        "name": meta.name,
+        "versions": list(meta.versions),
+        "platform": meta.platform,
+        "inputs": [
+            {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in meta.inputs
+        ],
+        "outputs": [
+            {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in meta.outputs
+        ],
+    }
+
+
+def _body_json(request: HttpRequest) -> dict[str, Any]:
+    if not request.body:
+        return {}
+    try:
+        value = orjson.loads(request.body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidArgumentError(f"malformed JSON body: {exc}") from None
+    if not isinstance(value, dict):
+        raise InvalidArgumentError("request body must be a JSON object")
+    return value
+
+
+class HttpApp:
+    """Maps HTTP requests to ServerCore calls and their results to Triton's JSON."""
+
+    def __init__(self, core: ServerCore) -> None:
+        self.core = core
+
+    def __call__(self, request: HttpRequest) -> HttpResponse | Awaitable[HttpResponse]:
+        try:
+            return self._route(request)
+        except EnginehouseError as exc:
+            return error_response(exc.http_status, exc.message)
+
+    def _route(self, request: HttpRequest) -> HttpResponse | Awaitable[HttpResponse]:
+        parts = request.path.split("/")
+        if len(parts) < 2 or parts[0] != "" or parts[1] != "v2":
+            raise NotFoundError(f"no route for {request.path}")
+        method = request.method
+        rest = parts[2:]
+        if rest and rest[-1] == "":
+            rest = rest[:-1]
+        if not rest:
+            self._method(method, "GET")
+            return _json(
+                {"name": SERVER_NAME, "version": self.core.version, "extensions": list(EXTENSIONS)}
+            )
+        head = rest[0]
+        if head == "models":
+            return self._models(method, rest[1:], request)
+        if head == "health" and len(rest) == 2:
+            self._method(method, "GET")
+            if rest[1] == "live":
+                ok = self.core.live
+            elif rest[1] == "ready":
+                ok = self.core.ready
+            else:
+                raise NotFoundError(f"no route for {request.path}")
+            return _EMPTY_OK if ok else _NOT_READY
+        if head == "repository":
+            return self._repository(method, rest[1:], request)
+        if head in ("systemsharedmemory", "cudasharedmemory"):
+            raise InvalidArgumentError(f"{head} is not supported yet")
+        raise NotFoundError(f"no route for {request.path}")
+
+    @staticmethod
+    def _method(method: str, allowed: str) -> None:
+        if method != allowed:
+            raise InvalidArgumentError(f"method {method} is not allowed here, use {allowed}")
+
+    def _models(
+        self, method: str, rest: list[str], request: HttpRequest
+    ) -> HttpResponse | Awaitable[HttpResponse]:
+        if rest == ["stats"]:
+            self._method(method, "GET")
+            return self._stats("", "")
+        if not rest:
+            raise NotFoundError("no route for /v2/models")
+        name = unquote(rest[0])
+        version = ""
+        rest = rest[1:]
+        if len(rest) >= 2 and rest[0] == "versions":
+            version = unquote(rest[1])
+            rest = rest[2:]
+        if not rest:
+            self._method(method, "GET")
+            meta = self.core.model_metadata(name, version)
+            return _json(_metadata_json(meta))
+        if len(rest) != 1:
+            raise NotFoundError(f"no route for {request.path}")
+        action = rest[0]
+        if action == "infer":
+            self._method(method, "POST")
+            return self._infer(name, version, request)
+        self._method(method, "GET")
+        if action == "ready":
+            return _EMPTY_OK if self.core.model_ready(name, version) else _NOT_READY
+        if action == "config":
+            return _json(message_to_json_dict(self.core.model_config(name, version)))
+        if action == "stats":
+            return self._stats(name, version)
+        raise NotFoundError(f"no route for {request.path}")
+
+    def _stats(self, name: str, version: str) -> HttpResponse:
+        stats = self.core.model_statistics(name, version)
+        return _json({"model_stats": [s.as_dict() for s in stats]})
+
+    def _infer(self, name: str, version: str, request: HttpRequest) -> Awaitable[HttpResponse]:
+        arrival = time.perf_counter_ns()
+        raw_length = request.headers.get("inference-header-content-length")
+        header_length = None
+        if raw_length is not None:
+            try:
+                header_length = int(raw_length)
+            except ValueError:
+                raise InvalidArgumentError(
+                    f"Inference-Header-Content-Length '{raw_length}' is not an integer"
+                ) from None
+        infer_request, options = decode_infer_request(name, version, request.body, header_length)
+        infer_request.arrival_ns = arrival
+        return self._run_infer(infer_request, options)
+
+    async def _run_infer(self, infer_request, options) -> HttpResponse:  # type: ignore[no-untyped-def]
+        try:
+            response = await self.core.infer(infer_request)
+        except EnginehouseError as exc:
+            return error_response(exc.http_status, exc.message)
+        header, buffers, header_length = encode_infer_response(response, options)
+        if header_length is None:
+            return HttpResponse(200, [header])
+        return HttpResponse(
+            200,
+            [header, *buffers],
+            content_type=b"application/octet-stream",
+            extra_headers=[b"Inference-Header-Content-Length: %d" % header_length],
+        )
+
+    def _repository(
+        self, method: str, rest: list[str], request: HttpRequest
+    ) -> HttpResponse | Awaitable[HttpResponse]:
+        self._method(method, "POST")
+        if rest == ["index"]:
+            body = _body_json(request)
+            ready = bool(body.get("ready", False))
+            entries = []
+            for entry in self.core.repository_index(ready):
+                item = {"name": entry.name}
+                if entry.version:
+                    item["version"] = entry.version
+                if entry.state:
+                    item["state"] = entry.state
+                if entry.reason:
+                    item["reason"] = entry.reason
+                entries.append(item)
+            return _json(entries)
+        if len(rest) == 3 and rest[0] == "models" and rest[2] in ("load", "unload"):
+            name = unquote(rest[1])
+            body = _body_json(request)
+            parameters = body.get("parameters") or {}
+            if not isinstance(parameters, dict):
+                raise InvalidArgumentError("'parameters' must be an object")
+            if rest[2] == "load":
+                return self._load(name, parameters)
+            return self._unload(name)
+        raise NotFoundError(f"no route for {request.path}")
+
+    async def _load(self, name: str, parameters: dict[str, Any]) -> HttpResponse:
+        config = parameters.get("config")
+        if config is not None and not isinstance(config, str):
+            return error_response(400, "load parameter 'config' must be a JSON string")
+        files = {k[5:]: v for k, v in parameters.items() if k.startswith("file:")}
+        try:
+            await self.core.load_model(name, config, files or None)
+        except EnginehouseError as exc:
+            return error_response(exc.http_status, exc.message)
+        return _EMPTY_OK
+
+    async def _unload(self, name: str) -> HttpResponse:
+        try:
+            await self.core.unload_model(name)
+        except EnginehouseError as exc:
+            return error_response(exc.http_status, exc.message)
+        return _EMPTY_OK
+
+
+class HttpServer:
+    """The listening socket and its connections."""
+
+    def __init__(self, core: ServerCore, host: str, port: int, body_limit: int) -> None:
+        self.app = HttpApp(core)
+        self.host = host
+        self.port = port
+        self.body_limit = body_limit
+        self._server: asyncio.Server | None = None
+        self._connections: set[HttpProtocol] = set()
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: HttpProtocol(self.app, self.body_limit, self._connections),
+            self.host,
+            self.port,
+            reuse_address=True,
+            backlog=1024,
+        )
+        sockets = self._server.sockets
+        if sockets:
+            self.port = sockets[0].getsockname()[1]
+        log.info("HTTP service listening on %s:%d", self.host, self.port)
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Stop accepting, let connections finish their requests, then close them."""
+        if self._server is None:
+            return
+        self._server.close()
+        deadline = time.monotonic() + grace_s
+        while any(not c.idle for c in self._connections) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for connection in list(self._connections):
+            connection.close()
+        await self._server.wait_closed()

@@ -1,0 +1,230 @@
+"""KServe v2 inference over HTTP: JSON tensors and Triton's binary tensor extension.
+
+A request body is a JSON header, optionally followed by raw tensor bytes
+(``Inference-Header-Content-Length`` says where the JSON ends). Binary inputs become
+NumPy views over the body, without a copy. Responses put each output either in the
+JSON or, when asked, after it as raw bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from enginehouse import datatypes
+from enginehouse.core.types import InferInput, InferRequest, InferResponse
+from enginehouse.errors import InvalidArgumentError, UnsupportedError
+
+
+@dataclass(slots=True)
+class OutputOptions:
+    """How the client wants outputs encoded: binary by default, and per output."""
+
+    binary_default: bool
+    binary: dict[str, bool]
+
+
+def _shape(value: Any, name: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value
+    ):
+        raise InvalidArgumentError(
+            f"input '{name}': 'shape' must be a list of non-negative integers, got {value!r}"
+        )
+    return tuple(value)
+
+
+def _flatten(data: Any) -> list[Any]:
+    if not isinstance(data, list):
+        return [data]
+    if data and isinstance(data[0], list):
+        flat: list[Any] = []
+        for item in data:
+            flat.extend(_flatten(item))
+        return flat
+    return data
+
+
+def _json_tensor(data: Any, dtype: datatypes.DataType, shape: tuple[int, ...], name: str) -> np.ndarray:
+    count = 1
+    for dim in shape:
+        count *= dim
+    try:
+        if dtype.name == "BYTES":
+            flat = _flatten(data)
+            array = np.empty(len(flat), dtype=np.object_)
+            for i, item in enumerate(flat):
+                if isinstance(item, str):
+                    array[i] = item.encode("utf-8")
+                elif isinstance(item, bytes):
+                    array[i] = item
+                else:
+                    raise InvalidArgumentError(
+                        f"input '{name}': BYTES elements must be strings, got {type(item).__name__}"
+                    )
+        else:
+            array = np.asarray(data, dtype=dtype.numpy).reshape(-1)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InvalidArgumentError(
+            f"input '{name}': cannot read 'data' as {dtype.name}: {exc}"
+        ) from None
+    if array.shape[0] != count:
+        raise InvalidArgumentError(
+            f"input '{name}': shape {list(shape)} needs {count} elements, 'data' has "
+            f"{array.shape[0]}"
+        )
+    return array.reshape(shape)
+
+
+def decode_infer_request(
+    model_name: str, model_version: str, body: bytes, header_length: int | None
+) -> tuple[InferRequest, OutputOptions]:
+    """The request a body holds, or a 400 naming the first thing that is wrong."""
+    view = memoryview(body)
+    if header_length is None:
+        header, binary = view, view[len(view) :]
+    else:
+        if header_length < 0 or header_length > len(view):
+            raise InvalidArgumentError(
+                f"Inference-Header-Content-Length {header_length} is outside the body of "
+                f"{len(view)} bytes"
+            )
+        header, binary = view[:header_length], view[header_length:]
+    try:
+        document = orjson.loads(header)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidArgumentError(f"malformed JSON in inference request: {exc}") from None
+    if not isinstance(document, dict):
+        raise InvalidArgumentError("inference request must be a JSON object")
+    raw_inputs = document.get("inputs")
+    if not isinstance(raw_inputs, list):
+        raise InvalidArgumentError("inference request needs an 'inputs' list")
+    parameters = document.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise InvalidArgumentError("request 'parameters' must be an object")
+    request_id = document.get("id", "")
+    if not isinstance(request_id, str):
+        raise InvalidArgumentError("request 'id' must be a string")
+
+    inputs: list[InferInput] = []
+    offset = 0
+    for raw in raw_inputs:
+        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+            raise InvalidArgumentError("each input needs a 'name' string")
+        name = raw["name"]
+        datatype_name = raw.get("datatype")
+        if not isinstance(datatype_name, str):
+            raise InvalidArgumentError(f"input '{name}' needs a 'datatype' string")
+        dtype = datatypes.from_name(datatype_name)
+        shape = _shape(raw.get("shape"), name)
+        input_parameters = raw.get("parameters") or {}
+        if not isinstance(input_parameters, dict):
+            raise InvalidArgumentError(f"input '{name}': 'parameters' must be an object")
+        if "shared_memory_region" in input_parameters:
+            raise UnsupportedError(
+                f"input '{name}': shared memory inputs are not supported yet"
+            )
+        size = input_parameters.get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise InvalidArgumentError(f"input '{name}': invalid binary_data_size {size!r}")
+            if "data" in raw:
+                raise InvalidArgumentError(f"input '{name}' has both 'data' and binary_data_size")
+            if offset + size > len(binary):
+                raise InvalidArgumentError(
+                    f"input '{name}': binary_data_size {size} runs past the end of the body "
+                    f"({len(binary) - offset} bytes left)"
+                )
+            array = datatypes.from_wire_bytes(binary[offset : offset + size], dtype, shape, name)
+            offset += size
+        elif "data" in raw:
+            array = _json_tensor(raw["data"], dtype, shape, name)
+        else:
+            raise InvalidArgumentError(f"input '{name}' has neither 'data' nor binary_data_size")
+        inputs.append(InferInput(name, datatype_name, shape, array))
+    if offset != len(binary):
+        raise InvalidArgumentError(
+            f"{len(binary) - offset} bytes of binary data after the inputs that claim it"
+        )
+
+    binary_default = bool(parameters.get("binary_data_output", False))
+    binary: dict[str, bool] = {}
+    names: list[str] | None = None
+    raw_outputs = document.get("outputs")
+    if raw_outputs is not None:
+        if not isinstance(raw_outputs, list):
+            raise InvalidArgumentError("request 'outputs' must be a list")
+        names = []
+        for raw in raw_outputs:
+            if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+                raise InvalidArgumentError("each requested output needs a 'name' string")
+            output_parameters = raw.get("parameters") or {}
+            if not isinstance(output_parameters, dict):
+                raise InvalidArgumentError(f"output '{raw['name']}': 'parameters' must be an object")
+            if "shared_memory_region" in output_parameters:
+                raise UnsupportedError(
+                    f"output '{raw['name']}': shared memory outputs are not supported yet"
+                )
+            if output_parameters.get("classification"):
+                raise UnsupportedError(
+                    f"output '{raw['name']}': the classification extension is not supported yet"
+                )
+            names.append(raw["name"])
+            if "binary_data" in output_parameters:
+                binary[raw["name"]] = bool(output_parameters["binary_data"])
+    request = InferRequest(
+        model_name=model_name,
+        inputs=inputs,
+        model_version=model_version,
+        id=request_id,
+        outputs=names,
+        parameters=parameters,
+    )
+    return request, OutputOptions(binary_default, binary)
+
+
+def _json_data(array: np.ndarray) -> Any:
+    flat = array.reshape(-1)
+    if flat.dtype == np.object_:
+        return [
+            item.decode("utf-8", "replace") if isinstance(item, bytes) else str(item)
+            for item in flat
+        ]
+    if flat.dtype == np.float16:
+        return flat.astype(np.float32)
+    return np.ascontiguousarray(flat)
+
+
+def encode_infer_response(
+    response: InferResponse, options: OutputOptions
+) -> tuple[bytes, list[bytes], int | None]:
+    """(JSON header, raw output buffers, header length if any output is binary)."""
+    buffers: list[bytes] = []
+    outputs = []
+    for tensor in response.outputs:
+        entry: dict[str, Any] = {
+            "name": tensor.name,
+            "datatype": tensor.datatype,
+            "shape": list(tensor.shape),
+        }
+        if options.binary.get(tensor.name, options.binary_default):
+            raw = datatypes.to_wire_bytes(tensor.data)
+            buffers.append(raw)
+            entry["parameters"] = {"binary_data_size": len(raw)}
+        else:
+            entry["data"] = _json_data(tensor.data)
+        outputs.append(entry)
+    document: dict[str, Any] = {
+        "model_name": response.model_name,
+        "model_version": response.model_version,
+    }
+    if response.id:
+        document["id"] = response.id
+    if response.parameters:
+        document["parameters"] = response.parameters
+    document["outputs"] = outputs
+    header = orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
+    return header, buffers, (len(header) if buffers else None)

@@ -1,0 +1,1 @@
+"""Execution instances and their threads."""

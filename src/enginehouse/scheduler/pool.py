@@ -1,0 +1,56 @@
+"""Handing out the free instances of a model version, first come first served.
+
+Requests that find no free instance wait here, in the scheduler, as futures on the event
+loop, never as blocked threads. This is Triton's default scheduler: each request executes
+alone, on the next instance that becomes free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Sequence
+
+from enginehouse.runtime.instance import Instance
+
+
+class InstancePool:
+    """Free instances of one model version and the requests waiting for one."""
+
+    def __init__(self, instances: Sequence[Instance]) -> None:
+        self.instances = tuple(instances)
+        self._idle: deque[Instance] = deque(instances)
+        self._waiters: deque[asyncio.Future[Instance]] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def try_acquire(self) -> Instance | None:
+        """A free instance at once, or None (then await :meth:`acquire`)."""
+        if self._idle and not self._waiters:
+            return self._idle.popleft()
+        return None
+
+    async def acquire(self) -> Instance:
+        """The next free instance, waiting in arrival order."""
+        instance = self.try_acquire()
+        if instance is not None:
+            return instance
+        future: asyncio.Future[Instance] = asyncio.get_running_loop().create_future()
+        self._waiters.append(future)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.release(future.result())
+            raise
+
+    def release(self, instance: Instance) -> None:
+        """Give an instance back: to the oldest waiter, or to the idle set."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(instance)
+                return
+        self._idle.append(instance)
