@@ -19,7 +19,7 @@ from enginehouse.config import model_config
 from enginehouse.core.model import ModelVersion
 from enginehouse.errors import ModelLoadError
 from enginehouse.repository import ModelLocation, select_versions
-from enginehouse.runtime.instance import Instance
+from enginehouse.runtime.instance import InlinePolicy, Instance
 from enginehouse.scheduler.pool import InstancePool
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,17 @@ def placements(config: mc.ModelConfig, backend: Backend) -> list[tuple[str, Plac
     return found
 
 
+def inline_policy(config: mc.ModelConfig, placement: Placement) -> InlinePolicy:
+    """The instance's inline-execution policy from the ``inline_execution`` parameters."""
+    default = "never" if placement.kind == mc.ModelInstanceGroup.KIND_GPU else "auto"
+    mode = model_config.parameter(config, "inline_execution", default)
+    threshold = model_config.parameter(config, "inline_execution_threshold_us", "100")
+    try:
+        return InlinePolicy(mode, threshold_ns=int(threshold) * 1000)
+    except ValueError as exc:
+        raise ModelLoadError(f"model '{config.name}': parameter inline_execution: {exc}") from None
+
+
 def load_version(
     config: mc.ModelConfig, backend: Backend, version: int, model_file: Path
 ) -> ModelVersion:
@@ -115,7 +126,9 @@ def load_version(
         for name, placement in placements(config, backend):
             started = time.perf_counter()
             engine = backend.load(config, model_file, placement)
-            instances.append(Instance(f"{name}_v{version}", engine, placement))
+            instances.append(
+                Instance(f"{name}_v{version}", engine, placement, inline_policy(config, placement))
+            )
             log.info(
                 "model '%s' version %d: instance %s on %s loaded in %.3f s",
                 config.name,

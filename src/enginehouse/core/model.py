@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +24,7 @@ from enginehouse.core.types import (
     TensorMetadata,
 )
 from enginehouse.errors import EnginehouseError, InternalError, InvalidArgumentError
+from enginehouse.runtime.instance import Execution, Instance
 from enginehouse.scheduler.pool import InstancePool
 
 
@@ -174,58 +175,120 @@ class ModelVersion:
 
         return finish
 
-    async def infer(self, request: InferRequest) -> InferResponse:
-        """Validate, wait for a free instance, execute, and account for it."""
+    def submit(self, request: InferRequest) -> InferResponse | Awaitable[InferResponse]:
+        """Validate, then run at once when a free instance may run inline on this thread;
+        otherwise return the awaitable that waits for an instance and runs there."""
         clock = time.perf_counter_ns
         start = request.arrival_ns or clock()
-        stats = self.statistics
-        self.in_flight += 1
         try:
             feeds, batch_size = self._check_inputs(request)
             names = self._output_names(request)
-            pool = self.pool
-            instance = pool.try_acquire() or await pool.acquire()
-            queued = clock()
-            future = instance.execute(lambda: feeds, names, self._finisher(names, batch_size))
+        except EnginehouseError:
+            self.statistics.record_failure(clock() - start)
+            raise
+        pool = self.pool
+        instance = pool.try_acquire()
+        input_bytes = sum(a.nbytes for a in feeds.values())
+        if instance is None or not instance.policy.inline(input_bytes):
+            return self._run_async(request, feeds, batch_size, names, instance, input_bytes, start)
+        queued = clock()
+        try:
+            execution = instance.execute_sync(
+                lambda: feeds, names, self._finisher(names, batch_size)
+            )
+        except BaseException as exc:
+            pool.release(instance)
+            self.statistics.record_failure(clock() - start)
+            raise self._internal(exc) from exc
+        pool.release(instance)
+        return self._respond(request, names, batch_size, execution, start, queued)
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        """Run one request and return its response."""
+        result = self.submit(request)
+        return result if isinstance(result, InferResponse) else await result
+
+    def _internal(self, exc: BaseException) -> BaseException:
+        if isinstance(exc, EnginehouseError | asyncio.CancelledError):
+            return exc
+        return InternalError(f"model '{self.name}' version {self.version} failed: {exc}")
+
+    async def _run_async(
+        self,
+        request: InferRequest,
+        feeds: dict[str, np.ndarray],
+        batch_size: int,
+        names: tuple[str, ...],
+        instance: Instance | None,
+        input_bytes: int,
+        start: int,
+    ) -> InferResponse:
+        pool = self.pool
+        self.in_flight += 1
+        try:
+            if instance is None:
+                try:
+                    instance = await pool.acquire()
+                except BaseException:
+                    self.statistics.record_failure(time.perf_counter_ns() - start)
+                    raise
+            queued = time.perf_counter_ns()
+            finish = self._finisher(names, batch_size)
+            if instance.policy.inline(input_bytes):
+                try:
+                    execution = instance.execute_sync(lambda: feeds, names, finish)
+                except BaseException as exc:
+                    pool.release(instance)
+                    self.statistics.record_failure(time.perf_counter_ns() - start)
+                    raise self._internal(exc) from exc
+                pool.release(instance)
+                return self._respond(request, names, batch_size, execution, start, queued)
+            future = instance.execute(lambda: feeds, names, finish)
             try:
                 # Shielded: a cancelled request must not free an instance still executing.
                 execution = await asyncio.shield(future)
             except asyncio.CancelledError:
                 future.add_done_callback(lambda _: pool.release(instance))
+                self.statistics.record_failure(time.perf_counter_ns() - start)
                 raise
-            except EnginehouseError:
+            except BaseException as exc:
                 pool.release(instance)
-                raise
-            except Exception as exc:
-                pool.release(instance)
-                raise InternalError(
-                    f"model '{self.name}' version {self.version} failed: {exc}"
-                ) from exc
+                self.statistics.record_failure(time.perf_counter_ns() - start)
+                raise self._internal(exc) from exc
             pool.release(instance)
-            stats.record_execution(
-                batch_size if self.batching else 1,
-                execution.input_ns,
-                execution.infer_ns,
-                execution.output_ns,
-            )
-            outputs = [
-                OutputTensor(name, self.outputs[name].datatype, array.shape, array)
-                for name, array in zip(names, execution.outputs)
-            ]
-            response = InferResponse(self.name, self.version, request.id, outputs)
-            stats.record_success(
-                clock() - start,
-                queued - start,
-                execution.input_ns,
-                execution.infer_ns,
-                execution.output_ns,
-            )
-            return response
-        except BaseException:
-            stats.record_failure(clock() - start)
-            raise
+            return self._respond(request, names, batch_size, execution, start, queued)
         finally:
             self.in_flight -= 1
+
+    def _respond(
+        self,
+        request: InferRequest,
+        names: tuple[str, ...],
+        batch_size: int,
+        execution: Execution,
+        start: int,
+        queued: int,
+    ) -> InferResponse:
+        stats = self.statistics
+        stats.record_execution(
+            batch_size if self.batching else 1,
+            execution.input_ns,
+            execution.infer_ns,
+            execution.output_ns,
+        )
+        specs = self.outputs
+        outputs = [
+            OutputTensor(name, specs[name].datatype, array.shape, array)
+            for name, array in zip(names, execution.outputs)
+        ]
+        stats.record_success(
+            time.perf_counter_ns() - start,
+            queued - start,
+            execution.input_ns,
+            execution.infer_ns,
+            execution.output_ns,
+        )
+        return InferResponse(self.name, self.version, request.id, outputs)
 
     def close(self) -> None:
         """Release every instance; the version must have no requests in flight."""

@@ -11,7 +11,7 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
 
 from google.protobuf import json_format
@@ -109,9 +109,6 @@ class ServerCore:
         self._records: dict[str, ModelRecord] = {}
         self._started = False
         self._draining = False
-        self._in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -134,15 +131,21 @@ class ServerCore:
     async def stop(self, timeout_s: float = 30.0) -> None:
         """Refuse new requests, let in-flight ones finish (bounded), then unload everything."""
         self._draining = True
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
-        except TimeoutError:
-            log.warning("%d requests still in flight after %.1f s; stopping", self._in_flight, timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self.in_flight:
+            log.warning("%d requests still in flight after %.1f s; stopping", self.in_flight, timeout_s)
         served = list(self._served.values())
         self._served.clear()
         for model in served:
             for version in model.versions.values():
                 await asyncio.to_thread(version.close)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests admitted and not yet answered, over all models."""
+        return sum(v.in_flight for m in self._served.values() for v in m.versions.values())
 
     @property
     def live(self) -> bool:
@@ -181,19 +184,20 @@ class ServerCore:
             raise UnavailableError(f"model '{name}' is loading")
         raise NotFoundError(f"unknown model: '{name}' is not found or not ready")
 
-    async def infer(self, request: InferRequest) -> InferResponse:
-        """Run one request on the version it addresses."""
+    def submit(self, request: InferRequest) -> InferResponse | Awaitable[InferResponse]:
+        """The response at once when the model ran inline, else an awaitable of it.
+
+        Frontends use this to skip a task switch for small models; :meth:`infer` is the
+        plain form.
+        """
         if self._draining:
             raise UnavailableError("server is shutting down")
-        version = self.resolve(request.model_name, request.model_version)
-        self._in_flight += 1
-        self._idle.clear()
-        try:
-            return await version.infer(request)
-        finally:
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.set()
+        return self.resolve(request.model_name, request.model_version).submit(request)
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        """Run one request on the version it addresses."""
+        result = self.submit(request)
+        return result if isinstance(result, InferResponse) else await result
 
     # -- model information ---------------------------------------------------------------
 

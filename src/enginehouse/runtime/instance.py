@@ -1,8 +1,11 @@
 """An execution instance: one engine and the thread that runs it.
 
 Kernels run on the instance's own thread, so the event loop keeps serving and several
-instances run in parallel outside the GIL (ONNX Runtime and PyTorch release it). The
-instance measures the three compute phases Triton reports.
+instances run in parallel outside the GIL (ONNX Runtime and PyTorch release it). Handing
+a request to a thread and back costs tens of microseconds of wake-ups and GIL
+hand-offs, which is more than a small model takes to run; :class:`InlinePolicy` runs
+such executions on the event loop thread instead, judged by what the instance measured.
+The instance measures the three compute phases Triton reports.
 """
 
 from __future__ import annotations
@@ -32,17 +35,75 @@ PrepareInputs = Callable[[], dict[str, np.ndarray]]
 FinishOutputs = Callable[[list[np.ndarray]], list[np.ndarray]]
 
 
+class InlinePolicy:
+    """Decides per execution whether to run on the event loop thread.
+
+    ``mode`` "auto" runs inline while the moving average of inline execution times stays
+    under ``threshold_ns`` and the inputs are small; "always" and "never" fix the choice.
+    Only inline executions are measured: on the instance thread, a run's wall time
+    includes waiting for the GIL, which says nothing about the model. An instance that
+    went to its thread tries inline again every ``probe_every`` executions, so a model
+    that was slow only while cold comes back.
+    """
+
+    def __init__(self, mode: str = "auto", threshold_ns: int = 100_000,
+                 max_input_bytes: int = 64 * 1024, probe_every: int = 64) -> None:
+        if mode not in ("auto", "always", "never"):
+            raise ValueError(f"inline execution mode must be auto, always or never, not {mode!r}")
+        self.mode = mode
+        self.threshold_ns = threshold_ns
+        self.max_input_bytes = max_input_bytes
+        self.probe_every = probe_every
+        self._average_ns = 0.0
+        self._skipped = 0
+
+    @property
+    def average_ns(self) -> float:
+        """Moving average of the inline executions' time."""
+        return self._average_ns
+
+    def inline(self, input_bytes: int) -> bool:
+        if self.mode != "auto":
+            return self.mode == "always"
+        if input_bytes > self.max_input_bytes:
+            return False
+        if self._average_ns < self.threshold_ns:
+            return True
+        self._skipped += 1
+        if self._skipped >= self.probe_every:
+            self._skipped = 0
+            return True
+        return False
+
+    def observe(self, infer_ns: int) -> None:
+        """Account for one inline execution.
+
+        Samples are clipped at twice the threshold and weigh 5%: on a busy machine a run is
+        now and then preempted, and one such run must not send a small model to its thread.
+        A model that is really slow crosses the threshold within about 14 runs.
+        """
+        sample = min(infer_ns, 2 * self.threshold_ns)
+        self._average_ns += (sample - self._average_ns) * 0.05
+
+
 class Instance:
     """One engine bound to one thread; used by one execution at a time."""
 
-    def __init__(self, name: str, engine: Engine, placement: Placement) -> None:
+    def __init__(
+        self, name: str, engine: Engine, placement: Placement, policy: InlinePolicy | None = None
+    ) -> None:
         self.name = name
         self.placement = placement
+        self.policy = policy or InlinePolicy("never")
         self._engine = engine
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
 
     def _run(
-        self, prepare: PrepareInputs, output_names: Sequence[str], finish: FinishOutputs
+        self,
+        prepare: PrepareInputs,
+        output_names: Sequence[str],
+        finish: FinishOutputs,
+        inline: bool = False,
     ) -> Execution:
         clock = time.perf_counter_ns
         t0 = clock()
@@ -52,13 +113,15 @@ class Instance:
         t2 = clock()
         outputs = finish(outputs)
         t3 = clock()
+        if inline:
+            self.policy.observe(t2 - t1)
         return Execution(outputs, t1 - t0, t2 - t1, t3 - t2)
 
     def execute_sync(
         self, prepare: PrepareInputs, output_names: Sequence[str], finish: FinishOutputs
     ) -> Execution:
-        """Run on the calling thread (warm-up, tests)."""
-        return self._run(prepare, output_names, finish)
+        """Run on the calling thread (small models, warm-up); the run is measured."""
+        return self._run(prepare, output_names, finish, inline=True)
 
     def execute(
         self, prepare: PrepareInputs, output_names: Sequence[str], finish: FinishOutputs

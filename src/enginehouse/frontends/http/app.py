@@ -18,9 +18,13 @@ import orjson
 
 from enginehouse.config.protojson import message_to_json_dict
 from enginehouse.core.server import EXTENSIONS, SERVER_NAME, ServerCore
-from enginehouse.core.types import ModelMetadata
+from enginehouse.core.types import InferResponse, ModelMetadata
 from enginehouse.errors import EnginehouseError, InvalidArgumentError, NotFoundError
-from enginehouse.frontends.http.codec import decode_infer_request, encode_infer_response
+from enginehouse.frontends.http.codec import (
+    OutputOptions,
+    decode_infer_request,
+    encode_infer_response,
+)
 from enginehouse.frontends.http.protocol import HttpProtocol, HttpRequest, HttpResponse, error_response
 
 log = logging.getLogger(__name__)
@@ -57,6 +61,18 @@ def _body_json(request: HttpRequest) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise InvalidArgumentError("request body must be a JSON object")
     return value
+
+
+def _infer_response(response: InferResponse, options: OutputOptions) -> HttpResponse:
+    header, buffers, header_length = encode_infer_response(response, options)
+    if header_length is None:
+        return HttpResponse(200, [header])
+    return HttpResponse(
+        200,
+        [header, *buffers],
+        content_type=b"application/octet-stream",
+        extra_headers=[b"Inference-Header-Content-Length: %d" % header_length],
+    )
 
 
 class HttpApp:
@@ -144,7 +160,9 @@ class HttpApp:
         stats = self.core.model_statistics(name, version)
         return _json({"model_stats": [s.as_dict() for s in stats]})
 
-    def _infer(self, name: str, version: str, request: HttpRequest) -> Awaitable[HttpResponse]:
+    def _infer(
+        self, name: str, version: str, request: HttpRequest
+    ) -> HttpResponse | Awaitable[HttpResponse]:
         arrival = time.perf_counter_ns()
         raw_length = request.headers.get("inference-header-content-length")
         header_length = None
@@ -157,22 +175,19 @@ class HttpApp:
                 ) from None
         infer_request, options = decode_infer_request(name, version, request.body, header_length)
         infer_request.arrival_ns = arrival
-        return self._run_infer(infer_request, options)
+        result = self.core.submit(infer_request)
+        if isinstance(result, InferResponse):
+            return _infer_response(result, options)
+        return self._await_infer(result, options)
 
-    async def _run_infer(self, infer_request, options) -> HttpResponse:  # type: ignore[no-untyped-def]
+    async def _await_infer(
+        self, pending: Awaitable[InferResponse], options: OutputOptions
+    ) -> HttpResponse:
         try:
-            response = await self.core.infer(infer_request)
+            response = await pending
         except EnginehouseError as exc:
             return error_response(exc.http_status, exc.message)
-        header, buffers, header_length = encode_infer_response(response, options)
-        if header_length is None:
-            return HttpResponse(200, [header])
-        return HttpResponse(
-            200,
-            [header, *buffers],
-            content_type=b"application/octet-stream",
-            extra_headers=[b"Inference-Header-Content-Length: %d" % header_length],
-        )
+        return _infer_response(response, options)
 
     def _repository(
         self, method: str, rest: list[str], request: HttpRequest
