@@ -120,7 +120,7 @@ def export_convnet(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     example = torch.randn(1, 3, 32, 32)
     # The TorchScript exporter needs no extra packages; it warns that it is the legacy path.
-    warnings.filterwarnings("ignore", category=DeprecationWarning, module="torch")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     torch.onnx.export(
         net,
         (example,),
