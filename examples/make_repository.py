@@ -56,7 +56,9 @@ def _write(path: Path, text: str) -> None:
 def simple_model(batch: bool) -> onnx.ModelProto:
     """INT32 add/sub of two [16] tensors, with or without a leading batch dimension."""
     shape: list[int | str] = ["batch", 16] if batch else [16]
-    inputs = [helper.make_tensor_value_info(n, TensorProto.INT32, shape) for n in ("INPUT0", "INPUT1")]
+    inputs = [
+        helper.make_tensor_value_info(n, TensorProto.INT32, shape) for n in ("INPUT0", "INPUT1")
+    ]
     outputs = [
         helper.make_tensor_value_info(n, TensorProto.INT32, shape) for n in ("OUTPUT0", "OUTPUT1")
     ]
@@ -153,7 +155,9 @@ def make_repository(root: Path, with_torch: bool = True) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("directory", type=Path)
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch-exported model")
     args = parser.parse_args(argv)

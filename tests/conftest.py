@@ -38,12 +38,15 @@ class ServerProcess:
         for repository in repositories:
             args += ["--model-repository", str(repository)]
         args += [
-            "--http-port", str(self.http_port),
-            "--grpc-port", str(self.grpc_port),
-            "--metrics-port", str(self.metrics_port),
+            "--http-port",
+            str(self.http_port),
+            "--grpc-port",
+            str(self.grpc_port),
+            "--metrics-port",
+            str(self.metrics_port),
             *extra,
         ]
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self._log = open(log_path, "wb")
         self.process = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT)
 
     @property
@@ -117,8 +120,10 @@ def explicit_server(explicit_repo: Path, tmp_path: Path) -> Iterator[ServerProce
     """A server in explicit mode that starts with only ``simple`` loaded."""
     proc = ServerProcess(
         [explicit_repo],
-        "--model-control-mode", "explicit",
-        "--load-model", "simple",
+        "--model-control-mode",
+        "explicit",
+        "--load-model",
+        "simple",
         log_path=tmp_path / "explicit.log",
     )
     try:

@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from enginehouse.core import (  # noqa: E402
+from enginehouse.core import (
     ControlMode,
     InferInput,
     InferRequest,
@@ -10,7 +10,7 @@ from enginehouse.core import (  # noqa: E402
     OutputTensor,
     ServerCore,
 )
-from enginehouse.repository import ModelRepository  # noqa: E402
+from enginehouse.repository import ModelRepository
 
 __all__ = [
     "ControlMode",

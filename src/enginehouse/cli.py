@@ -34,8 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"enginehouse {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve a model repository over HTTP and gRPC")
-    serve.add_argument("--model-repository", "--model-store", action="append", required=True,
-                       type=Path, help="model repository folder (repeatable)")
+    serve.add_argument(
+        "--model-repository",
+        "--model-store",
+        action="append",
+        required=True,
+        type=Path,
+        help="model repository folder (repeatable)",
+    )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--http-port", type=int, default=8000)
     serve.add_argument("--grpc-port", type=int, default=8001)
@@ -43,18 +49,43 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-http", type=_bool, default=True)
     serve.add_argument("--allow-grpc", type=_bool, default=True)
     serve.add_argument("--allow-metrics", type=_bool, default=True)
-    serve.add_argument("--model-control-mode", choices=[m.value for m in ControlMode],
-                       default=ControlMode.NONE.value)
-    serve.add_argument("--load-model", action="append", default=[],
-                       help="model to load at start in explicit mode (repeatable, '*' for all)")
-    serve.add_argument("--strict-model-config", type=_bool, nargs="?", const=True, default=False,
-                       help="require config.pbtxt; do not complete configs from model files")
-    serve.add_argument("--strict-readiness", type=_bool, default=True,
-                       help="ready only when every model meant to load is ready")
-    serve.add_argument("--http-max-input-size", type=int, default=64 * 1024 * 1024,
-                       help="largest request body accepted, in bytes (413 above)")
-    serve.add_argument("--exit-timeout-secs", type=float, default=30.0,
-                       help="how long shutdown waits for in-flight requests")
+    serve.add_argument(
+        "--model-control-mode",
+        choices=[m.value for m in ControlMode],
+        default=ControlMode.NONE.value,
+    )
+    serve.add_argument(
+        "--load-model",
+        action="append",
+        default=[],
+        help="model to load at start in explicit mode (repeatable, '*' for all)",
+    )
+    serve.add_argument(
+        "--strict-model-config",
+        type=_bool,
+        nargs="?",
+        const=True,
+        default=False,
+        help="require config.pbtxt; do not complete configs from model files",
+    )
+    serve.add_argument(
+        "--strict-readiness",
+        type=_bool,
+        default=True,
+        help="ready only when every model meant to load is ready",
+    )
+    serve.add_argument(
+        "--http-max-input-size",
+        type=int,
+        default=64 * 1024 * 1024,
+        help="largest request body accepted, in bytes (413 above)",
+    )
+    serve.add_argument(
+        "--exit-timeout-secs",
+        type=float,
+        default=30.0,
+        help="how long shutdown waits for in-flight requests",
+    )
     serve.add_argument("--log-verbose", type=int, default=0, help="verbosity: 0 info, >0 debug")
     return parser
 
@@ -88,8 +119,9 @@ async def serve(args: argparse.Namespace) -> int:
     for server in servers:
         await server.start()
     load = asyncio.create_task(core.start())
-    await asyncio.wait([load, asyncio.create_task(stop.wait())],
-                       return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.wait(
+        [load, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED
+    )
     if load.done() and load.exception() is None:
         log.info("server ready: %s", "yes" if core.ready else "no (a model failed to load)")
     await stop.wait()
@@ -114,12 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             import uvloop
 
-            runner = uvloop.run
-        except ImportError:  # pragma: no cover - uvloop is a dependency; keep serving without it
-            runner = asyncio.run
-        try:
-            return runner(serve(args))
-        except (FileNotFoundError, OSError) as exc:
+            return int(uvloop.run(serve(args)))
+        except OSError as exc:
             log.error("%s", exc)
             return 1
     return 2

@@ -75,7 +75,9 @@ def test_statistics_count_batch_elements(server: ServerProcess) -> None:
     assert stats["success"]["count"] - before["inference_stats"]["success"]["count"] == 2
     assert stats["compute_infer"]["ns"] > 0 and stats["queue"]["count"] >= 2
     assert after["last_inference"] > 0
-    assert any(b["batch_size"] == 5 and b["compute_infer"]["count"] >= 2 for b in after["batch_stats"])
+    assert any(
+        b["batch_size"] == 5 and b["compute_infer"]["count"] >= 2 for b in after["batch_stats"]
+    )
     grpc = grpcclient.InferenceServerClient(server.grpc_url)
     gstats = grpc.get_inference_statistics("identity_int32").model_stats[0]
     assert gstats.inference_count == after["inference_count"]
@@ -85,12 +87,16 @@ def test_statistics_count_batch_elements(server: ServerProcess) -> None:
 
 def test_failure_statistics(server: ServerProcess) -> None:
     http = httpclient.InferenceServerClient(server.http_url)
-    before = http.get_inference_statistics("simple")["model_stats"][0]["inference_stats"]["fail"]["count"]
+    before = http.get_inference_statistics("simple")["model_stats"][0]["inference_stats"]["fail"][
+        "count"
+    ]
     bad = httpclient.InferInput("INPUT0", [1, 15], "INT32")
     bad.set_data_from_numpy(np.zeros((1, 15), np.int32))
     with pytest.raises(InferenceServerException):
         http.infer("simple", [bad])
-    after = http.get_inference_statistics("simple")["model_stats"][0]["inference_stats"]["fail"]["count"]
+    after = http.get_inference_statistics("simple")["model_stats"][0]["inference_stats"]["fail"][
+        "count"
+    ]
     assert after == before + 1
 
 
@@ -120,8 +126,11 @@ def test_metrics_endpoint_counts_requests(server: ServerProcess) -> None:
     _, _, inputs = simple_inputs(httpclient, 3)
     http.infer("simple", inputs)
     text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics").read().decode()
-    lines = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-             for line in text.splitlines() if line and not line.startswith("#")}
+    lines = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
     assert lines['nv_inference_request_success{model="simple",version="1"}'] >= 1
     assert lines['nv_inference_count{model="simple",version="1"}'] >= 3
     assert 'nv_inference_queue_duration_us{model="simple",version="1"}' in lines

@@ -15,14 +15,15 @@ from tests.conftest import ServerProcess
 from tests.integration.test_inference import simple_inputs
 
 
-def raw_post(server: ServerProcess, path: str, body: bytes, headers: dict[str, str] | None = None
-             ) -> tuple[int, dict]:
+def raw_post(
+    server: ServerProcess, path: str, body: bytes, headers: dict[str, str] | None = None
+) -> tuple[int, dict]:
     conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
     try:
         conn.request("POST", path, body=body, headers=headers or {})
         response = conn.getresponse()
         payload = response.read()
-        return response.status, (json.loads(payload) if payload else {})
+        return response.status, (json.loads(payload) if payload else {})  # type: ignore[no-any-return]
     finally:
         conn.close()
 
@@ -70,40 +71,111 @@ def test_grpc_unknown_model_is_not_found(server: ServerProcess) -> None:
 
 BAD_REQUESTS = [
     ("missing input", simple_json(inputs=simple_json()["inputs"][:1]), "INPUT1"),
-    ("extra input", simple_json(inputs=[*simple_json()["inputs"],
-     {"name": "INPUT9", "datatype": "INT32", "shape": [1], "data": [1]}]), "INPUT9"),
-    ("wrong datatype", simple_json(inputs=[
-        {"name": "INPUT0", "datatype": "FP32", "shape": [1, 16], "data": [0.0] * 16},
-        simple_json()["inputs"][1]]), "INPUT0"),
-    ("wrong shape", simple_json(inputs=[
-        {"name": "INPUT0", "datatype": "INT32", "shape": [1, 15], "data": [0] * 15},
-        simple_json()["inputs"][1]]), "INPUT0"),
-    ("batch over max", simple_json(inputs=[
-        {"name": n, "datatype": "INT32", "shape": [9, 16], "data": [0] * 144}
-        for n in ("INPUT0", "INPUT1")]), "batch-size must be <= 8"),
-    ("data length", simple_json(inputs=[
-        {"name": "INPUT0", "datatype": "INT32", "shape": [1, 16], "data": [0] * 15},
-        simple_json()["inputs"][1]]), "INPUT0"),
-    ("unknown datatype", simple_json(inputs=[
-        {"name": "INPUT0", "datatype": "FLOAT", "shape": [1, 16], "data": [0] * 16}]), "FLOAT"),
-    ("bad data type in JSON", simple_json(inputs=[
-        {"name": "INPUT0", "datatype": "INT32", "shape": [1, 16], "data": ["x"] * 16},
-        simple_json()["inputs"][1]]), "INPUT0"),
-    ("value out of range", simple_json(inputs=[
-        {"name": "INPUT0", "datatype": "INT32", "shape": [1, 16], "data": [2**40] * 16},
-        simple_json()["inputs"][1]]), "INPUT0"),
-    ("negative dim", simple_json(inputs=[
-        {"name": "INPUT0", "datatype": "INT32", "shape": [-1, 16], "data": [0] * 16}]), "INPUT0"),
+    (
+        "extra input",
+        simple_json(
+            inputs=[
+                *simple_json()["inputs"],
+                {"name": "INPUT9", "datatype": "INT32", "shape": [1], "data": [1]},
+            ]
+        ),
+        "INPUT9",
+    ),
+    (
+        "wrong datatype",
+        simple_json(
+            inputs=[
+                {"name": "INPUT0", "datatype": "FP32", "shape": [1, 16], "data": [0.0] * 16},
+                simple_json()["inputs"][1],
+            ]
+        ),
+        "INPUT0",
+    ),
+    (
+        "wrong shape",
+        simple_json(
+            inputs=[
+                {"name": "INPUT0", "datatype": "INT32", "shape": [1, 15], "data": [0] * 15},
+                simple_json()["inputs"][1],
+            ]
+        ),
+        "INPUT0",
+    ),
+    (
+        "batch over max",
+        simple_json(
+            inputs=[
+                {"name": n, "datatype": "INT32", "shape": [9, 16], "data": [0] * 144}
+                for n in ("INPUT0", "INPUT1")
+            ]
+        ),
+        "batch-size must be <= 8",
+    ),
+    (
+        "data length",
+        simple_json(
+            inputs=[
+                {"name": "INPUT0", "datatype": "INT32", "shape": [1, 16], "data": [0] * 15},
+                simple_json()["inputs"][1],
+            ]
+        ),
+        "INPUT0",
+    ),
+    (
+        "unknown datatype",
+        simple_json(
+            inputs=[{"name": "INPUT0", "datatype": "FLOAT", "shape": [1, 16], "data": [0] * 16}]
+        ),
+        "FLOAT",
+    ),
+    (
+        "bad data type in JSON",
+        simple_json(
+            inputs=[
+                {"name": "INPUT0", "datatype": "INT32", "shape": [1, 16], "data": ["x"] * 16},
+                simple_json()["inputs"][1],
+            ]
+        ),
+        "INPUT0",
+    ),
+    (
+        "value out of range",
+        simple_json(
+            inputs=[
+                {"name": "INPUT0", "datatype": "INT32", "shape": [1, 16], "data": [2**40] * 16},
+                simple_json()["inputs"][1],
+            ]
+        ),
+        "INPUT0",
+    ),
+    (
+        "negative dim",
+        simple_json(
+            inputs=[{"name": "INPUT0", "datatype": "INT32", "shape": [-1, 16], "data": [0] * 16}]
+        ),
+        "INPUT0",
+    ),
     ("unknown output", simple_json(outputs=[{"name": "OUTPUT7"}]), "OUTPUT7"),
     ("inputs not a list", {"inputs": "nope"}, "inputs"),
-    ("mismatched batch", simple_json(inputs=[
-        {"name": "INPUT0", "datatype": "INT32", "shape": [1, 16], "data": [0] * 16},
-        {"name": "INPUT1", "datatype": "INT32", "shape": [2, 16], "data": [0] * 32}]), "batch size"),
+    (
+        "mismatched batch",
+        simple_json(
+            inputs=[
+                {"name": "INPUT0", "datatype": "INT32", "shape": [1, 16], "data": [0] * 16},
+                {"name": "INPUT1", "datatype": "INT32", "shape": [2, 16], "data": [0] * 32},
+            ]
+        ),
+        "batch size",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("case", "body", "message"), BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
-def test_bad_json_requests_are_400(server: ServerProcess, case: str, body: dict, message: str) -> None:
+@pytest.mark.parametrize(
+    ("case", "body", "message"), BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS]
+)
+def test_bad_json_requests_are_400(
+    server: ServerProcess, case: str, body: dict, message: str
+) -> None:
     status, reply = raw_post(server, "/v2/models/simple/infer", json.dumps(body).encode())
     assert status == 400, reply
     assert message in reply["error"]
@@ -118,10 +190,24 @@ def test_malformed_json_is_400(server: ServerProcess) -> None:
 
 
 def test_binary_framing_errors_are_400(server: ServerProcess) -> None:
-    header = json.dumps({"inputs": [
-        {"name": "INPUT0", "datatype": "INT32", "shape": [1, 16], "parameters": {"binary_data_size": 64}},
-        {"name": "INPUT1", "datatype": "INT32", "shape": [1, 16], "parameters": {"binary_data_size": 64}},
-    ]}).encode()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "INPUT0",
+                    "datatype": "INT32",
+                    "shape": [1, 16],
+                    "parameters": {"binary_data_size": 64},
+                },
+                {
+                    "name": "INPUT1",
+                    "datatype": "INT32",
+                    "shape": [1, 16],
+                    "parameters": {"binary_data_size": 64},
+                },
+            ]
+        }
+    ).encode()
     data = np.zeros(32, np.int32).tobytes()
     cases = [
         (header + data[:-4], len(header), "past the end"),
@@ -130,15 +216,24 @@ def test_binary_framing_errors_are_400(server: ServerProcess) -> None:
         (header + data, len(header) - 3, "JSON"),
     ]
     for body, length, message in cases:
-        status, reply = raw_post(server, "/v2/models/simple/infer", body,
-                                 {"Inference-Header-Content-Length": str(length)})
+        status, reply = raw_post(
+            server,
+            "/v2/models/simple/infer",
+            body,
+            {"Inference-Header-Content-Length": str(length)},
+        )
         assert status == 400, (message, reply)
         assert message in reply["error"]
-    status, reply = raw_post(server, "/v2/models/simple/infer", header + data,
-                             {"Inference-Header-Content-Length": "abc"})
+    status, reply = raw_post(
+        server, "/v2/models/simple/infer", header + data, {"Inference-Header-Content-Length": "abc"}
+    )
     assert status == 400
-    status, _ = raw_post(server, "/v2/models/simple/infer", header + data,
-                         {"Inference-Header-Content-Length": str(len(header))})
+    status, _ = raw_post(
+        server,
+        "/v2/models/simple/infer",
+        header + data,
+        {"Inference-Header-Content-Length": str(len(header))},
+    )
     assert status == 200
     assert_still_serving(server)
 
@@ -147,8 +242,10 @@ def test_body_over_limit_is_413_before_it_is_read(server: ServerProcess) -> None
     import socket
 
     with socket.create_connection(("127.0.0.1", server.http_port), timeout=30) as sock:
-        sock.sendall(b"POST /v2/models/simple/infer HTTP/1.1\r\nHost: x\r\n"
-                     b"Content-Length: 1000000000\r\n\r\n" + b"x" * 1000)
+        sock.sendall(
+            b"POST /v2/models/simple/infer HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Length: 1000000000\r\n\r\n" + b"x" * 1000
+        )
         reply = sock.recv(4096)
     assert reply.startswith(b"HTTP/1.1 413")
     assert_still_serving(server)
@@ -174,12 +271,25 @@ def test_grpc_bad_requests_are_invalid_argument(server: ServerProcess) -> None:
 
 
 def test_bad_bytes_framing(server: ServerProcess) -> None:
-    header = json.dumps({"inputs": [
-        {"name": "INPUT0", "datatype": "BYTES", "shape": [1, 2], "parameters": {"binary_data_size": 9}},
-    ]}).encode()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "INPUT0",
+                    "datatype": "BYTES",
+                    "shape": [1, 2],
+                    "parameters": {"binary_data_size": 9},
+                },
+            ]
+        }
+    ).encode()
     body = header + (100).to_bytes(4, "little") + b"hello"
-    status, reply = raw_post(server, "/v2/models/identity_bytes/infer", body,
-                             {"Inference-Header-Content-Length": str(len(header))})
+    status, reply = raw_post(
+        server,
+        "/v2/models/identity_bytes/infer",
+        body,
+        {"Inference-Header-Content-Length": str(len(header))},
+    )
     assert status == 400 and "INPUT0" in reply["error"]
 
 

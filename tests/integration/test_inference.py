@@ -40,8 +40,10 @@ def url(server: ServerProcess, protocol: str) -> str:
 def simple_inputs(module, batch: int = 1):  # type: ignore[no-untyped-def]
     a = np.arange(16 * batch, dtype=np.int32).reshape(batch, 16)
     b = np.full((batch, 16), 3, dtype=np.int32)
-    inputs = [module.InferInput("INPUT0", [batch, 16], "INT32"),
-              module.InferInput("INPUT1", [batch, 16], "INT32")]
+    inputs = [
+        module.InferInput("INPUT0", [batch, 16], "INT32"),
+        module.InferInput("INPUT1", [batch, 16], "INT32"),
+    ]
     inputs[0].set_data_from_numpy(a)
     inputs[1].set_data_from_numpy(b)
     return a, b, inputs
@@ -83,7 +85,10 @@ def test_nonbatching_model(server: ServerProcess) -> None:
     for module, address in ((httpclient, server.http_url), (grpcclient, server.grpc_url)):
         client = module.InferenceServerClient(address)
         a = np.arange(16, dtype=np.int32)
-        inputs = [module.InferInput("INPUT0", [16], "INT32"), module.InferInput("INPUT1", [16], "INT32")]
+        inputs = [
+            module.InferInput("INPUT0", [16], "INT32"),
+            module.InferInput("INPUT1", [16], "INT32"),
+        ]
         inputs[0].set_data_from_numpy(a)
         inputs[1].set_data_from_numpy(a)
         result = client.infer("simple_nobatch", inputs)
@@ -112,19 +117,23 @@ def test_http_json_tensors_every_datatype(server: ServerProcess, kind: str) -> N
     item = httpclient.InferInput("INPUT0", list(data.shape), datatype)
     item.set_data_from_numpy(data, binary_data=False)
     result = client.infer(
-        f"identity_{kind}", [item], outputs=[httpclient.InferRequestedOutput("OUTPUT0", binary_data=False)]
+        f"identity_{kind}",
+        [item],
+        outputs=[httpclient.InferRequestedOutput("OUTPUT0", binary_data=False)],
     )
     out = result.as_numpy("OUTPUT0")
     if kind == "bytes":
-        assert [x if isinstance(x, bytes) else x.encode() for x in out.reshape(-1)] == list(data.reshape(-1))
+        assert [x if isinstance(x, bytes) else x.encode() for x in out.reshape(-1)] == list(
+            data.reshape(-1)
+        )
     else:
         np.testing.assert_array_equal(out, data)
 
 
 def test_grpc_typed_contents(server: ServerProcess) -> None:
     """Inputs in InferTensorContents instead of raw bytes, as other KServe clients send."""
-    from tritonclient.grpc import service_pb2, service_pb2_grpc
     import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
 
     channel = grpc.insecure_channel(server.grpc_url)
     stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
@@ -154,7 +163,9 @@ def test_convnet_from_pytorch_without_config(server: ServerProcess) -> None:
     assert np.isfinite(logits).all()
     single = httpclient.InferInput("image", [1, 3, 32, 32], "FP32")
     single.set_data_from_numpy(image[1:2])
-    np.testing.assert_allclose(client.infer("convnet", [single]).as_numpy("logits"), logits[1:2], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        client.infer("convnet", [single]).as_numpy("logits"), logits[1:2], rtol=1e-4, atol=1e-5
+    )
 
 
 def test_asyncio_clients(server: ServerProcess) -> None:

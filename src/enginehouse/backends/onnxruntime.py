@@ -151,10 +151,10 @@ class OnnxRuntimeBackend(Backend):
         try:
             session = ort.InferenceSession(str(model_file), options, providers=providers)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
-            raise ModelLoadError(f"model '{config.name}': onnxruntime cannot load it: {exc}") from None
-        strings = frozenset(
-            t.name for t in config.input if t.data_type == mc.TYPE_STRING
-        )
+            raise ModelLoadError(
+                f"model '{config.name}': onnxruntime cannot load it: {exc}"
+            ) from None
+        strings = frozenset(t.name for t in config.input if t.data_type == mc.TYPE_STRING)
         return OnnxRuntimeEngine(session, strings)
 
 

@@ -72,7 +72,9 @@ def read_signature(model_path: Path) -> GraphSignature:
             found.append(GraphTensor(value.name, dtype, shape))
         return tuple(found)
 
-    return GraphSignature(tensors(model.graph.input, "input"), tensors(model.graph.output, "output"))
+    return GraphSignature(
+        tensors(model.graph.input, "input"), tensors(model.graph.output, "output")
+    )
 
 
 def complete(config: mc.ModelConfig, signature: GraphSignature) -> mc.ModelConfig:

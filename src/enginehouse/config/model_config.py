@@ -15,6 +15,7 @@ from google.protobuf.message import Message
 from tritonclient.grpc import model_config_pb2 as mc
 
 from enginehouse import datatypes
+from enginehouse.config.protojson import is_repeated
 from enginehouse.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ def unsupported_fields(config: Message, prefix: str = "") -> list[str]:
         if not children or field.message_type is None:
             found.append(path)
             continue
-        items = value if field.label == field.LABEL_REPEATED else [value]
+        items = value if is_repeated(field) else [value]
         nested: set[str] = set()
         for item in items:
             nested.update(unsupported_fields(item, path + "."))

@@ -33,7 +33,11 @@ def message_to_json_dict(message: Message) -> dict[str, Any]:
     return raw
 
 
-def _is_repeated(field: FieldDescriptor) -> bool:
+def is_repeated(field: FieldDescriptor) -> bool:
+    """Whether a field is repeated, on protobuf releases before and after ``label``."""
+    flag = getattr(field, "is_repeated", None)
+    if isinstance(flag, bool):
+        return flag
     return bool(field.label == FieldDescriptor.LABEL_REPEATED)
 
 
@@ -51,13 +55,13 @@ def _numbers_for_int64(descriptor: Descriptor, value: dict[str, Any]) -> None:
                         _numbers_for_int64(value_field.message_type, sub)
                     elif value_field.type in _INT64_TYPES:
                         item[key] = int(sub)
-            elif _is_repeated(field):
+            elif is_repeated(field):
                 for sub in item:
                     _numbers_for_int64(entry, sub)
             else:
                 _numbers_for_int64(entry, item)
         elif field.type in _INT64_TYPES:
-            value[field.name] = [int(v) for v in item] if _is_repeated(field) else int(item)
+            value[field.name] = [int(v) for v in item] if is_repeated(field) else int(item)
 
 
 def json_dict_to_message(value: Any, message: Message) -> Message:

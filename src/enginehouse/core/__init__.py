@@ -3,4 +3,11 @@
 from enginehouse.core.server import ControlMode, ServerCore
 from enginehouse.core.types import InferInput, InferRequest, InferResponse, OutputTensor
 
-__all__ = ["ControlMode", "InferInput", "InferRequest", "InferResponse", "OutputTensor", "ServerCore"]
+__all__ = [
+    "ControlMode",
+    "InferInput",
+    "InferRequest",
+    "InferResponse",
+    "OutputTensor",
+    "ServerCore",
+]

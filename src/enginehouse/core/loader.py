@@ -87,7 +87,11 @@ def placements(config: mc.ModelConfig, backend: Backend) -> list[tuple[str, Plac
     for index, group in enumerate(groups):
         kind = group.kind
         if kind == mc.ModelInstanceGroup.KIND_AUTO:
-            kind = mc.ModelInstanceGroup.KIND_GPU if backend.has_gpu() else mc.ModelInstanceGroup.KIND_CPU
+            kind = (
+                mc.ModelInstanceGroup.KIND_GPU
+                if backend.has_gpu()
+                else mc.ModelInstanceGroup.KIND_CPU
+            )
         elif kind == mc.ModelInstanceGroup.KIND_MODEL:
             kind = mc.ModelInstanceGroup.KIND_CPU
         count = group.count or 1

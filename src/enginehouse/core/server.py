@@ -135,7 +135,9 @@ class ServerCore:
         while self.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         if self.in_flight:
-            log.warning("%d requests still in flight after %.1f s; stopping", self.in_flight, timeout_s)
+            log.warning(
+                "%d requests still in flight after %.1f s; stopping", self.in_flight, timeout_s
+            )
         served = list(self._served.values())
         self._served.clear()
         for model in served:
@@ -276,7 +278,9 @@ class ServerCore:
             try:
                 json_format.Parse(config_json, override)
             except json_format.ParseError as exc:
-                raise InvalidArgumentError(f"model '{name}': invalid config override: {exc}") from None
+                raise InvalidArgumentError(
+                    f"model '{name}': invalid config override: {exc}"
+                ) from None
         location = self.repository.locate(name)
         record = self._records.setdefault(name, ModelRecord())
         async with record.lock:

@@ -109,9 +109,7 @@ class ModelStatistics:
             "last_inference": self.last_inference_ms,
             "inference_count": self.inference_count,
             "execution_count": self.execution_count,
-            "inference_stats": {
-                key: getattr(self, key).as_dict() for key in _INFERENCE_STATS
-            },
+            "inference_stats": {key: getattr(self, key).as_dict() for key in _INFERENCE_STATS},
             "response_stats": {},
             "batch_stats": [
                 {

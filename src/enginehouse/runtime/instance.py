@@ -43,29 +43,36 @@ class InlinePolicy:
     Only inline executions are measured: on the instance thread, a run's wall time
     includes waiting for the GIL, which says nothing about the model. An instance that
     went to its thread tries inline again every ``probe_every`` executions, so a model
-    that was slow only while cold comes back.
+    that was slow only while cold comes back. The first execution of an instance runs in
+    its thread (a large model must not stall the event loop even once) and seeds the
+    average.
     """
 
-    def __init__(self, mode: str = "auto", threshold_ns: int = 100_000,
-                 max_input_bytes: int = 64 * 1024, probe_every: int = 64) -> None:
+    def __init__(
+        self,
+        mode: str = "auto",
+        threshold_ns: int = 100_000,
+        max_input_bytes: int = 64 * 1024,
+        probe_every: int = 64,
+    ) -> None:
         if mode not in ("auto", "always", "never"):
             raise ValueError(f"inline execution mode must be auto, always or never, not {mode!r}")
         self.mode = mode
         self.threshold_ns = threshold_ns
         self.max_input_bytes = max_input_bytes
         self.probe_every = probe_every
-        self._average_ns = 0.0
+        self._average_ns: float | None = None
         self._skipped = 0
 
     @property
-    def average_ns(self) -> float:
-        """Moving average of the inline executions' time."""
+    def average_ns(self) -> float | None:
+        """Moving average of the inline executions' time; None before the first run."""
         return self._average_ns
 
     def inline(self, input_bytes: int) -> bool:
         if self.mode != "auto":
             return self.mode == "always"
-        if input_bytes > self.max_input_bytes:
+        if input_bytes > self.max_input_bytes or self._average_ns is None:
             return False
         if self._average_ns < self.threshold_ns:
             return True
@@ -75,15 +82,18 @@ class InlinePolicy:
             return True
         return False
 
-    def observe(self, infer_ns: int) -> None:
-        """Account for one inline execution.
+    def observe(self, infer_ns: int, inline: bool) -> None:
+        """Account for one execution; only the first threaded one and inline ones count.
 
         Samples are clipped at twice the threshold and weigh 5%: on a busy machine a run is
         now and then preempted, and one such run must not send a small model to its thread.
         A model that is really slow crosses the threshold within about 14 runs.
         """
         sample = min(infer_ns, 2 * self.threshold_ns)
-        self._average_ns += (sample - self._average_ns) * 0.05
+        if self._average_ns is None:
+            self._average_ns = float(sample)
+        elif inline:
+            self._average_ns += (sample - self._average_ns) * 0.05
 
 
 class Instance:
@@ -113,8 +123,7 @@ class Instance:
         t2 = clock()
         outputs = finish(outputs)
         t3 = clock()
-        if inline:
-            self.policy.observe(t2 - t1)
+        self.policy.observe(t2 - t1, inline)
         return Execution(outputs, t1 - t0, t2 - t1, t3 - t2)
 
     def execute_sync(

@@ -38,8 +38,9 @@ def parameter_value(parameter: pb.InferParameter) -> Any:
     return getattr(parameter, kind) if kind else None
 
 
-def _typed_contents(tensor: pb.ModelInferRequest.InferInputTensor, dtype: datatypes.DataType,
-                    shape: tuple[int, ...]) -> np.ndarray:
+def _typed_contents(
+    tensor: pb.ModelInferRequest.InferInputTensor, dtype: datatypes.DataType, shape: tuple[int, ...]
+) -> np.ndarray:
     field = _CONTENTS_FIELD.get(dtype.name)
     if field is None:
         raise InvalidArgumentError(

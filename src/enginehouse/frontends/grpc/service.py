@@ -34,26 +34,31 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, core: ServerCore) -> None:
         self.core = core
 
-    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
-                         ) -> pb.ServerLiveResponse:
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=self.core.live)
 
-    async def ServerReady(self, request: pb.ServerReadyRequest,
-                          context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self.core.ready)
 
-    async def ModelReady(self, request: pb.ModelReadyRequest,
-                         context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
         return pb.ModelReadyResponse(ready=self.core.model_ready(request.name, request.version))
 
-    async def ServerMetadata(self, request: pb.ServerMetadataRequest,
-                             context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(
             name=SERVER_NAME, version=self.core.version, extensions=list(EXTENSIONS)
         )
 
-    async def ModelMetadata(self, request: pb.ModelMetadataRequest,
-                            context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
         try:
             meta = self.core.model_metadata(request.name, request.version)
         except EnginehouseError as exc:
@@ -66,8 +71,9 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
                 target.add(name=tensor.name, datatype=tensor.datatype, shape=list(tensor.shape))
         return response
 
-    async def ModelConfig(self, request: pb.ModelConfigRequest,
-                          context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
         try:
             config = self.core.model_config(request.name, request.version)
         except EnginehouseError as exc:
@@ -76,8 +82,9 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         response.config.CopyFrom(config)
         return response
 
-    async def ModelStatistics(self, request: pb.ModelStatisticsRequest,
-                              context: grpc.aio.ServicerContext) -> pb.ModelStatisticsResponse:
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
         try:
             stats = self.core.model_statistics(request.name, request.version)
         except EnginehouseError as exc:
@@ -87,8 +94,9 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             entry.to_proto(response.model_stats.add())
         return response
 
-    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest,
-                              context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
         response = pb.RepositoryIndexResponse()
         for entry in self.core.repository_index(request.ready):
             response.models.add(
@@ -96,9 +104,9 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             )
         return response
 
-    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
-                                  context: grpc.aio.ServicerContext
-                                  ) -> pb.RepositoryModelLoadResponse:
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelLoadResponse:
         config = None
         files: dict[str, bytes] = {}
         for key, value in request.parameters.items():
@@ -112,17 +120,18 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             await context.abort(exc.grpc_code, exc.message)
         return pb.RepositoryModelLoadResponse()
 
-    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
-                                    context: grpc.aio.ServicerContext
-                                    ) -> pb.RepositoryModelUnloadResponse:
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelUnloadResponse:
         try:
             await self.core.unload_model(request.model_name)
         except EnginehouseError as exc:
             await context.abort(exc.grpc_code, exc.message)
         return pb.RepositoryModelUnloadResponse()
 
-    async def ModelInfer(self, request: pb.ModelInferRequest,
-                         context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
         arrival = time.perf_counter_ns()
         try:
             infer_request = decode_infer_request(request)
@@ -132,9 +141,11 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             await context.abort(exc.grpc_code, exc.message)
         return encode_infer_response(response)
 
-    async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
-                               context: grpc.aio.ServicerContext
-                               ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+    async def ModelStreamInfer(
+        self,
+        request_iterator: AsyncIterator[pb.ModelInferRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests of a stream run concurrently; each response goes out when it is done."""
         done: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         tasks: set[asyncio.Task[None]] = set()

@@ -25,7 +25,12 @@ from enginehouse.frontends.http.codec import (
     decode_infer_request,
     encode_infer_response,
 )
-from enginehouse.frontends.http.protocol import HttpProtocol, HttpRequest, HttpResponse, error_response
+from enginehouse.frontends.http.protocol import (
+    HttpProtocol,
+    HttpRequest,
+    HttpResponse,
+    error_response,
+)
 
 log = logging.getLogger(__name__)
 

@@ -48,7 +48,9 @@ def _flatten(data: Any) -> list[Any]:
     return data
 
 
-def _json_tensor(data: Any, dtype: datatypes.DataType, shape: tuple[int, ...], name: str) -> np.ndarray:
+def _json_tensor(
+    data: Any, dtype: datatypes.DataType, shape: tuple[int, ...], name: str
+) -> np.ndarray:
     count = 1
     for dim in shape:
         count *= dim
@@ -124,9 +126,7 @@ def decode_infer_request(
         if not isinstance(input_parameters, dict):
             raise InvalidArgumentError(f"input '{name}': 'parameters' must be an object")
         if "shared_memory_region" in input_parameters:
-            raise UnsupportedError(
-                f"input '{name}': shared memory inputs are not supported yet"
-            )
+            raise UnsupportedError(f"input '{name}': shared memory inputs are not supported yet")
         size = input_parameters.get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -151,7 +151,7 @@ def decode_infer_request(
         )
 
     binary_default = bool(parameters.get("binary_data_output", False))
-    binary: dict[str, bool] = {}
+    binary_outputs: dict[str, bool] = {}
     names: list[str] | None = None
     raw_outputs = document.get("outputs")
     if raw_outputs is not None:
@@ -163,7 +163,9 @@ def decode_infer_request(
                 raise InvalidArgumentError("each requested output needs a 'name' string")
             output_parameters = raw.get("parameters") or {}
             if not isinstance(output_parameters, dict):
-                raise InvalidArgumentError(f"output '{raw['name']}': 'parameters' must be an object")
+                raise InvalidArgumentError(
+                    f"output '{raw['name']}': 'parameters' must be an object"
+                )
             if "shared_memory_region" in output_parameters:
                 raise UnsupportedError(
                     f"output '{raw['name']}': shared memory outputs are not supported yet"
@@ -174,7 +176,7 @@ def decode_infer_request(
                 )
             names.append(raw["name"])
             if "binary_data" in output_parameters:
-                binary[raw["name"]] = bool(output_parameters["binary_data"])
+                binary_outputs[raw["name"]] = bool(output_parameters["binary_data"])
     request = InferRequest(
         model_name=model_name,
         inputs=inputs,
@@ -183,7 +185,7 @@ def decode_infer_request(
         outputs=names,
         parameters=parameters,
     )
-    return request, OutputOptions(binary_default, binary)
+    return request, OutputOptions(binary_default, binary_outputs)
 
 
 def _json_data(array: np.ndarray) -> Any:

@@ -98,6 +98,7 @@ class HttpProtocol(asyncio.Protocol):
         self._headers: dict[str, str] = {}
         self._body: list[bytes] = []
         self._size = 0
+        self._task: asyncio.Future[None] | None = None
         self._pending: deque[tuple[HttpRequest, bool]] = deque()
         self._busy = False
         self._closed = False
@@ -194,7 +195,7 @@ class HttpProtocol(asyncio.Protocol):
                 self._write(result, keep_alive, request)
                 continue
             self._busy = True
-            asyncio.ensure_future(self._finish(result, keep_alive, request))
+            self._task = asyncio.ensure_future(self._finish(result, keep_alive, request))
             return
         if self._transport is not None and not self._closed:
             self._transport.resume_reading()
