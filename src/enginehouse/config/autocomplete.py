@@ -89,16 +89,12 @@ def complete(config: mc.ModelConfig, signature: GraphSignature) -> mc.ModelConfi
     if not declares_tensors and config.max_batch_size == 0 and signature.batchable:
         config.max_batch_size = DEFAULT_MAX_BATCH_SIZE
     skip = 1 if config.max_batch_size > 0 else 0
-    if not config.input:
-        for tensor in signature.inputs:
-            item = config.input.add()
+    for declared, found in ((config.input, signature.inputs), (config.output, signature.outputs)):
+        if declared:
+            continue
+        for tensor in found:
+            item = declared.add()
             item.name = tensor.name
             item.data_type = tensor.datatype.config_type  # type: ignore[assignment]
             item.dims.extend(tensor.shape[skip:])
-    if not config.output:
-        for tensor in signature.outputs:
-            out = config.output.add()
-            out.name = tensor.name
-            out.data_type = tensor.datatype.config_type  # type: ignore[assignment]
-            out.dims.extend(tensor.shape[skip:])
     return config

@@ -191,17 +191,7 @@ class ModelVersion:
         input_bytes = sum(a.nbytes for a in feeds.values())
         if instance is None or not instance.policy.inline(input_bytes):
             return self._run_async(request, feeds, batch_size, names, instance, input_bytes, start)
-        queued = clock()
-        try:
-            execution = instance.execute_sync(
-                lambda: feeds, names, self._finisher(names, batch_size)
-            )
-        except BaseException as exc:
-            pool.release(instance)
-            self.statistics.record_failure(clock() - start)
-            raise self._internal(exc) from exc
-        pool.release(instance)
-        return self._respond(request, names, batch_size, execution, start, queued)
+        return self._run_inline(request, feeds, batch_size, names, instance, start)
 
     async def infer(self, request: InferRequest) -> InferResponse:
         """Run one request and return its response."""
@@ -212,6 +202,28 @@ class ModelVersion:
         if isinstance(exc, EnginehouseError | asyncio.CancelledError):
             return exc
         return InternalError(f"model '{self.name}' version {self.version} failed: {exc}")
+
+    def _run_inline(
+        self,
+        request: InferRequest,
+        feeds: dict[str, np.ndarray],
+        batch_size: int,
+        names: tuple[str, ...],
+        instance: Instance,
+        start: int,
+    ) -> InferResponse:
+        """Execute on this thread with an instance already taken from the pool."""
+        queued = time.perf_counter_ns()
+        try:
+            execution = instance.execute_sync(
+                lambda: feeds, names, self._finisher(names, batch_size)
+            )
+        except BaseException as exc:
+            self.statistics.record_failure(time.perf_counter_ns() - start)
+            raise self._internal(exc) from exc
+        finally:
+            self.pool.release(instance)
+        return self._respond(request, names, batch_size, execution, start, queued)
 
     async def _run_async(
         self,
@@ -232,18 +244,10 @@ class ModelVersion:
                 except BaseException:
                     self.statistics.record_failure(time.perf_counter_ns() - start)
                     raise
-            queued = time.perf_counter_ns()
-            finish = self._finisher(names, batch_size)
             if instance.policy.inline(input_bytes):
-                try:
-                    execution = instance.execute_sync(lambda: feeds, names, finish)
-                except BaseException as exc:
-                    pool.release(instance)
-                    self.statistics.record_failure(time.perf_counter_ns() - start)
-                    raise self._internal(exc) from exc
-                pool.release(instance)
-                return self._respond(request, names, batch_size, execution, start, queued)
-            future = instance.execute(lambda: feeds, names, finish)
+                return self._run_inline(request, feeds, batch_size, names, instance, start)
+            queued = time.perf_counter_ns()
+            future = instance.execute(lambda: feeds, names, self._finisher(names, batch_size))
             try:
                 # Shielded: a cancelled request must not free an instance still executing.
                 execution = await asyncio.shield(future)

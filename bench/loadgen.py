@@ -1,0 +1,168 @@
+"""Load generators for the benchmarks: wrk for HTTP, multi-process grpc.aio for gRPC.
+
+wrk (Debian's package) is a C program that saturates an HTTP server from one thread. For
+gRPC there is no such tool on PyPI or Debian, so each worker process sends pre-serialised
+ModelInfer messages over grpc.aio with identity (de)serialisers: the client spends no time
+in protobuf, and several processes share the concurrency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class LoadResult:
+    """Throughput and latency percentiles of one load run."""
+
+    requests: int
+    errors: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def _ms(text: str) -> float:
+    match = re.fullmatch(r"([\d.]+)(us|ms|s)", text.strip())
+    if not match:
+        raise ValueError(f"cannot read wrk latency '{text}'")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def wrk(
+    url: str, body: bytes, headers: dict[str, str], connections: int, seconds: float
+) -> LoadResult:
+    """POST ``body`` to ``url`` over ``connections`` keep-alive connections from one thread."""
+    if shutil.which("wrk") is None:
+        raise RuntimeError("wrk is not installed: apt-get install wrk")
+    with tempfile.TemporaryDirectory() as tmp:
+        body_path = Path(tmp) / "body"
+        body_path.write_bytes(body)
+        lines = [
+            'wrk.method = "POST"',
+            f'local f = io.open("{body_path}", "rb")',
+            "wrk.body = f:read('*a')",
+            "f:close()",
+        ]
+        lines += [f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items()]
+        lines.append(
+            "function response(status, headers, body) "
+            "if status ~= 200 then errors = (errors or 0) + 1 end end"
+        )
+        script = Path(tmp) / "post.lua"
+        script.write_text("\n".join(lines) + "\n")
+        out = subprocess.run(
+            [
+                "wrk",
+                "-t1",
+                f"-c{connections}",
+                f"-d{max(1, round(seconds))}s",
+                "--latency",
+                "-s",
+                str(script),
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    total = int(re.search(r"(\d+) requests in ([\d.]+)(s|ms)", out).group(1))  # type: ignore[union-attr]
+    duration = re.search(r"requests in ([\d.]+)(s|ms|m)", out)
+    assert duration is not None
+    secs = float(duration.group(1)) * {"s": 1.0, "ms": 1e-3, "m": 60.0}[duration.group(2)]
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out
+    )
+    errors = int(non2xx.group(1)) if non2xx else 0
+    if socket_errors:
+        errors += sum(int(x) for x in socket_errors.groups())
+    p50 = re.search(r"50%\s+(\S+)", out)
+    p99 = re.search(r"99%\s+(\S+)", out)
+    assert p50 and p99, out
+    return LoadResult(total, errors, secs, _ms(p50.group(1)), _ms(p99.group(1)))
+
+
+_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def _grpc_worker(
+    target: str, message: bytes, concurrency: int, seconds: float, queue: multiprocessing.Queue
+) -> None:  # type: ignore[type-arg]
+    import grpc
+
+    async def run() -> tuple[list[float], int]:
+        latencies: list[float] = []
+        errors = 0
+        async with grpc.aio.insecure_channel(target) as channel:
+            call = channel.unary_unary(_METHOD, request_serializer=None, response_deserializer=None)
+            await call(message)
+            deadline = time.perf_counter() + seconds
+
+            async def loop() -> None:
+                nonlocal errors
+                while time.perf_counter() < deadline:
+                    start = time.perf_counter()
+                    try:
+                        await call(message)
+                    except grpc.aio.AioRpcError:
+                        errors += 1
+                        continue
+                    latencies.append(time.perf_counter() - start)
+
+            await asyncio.gather(*(loop() for _ in range(concurrency)))
+        return latencies, errors
+
+    latencies, errors = asyncio.run(run())
+    queue.put((latencies, errors))
+
+
+def grpc_load(
+    target: str, message: bytes, connections: int, seconds: float, processes: int = 2
+) -> LoadResult:
+    """Closed-loop ModelInfer calls: ``connections`` in flight over up to ``processes``."""
+    processes = max(1, min(processes, connections))
+    per = [
+        connections // processes + (1 if i < connections % processes else 0)
+        for i in range(processes)
+    ]
+    queue: multiprocessing.Queue = multiprocessing.Queue()  # type: ignore[type-arg]
+    workers = [
+        multiprocessing.Process(target=_grpc_worker, args=(target, message, n, seconds, queue))
+        for n in per
+    ]
+    for worker in workers:
+        worker.start()
+    latencies: list[float] = []
+    errors = 0
+    for _ in workers:
+        part, err = queue.get(timeout=seconds + 120)
+        latencies.extend(part)
+        errors += err
+    for worker in workers:
+        worker.join()
+    values = np.array(latencies) * 1e3 if latencies else np.zeros(1)
+    return LoadResult(
+        len(latencies),
+        errors,
+        seconds,
+        float(np.percentile(values, 50)),
+        float(np.percentile(values, 99)),
+    )
