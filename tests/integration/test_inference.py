@@ -153,6 +153,9 @@ def test_convnet_from_pytorch_without_config(server: ServerProcess) -> None:
     client = httpclient.InferenceServerClient(server.http_url)
     config = client.get_model_config("convnet")
     assert config["max_batch_size"] == 4
+    assert config["version_policy"] == {"latest": {"num_versions": 1}}
+    assert config["instance_group"][0]["kind"] == "KIND_CPU"
+    assert config["instance_group"][0]["count"] == 1
     assert config["input"][0]["dims"] == [3, 32, 32]
     assert config["output"][0]["dims"] == [10]
     image = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)

@@ -77,31 +77,41 @@ def prepare_config(
             backend.complete_config(config, newest)
     model_config.validate(config)
     model_config.report_unsupported(config)
+    if not config.HasField("version_policy"):
+        config.version_policy.latest.num_versions = 1
+    complete_instance_groups(config, backend)
     return config, backend, files
 
 
-def placements(config: mc.ModelConfig, backend: Backend) -> list[tuple[str, Placement]]:
-    """(instance name, placement) for every instance the instance groups ask for."""
-    groups = list(config.instance_group) or [mc.ModelInstanceGroup(count=1)]
-    found: list[tuple[str, Placement]] = []
-    for index, group in enumerate(groups):
-        kind = group.kind
-        if kind == mc.ModelInstanceGroup.KIND_AUTO:
-            kind = (
+def complete_instance_groups(config: mc.ModelConfig, backend: Backend) -> None:
+    """Resolve instance groups as Triton reports them: named, counted, with a concrete kind."""
+    if not config.instance_group:
+        config.instance_group.add(count=1)
+    for index, group in enumerate(config.instance_group):
+        if group.kind == mc.ModelInstanceGroup.KIND_AUTO:
+            group.kind = (
                 mc.ModelInstanceGroup.KIND_GPU
                 if backend.has_gpu()
                 else mc.ModelInstanceGroup.KIND_CPU
             )
-        elif kind == mc.ModelInstanceGroup.KIND_MODEL:
-            kind = mc.ModelInstanceGroup.KIND_CPU
-        count = group.count or 1
-        group_name = group.name or f"{config.name}_{index}"
-        devices = list(group.gpus) or [0]
-        if kind != mc.ModelInstanceGroup.KIND_GPU:
-            devices = [0]
+        elif group.kind == mc.ModelInstanceGroup.KIND_MODEL:
+            group.kind = mc.ModelInstanceGroup.KIND_CPU
+        if group.count == 0:
+            group.count = 1
+        if not group.name:
+            group.name = f"{config.name}_{index}"
+        if group.kind == mc.ModelInstanceGroup.KIND_GPU and not group.gpus:
+            group.gpus.append(0)
+
+
+def placements(config: mc.ModelConfig) -> list[tuple[str, Placement]]:
+    """(instance name, placement) for every instance of the (completed) instance groups."""
+    found: list[tuple[str, Placement]] = []
+    for group in config.instance_group:
+        devices = list(group.gpus) if group.kind == mc.ModelInstanceGroup.KIND_GPU else [0]
         for device in devices:
-            for i in range(count):
-                found.append((f"{group_name}_{i}", Placement(kind, device)))
+            for i in range(group.count):
+                found.append((f"{group.name}_{i}", Placement(group.kind, device)))
     return found
 
 
@@ -127,7 +137,7 @@ def load_version(
     backend.check_config(config, model_file)
     instances: list[Instance] = []
     try:
-        for name, placement in placements(config, backend):
+        for name, placement in placements(config):
             started = time.perf_counter()
             engine = backend.load(config, model_file, placement)
             instances.append(

@@ -243,11 +243,17 @@ class ServerCore:
         entries: list[RepositoryEntry] = []
         for name in self.repository.model_names():
             record = self._records.get(name)
+            if record is not None and record.loading and not record.states:
+                if not ready_only:
+                    entries.append(RepositoryEntry(name, "", VersionState.LOADING.value, ""))
+                continue
             if record is None or not record.states:
                 if not ready_only:
                     entries.append(RepositoryEntry(name, "", "", ""))
                 continue
             for version, (state, reason) in sorted(record.states.items()):
+                if record.loading and state != VersionState.READY:
+                    state, reason = VersionState.LOADING, ""
                 if ready_only and state != VersionState.READY:
                     continue
                 entries.append(RepositoryEntry(name, version, state.value, reason))
