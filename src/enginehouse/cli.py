@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="ready only when every model meant to load is ready",
     )
     serve.add_argument(
+        "--model-warmup",
+        type=_bool,
+        default=True,
+        help="run warm-up inferences on every instance before it is ready",
+    )
+    serve.add_argument(
         "--http-max-input-size",
         type=int,
         default=64 * 1024 * 1024,
@@ -103,6 +109,7 @@ async def serve(args: argparse.Namespace) -> int:
         startup_models=args.load_model,
         strict_model_config=args.strict_model_config,
         strict_readiness=args.strict_readiness,
+        warmup=args.model_warmup,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -52,6 +52,15 @@ SUPPORTED_FIELDS = frozenset(
         "instance_group.name",
         "instance_group.count",
         "instance_group.kind",
+        "instance_group.gpus",
+        "dynamic_batching.preferred_batch_size",
+        "dynamic_batching.max_queue_delay_microseconds",
+        "dynamic_batching.preserve_ordering",
+        "dynamic_batching.priority_levels",
+        "dynamic_batching.default_priority_level",
+        "dynamic_batching.default_queue_policy",
+        "dynamic_batching.priority_queue_policy",
+        "model_warmup",
     }
 )
 

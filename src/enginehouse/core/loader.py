@@ -19,6 +19,7 @@ from enginehouse.config import model_config
 from enginehouse.core.model import ModelVersion
 from enginehouse.errors import ModelLoadError
 from enginehouse.repository import ModelLocation, select_versions
+from enginehouse.runtime import warmup as warmups
 from enginehouse.runtime.instance import InlinePolicy, Instance
 from enginehouse.scheduler.pool import InstancePool
 
@@ -76,6 +77,8 @@ def prepare_config(
         if newest.is_file():
             backend.complete_config(config, newest)
     model_config.validate(config)
+    if config.HasField("dynamic_batching") and config.max_batch_size == 0:
+        raise ModelLoadError(f"model '{config.name}': dynamic_batching needs max_batch_size > 0")
     model_config.report_unsupported(config)
     if not config.HasField("version_policy"):
         config.version_policy.latest.num_versions = 1
@@ -127,39 +130,60 @@ def inline_policy(config: mc.ModelConfig, placement: Placement) -> InlinePolicy:
 
 
 def load_version(
-    config: mc.ModelConfig, backend: Backend, version: int, model_file: Path
+    config: mc.ModelConfig,
+    backend: Backend,
+    version: int,
+    model_file: Path,
+    model_dir: Path,
+    warmup: bool = True,
 ) -> ModelVersion:
-    """Check the config against the file and load every instance of one version."""
+    """Check the config against the file, then load and warm every instance of a version."""
     if not model_file.is_file():
         raise ModelLoadError(
             f"model '{config.name}' version {version}: model file {model_file.name} not found"
         )
     backend.check_config(config, model_file)
+    samples = warmups.samples(config, model_dir) if warmup else []
+
+    def make_instance(name: str, placement: Placement) -> Instance:
+        started = time.perf_counter()
+        engine = backend.load(config, model_file, placement)
+        instance = Instance(name, engine, placement, inline_policy(config, placement))
+        loaded = time.perf_counter() - started
+        try:
+            instance.warmup_seconds = warmups.warm(instance, config, samples)
+        except BaseException:
+            instance.close()
+            raise
+        log.info(
+            "model '%s' version %d: instance %s on %s loaded in %.3f s, warmed (%d samples) "
+            "in %.3f s",
+            config.name,
+            version,
+            name,
+            placement.label,
+            loaded,
+            len(samples),
+            instance.warmup_seconds,
+        )
+        return instance
+
     instances: list[Instance] = []
     try:
         for name, placement in placements(config):
-            started = time.perf_counter()
-            engine = backend.load(config, model_file, placement)
-            instances.append(
-                Instance(f"{name}_v{version}", engine, placement, inline_policy(config, placement))
-            )
-            log.info(
-                "model '%s' version %d: instance %s on %s loaded in %.3f s",
-                config.name,
-                version,
-                name,
-                placement.label,
-                time.perf_counter() - started,
-            )
+            instances.append(make_instance(f"{name}_v{version}", placement))
     except BaseException:
         for instance in instances:
             instance.close()
         raise
-    return ModelVersion(config, version, InstancePool(instances))
+    return ModelVersion(config, version, InstancePool(instances), make_instance)
 
 
 def load_model(
-    location: ModelLocation, strict: bool, override: mc.ModelConfig | None = None
+    location: ModelLocation,
+    strict: bool,
+    override: mc.ModelConfig | None = None,
+    warmup: bool = True,
 ) -> LoadedModel:
     """Load every version the policy serves; one failing version does not stop the others."""
     config, backend, files = prepare_config(location, strict, override)
@@ -167,7 +191,7 @@ def load_model(
     failures: dict[int, str] = {}
     for version, path in files.items():
         try:
-            versions[version] = load_version(config, backend, version, path)
+            versions[version] = load_version(config, backend, version, path, location.path, warmup)
         except ModelLoadError as exc:
             failures[version] = exc.message
             log.error("%s", exc.message)

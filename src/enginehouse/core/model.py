@@ -7,6 +7,7 @@ names); the request path does dictionary lookups and array views, nothing more.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
 from enginehouse import datatypes
+from enginehouse.core.batching import BatchedExecution
 from enginehouse.core.statistics import ModelStatistics
 from enginehouse.core.types import (
     InferRequest,
@@ -24,8 +26,11 @@ from enginehouse.core.types import (
     TensorMetadata,
 )
 from enginehouse.errors import EnginehouseError, InternalError, InvalidArgumentError
-from enginehouse.runtime.instance import Execution, Instance
+from enginehouse.runtime.instance import Execution, Instance, InstanceFactory
 from enginehouse.scheduler.pool import InstancePool
+from enginehouse.scheduler.queue import BatchingPolicy
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +63,13 @@ def _shape_matches(shape: Sequence[int], dims: Sequence[int]) -> bool:
 class ModelVersion:
     """One version of a model, loaded, with its instances and statistics."""
 
-    def __init__(self, config: mc.ModelConfig, version: int, pool: InstancePool) -> None:
+    def __init__(
+        self,
+        config: mc.ModelConfig,
+        version: int,
+        pool: InstancePool,
+        instance_factory: InstanceFactory | None = None,
+    ) -> None:
         self.config = config
         self.name = config.name
         self.version = str(version)
@@ -71,6 +82,12 @@ class ModelVersion:
         self.all_output_names = tuple(self.outputs)
         self.statistics = ModelStatistics(self.name, self.version)
         self.in_flight = 0
+        self.instance_factory = instance_factory
+        self.replacements = 0
+        self._background: set[asyncio.Task[None]] = set()
+        self.batched: BatchedExecution | None = None
+        if self.batching and config.HasField("dynamic_batching"):
+            self.batched = BatchedExecution(self, BatchingPolicy.from_config(config))
 
     def metadata(self, versions: Sequence[str]) -> ModelMetadata:
         batch = (-1,) if self.batching else ()
@@ -160,7 +177,7 @@ class ModelVersion:
                 )
         return tuple(request.outputs)
 
-    def _finisher(self, names: Sequence[str], batch_size: int):  # type: ignore[no-untyped-def]
+    def finisher(self, names: Sequence[str], batch_size: int):  # type: ignore[no-untyped-def]
         specs = [self.outputs[n] for n in names]
         batching = self.batching
 
@@ -186,6 +203,8 @@ class ModelVersion:
         except EnginehouseError:
             self.statistics.record_failure(clock() - start)
             raise
+        if self.batched is not None:
+            return self._run_batched(request, feeds, batch_size, names, start)
         pool = self.pool
         instance = pool.try_acquire()
         input_bytes = sum(a.nbytes for a in feeds.values())
@@ -198,10 +217,59 @@ class ModelVersion:
         result = self.submit(request)
         return result if isinstance(result, InferResponse) else await result
 
-    def _internal(self, exc: BaseException) -> BaseException:
+    def internal_error(self, exc: BaseException) -> BaseException:
         if isinstance(exc, EnginehouseError | asyncio.CancelledError):
             return exc
         return InternalError(f"model '{self.name}' version {self.version} failed: {exc}")
+
+    async def _run_batched(
+        self,
+        request: InferRequest,
+        feeds: dict[str, np.ndarray],
+        batch_size: int,
+        names: tuple[str, ...],
+        start: int,
+    ) -> InferResponse:
+        assert self.batched is not None
+        self.in_flight += 1
+        try:
+            return await self.batched.infer(request, feeds, batch_size, names, start)
+        finally:
+            self.in_flight -= 1
+
+    def replace_instance(self, instance: Instance, cause: BaseException) -> None:
+        """Take a failed instance out of service and load a fresh one in the background."""
+        log.error(
+            "model '%s' version %s: instance %s failed (%s); replacing it",
+            self.name,
+            self.version,
+            instance.name,
+            cause,
+        )
+        self.pool.remove(instance)
+        if self.instance_factory is None:
+            return
+        factory = self.instance_factory
+
+        async def replace() -> None:
+            await asyncio.to_thread(instance.close)
+            try:
+                fresh = await asyncio.to_thread(factory, instance.name, instance.placement)
+            except Exception:
+                log.exception("model '%s': cannot replace instance %s", self.name, instance.name)
+                return
+            self.replacements += 1
+            self.pool.add(fresh)
+            log.info(
+                "model '%s' version %s: instance %s replaced and warm",
+                self.name,
+                self.version,
+                fresh.name,
+            )
+
+        task = asyncio.get_running_loop().create_task(replace())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _run_inline(
         self,
@@ -216,13 +284,15 @@ class ModelVersion:
         queued = time.perf_counter_ns()
         try:
             execution = instance.execute_sync(
-                lambda: feeds, names, self._finisher(names, batch_size)
+                lambda: feeds, names, self.finisher(names, batch_size)
             )
         except BaseException as exc:
-            self.statistics.record_failure(time.perf_counter_ns() - start)
-            raise self._internal(exc) from exc
-        finally:
             self.pool.release(instance)
+            self.statistics.record_failure(time.perf_counter_ns() - start)
+            if not isinstance(exc, EnginehouseError):
+                self.replace_instance(instance, exc)
+            raise self.internal_error(exc) from exc
+        self.pool.release(instance)
         return self._respond(request, names, batch_size, execution, start, queued)
 
     async def _run_async(
@@ -247,7 +317,7 @@ class ModelVersion:
             if instance.policy.inline(input_bytes):
                 return self._run_inline(request, feeds, batch_size, names, instance, start)
             queued = time.perf_counter_ns()
-            future = instance.execute(lambda: feeds, names, self._finisher(names, batch_size))
+            future = instance.execute(lambda: feeds, names, self.finisher(names, batch_size))
             try:
                 # Shielded: a cancelled request must not free an instance still executing.
                 execution = await asyncio.shield(future)
@@ -258,7 +328,9 @@ class ModelVersion:
             except BaseException as exc:
                 pool.release(instance)
                 self.statistics.record_failure(time.perf_counter_ns() - start)
-                raise self._internal(exc) from exc
+                if not isinstance(exc, EnginehouseError):
+                    self.replace_instance(instance, exc)
+                raise self.internal_error(exc) from exc
             pool.release(instance)
             return self._respond(request, names, batch_size, execution, start, queued)
         finally:
@@ -294,7 +366,15 @@ class ModelVersion:
         )
         return InferResponse(self.name, self.version, request.id, outputs)
 
+    async def shutdown(self) -> None:
+        """Fail what is still queued, let running executions finish, release every instance."""
+        if self.batched is not None:
+            await self.batched.close()
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.to_thread(self.close)
+
     def close(self) -> None:
         """Release every instance; the version must have no requests in flight."""
-        for instance in self.pool.instances:
+        for instance in self.pool.all():
             instance.close()

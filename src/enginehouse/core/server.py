@@ -96,6 +96,7 @@ class ServerCore:
         startup_models: Iterable[str] = (),
         strict_model_config: bool = False,
         strict_readiness: bool = True,
+        warmup: bool = True,
     ) -> None:
         from enginehouse import __version__
 
@@ -105,6 +106,7 @@ class ServerCore:
         self.startup_models = tuple(startup_models)
         self.strict_model_config = strict_model_config
         self.strict_readiness = strict_readiness
+        self.warmup = warmup
         self._served: dict[str, ServedModel] = {}
         self._records: dict[str, ModelRecord] = {}
         self._started = False
@@ -142,7 +144,7 @@ class ServerCore:
         self._served.clear()
         for model in served:
             for version in model.versions.values():
-                await asyncio.to_thread(version.close)
+                await version.shutdown()
 
     @property
     def in_flight(self) -> int:
@@ -295,7 +297,7 @@ class ServerCore:
             started = time.perf_counter()
             try:
                 loaded = await asyncio.to_thread(
-                    loader.load_model, location, self.strict_model_config, override
+                    loader.load_model, location, self.strict_model_config, override, self.warmup
                 )
             except ModelLoadError as exc:
                 if name not in self._served:
@@ -347,4 +349,4 @@ class ServerCore:
         for version in model.versions.values():
             while version.in_flight:
                 await asyncio.sleep(0.005)
-            await asyncio.to_thread(version.close)
+            await version.shutdown()

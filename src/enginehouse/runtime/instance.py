@@ -32,6 +32,8 @@ class Execution:
 
 
 PrepareInputs = Callable[[], dict[str, np.ndarray]]
+# Makes a new, warmed instance (name, placement): used to replace one that failed.
+InstanceFactory = Callable[[str, Placement], "Instance"]
 FinishOutputs = Callable[[list[np.ndarray]], list[np.ndarray]]
 
 
@@ -105,6 +107,7 @@ class Instance:
         self.name = name
         self.placement = placement
         self.policy = policy or InlinePolicy("never")
+        self.warmup_seconds = 0.0
         self._engine = engine
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
 

@@ -18,9 +18,33 @@ class InstancePool:
     """Free instances of one model version and the requests waiting for one."""
 
     def __init__(self, instances: Sequence[Instance]) -> None:
-        self.instances = tuple(instances)
+        self._members: list[Instance] = list(instances)
         self._idle: deque[Instance] = deque(instances)
         self._waiters: deque[asyncio.Future[Instance]] = deque()
+
+    def all(self) -> list[Instance]:
+        """Every instance in service (idle or busy)."""
+        return list(self._members)
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    @property
+    def busy(self) -> int:
+        return len(self._members) - len(self._idle)
+
+    def add(self, instance: Instance) -> None:
+        """Put a new instance into service."""
+        self._members.append(instance)
+        self.release(instance)
+
+    def remove(self, instance: Instance) -> None:
+        """Take an instance out of service (it must not be idle-listed afterwards)."""
+        if instance in self._members:
+            self._members.remove(instance)
+        if instance in self._idle:
+            self._idle.remove(instance)
 
     @property
     def waiting(self) -> int:
@@ -48,6 +72,8 @@ class InstancePool:
 
     def release(self, instance: Instance) -> None:
         """Give an instance back: to the oldest waiter, or to the idle set."""
+        if instance not in self._members:
+            return
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():

@@ -1,0 +1,125 @@
+"""The dynamic batcher's loop: waits for a free instance, asks the queue for a batch, runs it.
+
+Batches are formed only when an instance is free, so while every instance is busy requests
+gather into larger batches. The queue's decisions (:mod:`enginehouse.scheduler.queue`) are
+pure; this module owns the waiting: for arrivals, for the queue delay to pass, for a free
+instance, and for request deadlines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine, Hashable
+from typing import Any, Generic, TypeVar
+
+from enginehouse.errors import EnginehouseError, UnavailableError
+from enginehouse.runtime.instance import Instance
+from enginehouse.scheduler.pool import InstancePool
+from enginehouse.scheduler.queue import BatchingPolicy, BatchQueue, Pending
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+RunBatch = Callable[[Instance, list[Pending[T]]], Coroutine[Any, Any, None]]
+FailItem = Callable[[Pending[T], EnginehouseError], None]
+
+
+class DynamicBatcher(Generic[T]):
+    """One model version's queue and the task that turns it into executions."""
+
+    def __init__(
+        self,
+        name: str,
+        policy: BatchingPolicy,
+        pool: InstancePool,
+        run_batch: RunBatch[T],
+        fail: FailItem[T],
+        clock: Callable[[], int] = time.perf_counter_ns,
+    ) -> None:
+        self.name = name
+        self.queue: BatchQueue[T] = BatchQueue(policy)
+        self._pool = pool
+        self._run_batch = run_batch
+        self._fail = fail
+        self._clock = clock
+        self._arrived = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
+
+    def submit(
+        self,
+        item: T,
+        batch_size: int,
+        shape_key: Hashable,
+        arrival_ns: int,
+        priority: int = 0,
+        timeout_us: int = 0,
+    ) -> None:
+        """Queue a request (UnavailableError when its level is full)."""
+        self.queue.admit(item, batch_size, shape_key, arrival_ns, priority, timeout_us)
+        self._arrived.set()
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    @property
+    def executing(self) -> int:
+        return len(self._running)
+
+    async def _loop(self) -> None:
+        queue = self.queue
+        while True:
+            if not queue.size:
+                self._arrived.clear()
+                await self._arrived.wait()
+            instance = self._pool.try_acquire()
+            if instance is None:
+                instance = await self._acquire_or_expire()
+                if instance is None:
+                    continue
+            while True:
+                decision = queue.next(self._clock())
+                for pending in decision.expired:
+                    self._fail(pending, UnavailableError("request timed out in the queue"))
+                if decision.batch:
+                    task: asyncio.Task[None] = asyncio.ensure_future(
+                        self._run_batch(instance, decision.batch)
+                    )
+                    self._running.add(task)
+                    task.add_done_callback(self._running.discard)
+                    break
+                if not queue.size:
+                    self._pool.release(instance)
+                    break
+                self._arrived.clear()
+                delay = max(0.0, (decision.wake_at_ns - self._clock()) / 1e9)
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), delay)
+                except TimeoutError:
+                    pass
+
+    async def _acquire_or_expire(self) -> Instance | None:
+        """A free instance; meanwhile requests whose deadline passes are failed."""
+        deadlines = [p.deadline_ns for p in self.queue.pending() if p.deadline_ns]
+        timeout = max(0.0, (min(deadlines) - self._clock()) / 1e9) if deadlines else None
+        try:
+            return await asyncio.wait_for(self._pool.acquire(), timeout)
+        except TimeoutError:
+            for pending in self.queue.expire(self._clock()):
+                self._fail(pending, UnavailableError("request timed out in the queue"))
+            return None
+
+    async def close(self) -> None:
+        """Fail what is queued, wait for running batches, stop the loop."""
+        for pending in self.queue.drain():
+            self._fail(pending, UnavailableError(f"model '{self.name}' is unloading"))
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
