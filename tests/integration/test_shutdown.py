@@ -6,45 +6,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import tritonclient.http as httpclient
-from onnx import TensorProto, helper, numpy_helper
 
 from tests.conftest import ServerProcess
+from tests.models import chain_config, matmul_chain, save
 
 
-def write_slow_model(root: Path, layers: int = 40, width: int = 1024) -> None:
-    """A chain of MatMul+Tanh that takes tens of milliseconds per request on a CPU."""
-    weight = numpy_helper.from_array(
-        (np.random.default_rng(0).standard_normal((width, width)) / np.sqrt(width)).astype(
-            np.float32
-        ),
-        "W",
-    )
-    nodes = []
-    current = "INPUT0"
-    for i in range(layers):
-        nodes.append(helper.make_node("MatMul", [current, "W"], [f"m{i}"]))
-        current = f"t{i}" if i < layers - 1 else "OUTPUT0"
-        nodes.append(helper.make_node("Tanh", [f"m{i}"], [current]))
-    graph = helper.make_graph(
-        nodes,
-        "slow",
-        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", width])],
-        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", width])],
-        initializer=[weight],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    (root / "slow" / "1").mkdir(parents=True)
-    onnx.save(model, str(root / "slow" / "1" / "model.onnx"))
-    (root / "slow" / "config.pbtxt").write_text(
-        'backend: "onnxruntime"\nmax_batch_size: 64\n'
-        'input [{ name: "INPUT0" data_type: TYPE_FP32 dims: [1024] }]\n'
-        'output [{ name: "OUTPUT0" data_type: TYPE_FP32 dims: [1024] }]\n'
-        "instance_group [{ count: 2 kind: KIND_CPU }]\n"
-        'parameters { key: "intra_op_thread_count" value: { string_value: "1" } }\n'
-    )
+def write_slow_model(root: Path) -> None:
+    save(matmul_chain(), root, "slow", chain_config(count=2))
 
 
 def test_sigterm_finishes_requests_in_flight(tmp_path: Path) -> None:

@@ -1,0 +1,76 @@
+"""Small ONNX models that tests write into their own repositories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+def save(model: onnx.ModelProto, root: Path, name: str, config: str) -> None:
+    model.ir_version = 8
+    (root / name / "1").mkdir(parents=True)
+    onnx.save(model, str(root / name / "1" / "model.onnx"))
+    (root / name / "config.pbtxt").write_text(config)
+
+
+def matmul_chain(layers: int = 40, width: int = 1024) -> onnx.ModelProto:
+    """MatMul+Tanh layers: tens of milliseconds per request of a few rows on a CPU."""
+    weight = numpy_helper.from_array(
+        (np.random.default_rng(0).standard_normal((width, width)) / np.sqrt(width)).astype(
+            np.float32
+        ),
+        "W",
+    )
+    nodes = []
+    current = "INPUT0"
+    for i in range(layers):
+        nodes.append(helper.make_node("MatMul", [current, "W"], [f"m{i}"]))
+        current = f"t{i}" if i < layers - 1 else "OUTPUT0"
+        nodes.append(helper.make_node("Tanh", [f"m{i}"], [current]))
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", width])],
+        initializer=[weight],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def scale_by_two(width: int = 4) -> onnx.ModelProto:
+    """OUTPUT0 = 2 * INPUT0 for FP32 [batch, width]; each row says which request it was."""
+    two = numpy_helper.from_array(np.array(2.0, np.float32), "two")
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["INPUT0", "two"], ["OUTPUT0"])],
+        "scale",
+        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", width])],
+        initializer=[two],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def gather_table() -> onnx.ModelProto:
+    """OUTPUT0 = TABLE[INDEX]; an index outside 0..3 makes ONNX Runtime fail the run."""
+    table = numpy_helper.from_array(np.array([10, 20, 30, 40], np.float32), "TABLE")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["TABLE", "INDEX"], ["OUTPUT0"])],
+        "gather",
+        [helper.make_tensor_value_info("INDEX", TensorProto.INT64, ["batch", 1])],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", 1])],
+        initializer=[table],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def chain_config(extra: str = "", count: int = 1, width: int = 1024) -> str:
+    return (
+        'backend: "onnxruntime"\nmax_batch_size: 64\n'
+        f'input [{{ name: "INPUT0" data_type: TYPE_FP32 dims: [{width}] }}]\n'
+        f'output [{{ name: "OUTPUT0" data_type: TYPE_FP32 dims: [{width}] }}]\n'
+        f"instance_group [{{ count: {count} kind: KIND_CPU }}]\n"
+        'parameters { key: "intra_op_thread_count" value: { string_value: "1" } }\n' + extra
+    )
