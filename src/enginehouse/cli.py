@@ -15,6 +15,7 @@ from pathlib import Path
 
 from enginehouse import __version__
 from enginehouse.core.server import ControlMode, ServerCore
+from enginehouse.observe.metrics import MetricsOptions
 from enginehouse.repository import ModelRepository
 
 log = logging.getLogger("enginehouse")
@@ -75,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="ready only when every model meant to load is ready",
     )
     serve.add_argument(
+        "--metrics-config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="summary_latencies=true adds Triton's latency summaries (repeatable)",
+    )
+    serve.add_argument(
         "--model-warmup",
         type=_bool,
         default=True,
@@ -96,12 +104,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def metrics_options(settings: list[str]) -> MetricsOptions:
+    """``--metrics-config`` KEY=VALUE settings, as tritonserver spells them."""
+    summary, window = False, 1024
+    for setting in settings:
+        key, _, value = setting.partition("=")
+        if key == "summary_latencies":
+            summary = _bool(value)
+        elif key == "summary_window":
+            window = int(value)
+        else:
+            raise SystemExit(f"--metrics-config: unknown setting '{key}'")
+    return MetricsOptions(summary_latencies=summary, summary_window=window)
+
+
 async def serve(args: argparse.Namespace) -> int:
     """Run the server until SIGINT or SIGTERM, then drain and stop."""
     from enginehouse.frontends.grpc.service import GrpcServer
     from enginehouse.frontends.http.app import HttpServer
     from enginehouse.frontends.metrics import MetricsServer
 
+    options = metrics_options(args.metrics_config)
     repository = ModelRepository(args.model_repository)
     core = ServerCore(
         repository,
@@ -110,6 +133,7 @@ async def serve(args: argparse.Namespace) -> int:
         strict_model_config=args.strict_model_config,
         strict_readiness=args.strict_readiness,
         warmup=args.model_warmup,
+        latency_window=options.summary_window if options.summary_latencies else 0,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -122,7 +146,7 @@ async def serve(args: argparse.Namespace) -> int:
     if args.allow_grpc:
         servers.append(GrpcServer(core, args.host, args.grpc_port, args.http_max_input_size))
     if args.allow_metrics:
-        servers.append(MetricsServer(core, args.host, args.metrics_port))
+        servers.append(MetricsServer(core, args.host, args.metrics_port, options))
     for server in servers:
         await server.start()
     load = asyncio.create_task(core.start())

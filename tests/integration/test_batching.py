@@ -85,7 +85,9 @@ def batching_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server
         'output [{ name: "OUTPUT0" data_type: TYPE_FP32 dims: [1] }]\n'
         "dynamic_batching { }\n",
     )
-    server = ServerProcess([root], log_path=root / "server.log")
+    server = ServerProcess(
+        [root], "--metrics-config", "summary_latencies=true", log_path=root / "server.log"
+    )
     try:
         server.wait_live()
         yield server
@@ -181,16 +183,16 @@ def test_full_queue_answers_unavailable(batching_server: ServerProcess) -> None:
 
 
 def test_request_timeout_override_expires_in_queue(batching_server: ServerProcess) -> None:
-    block = np.ones((32, 1024), np.float32)
+    block = np.ones((64, 1024), np.float32)
     rows = [block] + [np.ones((1, 1024), np.float32)] * 3
 
     async def run() -> list[object]:
         client = grpcaio.InferenceServerClient(batching_server.grpc_url)
         try:
-            first = grpcaio.InferInput("INPUT0", [32, 1024], "FP32")
+            first = grpcaio.InferInput("INPUT0", [64, 1024], "FP32")
             first.set_data_from_numpy(block)
-            calls = [client.infer("timeouts", [first])]
-            await asyncio.sleep(0.01)
+            calls = [asyncio.ensure_future(client.infer("timeouts", [first]))]
+            await asyncio.sleep(0.05)
             for row in rows[1:]:
                 item = grpcaio.InferInput("INPUT0", list(row.shape), "FP32")
                 item.set_data_from_numpy(row)
@@ -312,3 +314,19 @@ def test_metrics_move_with_batches(batching_server: ServerProcess) -> None:
     }
     key = '{model="batched",version="1"}'
     assert values["nv_inference_exec_count" + key] < values["nv_inference_count" + key]
+    assert (
+        values['nv_inference_request_summary_us{model="batched",version="1",quantile="0.99"}'] > 0
+    )
+    assert values["nv_inference_queue_summary_us_count" + key] >= 8
+    assert values['enginehouse_batch_size_bucket{model="batched",version="1",le="+Inf"}'] >= 1
+    assert values["enginehouse_batch_size_sum" + key] == values["nv_inference_count" + key]
+    assert values['enginehouse_instances{model="fragile",version="1",state="failed"}'] >= 0
+    assert values['enginehouse_instances{model="batched",version="1",state="idle"}'] == 1
+    assert (
+        values['enginehouse_warmup_seconds{model="batched",version="1",instance="batched_0_0_v1"}']
+        > 0
+    )
+    assert "enginehouse_queue_size" + key in values
+    assert 0 <= values["nv_cpu_utilization"] <= 1
+    assert values["nv_cpu_memory_total_bytes"] >= values["nv_cpu_memory_used_bytes"] > 0
+    assert "# TYPE nv_inference_request_summary_us summary" in text

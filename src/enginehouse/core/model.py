@@ -84,6 +84,8 @@ class ModelVersion:
         self.in_flight = 0
         self.instance_factory = instance_factory
         self.replacements = 0
+        self.failed_instances = 0
+        self.warming_instances = 0
         self._background: set[asyncio.Task[None]] = set()
         self.batched: BatchedExecution | None = None
         if self.batching and config.HasField("dynamic_batching"):
@@ -247,17 +249,21 @@ class ModelVersion:
             cause,
         )
         self.pool.remove(instance)
+        self.failed_instances += 1
         if self.instance_factory is None:
             return
         factory = self.instance_factory
 
         async def replace() -> None:
             await asyncio.to_thread(instance.close)
+            self.warming_instances += 1
             try:
                 fresh = await asyncio.to_thread(factory, instance.name, instance.placement)
             except Exception:
                 log.exception("model '%s': cannot replace instance %s", self.name, instance.name)
                 return
+            finally:
+                self.warming_instances -= 1
             self.replacements += 1
             self.pool.add(fresh)
             log.info(

@@ -97,6 +97,7 @@ class ServerCore:
         strict_model_config: bool = False,
         strict_readiness: bool = True,
         warmup: bool = True,
+        latency_window: int = 0,
     ) -> None:
         from enginehouse import __version__
 
@@ -107,6 +108,7 @@ class ServerCore:
         self.strict_model_config = strict_model_config
         self.strict_readiness = strict_readiness
         self.warmup = warmup
+        self.latency_window = latency_window
         self._served: dict[str, ServedModel] = {}
         self._records: dict[str, ModelRecord] = {}
         self._started = False
@@ -232,13 +234,9 @@ class ServerCore:
             return []
         return [v.statistics for v in model.versions.values()]
 
-    def pending_requests(self) -> dict[tuple[str, str], int]:
-        """Requests admitted and not yet answered, per (model, version)."""
-        return {
-            (v.name, v.version): v.in_flight
-            for m in self._served.values()
-            for v in m.versions.values()
-        }
+    def served_versions(self) -> list[ModelVersion]:
+        """Every model version now serving."""
+        return [v for m in self._served.values() for v in m.versions.values()]
 
     def repository_index(self, ready_only: bool = False) -> list[RepositoryEntry]:
         """Every model in the repository with the state of each version it has tried."""
@@ -306,6 +304,9 @@ class ServerCore:
             finally:
                 record.loading = False
             old = self._served.pop(name, None)
+            if self.latency_window:
+                for loaded_version in loaded.versions.values():
+                    loaded_version.statistics.keep_recent(self.latency_window)
             if loaded.versions:
                 self._served[name] = ServedModel.of(loaded.config, loaded.versions)
             record.states = {str(v): (VersionState.READY, "") for v in loaded.versions}

@@ -8,6 +8,7 @@ of an execution. Updates happen on the event loop thread only, so no lock is nee
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,6 +73,13 @@ class ModelStatistics:
     cache_hit: Duration = field(default_factory=Duration)
     cache_miss: Duration = field(default_factory=Duration)
     batches: dict[int, BatchStatistics] = field(default_factory=dict)
+    # Recent (total, queue, input, infer, output) ns per request, kept only when latency
+    # summaries are asked for (``--metrics-config summary_latencies=true``).
+    recent: deque[tuple[int, int, int, int, int]] | None = None
+
+    def keep_recent(self, count: int) -> None:
+        """Start keeping the last ``count`` requests' latencies for summaries."""
+        self.recent = deque(maxlen=count)
 
     def record_execution(
         self, batch_size: int, input_ns: int, infer_ns: int, output_ns: int
@@ -96,6 +104,8 @@ class ModelStatistics:
         self.compute_infer.add(infer_ns)
         self.compute_output.add(output_ns)
         self.last_inference_ms = time.time_ns() // 1_000_000
+        if self.recent is not None:
+            self.recent.append((total_ns, queue_ns, input_ns, infer_ns, output_ns))
 
     def record_failure(self, total_ns: int) -> None:
         self.fail.add(total_ns)

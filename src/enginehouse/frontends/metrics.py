@@ -8,6 +8,7 @@ import logging
 from enginehouse.core.server import ServerCore
 from enginehouse.frontends.http.protocol import HttpProtocol, HttpRequest, HttpResponse
 from enginehouse.observe import metrics
+from enginehouse.observe.system import SystemMonitor
 
 log = logging.getLogger(__name__)
 
@@ -17,8 +18,12 @@ _CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 class MetricsServer:
     """Serves the current metrics of a ServerCore."""
 
-    def __init__(self, core: ServerCore, host: str, port: int) -> None:
+    def __init__(
+        self, core: ServerCore, host: str, port: int, options: metrics.MetricsOptions
+    ) -> None:
         self.core = core
+        self.options = options
+        self.monitor = SystemMonitor()
         self.host = host
         self.port = port
         self._server: asyncio.Server | None = None
@@ -27,7 +32,7 @@ class MetricsServer:
     def handle(self, request: HttpRequest) -> HttpResponse:
         if request.path != "/metrics":
             return HttpResponse(404, [b'{"error":"only /metrics is served here"}'])
-        body = metrics.render(self.core.model_statistics(), self.core.pending_requests())
+        body = metrics.render(self.core.served_versions(), self.monitor, self.options)
         return HttpResponse(200, [body], content_type=_CONTENT_TYPE)
 
     async def start(self) -> None:

@@ -8,6 +8,7 @@ alone, on the next instance that becomes free.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Sequence
 
@@ -21,6 +22,8 @@ class InstancePool:
         self._members: list[Instance] = list(instances)
         self._idle: deque[Instance] = deque(instances)
         self._waiters: deque[asyncio.Future[Instance]] = deque()
+        # Total time requests (or the batcher) spent waiting for a free instance.
+        self.wait_ns = 0
 
     def all(self) -> list[Instance]:
         """Every instance in service (idle or busy)."""
@@ -63,12 +66,15 @@ class InstancePool:
             return instance
         future: asyncio.Future[Instance] = asyncio.get_running_loop().create_future()
         self._waiters.append(future)
+        started = time.perf_counter_ns()
         try:
             return await future
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():
                 self.release(future.result())
             raise
+        finally:
+            self.wait_ns += time.perf_counter_ns() - started
 
     def release(self, instance: Instance) -> None:
         """Give an instance back: to the oldest waiter, or to the idle set."""
