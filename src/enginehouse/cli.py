@@ -142,9 +142,13 @@ async def serve(args: argparse.Namespace) -> int:
 
     servers: list[HttpServer | GrpcServer | MetricsServer] = []
     if args.allow_http:
-        servers.append(HttpServer(core, args.host, args.http_port, args.http_max_input_size))
+        http = HttpServer(core, args.host, args.http_port, args.http_max_input_size)
+        core.add_request_warmer(http.app.warm)
+        servers.append(http)
     if args.allow_grpc:
-        servers.append(GrpcServer(core, args.host, args.grpc_port, args.http_max_input_size))
+        grpc_server = GrpcServer(core, args.host, args.grpc_port, args.http_max_input_size)
+        core.add_request_warmer(grpc_server.service.warm)
+        servers.append(grpc_server)
     if args.allow_metrics:
         servers.append(MetricsServer(core, args.host, args.metrics_port, options))
     for server in servers:

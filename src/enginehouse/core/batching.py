@@ -155,7 +155,7 @@ class BatchedExecution:
             offset += size
             stats.record_success(
                 now - item.start_ns,
-                queued - item.start_ns,
+                queued - item.request.admitted_ns,
                 execution.input_ns,
                 execution.infer_ns,
                 execution.output_ns,

@@ -176,7 +176,10 @@ def load_version(
         for instance in instances:
             instance.close()
         raise
-    return ModelVersion(config, version, InstancePool(instances), make_instance)
+    model_version = ModelVersion(config, version, InstancePool(instances), make_instance)
+    if samples:
+        model_version.warmup_inputs = samples[0].inputs
+    return model_version
 
 
 def load_model(

@@ -19,6 +19,7 @@ from enginehouse import datatypes
 from enginehouse.core.batching import BatchedExecution
 from enginehouse.core.statistics import ModelStatistics
 from enginehouse.core.types import (
+    InferInput,
     InferRequest,
     InferResponse,
     ModelMetadata,
@@ -84,6 +85,9 @@ class ModelVersion:
         self.in_flight = 0
         self.instance_factory = instance_factory
         self.replacements = 0
+        # Inputs (client shapes) of a warm-up sample; the server sends a few requests through
+        # the whole request path with them before the version becomes ready.
+        self.warmup_inputs: dict[str, np.ndarray] = {}
         self.failed_instances = 0
         self.warming_instances = 0
         self._background: set[asyncio.Task[None]] = set()
@@ -205,6 +209,7 @@ class ModelVersion:
         except EnginehouseError:
             self.statistics.record_failure(clock() - start)
             raise
+        request.admitted_ns = clock()
         if self.batched is not None:
             return self._run_batched(request, feeds, batch_size, names, start)
         pool = self.pool
@@ -365,12 +370,33 @@ class ModelVersion:
         ]
         stats.record_success(
             time.perf_counter_ns() - start,
-            queued - start,
+            queued - request.admitted_ns,
             execution.input_ns,
             execution.infer_ns,
             execution.output_ns,
         )
         return InferResponse(self.name, self.version, request.id, outputs)
+
+    async def warm_request_path(self, count: int = 3) -> None:
+        """Send ``count`` requests through validation, scheduling and execution, then forget
+        them: the first real request must not be the first to run this Python code."""
+        if not self.warmup_inputs:
+            return
+        for _ in range(count):
+            inputs = [
+                InferInput(name, self.inputs[name].datatype, array.shape, array)
+                for name, array in self.warmup_inputs.items()
+                if name in self.inputs
+            ]
+            await self.infer(InferRequest(self.name, inputs, self.version))
+
+    def reset_statistics(self) -> None:
+        """Forget warm-up traffic: statistics start at zero when the version goes live."""
+        recent = self.statistics.recent
+        self.statistics = ModelStatistics(self.name, self.version)
+        if recent is not None:
+            self.statistics.keep_recent(recent.maxlen or 1024)
+        self.pool.wait_ns = 0
 
     async def shutdown(self) -> None:
         """Fail what is still queued, let running executions finish, release every instance."""

@@ -11,7 +11,7 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 from google.protobuf import json_format
@@ -44,6 +44,10 @@ EXTENSIONS = (
     "binary_tensor_data",
     "parameters",
 )
+
+
+# Sends warm-up requests for a new model version through a frontend's own code.
+RequestWarmer = Callable[[ModelVersion], Awaitable[None]]
 
 
 class ControlMode(enum.StrEnum):
@@ -110,6 +114,7 @@ class ServerCore:
         self.warmup = warmup
         self.latency_window = latency_window
         self._served: dict[str, ServedModel] = {}
+        self._warmers: list[RequestWarmer] = []
         self._records: dict[str, ModelRecord] = {}
         self._started = False
         self._draining = False
@@ -303,6 +308,8 @@ class ServerCore:
                 raise
             finally:
                 record.loading = False
+            for loaded_version in loaded.versions.values():
+                await self._warm_request_paths(loaded_version)
             old = self._served.pop(name, None)
             if self.latency_window:
                 for loaded_version in loaded.versions.values():
@@ -323,6 +330,26 @@ class ServerCore:
                 ", ".join(self._served[name].versions),
                 time.perf_counter() - started,
             )
+
+    def add_request_warmer(self, warmer: RequestWarmer) -> None:
+        """Run ``warmer`` on every new version before it serves (frontends warm their codecs)."""
+        self._warmers.append(warmer)
+
+    async def _warm_request_paths(self, version: ModelVersion) -> None:
+        if not self.warmup or not version.warmup_inputs:
+            return
+        try:
+            await version.warm_request_path()
+            for warmer in self._warmers:
+                await warmer(version)
+        except EnginehouseError as exc:
+            log.warning(
+                "model '%s' version %s: request-path warm-up failed: %s",
+                version.name,
+                version.version,
+                exc.message,
+            )
+        version.reset_statistics()
 
     async def unload_model(self, name: str) -> None:
         """Stop serving a model: it leaves routing at once, its requests in flight finish."""

@@ -46,6 +46,8 @@ class InferRequest:
     parameters: dict[str, Any] = field(default_factory=dict)
     # perf_counter_ns when the frontend received the request; 0 means "when the core did".
     arrival_ns: int = 0
+    # perf_counter_ns when the core accepted it (validated); queue time counts from here.
+    admitted_ns: int = 0
 
 
 @dataclass(slots=True)

@@ -84,6 +84,11 @@ class InlinePolicy:
             return True
         return False
 
+    def seed(self, infer_ns: int) -> None:
+        """Start from a known execution time (a warm run measured during warm-up)."""
+        self._average_ns = float(min(infer_ns, 2 * self.threshold_ns))
+        self._skipped = 0
+
     def observe(self, infer_ns: int, inline: bool) -> None:
         """Account for one execution; only the first threaded one and inline ones count.
 
@@ -110,6 +115,9 @@ class Instance:
         self.warmup_seconds = 0.0
         self._engine = engine
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        # Start the thread now: ThreadPoolExecutor creates it on first use, which would be
+        # the first request's cost.
+        self._executor.submit(int).result()
 
     def _run(
         self,

@@ -20,7 +20,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from enginehouse import datatypes
 from enginehouse.errors import ModelLoadError
-from enginehouse.runtime.instance import Instance
+from enginehouse.runtime.instance import Execution, Instance
 
 log = logging.getLogger(__name__)
 
@@ -126,18 +126,33 @@ def warm(instance: Instance, config: mc.ModelConfig, warmups: list[WarmupSample]
     names = [t.name for t in config.output]
     reshapes = {t.name: tuple(t.reshape.shape) for t in config.input if t.HasField("reshape")}
     started = time.perf_counter()
+    prepared: list[dict[str, np.ndarray]] = []
     for sample in warmups:
         inputs = dict(sample.inputs)
         for name, shape in reshapes.items():
             if name in inputs:
                 batch = inputs[name].shape[:1] if config.max_batch_size > 0 else ()
                 inputs[name] = inputs[name].reshape(batch + shape)
+        prepared.append(inputs)
         for _ in range(sample.count):
-            try:
-                instance.execute_sync(_constant(inputs), names, _unchanged)
-            except Exception as exc:
-                raise ModelLoadError(
-                    f"model '{config.name}': warm-up '{sample.name}' failed on instance "
-                    f"{instance.name}: {exc}"
-                ) from exc
+            _run(instance, config, sample.name, inputs, names)
+    if prepared:
+        # The first runs were cold; a run now says what the model costs when warm.
+        execution = _run(instance, config, warmups[0].name, prepared[0], names)
+        instance.policy.seed(execution.infer_ns)
     return time.perf_counter() - started
+
+
+def _run(
+    instance: Instance,
+    config: mc.ModelConfig,
+    sample: str,
+    inputs: dict[str, np.ndarray],
+    names: list[str],
+) -> Execution:
+    try:
+        return instance.execute_sync(_constant(inputs), names, _unchanged)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"model '{config.name}': warm-up '{sample}' failed on instance {instance.name}: {exc}"
+        ) from exc

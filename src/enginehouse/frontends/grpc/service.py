@@ -17,6 +17,8 @@ import grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
+from enginehouse import datatypes
+from enginehouse.core.model import ModelVersion
 from enginehouse.core.server import EXTENSIONS, SERVER_NAME, ServerCore
 from enginehouse.errors import EnginehouseError, InvalidArgumentError
 from enginehouse.frontends.grpc.codec import (
@@ -33,6 +35,21 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     def __init__(self, core: ServerCore) -> None:
         self.core = core
+
+    async def warm(self, version: ModelVersion) -> None:
+        """Run warm-up requests through the gRPC decoding and encoding, in process."""
+        message = pb.ModelInferRequest(model_name=version.name, model_version=version.version)
+        for name, array in version.warmup_inputs.items():
+            message.inputs.add(
+                name=name, datatype=version.inputs[name].datatype, shape=list(array.shape)
+            )
+            message.raw_input_contents.append(datatypes.to_wire_bytes(array))
+        wire = message.SerializeToString()
+        for _ in range(2):
+            response = await self.core.infer(
+                decode_infer_request(pb.ModelInferRequest.FromString(wire))
+            )
+            encode_infer_response(response).SerializeToString()
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
@@ -204,9 +221,8 @@ class GrpcServer:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceService(core), self._server
-        )
+        self.service = InferenceService(core)
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.service, self._server)
 
     async def start(self) -> None:
         address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"

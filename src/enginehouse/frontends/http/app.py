@@ -16,10 +16,17 @@ from urllib.parse import unquote
 
 import orjson
 
+from enginehouse import datatypes
 from enginehouse.config.protojson import message_to_json_dict
+from enginehouse.core.model import ModelVersion
 from enginehouse.core.server import EXTENSIONS, SERVER_NAME, ServerCore
 from enginehouse.core.types import InferResponse, ModelMetadata
-from enginehouse.errors import EnginehouseError, InvalidArgumentError, NotFoundError
+from enginehouse.errors import (
+    EnginehouseError,
+    InternalError,
+    InvalidArgumentError,
+    NotFoundError,
+)
 from enginehouse.frontends.http.codec import (
     OutputOptions,
     decode_infer_request,
@@ -85,6 +92,14 @@ class HttpApp:
 
     def __init__(self, core: ServerCore) -> None:
         self.core = core
+
+    async def warm(self, version: ModelVersion) -> None:
+        """Run warm-up requests through routing, decoding and encoding, in process."""
+        for _ in range(2):
+            result = self(warmup_request(version))
+            response = result if isinstance(result, HttpResponse) else await result
+            if response.status != 200:
+                raise InternalError(f"HTTP warm-up request failed: {b''.join(response.body)!r}")
 
     def __call__(self, request: HttpRequest) -> HttpResponse | Awaitable[HttpResponse]:
         try:
@@ -240,6 +255,31 @@ class HttpApp:
         except EnginehouseError as exc:
             return error_response(exc.http_status, exc.message)
         return _EMPTY_OK
+
+
+def warmup_request(version: ModelVersion) -> HttpRequest:
+    """A binary-framed inference request built from a version's warm-up inputs."""
+    inputs = []
+    buffers = []
+    for name, array in version.warmup_inputs.items():
+        raw = datatypes.to_wire_bytes(array)
+        buffers.append(raw)
+        inputs.append(
+            {
+                "name": name,
+                "datatype": version.inputs[name].datatype,
+                "shape": list(array.shape),
+                "parameters": {"binary_data_size": len(raw)},
+            }
+        )
+    header = orjson.dumps({"inputs": inputs, "parameters": {"binary_data_output": True}})
+    return HttpRequest(
+        method="POST",
+        path=f"/v2/models/{version.name}/versions/{version.version}/infer",
+        query="",
+        headers={"inference-header-content-length": str(len(header))},
+        body=header + b"".join(buffers),
+    )
 
 
 class HttpServer:
