@@ -43,7 +43,8 @@ def mlp() -> onnx.ModelProto:
         current = f"r{i}" if i < 2 else "OUTPUT0"
         nodes.append(helper.make_node("Relu", [f"m{i}"], [current]))
     graph = helper.make_graph(
-        nodes, "mlp",
+        nodes,
+        "mlp",
         [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", WIDTH])],
         [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", WIDTH])],
         initializer=inits,
@@ -58,7 +59,7 @@ def config(name: str, batching: str) -> str:
         f'name: "{name}"\nbackend: "onnxruntime"\nmax_batch_size: 128\n'
         f'input [{{ name: "INPUT0" data_type: TYPE_FP32 dims: [{WIDTH}] }}]\n'
         f'output [{{ name: "OUTPUT0" data_type: TYPE_FP32 dims: [{WIDTH}] }}]\n'
-        'instance_group [{ count: 1 kind: KIND_CPU }]\n'
+        "instance_group [{ count: 1 kind: KIND_CPU }]\n"
         'parameters { key: "intra_op_thread_count" value: { string_value: "1" } }\n' + batching
     )
 
@@ -76,7 +77,9 @@ def stats(port: int, model: str) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--delay-us", type=int, default=2000)
@@ -86,16 +89,32 @@ def main() -> int:
         repo = Path(tmp)
         variants = {
             "mlp_plain": "",
-            "mlp_batched": f"dynamic_batching {{ max_queue_delay_microseconds: {args.delay_us} }}\n",
+            "mlp_batched": (
+                f"dynamic_batching {{ max_queue_delay_microseconds: {args.delay_us} }}\n"
+            ),
         }
         for name, batching in variants.items():
             (repo / name / "1").mkdir(parents=True)
             onnx.save(mlp(), str(repo / name / "1" / "model.onnx"))
             (repo / name / "config.pbtxt").write_text(config(name, batching))
         server = subprocess.Popen(
-            [sys.executable, "-m", "enginehouse.cli", "serve", "--model-repository", str(repo),
-             "--http-port", "18300", "--grpc-port", "18301", "--metrics-port", "18302"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                sys.executable,
+                "-m",
+                "enginehouse.cli",
+                "serve",
+                "--model-repository",
+                str(repo),
+                "--http-port",
+                "18300",
+                "--grpc-port",
+                "18301",
+                "--metrics-port",
+                "18302",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             deadline = time.monotonic() + 120
             while True:
@@ -115,10 +134,13 @@ def main() -> int:
                 result = grpc_load("127.0.0.1:18301", message(name), args.clients, args.seconds)
                 after = stats(18300, name)
                 executions = after["execution_count"] - before["execution_count"]
-                infer_ns = (after["inference_stats"]["compute_infer"]["ns"]
-                            - before["inference_stats"]["compute_infer"]["ns"])
+                infer_ns = (
+                    after["inference_stats"]["compute_infer"]["ns"]
+                    - before["inference_stats"]["compute_infer"]["ns"]
+                )
                 batch_ns = sum(b["compute_infer"]["ns"] for b in after["batch_stats"]) - sum(
-                    b["compute_infer"]["ns"] for b in before["batch_stats"])
+                    b["compute_infer"]["ns"] for b in before["batch_stats"]
+                )
                 mean_exec_ms = batch_ns / max(1, executions) / 1e6
                 inferences = after["inference_count"] - before["inference_count"]
                 rows[name] = (result, executions, inferences, mean_exec_ms, infer_ns)
@@ -127,18 +149,24 @@ def main() -> int:
             server.wait(60)
 
     print()
-    print(f"{'model':<12} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} "
-          f"{'executions':>11} {'mean batch':>11} {'exec ms':>8}")
+    print(
+        f"{'model':<12} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} "
+        f"{'executions':>11} {'mean batch':>11} {'exec ms':>8}"
+    )
     for name, (result, executions, inferences, exec_ms, _) in rows.items():
-        print(f"{name:<12} {result.rps:9.0f} {result.p50_ms:8.2f} {result.p99_ms:8.2f} "
-              f"{result.errors:7d} {executions:11d} {inferences / max(1, executions):11.1f} "
-              f"{exec_ms:8.2f}")
+        print(
+            f"{name:<12} {result.rps:9.0f} {result.p50_ms:8.2f} {result.p99_ms:8.2f} "
+            f"{result.errors:7d} {executions:11d} {inferences / max(1, executions):11.1f} "
+            f"{exec_ms:8.2f}"
+        )
     plain, batched = rows["mlp_plain"][0], rows["mlp_batched"][0]
     exec_ms = rows["mlp_batched"][3]
     bound = args.delay_us / 1000 + 2 * exec_ms
-    print(f"batching: {batched.rps:.0f} req/s vs {plain.rps:.0f} without = "
-          f"{batched.rps / plain.rps:.2f}x; p99 {batched.p99_ms:.2f} ms vs bound "
-          f"{bound:.2f} ms (delay {args.delay_us / 1000:.1f} + 2 x {exec_ms:.2f} exec)")
+    print(
+        f"batching: {batched.rps:.0f} req/s vs {plain.rps:.0f} without = "
+        f"{batched.rps / plain.rps:.2f}x; p99 {batched.p99_ms:.2f} ms vs bound "
+        f"{bound:.2f} ms (delay {args.delay_us / 1000:.1f} + 2 x {exec_ms:.2f} exec)"
+    )
     return 0
 
 

@@ -44,10 +44,19 @@ def body(model: str) -> tuple[bytes, int]:
     else:
         name, datatype, array = MODELS[model]
         inputs = [(name, np.asarray(array, np.float32))]  # type: ignore[list-item]
-    header = json.dumps({"inputs": [
-        {"name": n, "datatype": datatype, "shape": list(a.shape),
-         "parameters": {"binary_data_size": a.nbytes}} for n, a in inputs
-    ]}).encode()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": n,
+                    "datatype": datatype,
+                    "shape": list(a.shape),
+                    "parameters": {"binary_data_size": a.nbytes},
+                }
+                for n, a in inputs
+            ]
+        }
+    ).encode()
     return header + b"".join(a.tobytes() for _, a in inputs), len(header)
 
 
@@ -110,10 +119,25 @@ def one(client: RawClient, wire: bytes) -> float:
 def run(repo: Path, warmup: bool) -> dict[str, float]:
     started = time.perf_counter()
     server = subprocess.Popen(
-        [sys.executable, "-m", "enginehouse.cli", "serve", "--model-repository", str(repo),
-         "--http-port", "18400", "--grpc-port", "18401", "--metrics-port", "18402",
-         "--model-warmup", "true" if warmup else "false"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "enginehouse.cli",
+            "serve",
+            "--model-repository",
+            str(repo),
+            "--http-port",
+            "18400",
+            "--grpc-port",
+            "18401",
+            "--metrics-port",
+            "18402",
+            "--model-warmup",
+            "true" if warmup else "false",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         client = RawClient(18400)
         ready = request_bytes("GET", "/v2/health/ready")
@@ -140,7 +164,9 @@ def run(repo: Path, warmup: bool) -> dict[str, float]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--runs", type=int, default=7)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -150,11 +176,16 @@ def main() -> int:
             for warmup in (True, False):
                 figures = run(repo, warmup)
                 results[warmup].append(figures)
-                print(f"run {i + 1}/{args.runs} warm-up {'on ' if warmup else 'off'}: "
-                      + ", ".join(f"{k} {v:.3f}" for k, v in figures.items()), flush=True)
+                print(
+                    f"run {i + 1}/{args.runs} warm-up {'on ' if warmup else 'off'}: "
+                    + ", ".join(f"{k} {v:.3f}" for k, v in figures.items()),
+                    flush=True,
+                )
     print()
-    print(f"{'warm-up':<8} {'ready s':>8}" + "".join(
-        f" {m + ' first ms':>18} {m + ' p50 ms':>16} {'ratio':>6}" for m in MODELS))
+    print(
+        f"{'warm-up':<8} {'ready s':>8}"
+        + "".join(f" {m + ' first ms':>18} {m + ' p50 ms':>16} {'ratio':>6}" for m in MODELS)
+    )
     summary = {}
     for warmup in (True, False):
         rows = results[warmup]
@@ -166,10 +197,12 @@ def main() -> int:
             line += f" {med[f'{model}_first_ms']:18.3f} {med[f'{model}_p50_ms']:16.3f} {ratio:6.2f}"
         summary[(warmup, "ready")] = med["ready_s"]
         print(line)
-    print(f"coldstart: ready {summary[(True, 'ready')]:.2f} s; first/p50 with warm-up: convnet "
-          f"{summary[(True, 'convnet')]:.2f}x, simple {summary[(True, 'simple')]:.2f}x; "
-          f"without: convnet {summary[(False, 'convnet')]:.2f}x, "
-          f"simple {summary[(False, 'simple')]:.2f}x (medians of {args.runs} runs)")
+    print(
+        f"coldstart: ready {summary[(True, 'ready')]:.2f} s; first/p50 with warm-up: convnet "
+        f"{summary[(True, 'convnet')]:.2f}x, simple {summary[(True, 'simple')]:.2f}x; "
+        f"without: convnet {summary[(False, 'convnet')]:.2f}x, "
+        f"simple {summary[(False, 'simple')]:.2f}x (medians of {args.runs} runs)"
+    )
     return 0
 
 

@@ -35,8 +35,13 @@ def test_sigterm_finishes_admitted_requests(tmp_path: Path, batching: bool) -> N
     while probe.is_server_ready():
         assert time.monotonic() < deadline
         time.sleep(0.005)
-    body = json.dumps({"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 1024],
-                                   "data": [0.0] * 1024}]}).encode()
+    body = json.dumps(
+        {
+            "inputs": [
+                {"name": "INPUT0", "datatype": "FP32", "shape": [1, 1024], "data": [0.0] * 1024}
+            ]
+        }
+    ).encode()
     late_status, late_reply = raw_post(server, "/v2/models/slow/infer", body)
     results: list[object] = []
     for request in pending:
