@@ -83,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="summary_latencies=true adds Triton's latency summaries (repeatable)",
     )
     serve.add_argument(
+        "--instance-health-check-secs",
+        type=float,
+        default=0.0,
+        help="run a warm-up inference on idle instances this often; replace those that fail "
+        "(0: off)",
+    )
+    serve.add_argument(
         "--model-warmup",
         type=_bool,
         default=True,
@@ -134,6 +141,7 @@ async def serve(args: argparse.Namespace) -> int:
         strict_readiness=args.strict_readiness,
         warmup=args.model_warmup,
         latency_window=options.summary_window if options.summary_latencies else 0,
+        health_check_s=args.instance_health_check_secs,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -86,7 +86,12 @@ def batching_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server
         "dynamic_batching { }\n",
     )
     server = ServerProcess(
-        [root], "--metrics-config", "summary_latencies=true", log_path=root / "server.log"
+        [root],
+        "--metrics-config",
+        "summary_latencies=true",
+        "--instance-health-check-secs",
+        "0.2",
+        log_path=root / "server.log",
     )
     try:
         server.wait_live()
@@ -330,3 +335,27 @@ def test_metrics_move_with_batches(batching_server: ServerProcess) -> None:
     assert 0 <= values["nv_cpu_utilization"] <= 1
     assert values["nv_cpu_memory_total_bytes"] >= values["nv_cpu_memory_used_bytes"] > 0
     assert "# TYPE nv_inference_request_summary_us summary" in text
+
+
+def test_idle_instances_pass_health_checks(batching_server: ServerProcess) -> None:
+    def checks() -> float:
+        text = (
+            urllib.request.urlopen(f"http://127.0.0.1:{batching_server.metrics_port}/metrics")
+            .read()
+            .decode()
+        )
+        for line in text.splitlines():
+            if line.startswith('enginehouse_health_checks_total{model="batched",version="1"}'):
+                return float(line.rsplit(" ", 1)[1])
+        raise AssertionError("no health-check metric")
+
+    first = checks()
+    deadline = time.monotonic() + 10
+    while checks() <= first:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    before = stats(batching_server, "batched")["execution_count"]
+    time.sleep(0.5)
+    assert stats(batching_server, "batched")["execution_count"] == before, (
+        "health checks do not count as executions"
+    )

@@ -89,6 +89,7 @@ class ModelVersion:
         # the whole request path with them before the version becomes ready.
         self.warmup_inputs: dict[str, np.ndarray] = {}
         self.failed_instances = 0
+        self.health_checks = 0
         self.warming_instances = 0
         self._background: set[asyncio.Task[None]] = set()
         self.batched: BatchedExecution | None = None
@@ -389,6 +390,37 @@ class ModelVersion:
                 if name in self.inputs
             ]
             await self.infer(InferRequest(self.name, inputs, self.version))
+
+    def start_health_checks(self, interval_s: float) -> None:
+        """Every ``interval_s``, run a warm-up inference on each idle instance; one that
+        fails is replaced. Busy instances are skipped: traffic proves them."""
+        if interval_s <= 0 or not self.warmup_inputs:
+            return
+        task = asyncio.get_running_loop().create_task(self._health_loop(interval_s))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _health_loop(self, interval_s: float) -> None:
+        names = list(self.all_output_names)
+        inputs = dict(self.warmup_inputs)
+        for name, spec in self.inputs.items():
+            if spec.reshape is not None and name in inputs:
+                batch = inputs[name].shape[:1] if self.batching else ()
+                inputs[name] = inputs[name].reshape(batch + spec.reshape)
+        while True:
+            await asyncio.sleep(interval_s)
+            for _ in range(len(self.pool.all())):
+                instance = self.pool.try_acquire()
+                if instance is None:
+                    break
+                try:
+                    await asyncio.shield(instance.execute(lambda: inputs, names, list))
+                except Exception as exc:
+                    self.pool.release(instance)
+                    self.replace_instance(instance, exc)
+                    continue
+                self.health_checks += 1
+                self.pool.release(instance)
 
     def reset_statistics(self) -> None:
         """Forget warm-up traffic: statistics start at zero when the version goes live."""

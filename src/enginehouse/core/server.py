@@ -102,6 +102,7 @@ class ServerCore:
         strict_readiness: bool = True,
         warmup: bool = True,
         latency_window: int = 0,
+        health_check_s: float = 0.0,
     ) -> None:
         from enginehouse import __version__
 
@@ -113,6 +114,7 @@ class ServerCore:
         self.strict_readiness = strict_readiness
         self.warmup = warmup
         self.latency_window = latency_window
+        self.health_check_s = health_check_s
         self._served: dict[str, ServedModel] = {}
         self._warmers: list[RequestWarmer] = []
         self._records: dict[str, ModelRecord] = {}
@@ -316,6 +318,8 @@ class ServerCore:
                     loaded_version.statistics.keep_recent(self.latency_window)
             if loaded.versions:
                 self._served[name] = ServedModel.of(loaded.config, loaded.versions)
+                for loaded_version in loaded.versions.values():
+                    loaded_version.start_health_checks(self.health_check_s)
             record.states = {str(v): (VersionState.READY, "") for v in loaded.versions}
             for version, reason in loaded.failures.items():
                 record.states[str(version)] = (VersionState.UNAVAILABLE, reason)

@@ -164,6 +164,14 @@ def render(
         out.sample("enginehouse_instance_wait_duration_us", labels, version.pool.wait_ns // 1000)
 
     out.family(
+        "enginehouse_health_checks_total",
+        "counter",
+        "Health-check inferences that idle instances passed",
+    )
+    for labels, version in labelled:
+        out.sample("enginehouse_health_checks_total", labels, version.health_checks)
+
+    out.family(
         "enginehouse_warmup_seconds",
         "gauge",
         "Seconds each instance spent in warm-up before it served",
