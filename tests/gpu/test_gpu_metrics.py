@@ -36,7 +36,7 @@ def test_gpu_gauges_are_real(tmp_path: Path) -> None:
     repo = make_repository(tmp_path / "repo", with_torch=False)
     http, grpc, metrics = _port(), _port(), _port()
     log_path = tmp_path / "server.log"
-    log = open(log_path, "wb")  # noqa: SIM115 - closed below
+    log = open(log_path, "wb")
     server = subprocess.Popen(
         [
             sys.executable,
