@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
@@ -28,6 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 from loadgen import grpc_load  # noqa: E402
+
+from enginehouse.testing import ServerProcess  # noqa: E402
 
 WIDTH = 2048
 
@@ -97,42 +97,15 @@ def main() -> int:
             (repo / name / "1").mkdir(parents=True)
             onnx.save(mlp(), str(repo / name / "1" / "model.onnx"))
             (repo / name / "config.pbtxt").write_text(config(name, batching))
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "enginehouse.cli",
-                "serve",
-                "--model-repository",
-                str(repo),
-                "--http-port",
-                "18300",
-                "--grpc-port",
-                "18301",
-                "--metrics-port",
-                "18302",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        server = ServerProcess([repo])
         try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    with urllib.request.urlopen("http://127.0.0.1:18300/v2/health/ready") as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError("server not ready")
-                time.sleep(0.2)
+            server.wait_ready()
             rows = {}
             for name in variants:
-                before = stats(18300, name)
+                before = stats(server.http_port, name)
                 print(f"{name}: {args.clients} clients for {args.seconds:.0f} s ...", flush=True)
-                result = grpc_load("127.0.0.1:18301", message(name), args.clients, args.seconds)
-                after = stats(18300, name)
+                result = grpc_load(server.grpc_url, message(name), args.clients, args.seconds)
+                after = stats(server.http_port, name)
                 executions = after["execution_count"] - before["execution_count"]
                 infer_ns = (
                     after["inference_stats"]["compute_infer"]["ns"]
@@ -145,8 +118,7 @@ def main() -> int:
                 inferences = after["inference_count"] - before["inference_count"]
                 rows[name] = (result, executions, inferences, mean_exec_ms, infer_ns)
         finally:
-            server.terminate()
-            server.wait(60)
+            server.stop()
 
     print()
     print(

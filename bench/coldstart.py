@@ -17,7 +17,6 @@ import argparse
 import json
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
 
 from make_repository import make_repository  # noqa: E402
+
+from enginehouse.testing import ServerProcess  # noqa: E402
 
 MODELS = {
     "convnet": ("image", "FP32", np.random.default_rng(0).standard_normal((1, 3, 32, 32))),
@@ -117,29 +118,10 @@ def one(client: RawClient, wire: bytes) -> float:
 
 
 def run(repo: Path, warmup: bool) -> dict[str, float]:
-    started = time.perf_counter()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "enginehouse.cli",
-            "serve",
-            "--model-repository",
-            str(repo),
-            "--http-port",
-            "18400",
-            "--grpc-port",
-            "18401",
-            "--metrics-port",
-            "18402",
-            "--model-warmup",
-            "true" if warmup else "false",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server = ServerProcess([repo], "--model-warmup", "true" if warmup else "false")
+    started = server.started
     try:
-        client = RawClient(18400)
+        client = RawClient(server.http_port)
         ready = request_bytes("GET", "/v2/health/ready")
         while True:
             try:
@@ -159,8 +141,7 @@ def run(repo: Path, warmup: bool) -> dict[str, float]:
         client.close()
         return figures
     finally:
-        server.terminate()
-        server.wait(60)
+        server.stop()
 
 
 def main() -> int:

@@ -38,6 +38,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from loadgen import LoadResult, grpc_load, wrk  # noqa: E402
 from make_repository import SIMPLE_CONFIG, simple_model  # noqa: E402
 
+from enginehouse.testing import ServerProcess  # noqa: E402
+
 MLSERVER_RUNTIME = """
 import numpy as np
 from mlserver import MLModel
@@ -127,26 +129,9 @@ def start_enginehouse(work: Path) -> tuple[subprocess.Popen, int, int]:
     model.ir_version = 8
     onnx.save(model, str(repo / "simple" / "1" / "model.onnx"))
     (repo / "simple" / "config.pbtxt").write_text(SIMPLE_CONFIG.format(name="simple", max_batch=8))
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "enginehouse.cli",
-            "serve",
-            "--model-repository",
-            str(repo),
-            "--http-port",
-            "18100",
-            "--grpc-port",
-            "18101",
-            "--metrics-port",
-            "18102",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    wait_ready(18100, process)
-    return process, 18100, 18101
+    server = ServerProcess([repo])
+    server.wait_ready()
+    return server.process, server.http_port, server.grpc_port
 
 
 def mlserver_binary(venv: Path) -> Path:
@@ -311,21 +296,22 @@ def main() -> int:
         )
     )
     plot(rows, args.out / f"frontend-{stamp}.png")
-    ours = rows["enginehouse"].get("http-json@8")
+    c = 8 if 8 in args.connections else args.connections[-1]
+    ours = rows["enginehouse"].get(f"http-json@{c}")
     summary = (
-        f"frontend: http-json@8 enginehouse {ours.rps:.0f} req/s p99 {ours.p99_ms:.2f} ms"
+        f"frontend: http-json@{c} enginehouse {ours.rps:.0f} req/s p99 {ours.p99_ms:.2f} ms"
         if ours
         else "frontend: n/a"
     )
-    peer = rows.get("mlserver", {}).get("http-json@8")
+    peer = rows.get("mlserver", {}).get(f"http-json@{c}")
     if ours and peer:
         summary += (
             f"; mlserver {peer.rps:.0f} req/s p99 {peer.p99_ms:.2f} ms; "
             f"ratio {ours.rps / peer.rps:.2f}x"
         )
-    grpc = rows["enginehouse"].get("grpc@8")
+    grpc = rows["enginehouse"].get(f"grpc@{c}")
     if grpc:
-        summary += f"; grpc@8 {grpc.rps:.0f} req/s"
+        summary += f"; grpc@{c} {grpc.rps:.0f} req/s"
     print(summary)
     return 0
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import socket
-import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+
+from enginehouse.testing import ServerProcess
 
 pynvml = pytest.importorskip("pynvml")
 try:
@@ -24,54 +23,14 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "examples"))
 
 
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_gpu_gauges_are_real(tmp_path: Path) -> None:
     from make_repository import make_repository
 
     repo = make_repository(tmp_path / "repo", with_torch=False)
-    http, grpc, metrics = _port(), _port(), _port()
-    log_path = tmp_path / "server.log"
-    log = open(log_path, "wb")
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "enginehouse.cli",
-            "serve",
-            "--model-repository",
-            str(repo),
-            "--http-port",
-            str(http),
-            "--grpc-port",
-            str(grpc),
-            "--metrics-port",
-            str(metrics),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready") as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.1)
-        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics").read().decode()
-    finally:
-        server.terminate()
-        server.wait(60)
-        log.close()
+    with ServerProcess([repo], log_path=tmp_path / "server.log") as server:
+        server.wait_ready()
+        url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+        text = urllib.request.urlopen(url).read().decode()
     values = {}
     for line in text.splitlines():
         if line.startswith("nv_gpu_"):
