@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from enginehouse import __version__
+from enginehouse.compiler.cache import EngineCache, default_root
 from enginehouse.core.server import ControlMode, ServerCore
 from enginehouse.observe.metrics import MetricsOptions
 from enginehouse.repository import ModelRepository
@@ -90,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(0: off)",
     )
     serve.add_argument(
+        "--engine-cache",
+        type=Path,
+        default=None,
+        help="engine cache folder (default: $ENGINEHOUSE_CACHE, else .enginehouse-cache "
+        "beside the first model repository)",
+    )
+    serve.add_argument(
         "--model-warmup",
         type=_bool,
         default=True,
@@ -142,6 +150,7 @@ async def serve(args: argparse.Namespace) -> int:
         warmup=args.model_warmup,
         latency_window=options.summary_window if options.summary_latencies else 0,
         health_check_s=args.instance_health_check_secs,
+        engine_cache=EngineCache(args.engine_cache or default_root(args.model_repository)),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -15,6 +15,8 @@ from pathlib import Path
 from tritonclient.grpc import model_config_pb2 as mc
 
 from enginehouse.backends import Backend, Placement, backend_for, backend_for_file
+from enginehouse.compiler import engine as compiler
+from enginehouse.compiler.cache import EngineCache
 from enginehouse.config import model_config
 from enginehouse.core.model import ModelVersion
 from enginehouse.errors import ModelLoadError
@@ -136,18 +138,26 @@ def load_version(
     model_file: Path,
     model_dir: Path,
     warmup: bool = True,
+    cache: EngineCache | None = None,
 ) -> ModelVersion:
-    """Check the config against the file, then load and warm every instance of a version."""
+    """Check the config against the file, build (or fetch) its engine, then load and warm
+    every instance of a version."""
     if not model_file.is_file():
         raise ModelLoadError(
             f"model '{config.name}' version {version}: model file {model_file.name} not found"
         )
     backend.check_config(config, model_file)
+    built = (
+        compiler.prepare(config, backend.name, version, model_file, model_dir, cache)
+        if cache is not None
+        else compiler.Engine(model_file)
+    )
+    engine_file = built.path
     samples = warmups.samples(config, model_dir) if warmup else []
 
     def make_instance(name: str, placement: Placement) -> Instance:
         started = time.perf_counter()
-        engine = backend.load(config, model_file, placement)
+        engine = backend.load(config, engine_file, placement)
         instance = Instance(name, engine, placement, inline_policy(config, placement))
         loaded = time.perf_counter() - started
         try:
@@ -177,6 +187,7 @@ def load_version(
             instance.close()
         raise
     model_version = ModelVersion(config, version, InstancePool(instances), make_instance)
+    model_version.engine = built
     if samples:
         model_version.warmup_inputs = samples[0].inputs
     return model_version
@@ -187,6 +198,7 @@ def load_model(
     strict: bool,
     override: mc.ModelConfig | None = None,
     warmup: bool = True,
+    cache: EngineCache | None = None,
 ) -> LoadedModel:
     """Load every version the policy serves; one failing version does not stop the others."""
     config, backend, files = prepare_config(location, strict, override)

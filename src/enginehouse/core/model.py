@@ -16,6 +16,7 @@ import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
 from enginehouse import datatypes
+from enginehouse.compiler.engine import Engine as BuiltEngine
 from enginehouse.core.batching import BatchedExecution
 from enginehouse.core.statistics import ModelStatistics
 from enginehouse.core.types import (
@@ -88,6 +89,8 @@ class ModelVersion:
         # Inputs (client shapes) of a warm-up sample; the server sends a few requests through
         # the whole request path with them before the version becomes ready.
         self.warmup_inputs: dict[str, np.ndarray] = {}
+        # The engine the instances loaded (the source, or a built artefact and its manifest).
+        self.engine: BuiltEngine | None = None
         self.failed_instances = 0
         self.health_checks = 0
         self.warming_instances = 0

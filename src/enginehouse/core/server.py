@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from enginehouse.compiler.cache import EngineCache
 from enginehouse.core import loader
 from enginehouse.core.model import ModelVersion
 from enginehouse.core.statistics import ModelStatistics
@@ -103,6 +104,7 @@ class ServerCore:
         warmup: bool = True,
         latency_window: int = 0,
         health_check_s: float = 0.0,
+        engine_cache: EngineCache | None = None,
     ) -> None:
         from enginehouse import __version__
 
@@ -115,6 +117,7 @@ class ServerCore:
         self.warmup = warmup
         self.latency_window = latency_window
         self.health_check_s = health_check_s
+        self.engine_cache = engine_cache
         self._served: dict[str, ServedModel] = {}
         self._warmers: list[RequestWarmer] = []
         self._records: dict[str, ModelRecord] = {}
@@ -302,7 +305,12 @@ class ServerCore:
             started = time.perf_counter()
             try:
                 loaded = await asyncio.to_thread(
-                    loader.load_model, location, self.strict_model_config, override, self.warmup
+                    loader.load_model,
+                    location,
+                    self.strict_model_config,
+                    override,
+                    self.warmup,
+                    self.engine_cache,
                 )
             except ModelLoadError as exc:
                 if name not in self._served:

@@ -1,0 +1,1 @@
+"""Engine builder: build specs, builders per backend, the content-addressed cache."""

@@ -1,0 +1,209 @@
+"""Building ONNX Runtime engines: optimised graphs, FP16 conversion, INT8 quantisation.
+
+The artefact is an ONNX file that a session loads instead of the source: for fp32 the graph
+after ONNX Runtime's optimisations for this machine, for fp16 the graph converted with its
+inputs and outputs kept in their types, for int8 the graph statically quantised (QDQ,
+per-channel weights) from calibration samples.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tritonclient.grpc import model_config_pb2 as mc
+
+from enginehouse.compiler.samples import Sample, load_calibration, random_samples
+from enginehouse.compiler.spec import BuildSpec
+from enginehouse.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+ARTEFACT = "model.onnx"
+BUILDER_VERSION = 1
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def fingerprint(target: str) -> dict[str, Any]:
+    """What the artefact depends on besides the model and the spec."""
+    import onnx
+    import onnxruntime as ort
+
+    return {
+        "target": target,
+        "device": _cpu_model() if target == "cpu" else target,
+        "machine": platform.machine(),
+        "onnxruntime": ort.__version__,
+        "onnx": onnx.__version__,
+        "builder": BUILDER_VERSION,
+    }
+
+
+def _level(spec: BuildSpec) -> Any:
+    import onnxruntime as ort
+
+    levels = ort.GraphOptimizationLevel
+    if spec.graph_level < 0:
+        return levels.ORT_ENABLE_BASIC
+    if spec.graph_level == 1:
+        return levels.ORT_ENABLE_EXTENDED
+    return levels.ORT_ENABLE_ALL
+
+
+def _session(path: Path, level: Any = None, optimized_to: Path | None = None) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if level is not None:
+        options.graph_optimization_level = level
+    if optimized_to is not None:
+        options.optimized_model_filepath = str(optimized_to)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _feeds(config: mc.ModelConfig, sample: Sample) -> dict[str, np.ndarray]:
+    """A sample in the graph's shapes (config reshapes applied)."""
+    feeds = {}
+    for tensor in config.input:
+        if tensor.name not in sample:
+            continue
+        array = sample[tensor.name]
+        if tensor.HasField("reshape"):
+            batch = array.shape[:1] if config.max_batch_size > 0 else ()
+            array = array.reshape(batch + tuple(tensor.reshape.shape))
+        feeds[tensor.name] = array
+    return feeds
+
+
+class _Reader:
+    """onnxruntime.quantization's CalibrationDataReader over our samples."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
+        self._feeds = iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._feeds, None)
+
+
+def gate_samples(config: mc.ModelConfig, spec: BuildSpec, model_dir: Path) -> list[Sample]:
+    """Inputs for calibration and the accuracy gate: the calibration data, or seeded random
+    samples (the count asked for, else two for the gate alone)."""
+    if spec.calibration:
+        return load_calibration(config, model_dir, spec.calibration)
+    if spec.calibration_random_samples:
+        return random_samples(config, spec, spec.calibration_random_samples)
+    if spec.precision == "int8":
+        raise ModelLoadError(
+            f"model '{config.name}': int8 needs calibration data: set engine_calibration to a "
+            "folder of samples, or engine_calibration_random_samples to a count"
+        )
+    return random_samples(config, spec, 2)
+
+
+def build(
+    source: Path, config: mc.ModelConfig, spec: BuildSpec, model_dir: Path, out: Path
+) -> dict[str, Any]:
+    """Write the artefact for ``spec`` into ``out``; returns the manifest's fields."""
+    import onnx
+
+    model = config.name
+    artefact = out / ARTEFACT
+    samples = gate_samples(config, spec, model_dir)
+    if spec.target != "cpu":
+        raise ModelLoadError(
+            f"model '{model}': the onnxruntime builder targets cpu here; this onnxruntime has "
+            f"no execution provider for {spec.target}"
+        )
+    try:
+        if spec.precision == "fp32":
+            _session(source, _level(spec), optimized_to=artefact)
+        elif spec.precision == "fp16":
+            from onnxruntime.transformers.float16 import convert_float_to_float16
+
+            converted = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
+            onnx.save(converted, str(artefact))
+        elif spec.precision == "int8":
+            from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+            from onnxruntime.quantization.shape_inference import quant_pre_process
+
+            prepared = out / "prepared.onnx"
+            quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+            quantize_static(
+                str(prepared),
+                str(artefact),
+                _Reader([_feeds(config, s) for s in samples]),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+            )
+            prepared.unlink()
+        else:
+            raise ModelLoadError(
+                f"model '{model}': {spec.precision} is not available on the onnxruntime CPU "
+                "builder (use fp32, fp16 or int8, or the torch backend)"
+            )
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # ORT and onnx raise many types for invalid or unsupported graphs
+        raise ModelLoadError(f"model '{model}': {spec.precision} build failed: {exc}") from None
+    for leftover in out.iterdir():
+        if leftover.name != ARTEFACT and leftover.is_file():
+            leftover.unlink()
+    accuracy = measure_accuracy(source, artefact, config, samples[:8])
+    return {
+        "backend": spec.backend,
+        "precision": spec.precision,
+        "artefact": ARTEFACT,
+        "source": source.name,
+        "source_size": source.stat().st_size,
+        "spec": spec.key_parts(),
+        "target": fingerprint(spec.target),
+        "accuracy": accuracy,
+        "max_relative_error": max((a["max_rel"] for a in accuracy.values()), default=0.0),
+    }
+
+
+def measure_accuracy(
+    source: Path, artefact: Path, config: mc.ModelConfig, samples: list[Sample]
+) -> dict[str, dict[str, float]]:
+    """Max absolute and relative error of every float output, built vs source (fp32)."""
+    try:
+        reference = _session(source)
+        built = _session(artefact)
+    except Exception as exc:
+        raise ModelLoadError(f"model '{config.name}': built engine does not load: {exc}") from None
+    names = [t.name for t in config.output]
+    errors: dict[str, dict[str, float]] = {n: {"max_abs": 0.0, "max_rel": 0.0} for n in names}
+    for sample in samples:
+        feeds = _feeds(config, sample)
+        expected = reference.run(names, feeds)
+        got = built.run(names, feeds)
+        for name, want, have in zip(names, expected, got):
+            want = np.asarray(want)
+            if want.dtype.kind not in "fc":
+                equal = np.array_equal(want, np.asarray(have))
+                errors[name]["max_abs"] = max(errors[name]["max_abs"], 0.0 if equal else 1.0)
+                errors[name]["max_rel"] = max(errors[name]["max_rel"], 0.0 if equal else 1.0)
+                continue
+            want64 = want.astype(np.float64)
+            diff = (
+                float(np.max(np.abs(want64 - np.asarray(have, np.float64)))) if want.size else 0.0
+            )
+            scale = float(np.max(np.abs(want64))) if want.size else 0.0
+            errors[name]["max_abs"] = max(errors[name]["max_abs"], diff)
+            errors[name]["max_rel"] = max(errors[name]["max_rel"], diff / max(scale, 1e-12))
+    return {n: {k: round(v, 8) for k, v in e.items()} for n, e in errors.items()}

@@ -1,0 +1,149 @@
+"""What to build for a model: the build spec, read once from its config.pbtxt.
+
+Triton's own fields are used where they exist (``optimization.graph.level``,
+``instance_group.kind`` for the target); the rest are documented ``parameters`` keys:
+
+- ``engine_build``: ``true`` (default) or ``false`` to serve the source file as it is.
+- ``engine_precision``: ``fp32`` (default), ``fp16``, ``bf16`` or ``int8``.
+- ``engine_profiles``: JSON, per input the variable dims to specialise:
+  ``{"input_ids": {"1": {"min": 1, "opt": 128, "max": 512, "buckets": [128, 256, 512]}}}``
+  (dim indices count the batch dim as 0 for batching models).
+- ``engine_calibration``: a folder (relative to the model folder) of ``.npy`` / ``.npz``
+  samples, one input name per array (``.npz``) or ``<input>.npy`` files in sub-folders.
+- ``engine_calibration_random_samples``: a number of seeded random samples, used only when
+  asked for explicitly (int8 needs real data to be accurate).
+- ``engine_tolerance``: the largest relative error accepted by the accuracy gate
+  (max |built - source| / max |source| over every output); defaults per precision.
+- ``engine_force``: ``true`` keeps a build that fails the accuracy gate.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from tritonclient.grpc import model_config_pb2 as mc
+
+from enginehouse.config.model_config import parameter
+from enginehouse.errors import ModelLoadError
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+DEFAULT_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 3e-2, "int8": 0.1}
+
+
+@dataclass(frozen=True, slots=True)
+class ShapeProfile:
+    """One variable dimension of one input: its range and the sizes to specialise for."""
+
+    input: str
+    dim: int
+    min: int
+    opt: int
+    max: int
+    buckets: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class BuildSpec:
+    """Everything that decides what a build produces (and so its cache key)."""
+
+    backend: str
+    precision: str = "fp32"
+    target: str = "cpu"
+    graph_level: int = 0
+    profiles: tuple[ShapeProfile, ...] = ()
+    calibration: str = ""
+    calibration_random_samples: int = 0
+    tolerance: float = DEFAULT_TOLERANCE["fp32"]
+    force: bool = False
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def key_parts(self) -> dict[str, Any]:
+        """The fields that change the artefact. The tolerance and force only decide whether a
+        built artefact is accepted, and are checked against its manifest on every use."""
+        parts = asdict(self)
+        parts.pop("force")
+        parts.pop("tolerance")
+        return parts
+
+
+def _flag(value: str, model: str, key: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ModelLoadError(f"model '{model}': parameter {key} must be true or false, got '{value}'")
+
+
+def _profiles(config: mc.ModelConfig, raw: str) -> tuple[ShapeProfile, ...]:
+    model = config.name
+    try:
+        document = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"model '{model}': engine_profiles is not JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise ModelLoadError(f"model '{model}': engine_profiles must be a JSON object")
+    inputs = {t.name: t for t in config.input}
+    found: list[ShapeProfile] = []
+    for name, dims in document.items():
+        if name not in inputs:
+            raise ModelLoadError(f"model '{model}': engine_profiles names unknown input '{name}'")
+        if not isinstance(dims, dict):
+            raise ModelLoadError(f"model '{model}': engine_profiles['{name}'] must be an object")
+        for dim_text, bounds in dims.items():
+            try:
+                dim = int(dim_text)
+                low, opt, high = int(bounds["min"]), int(bounds["opt"]), int(bounds["max"])
+                buckets = tuple(int(b) for b in bounds.get("buckets", ()))
+            except (KeyError, TypeError, ValueError):
+                raise ModelLoadError(
+                    f"model '{model}': engine_profiles['{name}']['{dim_text}'] needs integer "
+                    "min, opt, max (and optional buckets)"
+                ) from None
+            if not 1 <= low <= opt <= high:
+                raise ModelLoadError(
+                    f"model '{model}': profile of input '{name}' dim {dim} must have "
+                    f"1 <= min <= opt <= max, got min {low}, opt {opt}, max {high}"
+                )
+            if any(not low <= b <= high for b in buckets):
+                raise ModelLoadError(
+                    f"model '{model}': buckets {list(buckets)} of input '{name}' dim {dim} "
+                    f"must lie in [{low}, {high}]"
+                )
+            found.append(ShapeProfile(name, dim, low, opt, high, tuple(sorted(set(buckets)))))
+    return tuple(found)
+
+
+def build_spec(config: mc.ModelConfig, backend: str, target: str = "cpu") -> BuildSpec | None:
+    """The spec a model's config asks for, or None when it asks to serve the source."""
+    model = config.name
+    if not _flag(parameter(config, "engine_build", "true"), model, "engine_build"):
+        return None
+    precision = parameter(config, "engine_precision", "fp32").strip().lower()
+    if precision not in PRECISIONS:
+        raise ModelLoadError(
+            f"model '{model}': engine_precision '{precision}' is not one of {', '.join(PRECISIONS)}"
+        )
+    tolerance_text = parameter(config, "engine_tolerance", "")
+    try:
+        tolerance = float(tolerance_text) if tolerance_text else DEFAULT_TOLERANCE[precision]
+        random_samples = int(parameter(config, "engine_calibration_random_samples", "0"))
+    except ValueError:
+        raise ModelLoadError(
+            f"model '{model}': engine_tolerance must be a number and "
+            "engine_calibration_random_samples an integer"
+        ) from None
+    profiles_text = parameter(config, "engine_profiles", "")
+    return BuildSpec(
+        backend=backend,
+        precision=precision,
+        target=target,
+        graph_level=config.optimization.graph.level,
+        profiles=_profiles(config, profiles_text) if profiles_text else (),
+        calibration=parameter(config, "engine_calibration", ""),
+        calibration_random_samples=max(0, random_samples),
+        tolerance=tolerance,
+        force=_flag(parameter(config, "engine_force", "false"), model, "engine_force"),
+    )
