@@ -135,3 +135,7 @@ def test_metrics_endpoint_counts_requests(server: ServerProcess) -> None:
     assert lines['nv_inference_count{model="simple",version="1"}'] >= 3
     assert 'nv_inference_queue_duration_us{model="simple",version="1"}' in lines
     assert "# TYPE nv_inference_request_success counter" in text
+
+
+def test_request_path_warmup_succeeds(server: ServerProcess) -> None:
+    assert "request-path warm-up failed" not in server.log()

@@ -188,10 +188,21 @@ def measure_accuracy(
         raise ModelLoadError(f"model '{config.name}': built engine does not load: {exc}") from None
     names = [t.name for t in config.output]
     errors: dict[str, dict[str, float]] = {n: {"max_abs": 0.0, "max_rel": 0.0} for n in names}
-    for sample in samples:
+    for index, sample in enumerate(samples):
         feeds = _feeds(config, sample)
-        expected = reference.run(names, feeds)
-        got = built.run(names, feeds)
+        try:
+            expected = reference.run(names, feeds)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"model '{config.name}': the source model rejects accuracy-gate sample {index} "
+                f"({exc}); give calibration data that the model accepts (engine_calibration)"
+            ) from None
+        try:
+            got = built.run(names, feeds)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"model '{config.name}': the built engine fails on sample {index}: {exc}"
+            ) from None
         for name, want, have in zip(names, expected, got):
             want = np.asarray(want)
             if want.dtype.kind not in "fc":

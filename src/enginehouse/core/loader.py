@@ -206,7 +206,9 @@ def load_model(
     failures: dict[int, str] = {}
     for version, path in files.items():
         try:
-            versions[version] = load_version(config, backend, version, path, location.path, warmup)
+            versions[version] = load_version(
+                config, backend, version, path, location.path, warmup, cache
+            )
         except ModelLoadError as exc:
             failures[version] = exc.message
             log.error("%s", exc.message)

@@ -138,6 +138,8 @@ class ServerCore:
         for name, result in zip(names, results):
             if isinstance(result, EnginehouseError):
                 log.error("model '%s' failed to load: %s", name, result.message)
+            elif isinstance(result, Exception):
+                log.error("model '%s' failed to load", name, exc_info=result)
             elif isinstance(result, BaseException):
                 raise result
         self._started = True
@@ -312,10 +314,19 @@ class ServerCore:
                     self.warmup,
                     self.engine_cache,
                 )
-            except ModelLoadError as exc:
+            except Exception as exc:
+                error = (
+                    exc
+                    if isinstance(exc, ModelLoadError)
+                    else ModelLoadError(
+                        f"model '{name}' failed to load: {type(exc).__name__}: {exc}"
+                    )
+                )
+                if error is not exc:
+                    log.error("model '%s' failed to load", name, exc_info=exc)
                 if name not in self._served:
-                    record.states = {v: (VersionState.UNAVAILABLE, exc.message) for v in previous}
-                raise
+                    record.states = {v: (VersionState.UNAVAILABLE, error.message) for v in previous}
+                raise error from None
             finally:
                 record.loading = False
             for loaded_version in loaded.versions.values():

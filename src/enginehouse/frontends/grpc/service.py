@@ -37,7 +37,8 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.core = core
 
     async def warm(self, version: ModelVersion) -> None:
-        """Run warm-up requests through the gRPC decoding and encoding, in process."""
+        """Run warm-up requests through the gRPC decoding, the new version (called directly:
+        it is not routable until warm) and encoding, in process."""
         message = pb.ModelInferRequest(model_name=version.name, model_version=version.version)
         for name, array in version.warmup_inputs.items():
             message.inputs.add(
@@ -46,7 +47,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             message.raw_input_contents.append(datatypes.to_wire_bytes(array))
         wire = message.SerializeToString()
         for _ in range(2):
-            response = await self.core.infer(
+            response = await version.infer(
                 decode_infer_request(pb.ModelInferRequest.FromString(wire))
             )
             encode_infer_response(response).SerializeToString()

@@ -94,10 +94,17 @@ class HttpApp:
         self.core = core
 
     async def warm(self, version: ModelVersion) -> None:
-        """Run warm-up requests through routing, decoding and encoding, in process."""
+        """Run warm-up requests through decoding, the new version and encoding, in process.
+
+        The version is not routable yet (it becomes so once warm), so it is called directly.
+        """
         for _ in range(2):
-            result = self(warmup_request(version))
-            response = result if isinstance(result, HttpResponse) else await result
+            request = warmup_request(version)
+            header_length = int(request.headers["inference-header-content-length"])
+            infer_request, options = decode_infer_request(
+                version.name, version.version, request.body, header_length
+            )
+            response = _infer_response(await version.infer(infer_request), options)
             if response.status != 200:
                 raise InternalError(f"HTTP warm-up request failed: {b''.join(response.body)!r}")
 
