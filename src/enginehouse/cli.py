@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from enginehouse import __version__
+from enginehouse.compiler import cli as compiler_cli
 from enginehouse.compiler.cache import EngineCache, default_root
 from enginehouse.core.server import ControlMode, ServerCore
 from enginehouse.observe.metrics import MetricsOptions
@@ -116,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long shutdown waits for in-flight requests",
     )
     serve.add_argument("--log-verbose", type=int, default=0, help="verbosity: 0 info, >0 debug")
+    compiler_cli.add_commands(commands)
     return parser
 
 
@@ -189,11 +191,18 @@ async def serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet = args.command != "serve"  # build and cache print tables; logs only when verbose
     logging.basicConfig(
-        level=logging.DEBUG if getattr(args, "log_verbose", 0) > 0 else logging.INFO,
+        level=logging.DEBUG
+        if getattr(args, "log_verbose", 0) > 0
+        else (logging.WARNING if quiet else logging.INFO),
         format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if args.command == "build":
+        return compiler_cli.run_build(args)
+    if args.command == "cache":
+        return compiler_cli.run_cache(args)
     if args.command == "serve":
         try:
             import uvloop

@@ -46,6 +46,7 @@ def prepare(
     model_dir: Path,
     cache: EngineCache,
     target: str = "cpu",
+    ahead_of_time: bool = False,
 ) -> Engine:
     """The engine to serve for one version: the source when no build is asked for, else the
     cached artefact (built now on a miss)."""
