@@ -61,14 +61,23 @@ def prepare(
     key = cache_key(source_hash, spec.key_parts(), builder.fingerprint(target))
 
     def build(out: Path) -> dict[str, Any]:
-        log.info(
-            "model '%s' version %d: building %s %s engine (cache miss; `enginehouse build` "
-            "ahead of time avoids this at start)",
-            config.name,
-            version,
-            backend,
-            spec.precision,
-        )
+        if ahead_of_time:
+            log.info(
+                "model '%s' version %d: building %s %s engine",
+                config.name,
+                version,
+                backend,
+                spec.precision,
+            )
+        else:
+            log.info(
+                "model '%s' version %d: building %s %s engine at load (cache miss; "
+                "`enginehouse build` ahead of time avoids this)",
+                config.name,
+                version,
+                backend,
+                spec.precision,
+            )
         fields = builder.build(source, config, spec, model_dir, out)
         fields["source_sha256"] = source_hash
         return fields
