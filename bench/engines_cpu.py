@@ -252,7 +252,8 @@ def main() -> int:
     print(
         f"engines_cpu: int8 batch 32 {int8[1]:.1f} seq/s vs plain fp32 {plain[1]:.1f} = "
         f"{int8[1] / plain[1]:.2f}x, cosine mean {int8[2]:.4f} min {int8[3]:.4f}; "
-        f"serve ready cold {starts[0]:.2f} s, warm {starts[1]:.2f} s = {starts[0] / starts[1]:.1f}x faster"
+        f"serve ready cold {starts[0]:.2f} s, warm {starts[1]:.2f} s = "
+        f"{starts[0] / starts[1]:.1f}x faster"
     )
     return 0
 
