@@ -53,13 +53,22 @@ class Backend(ABC):
         """Fill what the config leaves out from the model file (non-strict mode)."""
 
     @abstractmethod
-    def check_config(self, config: mc.ModelConfig, model_file: Path) -> None:
-        """Raise ModelLoadError if the config does not describe the model file."""
+    def check_config(
+        self, config: mc.ModelConfig, model_file: Path, signature: object | None = None
+    ) -> None:
+        """Raise ModelLoadError if the config does not describe the model file (whose
+        signature the caller may already know)."""
 
     @abstractmethod
     def has_gpu(self) -> bool:
         """Whether this backend can place instances on a GPU here."""
 
     @abstractmethod
-    def load(self, config: mc.ModelConfig, model_file: Path, placement: Placement) -> Engine:
-        """A new engine for one instance."""
+    def load(
+        self,
+        config: mc.ModelConfig,
+        model_file: Path,
+        placement: Placement,
+        optimized: bool = False,
+    ) -> Engine:
+        """A new engine for one instance; ``optimized`` files were optimised when built."""

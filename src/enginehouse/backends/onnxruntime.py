@@ -81,8 +81,11 @@ class OnnxRuntimeBackend(Backend):
     def complete_config(self, config: mc.ModelConfig, model_file: Path) -> mc.ModelConfig:
         return autocomplete.complete(config, autocomplete.read_signature(model_file))
 
-    def check_config(self, config: mc.ModelConfig, model_file: Path) -> None:
-        signature = autocomplete.read_signature(model_file)
+    def check_config(
+        self, config: mc.ModelConfig, model_file: Path, signature: object | None = None
+    ) -> None:
+        if not isinstance(signature, autocomplete.GraphSignature):
+            signature = autocomplete.read_signature(model_file)
         batch = (-1,) if config.max_batch_size > 0 else ()
         graph_inputs = {t.name: t for t in signature.inputs}
         graph_outputs = {t.name: t for t in signature.outputs}
@@ -123,11 +126,22 @@ class OnnxRuntimeBackend(Backend):
 
         return "CUDAExecutionProvider" in ort.get_available_providers()
 
-    def load(self, config: mc.ModelConfig, model_file: Path, placement: Placement) -> Engine:
+    def load(
+        self,
+        config: mc.ModelConfig,
+        model_file: Path,
+        placement: Placement,
+        optimized: bool = False,
+    ) -> Engine:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # A built engine was optimised for this machine at build time: loading skips the passes.
+        options.graph_optimization_level = (
+            ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            if optimized
+            else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        )
         options.log_severity_level = 3
         intra = _int_parameter(config, "intra_op_thread_count")
         inter = _int_parameter(config, "inter_op_thread_count")

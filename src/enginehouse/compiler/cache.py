@@ -64,8 +64,11 @@ class EngineCache:
     """Built engines under one root folder."""
 
     def __init__(self, root: Path) -> None:
+        from enginehouse.compiler.facts import SourceFacts
+
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
+        self.facts = SourceFacts(root)
 
     def lookup(self, key: str, verify: bool = True) -> CacheEntry | None:
         """The entry for ``key`` if it is complete and intact; a damaged one is removed."""

@@ -15,7 +15,7 @@ from typing import Any
 from tritonclient.grpc import model_config_pb2 as mc
 
 from enginehouse.compiler import onnx_builder
-from enginehouse.compiler.cache import CacheEntry, EngineCache, cache_key, file_sha256
+from enginehouse.compiler.cache import CacheEntry, EngineCache, cache_key
 from enginehouse.compiler.spec import BuildSpec, build_spec
 from enginehouse.errors import ModelLoadError
 
@@ -55,7 +55,7 @@ def prepare(
     if spec is None or builder is None:
         return Engine(source)
     try:
-        source_hash = file_sha256(source)
+        source_hash = cache.facts.sha256(source)
     except OSError as exc:
         raise ModelLoadError(f"model '{config.name}': cannot read {source}: {exc}") from None
     key = cache_key(source_hash, spec.key_parts(), builder.fingerprint(target))

@@ -8,6 +8,7 @@ per-channel weights) from calibration samples.
 
 from __future__ import annotations
 
+import functools
 import logging
 import platform
 from pathlib import Path
@@ -23,7 +24,7 @@ from enginehouse.errors import ModelLoadError
 log = logging.getLogger(__name__)
 
 ARTEFACT = "model.onnx"
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3
 
 
 def _cpu_model() -> str:
@@ -36,19 +37,23 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+@functools.lru_cache(maxsize=8)
+def _fingerprint(target: str) -> tuple[tuple[str, Any], ...]:
+    from importlib.metadata import version
+
+    return (
+        ("target", target),
+        ("device", _cpu_model() if target == "cpu" else target),
+        ("machine", platform.machine()),
+        ("onnxruntime", version("onnxruntime")),
+        ("onnx", version("onnx")),
+        ("builder", BUILDER_VERSION),
+    )
+
+
 def fingerprint(target: str) -> dict[str, Any]:
     """What the artefact depends on besides the model and the spec."""
-    import onnx
-    import onnxruntime as ort
-
-    return {
-        "target": target,
-        "device": _cpu_model() if target == "cpu" else target,
-        "machine": platform.machine(),
-        "onnxruntime": ort.__version__,
-        "onnx": onnx.__version__,
-        "builder": BUILDER_VERSION,
-    }
+    return dict(_fingerprint(target))
 
 
 def _level(spec: BuildSpec) -> Any:
@@ -165,6 +170,20 @@ def build(
         raise
     except Exception as exc:  # ORT and onnx raise many types for invalid or unsupported graphs
         raise ModelLoadError(f"model '{model}': {spec.precision} build failed: {exc}") from None
+    optimized = spec.precision == "fp32"
+    if not optimized:
+        # Optimise the converted graph too, so that loading it skips ONNX Runtime's passes.
+        staged = out / "unoptimized.onnx"
+        artefact.rename(staged)
+        try:
+            _session(staged, _level(spec), optimized_to=artefact)
+            staged.unlink()
+            optimized = True
+        except Exception as exc:  # some converted graphs do not survive every pass
+            log.warning("model '%s': %s graph kept unoptimised: %s", model, spec.precision, exc)
+            if artefact.exists():
+                artefact.unlink()
+            staged.rename(artefact)
     for leftover in out.iterdir():
         if leftover.name != ARTEFACT and leftover.is_file():
             leftover.unlink()
@@ -178,6 +197,7 @@ def build(
         "spec": spec.key_parts(),
         "target": fingerprint(spec.target),
         "accuracy": accuracy,
+        "optimized": optimized,
         "max_relative_error": max((a["max_rel"] for a in accuracy.values()), default=0.0),
     }
 

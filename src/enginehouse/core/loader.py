@@ -146,7 +146,8 @@ def load_version(
         raise ModelLoadError(
             f"model '{config.name}' version {version}: model file {model_file.name} not found"
         )
-    backend.check_config(config, model_file)
+    signature = cache.facts.signature(model_file) if cache is not None else None
+    backend.check_config(config, model_file, signature)
     built = (
         compiler.prepare(config, backend.name, version, model_file, model_dir, cache)
         if cache is not None
@@ -157,7 +158,9 @@ def load_version(
 
     def make_instance(name: str, placement: Placement) -> Instance:
         started = time.perf_counter()
-        engine = backend.load(config, engine_file, placement)
+        engine = backend.load(
+            config, engine_file, placement, bool(built.manifest.get("optimized", False))
+        )
         instance = Instance(name, engine, placement, inline_policy(config, placement))
         loaded = time.perf_counter() - started
         try:
