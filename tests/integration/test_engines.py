@@ -83,16 +83,16 @@ def engine_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def test_build_then_serve_every_precision(engine_repo: Path, tmp_path: Path) -> None:
-    cache = tmp_path / "cache"
-    result = subprocess.run(
+def build_command(repo: Path, cache: Path) -> subprocess.CompletedProcess[str]:
+    """``enginehouse build`` of a repository into a cache, as a user runs it."""
+    return subprocess.run(
         [
             sys.executable,
             "-m",
             "enginehouse.cli",
             "build",
             "--model-repository",
-            str(engine_repo),
+            str(repo),
             "--engine-cache",
             str(cache),
         ],
@@ -100,26 +100,17 @@ def test_build_then_serve_every_precision(engine_repo: Path, tmp_path: Path) -> 
         text=True,
         timeout=600,
     )
+
+
+def test_build_then_serve_every_precision(engine_repo: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    result = build_command(engine_repo, cache)
     assert result.returncode == 0, result.stdout + result.stderr
     table = result.stdout
     for precision in ("fp32", "fp16", "int8"):
         assert f" {precision} " in table
     assert "built" in table and "not built" in table
-    again = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "enginehouse.cli",
-            "build",
-            "--model-repository",
-            str(engine_repo),
-            "--engine-cache",
-            str(cache),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    again = build_command(engine_repo, cache)
     assert again.stdout.count(" hit ") == 3
 
     server = ServerProcess(
