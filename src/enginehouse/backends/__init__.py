@@ -6,9 +6,10 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from enginehouse.backends.base import Backend, Engine, Placement
 from enginehouse.backends.onnxruntime import OnnxRuntimeBackend
+from enginehouse.backends.torch import TorchBackend
 from enginehouse.errors import ModelLoadError
 
-_BACKENDS: tuple[Backend, ...] = (OnnxRuntimeBackend(),)
+_BACKENDS: tuple[Backend, ...] = (OnnxRuntimeBackend(), TorchBackend())
 
 
 def backend_for(config: mc.ModelConfig) -> Backend:

@@ -14,14 +14,14 @@ from typing import Any
 
 from tritonclient.grpc import model_config_pb2 as mc
 
-from enginehouse.compiler import onnx_builder
+from enginehouse.compiler import onnx_builder, torch_builder
 from enginehouse.compiler.cache import CacheEntry, EngineCache, cache_key
 from enginehouse.compiler.spec import BuildSpec, build_spec
 from enginehouse.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
-BUILDERS = {"onnxruntime": onnx_builder}
+BUILDERS = {"onnxruntime": onnx_builder, "pytorch": torch_builder}
 
 
 @dataclass(frozen=True, slots=True)

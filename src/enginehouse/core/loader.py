@@ -146,7 +146,12 @@ def load_version(
         raise ModelLoadError(
             f"model '{config.name}' version {version}: model file {model_file.name} not found"
         )
-    signature = cache.facts.signature(model_file) if cache is not None else None
+    # The ONNX signature is remembered in the cache; other backends read their own files.
+    signature = (
+        cache.facts.signature(model_file)
+        if cache is not None and backend.name == model_config.ONNX_BACKEND
+        else None
+    )
     backend.check_config(config, model_file, signature)
     built = (
         compiler.prepare(config, backend.name, version, model_file, model_dir, cache)
