@@ -64,3 +64,30 @@ def test_exported_program_built_and_served(tmp_path: Path) -> None:
         assert server.log().count("building pytorch") == 2
     finally:
         server.stop()
+
+
+def test_torchscript_source_is_frozen_and_served(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    model_dir = repo / "scripted"
+    (model_dir / "1").mkdir(parents=True)
+    torch.jit.save(torch.jit.script(net()), str(model_dir / "1" / "model.pt"))
+    (model_dir / "config.pbtxt").write_text(
+        CONFIG.format(name="scripted", precision="fp32") + 'default_model_filename: "model.pt"\n'
+    )
+    server = ServerProcess(
+        [repo], "--engine-cache", str(tmp_path / "cache"), log_path=tmp_path / "serve.log"
+    )
+    try:
+        server.wait_live(timeout_s=600)
+        client = httpclient.InferenceServerClient(server.http_url)
+        assert client.is_model_ready("scripted"), server.log()
+        image = np.random.default_rng(1).standard_normal((2, 3, 16, 16)).astype(np.float32)
+        item = httpclient.InferInput("image", list(image.shape), "FP32")
+        item.set_data_from_numpy(image)
+        with torch.no_grad():
+            reference = net()(torch.from_numpy(image)).numpy()
+        logits = client.infer("scripted", [item]).as_numpy("logits")
+        assert np.abs(logits - reference).max() / np.abs(reference).max() <= 1e-4
+        assert "building pytorch fp32 engine" in server.log()
+    finally:
+        server.stop()

@@ -1,4 +1,5 @@
-"""The PyTorch backend: ExportedProgram sources (``model.pt2``) served as AOTInductor engines.
+"""The PyTorch backend: torch.export programs (``model.pt2``) served as AOTInductor engines,
+and TorchScript modules (``model.pt``, via ``default_model_filename``) served frozen.
 
 A ``torch.export`` program is the source; the engine builder compiles it ahead of time into
 an AOTInductor package for the target, which loads in milliseconds. With ``engine_build:
@@ -35,6 +36,22 @@ def import_torch() -> Any:
 
 # torch.export's loader and Inductor keep process-wide state: one load or build at a time.
 TORCH_LOCK = threading.RLock()
+
+
+def is_torchscript(path: Path) -> bool:
+    """TorchScript files are ``.pt``; torch.export programs and AOTInductor packages ``.pt2``."""
+    return path.suffix == ".pt"
+
+
+def load_torchscript(path: Path, model: str) -> Any:
+    torch = import_torch()
+    try:
+        with TORCH_LOCK:
+            return torch.jit.load(str(path), map_location="cpu").eval()
+    except Exception as exc:
+        raise ModelLoadError(
+            f"model '{model}': cannot load TorchScript {path.name}: {exc}"
+        ) from None
 
 
 def load_program(path: Path, model: str) -> Any:
@@ -97,6 +114,15 @@ class TorchBackend(Backend):
     def check_config(
         self, config: mc.ModelConfig, model_file: Path, signature: object | None = None
     ) -> None:
+        if is_torchscript(model_file):
+            script = load_torchscript(model_file, config.name)
+            arguments = len(list(script.graph.inputs())) - 1  # the first is self
+            if arguments != len(config.input):
+                raise ModelLoadError(
+                    f"model '{config.name}': the TorchScript module takes {arguments} inputs, "
+                    f"the config declares {len(config.input)}"
+                )
+            return
         program = load_program(model_file, config.name)
         user_inputs = list(program.graph_signature.user_inputs)
         if len(user_inputs) != len(config.input):
@@ -142,5 +168,9 @@ class TorchBackend(Backend):
                     f"model '{config.name}': cannot load AOTInductor package: {exc}"
                 ) from None
             return TorchEngine(runner, inputs, outputs, device)
+        if is_torchscript(model_file):
+            return TorchEngine(
+                load_torchscript(model_file, config.name).to(device), inputs, outputs, device
+            )
         module = load_program(model_file, config.name).module().to(device)
         return TorchEngine(module, inputs, outputs, device)

@@ -17,13 +17,20 @@ from typing import Any
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
-from enginehouse.backends.torch import TORCH_LOCK, import_torch, load_program
+from enginehouse.backends.torch import (
+    TORCH_LOCK,
+    import_torch,
+    is_torchscript,
+    load_program,
+    load_torchscript,
+)
 from enginehouse.compiler.onnx_builder import _cpu_model
 from enginehouse.compiler.samples import Sample, load_calibration, random_samples
 from enginehouse.compiler.spec import BuildSpec
 from enginehouse.errors import ModelLoadError
 
 ARTEFACT = "aoti.pt2"
+TORCHSCRIPT_ARTEFACT = "frozen.pt"
 BUILDER_VERSION = 1
 _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -61,7 +68,30 @@ def build(
 ) -> dict[str, Any]:
     """Compile ``source`` for ``spec`` into ``out/aoti.pt2``; returns the manifest's fields."""
     with TORCH_LOCK:
+        if is_torchscript(source):
+            return _build_torchscript(source, config, spec, model_dir, out)
         return _build(source, config, spec, model_dir, out)
+
+
+def _build_torchscript(
+    source: Path, config: mc.ModelConfig, spec: BuildSpec, model_dir: Path, out: Path
+) -> dict[str, Any]:
+    """TorchScript: frozen (weights folded into the graph, fp32), saved as ``frozen.pt``."""
+    torch = import_torch()
+    if spec.precision != "fp32" or spec.target != "cpu":
+        raise ModelLoadError(
+            f"model '{config.name}': TorchScript sources build fp32 engines for the cpu; export "
+            "the model with torch.export (model.pt2) for fp16/bf16 AOTInductor engines"
+        )
+    reference = load_torchscript(source, config.name)
+    try:
+        # optimize_for_inference's MKLDNN rewrites do not survive save/load: freeze only.
+        frozen = torch.jit.freeze(load_torchscript(source, config.name))
+        torch.jit.save(frozen, str(out / TORCHSCRIPT_ARTEFACT))
+    except Exception as exc:
+        raise ModelLoadError(f"model '{config.name}': TorchScript freeze failed: {exc}") from None
+    errors = _accuracy(torch, config, _samples(config, spec, model_dir), reference, frozen, "cpu")
+    return _manifest(source, spec, TORCHSCRIPT_ARTEFACT, errors)
 
 
 def _build(
@@ -132,13 +162,26 @@ def _build(
         raise
     except Exception as exc:  # export and inductor raise many types
         raise ModelLoadError(f"model '{model}': AOTInductor build failed: {exc}") from None
+    errors = _accuracy(torch, config, samples, reference, runner, device)
+    return _manifest(source, spec, ARTEFACT, errors)
+
+
+def _accuracy(
+    torch: Any,
+    config: mc.ModelConfig,
+    samples: list[Sample],
+    reference: Any,
+    built: Any,
+    device: str,
+) -> dict[str, dict[str, float]]:
+    """Max absolute and relative error per output, built engine vs the fp32 source."""
     names = [t.name for t in config.output]
     errors = {n: {"max_abs": 0.0, "max_rel": 0.0} for n in names}
     with torch.inference_mode():
         for sample in samples[:8]:
             args = [torch.from_numpy(sample[t.name]) for t in config.input]
             want = reference(*args)
-            got = runner(*[a.to(device) for a in args])
+            got = built(*[a.to(device) for a in args])
             want = (want,) if isinstance(want, torch.Tensor) else tuple(want)
             got = (got,) if isinstance(got, torch.Tensor) else tuple(got)
             for name, w, g in zip(names, want, got):
@@ -148,10 +191,16 @@ def _build(
                 scale = float(np.max(np.abs(w64))) if w64.size else 0.0
                 errors[name]["max_abs"] = max(errors[name]["max_abs"], diff)
                 errors[name]["max_rel"] = max(errors[name]["max_rel"], diff / max(scale, 1e-12))
+    return errors
+
+
+def _manifest(
+    source: Path, spec: BuildSpec, artefact: str, errors: dict[str, dict[str, float]]
+) -> dict[str, Any]:
     return {
         "backend": spec.backend,
         "precision": spec.precision,
-        "artefact": ARTEFACT,
+        "artefact": artefact,
         "source": source.name,
         "source_size": source.stat().st_size,
         "spec": spec.key_parts(),
