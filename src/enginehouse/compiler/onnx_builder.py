@@ -24,7 +24,18 @@ from enginehouse.errors import ModelLoadError
 log = logging.getLogger(__name__)
 
 ARTEFACT = "model.onnx"
-BUILDER_VERSION = 3
+BUILDER_VERSION = 4
+
+
+@functools.lru_cache(maxsize=1)
+def has_vnni() -> bool:
+    """Whether the CPU has VNNI dot products. Without them ONNX Runtime's u8s8 kernels can
+    saturate 16-bit intermediates, so weights are quantised to 7 bits (reduce_range)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags or platform.machine() != "x86_64"
 
 
 def _cpu_model() -> str:
@@ -45,6 +56,7 @@ def _fingerprint(target: str) -> tuple[tuple[str, Any], ...]:
         ("target", target),
         ("device", _cpu_model() if target == "cpu" else target),
         ("machine", platform.machine()),
+        ("vnni", has_vnni()),
         ("onnxruntime", version("onnxruntime")),
         ("onnx", version("onnx")),
         ("builder", BUILDER_VERSION),
@@ -110,7 +122,7 @@ def gate_samples(config: mc.ModelConfig, spec: BuildSpec, model_dir: Path) -> li
         return load_calibration(config, model_dir, spec.calibration)
     if spec.calibration_random_samples:
         return random_samples(config, spec, spec.calibration_random_samples)
-    if spec.precision == "int8":
+    if spec.precision == "int8" and spec.int8_mode == "static":
         raise ModelLoadError(
             f"model '{config.name}': int8 needs calibration data: set engine_calibration to a "
             "folder of samples, or engine_calibration_random_samples to a count"
@@ -141,25 +153,41 @@ def build(
             converted = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
             onnx.save(converted, str(artefact))
         elif spec.precision == "int8":
-            from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+            from onnxruntime.quantization import (
+                QuantFormat,
+                QuantType,
+                quantize_dynamic,
+                quantize_static,
+            )
             from onnxruntime.quantization.shape_inference import quant_pre_process
 
             prepared = out / "prepared.onnx"
             quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-            quantize_static(
-                str(prepared),
-                str(artefact),
-                _Reader([_feeds(config, s) for s in samples]),
-                quant_format=QuantFormat.QDQ,
-                per_channel=True,
-                # The compute-heavy ops only: quantising normalisations and softmax costs
-                # accuracy (transformers) and buys little speed.
-                op_types_to_quantize=["MatMul", "Gemm", "Conv"],
-                # Products of two activations (attention scores) lose most from 8 bits.
-                extra_options={"MatMulConstBOnly": True},
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-            )
+            if spec.int8_mode == "dynamic":
+                quantize_dynamic(
+                    str(prepared),
+                    str(artefact),
+                    weight_type=QuantType.QInt8,
+                    per_channel=True,
+                    reduce_range=not has_vnni(),
+                    op_types_to_quantize=["MatMul", "Gemm"],
+                )
+            else:
+                quantize_static(
+                    str(prepared),
+                    str(artefact),
+                    _Reader([_feeds(config, s) for s in samples]),
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=True,
+                    reduce_range=not has_vnni(),
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    # The compute-heavy ops only: quantising normalisations and softmax costs
+                    # accuracy (transformers) and buys little speed.
+                    op_types_to_quantize=["MatMul", "Gemm", "Conv"],
+                    # Products of two activations (attention scores) lose most from 8 bits.
+                    extra_options={"MatMulConstBOnly": True},
+                )
             prepared.unlink()
         else:
             raise ModelLoadError(

@@ -12,6 +12,9 @@ Triton's own fields are used where they exist (``optimization.graph.level``,
   samples, one input name per array (``.npz``) or ``<input>.npy`` files in sub-folders.
 - ``engine_calibration_random_samples``: a number of seeded random samples, used only when
   asked for explicitly (int8 needs real data to be accurate).
+- ``engine_int8_mode``: ``static`` (default: weights and activations quantised ahead of
+  time from the calibration data) or ``dynamic`` (weights ahead of time, activations per
+  batch at run time; no calibration needed, and far more accurate on transformers).
 - ``engine_tolerance``: the largest relative error accepted by the accuracy gate
   (max |built - source| / max |source| over every output); defaults per precision.
 - ``engine_force``: ``true`` keeps a build that fails the accuracy gate.
@@ -55,6 +58,7 @@ class BuildSpec:
     profiles: tuple[ShapeProfile, ...] = ()
     calibration: str = ""
     calibration_random_samples: int = 0
+    int8_mode: str = "static"
     tolerance: float = DEFAULT_TOLERANCE["fp32"]
     force: bool = False
     extra: dict[str, str] = field(default_factory=dict)
@@ -136,6 +140,11 @@ def build_spec(config: mc.ModelConfig, backend: str, target: str = "cpu") -> Bui
             "engine_calibration_random_samples an integer"
         ) from None
     profiles_text = parameter(config, "engine_profiles", "")
+    int8_mode = parameter(config, "engine_int8_mode", "static").strip().lower()
+    if int8_mode not in ("static", "dynamic"):
+        raise ModelLoadError(
+            f"model '{model}': engine_int8_mode must be static or dynamic, got '{int8_mode}'"
+        )
     return BuildSpec(
         backend=backend,
         precision=precision,
@@ -144,6 +153,7 @@ def build_spec(config: mc.ModelConfig, backend: str, target: str = "cpu") -> Bui
         profiles=_profiles(config, profiles_text) if profiles_text else (),
         calibration=parameter(config, "engine_calibration", ""),
         calibration_random_samples=max(0, random_samples),
+        int8_mode=int8_mode if precision == "int8" else "static",
         tolerance=tolerance,
         force=_flag(parameter(config, "engine_force", "false"), model, "engine_force"),
     )
