@@ -242,7 +242,7 @@ def main() -> int:
 
     print()
     print(
-        f"{'engine':<12} {'batch':>5} {'p50 ms':>9} {'seq/s':>9} {'vs plain':>9} "
+        f"{'engine':<19} {'batch':>5} {'p50 ms':>9} {'seq/s':>9} {'vs plain':>9} "
         f"{'cos mean':>9} {'cos min':>8}"
     )
     for (name, batch), (ms, throughput, cosine, worst) in rows.items():

@@ -201,6 +201,21 @@ def test_concurrent_builds_of_one_key(tmp_path: Path) -> None:
     assert sum(out.decode().count(" built ") for out, _ in outputs) == 1
 
 
+def test_dynamic_int8_needs_no_calibration(tmp_path: Path) -> None:
+    model_dir = write_net(
+        tmp_path / "repo", "net", engine_precision="int8", engine_int8_mode="dynamic"
+    )
+    built = prepare(model_dir, EngineCache(tmp_path / "cache"))
+    assert built.manifest["precision"] == "int8"
+    assert built.manifest["spec"]["int8_mode"] == "dynamic"
+    assert built.manifest["max_relative_error"] <= 0.1
+    with pytest.raises(ModelLoadError, match="static or dynamic"):
+        bad = write_net(
+            tmp_path / "repo2", "net", engine_precision="int8", engine_int8_mode="sometimes"
+        )
+        prepare(bad, EngineCache(tmp_path / "cache"))
+
+
 def test_accuracy_gate(tmp_path: Path) -> None:
     cache = EngineCache(tmp_path / "cache")
     model_dir = write_net(
