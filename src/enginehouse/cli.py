@@ -170,8 +170,15 @@ async def serve(args: argparse.Namespace) -> int:
         servers.append(grpc_server)
     if args.allow_metrics:
         servers.append(MetricsServer(core, args.host, args.metrics_port, options))
-    for server in servers:
-        await server.start()
+    started: list[HttpServer | GrpcServer | MetricsServer] = []
+    try:
+        for server in servers:
+            await server.start()
+            started.append(server)
+    except OSError:
+        for server in started:
+            await server.stop()
+        raise
     load = asyncio.create_task(core.start())
     await asyncio.wait(
         [load, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED

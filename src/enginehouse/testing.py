@@ -15,6 +15,7 @@ import time
 import urllib.request
 from pathlib import Path
 from types import TracebackType
+from typing import IO
 
 
 def free_port() -> int:
@@ -36,12 +37,21 @@ class ServerProcess:
         grpc_port: int = 0,
         metrics_port: int = 0,
     ) -> None:
+        self._fixed_ports = (http_port, grpc_port, metrics_port)
+        self._repositories = repositories
+        self._extra = extra
+        self.log_path = log_path
+        self._log: IO[bytes] | None = None
+        self._restarts = 0
+        self._launch()
+
+    def _launch(self) -> None:
+        http_port, grpc_port, metrics_port = self._fixed_ports
         self.http_port = http_port or free_port()
         self.grpc_port = grpc_port or free_port()
         self.metrics_port = metrics_port or free_port()
-        self.log_path = log_path
         args = [sys.executable, "-m", "enginehouse.cli", "serve"]
-        for repository in repositories:
+        for repository in self._repositories:
             args += ["--model-repository", str(repository)]
         args += [
             "--http-port",
@@ -50,9 +60,11 @@ class ServerProcess:
             str(self.grpc_port),
             "--metrics-port",
             str(self.metrics_port),
-            *extra,
+            *self._extra,
         ]
-        self._log = open(log_path, "wb") if log_path else None
+        if self._log:
+            self._log.close()
+        self._log = open(self.log_path, "wb") if self.log_path else None
         output = self._log if self._log else subprocess.DEVNULL
         self.started = time.perf_counter()
         self.process = subprocess.Popen(args, stdout=output, stderr=subprocess.STDOUT)
@@ -95,6 +107,12 @@ class ServerProcess:
         deadline = time.monotonic() + timeout_s
         while not done():
             if self.process.poll() is not None:
+                # A free port can be taken by another process between choosing and binding.
+                free_ports = not any(self._fixed_ports)
+                if free_ports and "address already in use" in self.log() and self._restarts < 3:
+                    self._restarts += 1
+                    self._launch()
+                    continue
                 raise RuntimeError(f"server exited early:\n{self.log()}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"server did not start:\n{self.log()}")
