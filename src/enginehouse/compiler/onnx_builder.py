@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
+from enginehouse.compiler.accuracy import OutputErrors
 from enginehouse.compiler.samples import Sample, load_calibration, random_samples
 from enginehouse.compiler.spec import BuildSpec
 from enginehouse.errors import ModelLoadError
@@ -240,7 +241,7 @@ def measure_accuracy(
     except Exception as exc:
         raise ModelLoadError(f"model '{config.name}': built engine does not load: {exc}") from None
     names = [t.name for t in config.output]
-    errors: dict[str, dict[str, float]] = {n: {"max_abs": 0.0, "max_rel": 0.0} for n in names}
+    errors = OutputErrors(names)
     for index, sample in enumerate(samples):
         feeds = _feeds(config, sample)
         try:
@@ -257,17 +258,5 @@ def measure_accuracy(
                 f"model '{config.name}': the built engine fails on sample {index}: {exc}"
             ) from None
         for name, want, have in zip(names, expected, got):
-            want = np.asarray(want)
-            if want.dtype.kind not in "fc":
-                equal = np.array_equal(want, np.asarray(have))
-                errors[name]["max_abs"] = max(errors[name]["max_abs"], 0.0 if equal else 1.0)
-                errors[name]["max_rel"] = max(errors[name]["max_rel"], 0.0 if equal else 1.0)
-                continue
-            want64 = want.astype(np.float64)
-            diff = (
-                float(np.max(np.abs(want64 - np.asarray(have, np.float64)))) if want.size else 0.0
-            )
-            scale = float(np.max(np.abs(want64))) if want.size else 0.0
-            errors[name]["max_abs"] = max(errors[name]["max_abs"], diff)
-            errors[name]["max_rel"] = max(errors[name]["max_rel"], diff / max(scale, 1e-12))
-    return {n: {k: round(v, 8) for k, v in e.items()} for n, e in errors.items()}
+            errors.add(name, np.asarray(want), np.asarray(have))
+    return errors.as_dict()

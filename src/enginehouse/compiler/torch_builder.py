@@ -24,6 +24,7 @@ from enginehouse.backends.torch import (
     load_program,
     load_torchscript,
 )
+from enginehouse.compiler.accuracy import OutputErrors
 from enginehouse.compiler.onnx_builder import _cpu_model
 from enginehouse.compiler.samples import Sample, load_calibration, random_samples
 from enginehouse.compiler.spec import BuildSpec
@@ -176,7 +177,7 @@ def _accuracy(
 ) -> dict[str, dict[str, float]]:
     """Max absolute and relative error per output, built engine vs the fp32 source."""
     names = [t.name for t in config.output]
-    errors = {n: {"max_abs": 0.0, "max_rel": 0.0} for n in names}
+    errors = OutputErrors(names)
     with torch.inference_mode():
         for sample in samples[:8]:
             args = [torch.from_numpy(sample[t.name]) for t in config.input]
@@ -185,13 +186,8 @@ def _accuracy(
             want = (want,) if isinstance(want, torch.Tensor) else tuple(want)
             got = (got,) if isinstance(got, torch.Tensor) else tuple(got)
             for name, w, g in zip(names, want, got):
-                w64 = w.detach().double().cpu().numpy()
-                g64 = g.detach().double().cpu().numpy()
-                diff = float(np.max(np.abs(w64 - g64))) if w64.size else 0.0
-                scale = float(np.max(np.abs(w64))) if w64.size else 0.0
-                errors[name]["max_abs"] = max(errors[name]["max_abs"], diff)
-                errors[name]["max_rel"] = max(errors[name]["max_rel"], diff / max(scale, 1e-12))
-    return errors
+                errors.add(name, w.detach().float().cpu().numpy(), g.detach().float().cpu().numpy())
+    return errors.as_dict()
 
 
 def _manifest(

@@ -1,0 +1,41 @@
+"""The accuracy gate's figures: how far a built engine's outputs are from the source's.
+
+Per output, the largest absolute difference and that difference relative to the largest
+magnitude of the reference, over every sample. Non-float outputs must match exactly
+(an error of 1 otherwise).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+
+class OutputErrors:
+    """Max absolute and relative error of each output, accumulated over samples."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self.errors = {name: {"max_abs": 0.0, "max_rel": 0.0} for name in names}
+
+    def add(self, name: str, reference: np.ndarray, built: np.ndarray) -> None:
+        entry = self.errors[name]
+        if reference.dtype.kind not in "fc":
+            mismatch = 0.0 if np.array_equal(reference, built) else 1.0
+            entry["max_abs"] = max(entry["max_abs"], mismatch)
+            entry["max_rel"] = max(entry["max_rel"], mismatch)
+            return
+        if not reference.size:
+            return
+        want = reference.astype(np.float64)
+        diff = float(np.max(np.abs(want - np.asarray(built, np.float64))))
+        scale = float(np.max(np.abs(want)))
+        entry["max_abs"] = max(entry["max_abs"], diff)
+        entry["max_rel"] = max(entry["max_rel"], diff / max(scale, 1e-12))
+
+    def as_dict(self) -> dict[str, dict[str, float]]:
+        return {n: {k: round(v, 8) for k, v in e.items()} for n, e in self.errors.items()}
+
+    @property
+    def max_relative(self) -> float:
+        return max((e["max_rel"] for e in self.errors.values()), default=0.0)
