@@ -117,6 +117,14 @@ def serialize_bytes(array: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
+def wire_view(array: np.ndarray) -> bytes | memoryview:
+    """The raw wire form as a view over the tensor where it is contiguous, without the copy
+    ``tobytes`` makes; for writers that take any buffer (a socket), not protobuf fields."""
+    if array.dtype.kind in ("O", "U", "S") or array.size == 0:
+        return to_wire_bytes(array)
+    return memoryview(np.ascontiguousarray(array)).cast("B")  # type: ignore[arg-type]
+
+
 def to_wire_bytes(array: np.ndarray) -> bytes:
     """The raw wire form of a tensor: little-endian C-order bytes, or framed BYTES."""
     if array.dtype.kind in ("O", "U", "S"):

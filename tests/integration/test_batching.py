@@ -325,7 +325,7 @@ def test_metrics_move_with_batches(batching_server: ServerProcess) -> None:
     assert values["nv_inference_queue_summary_us_count" + key] >= 8
     assert values['enginehouse_batch_size_bucket{model="batched",version="1",le="+Inf"}'] >= 1
     assert values["enginehouse_batch_size_sum" + key] == values["nv_inference_count" + key]
-    assert values['enginehouse_instances{model="fragile",version="1",state="failed"}'] >= 0
+    assert 'enginehouse_instances{model="fragile",version="1",state="failed"}' in values
     assert values['enginehouse_instances{model="batched",version="1",state="idle"}'] == 1
     assert (
         values['enginehouse_warmup_seconds{model="batched",version="1",instance="batched_0_0_v1"}']

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 import tritonclient.http as httpclient
-from tritonclient.grpc import model_config_pb2 as mc
 
 from enginehouse.compiler import engine as compiler
 from enginehouse.compiler.cache import EngineCache
@@ -83,23 +81,23 @@ def engine_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def build_args(repo: Path, cache: Path) -> list[str]:
+    """The ``enginehouse build`` command line for a repository and a cache."""
+    return [
+        sys.executable,
+        "-m",
+        "enginehouse.cli",
+        "build",
+        "--model-repository",
+        str(repo),
+        "--engine-cache",
+        str(cache),
+    ]
+
+
 def build_command(repo: Path, cache: Path) -> subprocess.CompletedProcess[str]:
     """``enginehouse build`` of a repository into a cache, as a user runs it."""
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "enginehouse.cli",
-            "build",
-            "--model-repository",
-            str(repo),
-            "--engine-cache",
-            str(cache),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return subprocess.run(build_args(repo, cache), capture_output=True, text=True, timeout=600)
 
 
 def test_build_then_serve_every_precision(engine_repo: Path, tmp_path: Path) -> None:
@@ -180,16 +178,7 @@ def test_concurrent_builds_of_one_key(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     write_net(repo, "net", engine_precision="fp16")
     cache = tmp_path / "cache"
-    command = [
-        sys.executable,
-        "-m",
-        "enginehouse.cli",
-        "build",
-        "--model-repository",
-        str(repo),
-        "--engine-cache",
-        str(cache),
-    ]
+    command = build_args(repo, cache)
     processes = [
         subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(3)
     ]
@@ -302,5 +291,3 @@ def test_unbuilt_source_served_only_when_asked(tmp_path: Path) -> None:
     model_dir = write_net(tmp_path / "repo", "net", engine_build="false")
     engine = prepare(model_dir, EngineCache(tmp_path / "cache"))
     assert engine.path == model_dir / "1" / "model.onnx" and engine.entry is None
-    shutil.rmtree(model_dir)
-    assert mc.ModelConfig  # the config module stays importable without a build

@@ -20,6 +20,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from enginehouse.compiler.accuracy import OutputErrors
 from enginehouse.compiler.samples import Sample, load_calibration, random_samples
 from enginehouse.compiler.spec import BuildSpec
+from enginehouse.config.model_config import to_engine_shapes
 from enginehouse.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ def has_vnni() -> bool:
     return "avx512_vnni" in flags or "avx_vnni" in flags or platform.machine() != "x86_64"
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -55,7 +56,7 @@ def _fingerprint(target: str) -> tuple[tuple[str, Any], ...]:
 
     return (
         ("target", target),
-        ("device", _cpu_model() if target == "cpu" else target),
+        ("device", cpu_model() if target == "cpu" else target),
         ("machine", platform.machine()),
         ("vnni", has_vnni()),
         ("onnxruntime", version("onnxruntime")),
@@ -90,20 +91,6 @@ def _session(path: Path, level: Any = None, optimized_to: Path | None = None) ->
     if optimized_to is not None:
         options.optimized_model_filepath = str(optimized_to)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def _feeds(config: mc.ModelConfig, sample: Sample) -> dict[str, np.ndarray]:
-    """A sample in the graph's shapes (config reshapes applied)."""
-    feeds = {}
-    for tensor in config.input:
-        if tensor.name not in sample:
-            continue
-        array = sample[tensor.name]
-        if tensor.HasField("reshape"):
-            batch = array.shape[:1] if config.max_batch_size > 0 else ()
-            array = array.reshape(batch + tuple(tensor.reshape.shape))
-        feeds[tensor.name] = array
-    return feeds
 
 
 class _Reader:
@@ -177,7 +164,7 @@ def build(
                 quantize_static(
                     str(prepared),
                     str(artefact),
-                    _Reader([_feeds(config, s) for s in samples]),
+                    _Reader([to_engine_shapes(config, s) for s in samples]),
                     quant_format=QuantFormat.QDQ,
                     per_channel=True,
                     reduce_range=not has_vnni(),
@@ -243,7 +230,7 @@ def measure_accuracy(
     names = [t.name for t in config.output]
     errors = OutputErrors(names)
     for index, sample in enumerate(samples):
-        feeds = _feeds(config, sample)
+        feeds = to_engine_shapes(config, sample)
         try:
             expected = reference.run(names, feeds)
         except Exception as exc:

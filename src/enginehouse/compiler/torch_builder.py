@@ -25,7 +25,7 @@ from enginehouse.backends.torch import (
     load_torchscript,
 )
 from enginehouse.compiler.accuracy import OutputErrors
-from enginehouse.compiler.onnx_builder import _cpu_model
+from enginehouse.compiler.onnx_builder import cpu_model
 from enginehouse.compiler.samples import Sample, load_calibration, random_samples
 from enginehouse.compiler.spec import BuildSpec
 from enginehouse.errors import ModelLoadError
@@ -39,7 +39,7 @@ _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 @functools.lru_cache(maxsize=8)
 def _fingerprint(target: str) -> tuple[tuple[str, Any], ...]:
     torch = import_torch()
-    device = _cpu_model()
+    device = cpu_model()
     if target.startswith("cuda"):
         index = int(target.split(":")[1]) if ":" in target else 0
         major, minor = torch.cuda.get_device_capability(index)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 from google.protobuf import text_format
 from google.protobuf.message import Message
 from tritonclient.grpc import model_config_pb2 as mc
@@ -182,6 +183,20 @@ def _check_reshape(model: str, kind: str, tensor: mc.ModelInput | mc.ModelOutput
                 f"model '{model}': {kind} '{tensor.name}' reshape {shape} has "
                 f"{count_shape} elements, dims {dims} have {count_dims}"
             )
+
+
+def to_engine_shapes(
+    config: mc.ModelConfig, inputs: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Client-shaped inputs reshaped to what the model file takes (the inputs' ``reshape``)."""
+    batching = config.max_batch_size > 0
+    shaped = dict(inputs)
+    for tensor in config.input:
+        if tensor.HasField("reshape") and tensor.name in shaped:
+            array = shaped[tensor.name]
+            batch = array.shape[:1] if batching else ()
+            shaped[tensor.name] = array.reshape(batch + tuple(tensor.reshape.shape))
+    return shaped
 
 
 def parameter(config: mc.ModelConfig, key: str, default: str = "") -> str:

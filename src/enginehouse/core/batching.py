@@ -119,13 +119,9 @@ class BatchedExecution:
             else:
                 execution = await asyncio.shield(instance.execute(prepare, names, finish))
         except BaseException as exc:
-            version.pool.release(instance)
-            error = version.internal_error(exc)
+            error = version.execution_failed(instance, exc, [item.start_ns for item in items])
             for item in items:
-                version.statistics.record_failure(time.perf_counter_ns() - item.start_ns)
                 self._settle(item, error)
-            if not isinstance(exc, EnginehouseError | asyncio.CancelledError):
-                version.replace_instance(instance, exc)
             return
         version.pool.release(instance)
         self._split(items, sizes, names, execution, queued)

@@ -17,6 +17,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from enginehouse import datatypes
 from enginehouse.compiler.engine import Engine as BuiltEngine
+from enginehouse.config.model_config import to_engine_shapes
 from enginehouse.core.batching import BatchedExecution
 from enginehouse.core.statistics import ModelStatistics
 from enginehouse.core.types import (
@@ -28,11 +29,20 @@ from enginehouse.core.types import (
     TensorMetadata,
 )
 from enginehouse.errors import EnginehouseError, InternalError, InvalidArgumentError
-from enginehouse.runtime.instance import Execution, Instance, InstanceFactory
+from enginehouse.runtime.instance import (
+    Execution,
+    FinishOutputs,
+    Instance,
+    InstanceFactory,
+)
 from enginehouse.scheduler.pool import InstancePool
 from enginehouse.scheduler.queue import BatchingPolicy
 
 log = logging.getLogger(__name__)
+
+
+def _unchanged(outputs: list[np.ndarray]) -> list[np.ndarray]:
+    return outputs
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +92,7 @@ class ModelVersion:
         self.outputs = {t.name: TensorSpec.from_config(t) for t in config.output}
         self.required_inputs = frozenset(n for n, s in self.inputs.items() if not s.optional)
         self.all_output_names = tuple(self.outputs)
+        self._output_reshapes = any(spec.reshape is not None for spec in self.outputs.values())
         self.statistics = ModelStatistics(self.name, self.version)
         self.in_flight = 0
         self.instance_factory = instance_factory
@@ -187,7 +198,11 @@ class ModelVersion:
                 )
         return tuple(request.outputs)
 
-    def finisher(self, names: Sequence[str], batch_size: int):  # type: ignore[no-untyped-def]
+    def finisher(self, names: Sequence[str], batch_size: int) -> FinishOutputs:
+        """What turns the engine's outputs into the client's shapes: nothing to do unless an
+        output has a ``reshape`` (decided once at load)."""
+        if not self._output_reshapes:
+            return _unchanged
         specs = [self.outputs[n] for n in names]
         batching = self.batching
 
@@ -201,6 +216,19 @@ class ModelVersion:
             return finished
 
         return finish
+
+    def execution_failed(
+        self, instance: Instance, exc: BaseException, starts: Sequence[int]
+    ) -> BaseException:
+        """Account for an execution that raised: the instance goes back (or, when the backend
+        itself failed, is replaced), each request counts as failed; returns the error to raise."""
+        self.pool.release(instance)
+        now = time.perf_counter_ns()
+        for start in starts:
+            self.statistics.record_failure(now - start)
+        if not isinstance(exc, EnginehouseError | asyncio.CancelledError):
+            self.replace_instance(instance, exc)
+        return self.internal_error(exc)
 
     def submit(self, request: InferRequest) -> InferResponse | Awaitable[InferResponse]:
         """Validate, then run at once when a free instance may run inline on this thread;
@@ -302,11 +330,7 @@ class ModelVersion:
                 lambda: feeds, names, self.finisher(names, batch_size)
             )
         except BaseException as exc:
-            self.pool.release(instance)
-            self.statistics.record_failure(time.perf_counter_ns() - start)
-            if not isinstance(exc, EnginehouseError):
-                self.replace_instance(instance, exc)
-            raise self.internal_error(exc) from exc
+            raise self.execution_failed(instance, exc, (start,)) from exc
         self.pool.release(instance)
         return self._respond(request, names, batch_size, execution, start, queued)
 
@@ -341,11 +365,7 @@ class ModelVersion:
                 self.statistics.record_failure(time.perf_counter_ns() - start)
                 raise
             except BaseException as exc:
-                pool.release(instance)
-                self.statistics.record_failure(time.perf_counter_ns() - start)
-                if not isinstance(exc, EnginehouseError):
-                    self.replace_instance(instance, exc)
-                raise self.internal_error(exc) from exc
+                raise self.execution_failed(instance, exc, (start,)) from exc
             pool.release(instance)
             return self._respond(request, names, batch_size, execution, start, queued)
         finally:
@@ -405,11 +425,7 @@ class ModelVersion:
 
     async def _health_loop(self, interval_s: float) -> None:
         names = list(self.all_output_names)
-        inputs = dict(self.warmup_inputs)
-        for name, spec in self.inputs.items():
-            if spec.reshape is not None and name in inputs:
-                batch = inputs[name].shape[:1] if self.batching else ()
-                inputs[name] = inputs[name].reshape(batch + spec.reshape)
+        inputs = to_engine_shapes(self.config, self.warmup_inputs)
         while True:
             await asyncio.sleep(interval_s)
             for _ in range(len(self.pool.all())):

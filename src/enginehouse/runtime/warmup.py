@@ -19,6 +19,7 @@ import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
 from enginehouse import datatypes
+from enginehouse.config.model_config import to_engine_shapes
 from enginehouse.errors import ModelLoadError
 from enginehouse.runtime.instance import Execution, Instance
 
@@ -124,15 +125,10 @@ def _unchanged(outputs: list[np.ndarray]) -> list[np.ndarray]:
 def warm(instance: Instance, config: mc.ModelConfig, warmups: list[WarmupSample]) -> float:
     """Run every warm-up sample on an instance; returns the seconds it took."""
     names = [t.name for t in config.output]
-    reshapes = {t.name: tuple(t.reshape.shape) for t in config.input if t.HasField("reshape")}
     started = time.perf_counter()
     prepared: list[dict[str, np.ndarray]] = []
     for sample in warmups:
-        inputs = dict(sample.inputs)
-        for name, shape in reshapes.items():
-            if name in inputs:
-                batch = inputs[name].shape[:1] if config.max_batch_size > 0 else ()
-                inputs[name] = inputs[name].reshape(batch + shape)
+        inputs = to_engine_shapes(config, sample.inputs)
         prepared.append(inputs)
         for _ in range(sample.count):
             _run(instance, config, sample.name, inputs, names)

@@ -19,7 +19,8 @@ class InstancePool:
     """Free instances of one model version and the requests waiting for one."""
 
     def __init__(self, instances: Sequence[Instance]) -> None:
-        self._members: list[Instance] = list(instances)
+        # A dict keeps insertion order and makes the per-release membership check O(1).
+        self._members: dict[Instance, None] = dict.fromkeys(instances)
         self._idle: deque[Instance] = deque(instances)
         self._waiters: deque[asyncio.Future[Instance]] = deque()
         # Total time requests (or the batcher) spent waiting for a free instance.
@@ -39,13 +40,12 @@ class InstancePool:
 
     def add(self, instance: Instance) -> None:
         """Put a new instance into service."""
-        self._members.append(instance)
+        self._members[instance] = None
         self.release(instance)
 
     def remove(self, instance: Instance) -> None:
         """Take an instance out of service (it must not be idle-listed afterwards)."""
-        if instance in self._members:
-            self._members.remove(instance)
+        self._members.pop(instance, None)
         if instance in self._idle:
             self._idle.remove(instance)
 

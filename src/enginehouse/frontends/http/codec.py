@@ -202,9 +202,9 @@ def _json_data(array: np.ndarray) -> Any:
 
 def encode_infer_response(
     response: InferResponse, options: OutputOptions
-) -> tuple[bytes, list[bytes], int | None]:
+) -> tuple[bytes, list[bytes | memoryview], int | None]:
     """(JSON header, raw output buffers, header length if any output is binary)."""
-    buffers: list[bytes] = []
+    buffers: list[bytes | memoryview] = []
     outputs = []
     for tensor in response.outputs:
         entry: dict[str, Any] = {
@@ -213,7 +213,7 @@ def encode_infer_response(
             "shape": list(tensor.shape),
         }
         if options.binary.get(tensor.name, options.binary_default):
-            raw = datatypes.to_wire_bytes(tensor.data)
+            raw = datatypes.wire_view(tensor.data)
             buffers.append(raw)
             entry["parameters"] = {"binary_data_size": len(raw)}
         else:

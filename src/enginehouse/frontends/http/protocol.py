@@ -55,7 +55,7 @@ class HttpResponse:
     """Status, content type, body parts and extra header lines (``Name: value``)."""
 
     status: int
-    body: list[bytes]
+    body: list[bytes | memoryview]
     content_type: bytes = b"application/json"
     extra_headers: list[bytes] = field(default_factory=list)
 
