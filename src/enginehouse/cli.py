@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=ControlMode.NONE.value,
     )
     serve.add_argument(
+        "--repository-poll-secs",
+        type=float,
+        default=15.0,
+        help="in poll mode, seconds between scans of the repository for changed models",
+    )
+    serve.add_argument(
         "--load-model",
         action="append",
         default=[],
@@ -153,6 +159,7 @@ async def serve(args: argparse.Namespace) -> int:
         latency_window=options.summary_window if options.summary_latencies else 0,
         health_check_s=args.instance_health_check_secs,
         engine_cache=EngineCache(args.engine_cache or default_root(args.model_repository)),
+        poll_s=args.repository_poll_secs,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -211,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "cache":
         return compiler_cli.run_cache(args)
     if args.command == "serve":
+        if args.repository_poll_secs <= 0:
+            log.error("--repository-poll-secs must be > 0")
+            return 2
         try:
             import uvloop
 

@@ -76,7 +76,14 @@ class InternalError(EnginehouseError):
 
 
 class ModelLoadError(InternalError):
-    """A model could not be loaded: bad config, bad model file, unsupported platform."""
+    """A model could not be loaded: bad config, bad model file, unsupported platform.
+
+    ``version`` names the version at fault when one is (its file could not be read).
+    """
 
     http_status = 400
     grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, message: str, version: int | None = None) -> None:
+        super().__init__(message)
+        self.version = version

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +20,10 @@ from enginehouse.compiler import engine as compiler
 from enginehouse.compiler.cache import EngineCache
 from enginehouse.config import model_config
 from enginehouse.core.model import ModelVersion
+from enginehouse.core.routing import parse_version_weights
 from enginehouse.errors import ModelLoadError
 from enginehouse.repository import ModelLocation, select_versions
+from enginehouse.repository.fingerprint import version_identity
 from enginehouse.runtime import warmup as warmups
 from enginehouse.runtime.instance import InlinePolicy, Instance
 from enginehouse.scheduler.pool import InstancePool
@@ -30,11 +33,20 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class LoadedModel:
-    """The versions of one model that loaded, and those that failed with their reason."""
+    """The versions of one model that loaded, and those that failed with their reason.
+
+    ``kept`` are the versions taken over unchanged from the model already serving.
+    """
 
     config: mc.ModelConfig
     versions: dict[int, ModelVersion]
     failures: dict[int, str]
+    kept: frozenset[int] = frozenset()
+
+    @property
+    def fresh(self) -> list[ModelVersion]:
+        """The versions loaded by this call (not kept from the serving model)."""
+        return [v for number, v in self.versions.items() if number not in self.kept]
 
 
 def prepare_config(
@@ -77,11 +89,15 @@ def prepare_config(
     if not strict:
         newest = files[selected[-1]]
         if newest.is_file():
-            backend.complete_config(config, newest)
+            try:
+                backend.complete_config(config, newest)
+            except ModelLoadError as exc:
+                raise ModelLoadError(exc.message, selected[-1]) from None
     model_config.validate(config)
     if config.HasField("dynamic_batching") and config.max_batch_size == 0:
         raise ModelLoadError(f"model '{config.name}': dynamic_batching needs max_batch_size > 0")
     model_config.report_unsupported(config)
+    parse_version_weights(config)  # a malformed split fails before anything loads
     if not config.HasField("version_policy"):
         config.version_policy.latest.num_versions = 1
     complete_instance_groups(config, backend)
@@ -207,17 +223,31 @@ def load_model(
     override: mc.ModelConfig | None = None,
     warmup: bool = True,
     cache: EngineCache | None = None,
+    serving: Mapping[int, ModelVersion] | None = None,
 ) -> LoadedModel:
-    """Load every version the policy serves; one failing version does not stop the others."""
+    """Load every version the policy serves; one failing version does not stop the others.
+
+    A version in ``serving`` whose files and config are unchanged is kept as it is, so a
+    reload that adds a version or changes only routing loads nothing twice.
+    """
     config, backend, files = prepare_config(location, strict, override)
     versions: dict[int, ModelVersion] = {}
     failures: dict[int, str] = {}
+    kept: set[int] = set()
     for version, path in files.items():
+        identity = version_identity(location.path, version, config)
+        current = (serving or {}).get(version)
+        if current is not None and current.identity == identity:
+            current.config = config  # differs at most in version policy and routing
+            versions[version] = current
+            kept.add(version)
+            continue
         try:
-            versions[version] = load_version(
-                config, backend, version, path, location.path, warmup, cache
-            )
+            loaded = load_version(config, backend, version, path, location.path, warmup, cache)
         except ModelLoadError as exc:
             failures[version] = exc.message
             log.error("%s", exc.message)
-    return LoadedModel(config, versions, failures)
+            continue
+        loaded.identity = identity
+        versions[version] = loaded
+    return LoadedModel(config, versions, failures, frozenset(kept))

@@ -102,6 +102,8 @@ class ModelVersion:
         self.warmup_inputs: dict[str, np.ndarray] = {}
         # The engine the instances loaded (the source, or a built artefact and its manifest).
         self.engine: BuiltEngine | None = None
+        # What the version was loaded from (files and config); a reload keeps it when equal.
+        self.identity = ""
         self.failed_instances = 0
         self.health_checks = 0
         self.warming_instances = 0

@@ -11,15 +11,18 @@ import asyncio
 import enum
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from enginehouse.compiler.cache import EngineCache
-from enginehouse.core import loader
+from enginehouse.core import loader, overrides
 from enginehouse.core.model import ModelVersion
+from enginehouse.core.routing import ServedModel
 from enginehouse.core.statistics import ModelStatistics
 from enginehouse.core.types import InferRequest, InferResponse, ModelMetadata, RepositoryEntry
 from enginehouse.errors import (
@@ -30,7 +33,9 @@ from enginehouse.errors import (
     UnavailableError,
     UnsupportedError,
 )
-from enginehouse.repository import ModelRepository, check_model_name
+from enginehouse.repository import ModelLocation, ModelRepository, check_model_name
+from enginehouse.repository.fingerprint import model_fingerprint
+from enginehouse.runtime.memory import release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +57,11 @@ RequestWarmer = Callable[[ModelVersion], Awaitable[None]]
 
 
 class ControlMode(enum.StrEnum):
-    """Triton's --model-control-mode values (poll comes with repository polling)."""
+    """Triton's --model-control-mode values."""
 
     NONE = "none"
     EXPLICIT = "explicit"
+    POLL = "poll"
 
 
 class VersionState(enum.StrEnum):
@@ -68,26 +74,14 @@ class VersionState(enum.StrEnum):
 
 
 @dataclass(slots=True)
-class ServedModel:
-    """The ready versions of one model and how an unversioned request finds one."""
-
-    config: mc.ModelConfig
-    versions: dict[str, ModelVersion]
-    default: ModelVersion
-
-    @classmethod
-    def of(cls, config: mc.ModelConfig, versions: dict[int, ModelVersion]) -> ServedModel:
-        ordered = sorted(versions)
-        return cls(config, {str(v): versions[v] for v in ordered}, versions[ordered[-1]])
-
-
-@dataclass(slots=True)
 class ModelRecord:
     """What the repository index says about a model: state and reason per version."""
 
     states: dict[str, tuple[VersionState, str]] = field(default_factory=dict)
     loading: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # The model folder's fingerprint when polling last acted on it.
+    fingerprint: str = ""
 
 
 class ServerCore:
@@ -105,6 +99,7 @@ class ServerCore:
         latency_window: int = 0,
         health_check_s: float = 0.0,
         engine_cache: EngineCache | None = None,
+        poll_s: float = 15.0,
     ) -> None:
         from enginehouse import __version__
 
@@ -118,6 +113,11 @@ class ServerCore:
         self.latency_window = latency_window
         self.health_check_s = health_check_s
         self.engine_cache = engine_cache
+        self.poll_s = poll_s
+        # (model, "success" | "failure") -> count of loads and reloads, for metrics.
+        self.load_outcomes: Counter[tuple[str, str]] = Counter()
+        self._poll_tasks: dict[str, asyncio.Task[None]] = {}
+        self._poller: asyncio.Task[None] | None = None
         self._served: dict[str, ServedModel] = {}
         self._warmers: list[RequestWarmer] = []
         self._records: dict[str, ModelRecord] = {}
@@ -128,12 +128,18 @@ class ServerCore:
 
     async def start(self) -> None:
         """Load the models the control mode asks for at start; failures are logged."""
+        if self.control_mode == ControlMode.POLL:
+            await self.poll()
+            await asyncio.gather(*self._poll_tasks.values())
+            self._poller = asyncio.get_running_loop().create_task(self._poll_loop())
+            self._started = True
+            return
         if self.control_mode == ControlMode.NONE or "*" in self.startup_models:
             names = self.repository.model_names()
         else:
             names = list(dict.fromkeys(self.startup_models))
         results = await asyncio.gather(
-            *(self.load_model(name) for name in names), return_exceptions=True
+            *(self._load_named(name) for name in names), return_exceptions=True
         )
         for name, result in zip(names, results):
             if isinstance(result, EnginehouseError):
@@ -144,9 +150,15 @@ class ServerCore:
                 raise result
         self._started = True
 
+    async def _load_named(self, name: str) -> None:
+        await self._load(self.repository.locate(name))
+
     async def stop(self, timeout_s: float = 30.0) -> None:
         """Refuse new requests, let in-flight ones finish (bounded), then unload everything."""
         self._draining = True
+        for task in [self._poller, *self._poll_tasks.values()]:
+            if task is not None:
+                task.cancel()
         deadline = time.monotonic() + timeout_s
         while self.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
@@ -159,6 +171,7 @@ class ServerCore:
         for model in served:
             for version in model.versions.values():
                 await version.shutdown()
+            overrides.discard(model.staging)
 
     @property
     def in_flight(self) -> int:
@@ -189,7 +202,7 @@ class ServerCore:
         model = self._served.get(name)
         if model is not None:
             if not version:
-                return model.default
+                return model.pick()
             found = model.versions.get(version)
             if found is not None:
                 return found
@@ -274,6 +287,11 @@ class ServerCore:
     # -- repository control --------------------------------------------------------------
 
     def _check_control(self) -> None:
+        if self.control_mode == ControlMode.POLL:
+            raise UnsupportedError(
+                "explicit model load / unload is not allowed while the server polls the "
+                "repository (--model-control-mode poll); change the files instead"
+            )
         if self._started and self.control_mode == ControlMode.NONE:
             raise UnsupportedError(
                 "explicit model load / unload is not allowed: the server runs with "
@@ -283,13 +301,10 @@ class ServerCore:
     async def load_model(
         self, name: str, config_json: str | None = None, files: dict[str, bytes] | None = None
     ) -> None:
-        """Load (or reload) a model: new versions serve only once all of them loaded."""
+        """Load or reload a model from the repository API (Triton's ``config`` and
+        ``file:<version>/<name>`` overrides included)."""
         self._check_control()
         check_model_name(name)
-        if files:
-            raise UnsupportedError(
-                f"model '{name}': file overrides in load requests are not supported yet"
-            )
         override = None
         if config_json is not None:
             override = mc.ModelConfig()
@@ -299,10 +314,26 @@ class ServerCore:
                 raise InvalidArgumentError(
                     f"model '{name}': invalid config override: {exc}"
                 ) from None
-        location = self.repository.locate(name)
+        if files:
+            if override is None:
+                raise InvalidArgumentError(
+                    f"model '{name}': file overrides need a 'config' parameter as well"
+                )
+            location = await asyncio.to_thread(overrides.stage, name, files)
+        else:
+            location = self.repository.locate(name)
+        await self._load(location, override)
+
+    async def _load(self, location: ModelLocation, override: mc.ModelConfig | None = None) -> None:
+        """Load new or changed versions while the current ones serve, switch atomically once
+        all of them are warm, then drain and free the versions no longer served. When
+        something serves already, a reload is all or nothing: any failure keeps it serving."""
+        name = location.name
+        staging = location.path if location.root not in self.repository.roots else None
         record = self._records.setdefault(name, ModelRecord())
         async with record.lock:
-            previous = list(record.states) or [""]
+            current = self._served.get(name)
+            serving = {int(v): m for v, m in current.versions.items()} if current else None
             record.loading = True
             started = time.perf_counter()
             try:
@@ -313,8 +344,10 @@ class ServerCore:
                     override,
                     self.warmup,
                     self.engine_cache,
+                    serving,
                 )
             except Exception as exc:
+                overrides.discard(staging)
                 error = (
                     exc
                     if isinstance(exc, ModelLoadError)
@@ -324,35 +357,72 @@ class ServerCore:
                 )
                 if error is not exc:
                     log.error("model '%s' failed to load", name, exc_info=exc)
-                if name not in self._served:
-                    record.states = {v: (VersionState.UNAVAILABLE, error.message) for v in previous}
+                failed = (
+                    [str(error.version)]
+                    if isinstance(error, ModelLoadError) and error.version is not None
+                    else list(record.states) or [""]
+                )
+                self._load_failed(name, record, error.message, failed)
+                if current is not None:
+                    error = ModelLoadError(
+                        f"model '{name}' failed to reload (the serving versions keep "
+                        f"serving): {error.message}",
+                        error.version,
+                    )
                 raise error from None
             finally:
                 record.loading = False
-            for loaded_version in loaded.versions.values():
-                await self._warm_request_paths(loaded_version)
-            old = self._served.pop(name, None)
-            if self.latency_window:
-                for loaded_version in loaded.versions.values():
-                    loaded_version.statistics.keep_recent(self.latency_window)
-            if loaded.versions:
-                self._served[name] = ServedModel.of(loaded.config, loaded.versions)
-                for loaded_version in loaded.versions.values():
-                    loaded_version.start_health_checks(self.health_check_s)
+            fresh = loaded.fresh
+            if (loaded.failures and current is not None) or not loaded.versions:
+                for version in fresh:
+                    await version.shutdown()
+                overrides.discard(staging)
+                reasons = "; ".join(f"version {v}: {r}" for v, r in loaded.failures.items())
+                outcome = "the serving versions keep serving" if current else "nothing serves"
+                self._load_failed(name, record, reasons, [str(v) for v in loaded.failures])
+                raise ModelLoadError(f"model '{name}' failed to load ({outcome}): {reasons}")
+            for version in fresh:
+                await self._warm_request_paths(version)
+                if self.latency_window:
+                    version.statistics.keep_recent(self.latency_window)
+            served = ServedModel.of(loaded.config, loaded.versions, staging)
+            self._served[name] = served
+            for version in fresh:
+                version.start_health_checks(self.health_check_s)
             record.states = {str(v): (VersionState.READY, "") for v in loaded.versions}
-            for version, reason in loaded.failures.items():
-                record.states[str(version)] = (VersionState.UNAVAILABLE, reason)
-            if old is not None:
-                await self._retire(old)
-            if not loaded.versions:
-                reasons = "; ".join(loaded.failures.values())
-                raise ModelLoadError(f"model '{name}': no version loaded: {reasons}")
+            for number, reason in loaded.failures.items():
+                record.states[str(number)] = (VersionState.UNAVAILABLE, reason)
+            self.load_outcomes[name, "success"] += 1
             log.info(
-                "model '%s' versions %s ready in %.2f s",
+                "model '%s' versions %s ready in %.2f s (%d loaded, %d kept)",
                 name,
-                ", ".join(self._served[name].versions),
+                ", ".join(served.versions),
                 time.perf_counter() - started,
+                len(fresh),
+                len(loaded.kept),
             )
+            if current is not None:
+                kept = set(map(id, served.versions.values()))
+                await self._retire(
+                    [v for v in current.versions.values() if id(v) not in kept],
+                    current.staging if current.staging != staging else None,
+                )
+
+    def _load_failed(
+        self, name: str, record: ModelRecord, reason: str, versions: list[str]
+    ) -> None:
+        """Report a failed (re)load in the index, leaving versions that still serve READY."""
+        self.load_outcomes[name, "failure"] += 1
+        current = self._served.get(name)
+        for version in versions:
+            if current is not None and version in current.versions:
+                record.states[version] = (VersionState.READY, f"reload failed: {reason}")
+            else:
+                record.states[version] = (VersionState.UNAVAILABLE, reason)
+        if current is None:
+            for version, (state, _) in list(record.states.items()):
+                if state == VersionState.READY:
+                    record.states[version] = (VersionState.UNAVAILABLE, reason)
 
     def add_request_warmer(self, warmer: RequestWarmer) -> None:
         """Run ``warmer`` on every new version before it serves (frontends warm their codecs)."""
@@ -378,26 +448,102 @@ class ServerCore:
         """Stop serving a model: it leaves routing at once, its requests in flight finish."""
         self._check_control()
         check_model_name(name)
-        record = self._records.get(name)
-        if record is None:
+        if name not in self._records:
             self.repository.locate(name)
-            record = self._records.setdefault(name, ModelRecord())
+        await self._unload(name)
+
+    async def _unload(self, name: str, reason: str = "unloaded") -> None:
+        record = self._records.setdefault(name, ModelRecord())
         async with record.lock:
             old = self._served.pop(name, None)
             if old is None:
                 for version in list(record.states):
-                    record.states[version] = (VersionState.UNAVAILABLE, "unloaded")
+                    record.states[version] = (VersionState.UNAVAILABLE, reason)
                 return
             for version in old.versions:
                 record.states[version] = (VersionState.UNLOADING, "")
-            await self._retire(old)
+            await self._retire(list(old.versions.values()), old.staging)
             for version in old.versions:
-                record.states[version] = (VersionState.UNAVAILABLE, "unloaded")
+                record.states[version] = (VersionState.UNAVAILABLE, reason)
             log.info("model '%s' unloaded", name)
 
-    async def _retire(self, model: ServedModel) -> None:
-        """Wait for a replaced model's requests to finish, then free its instances."""
-        for version in model.versions.values():
+    async def _retire(self, versions: list[ModelVersion], staging: Path | None = None) -> None:
+        """Wait for versions that left routing to finish their requests, then free them."""
+        for version in versions:
             while version.in_flight:
                 await asyncio.sleep(0.005)
             await version.shutdown()
+        overrides.discard(staging)
+        if versions:
+            await asyncio.to_thread(release_freed_memory)
+
+    # -- polling ---------------------------------------------------------------------------
+
+    async def _poll_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_s)
+            try:
+                await self.poll()
+            except Exception:
+                log.exception("polling the model repository failed")
+
+    def _scan(self) -> dict[str, ModelLocation | None]:
+        """Every model folder and its fingerprint; None for folders that cannot be served."""
+        found: dict[str, ModelLocation | None] = {}
+        for name in self.repository.model_names():
+            try:
+                location = self.repository.locate(name)
+            except EnginehouseError as exc:
+                log.error("polling: %s", exc.message)
+                found[name] = None
+                continue
+            found[name] = location
+        return found
+
+    async def poll(self) -> None:
+        """Compare the repository with what was last applied; load, reload or unload the
+        models that changed. Each model's work runs in its own task, so a slow build of one
+        model does not hold back the others; a model still busy is looked at next time."""
+        scanned = await asyncio.to_thread(self._scan)
+        prints = await asyncio.to_thread(
+            lambda: {n: model_fingerprint(loc.path) for n, loc in scanned.items() if loc}
+        )
+        for name in list(self._records):
+            if name not in scanned and not self._busy(name):
+                self._spawn(name, self._poll_remove(name))
+        for name, location in scanned.items():
+            if location is None or self._busy(name):
+                continue
+            record = self._records.get(name)
+            if record is None or record.fingerprint != prints[name]:
+                self._spawn(name, self._poll_apply(location, prints[name]))
+
+    def _busy(self, name: str) -> bool:
+        task = self._poll_tasks.get(name)
+        return task is not None and not task.done()
+
+    def _spawn(self, name: str, work: Awaitable[None]) -> None:
+        async def run() -> None:
+            try:
+                await work
+            except Exception:
+                log.exception("polling: model '%s'", name)
+
+        self._poll_tasks[name] = asyncio.get_running_loop().create_task(run())
+
+    async def _poll_apply(self, location: ModelLocation, fingerprint: str) -> None:
+        record = self._records.setdefault(location.name, ModelRecord())
+        record.fingerprint = fingerprint
+        if not location.version_dirs():
+            await self._unload(location.name, "no version folder")
+            return
+        log.info("polling: model '%s' changed; loading", location.name)
+        try:
+            await self._load(location)
+        except EnginehouseError as exc:
+            log.error("polling: %s", exc.message)
+
+    async def _poll_remove(self, name: str) -> None:
+        log.info("polling: model '%s' left the repository; unloading", name)
+        await self._unload(name)
+        self._records.pop(name, None)

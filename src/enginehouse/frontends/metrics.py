@@ -32,7 +32,9 @@ class MetricsServer:
     def handle(self, request: HttpRequest) -> HttpResponse:
         if request.path != "/metrics":
             return HttpResponse(404, [b'{"error":"only /metrics is served here"}'])
-        body = metrics.render(self.core.served_versions(), self.monitor, self.options)
+        body = metrics.render(
+            self.core.served_versions(), self.monitor, self.options, self.core.load_outcomes
+        )
         return HttpResponse(200, [body], content_type=_CONTENT_TYPE)
 
     async def start(self) -> None:

@@ -8,7 +8,7 @@ what Triton lacks is prefixed ``enginehouse_``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,8 +113,9 @@ def render(
     versions: Iterable[ModelVersion],
     monitor: SystemMonitor | None,
     options: MetricsOptions = MetricsOptions(),
+    load_outcomes: Mapping[tuple[str, str], int] | None = None,
 ) -> bytes:
-    """The exposition text for every served model version and the machine."""
+    """The exposition text for every served model version, model loads and the machine."""
     served = list(versions)
     out = _Text()
     labelled = [({"model": v.name, "version": v.version}, v) for v in served]
@@ -197,6 +198,14 @@ def render(
         out.sample("enginehouse_batch_size_sum", labels, elements)
         out.sample("enginehouse_batch_size_count", labels, total)
 
+    if load_outcomes:
+        out.family(
+            "enginehouse_model_loads_total",
+            "counter",
+            "Loads and reloads of a model (incl. polling), by outcome (success, failure).",
+        )
+        for (model, outcome), count in sorted(load_outcomes.items()):
+            out.sample("enginehouse_model_loads_total", {"model": model, "outcome": outcome}, count)
     if monitor is not None:
         _system(out, monitor)
     return ("\n".join(out.lines) + "\n").encode()

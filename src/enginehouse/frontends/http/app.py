@@ -8,6 +8,8 @@ routes, and a request should not pay for a general router. Handlers return an
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import logging
 import time
 from collections.abc import Awaitable
@@ -249,7 +251,14 @@ class HttpApp:
         config = parameters.get("config")
         if config is not None and not isinstance(config, str):
             return error_response(400, "load parameter 'config' must be a JSON string")
-        files = {k[5:]: v for k, v in parameters.items() if k.startswith("file:")}
+        files: dict[str, bytes] = {}
+        for key, value in parameters.items():
+            if not key.startswith("file:"):
+                continue
+            try:
+                files[key[5:]] = base64.b64decode(value, validate=True)
+            except (TypeError, ValueError, binascii.Error):
+                return error_response(400, f"load parameter '{key}' must be base64 text")
         try:
             await self.core.load_model(name, config, files or None)
         except EnginehouseError as exc:
