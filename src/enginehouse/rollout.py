@@ -246,6 +246,8 @@ class SoakResult:
     p99_rest_ms: float
     p99_rollout_ms: float
     rollout_s: list[float]
+    samples: list[Sample] = field(default_factory=list)
+    steps: list[Step] = field(default_factory=list)
 
     @property
     def p99_ratio(self) -> float:
@@ -299,4 +301,6 @@ def soak(
         p99_ms(rest),
         p99_ms(rolling),
         durations,
+        samples,
+        rollout.steps,
     )
