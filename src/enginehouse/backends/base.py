@@ -63,6 +63,10 @@ class Backend(ABC):
     def has_gpu(self) -> bool:
         """Whether this backend can place instances on a GPU here."""
 
+    def free_device_memory(self, placement: Placement) -> int | None:
+        """Bytes free on the placement's device, or None where that is not known (CPU)."""
+        return None
+
     @abstractmethod
     def load(
         self,

@@ -18,6 +18,8 @@ import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
 from enginehouse.backends.base import Backend, Engine, Placement
+from enginehouse.backends.cuda_graphs import CudaGraphEngine, default_buckets
+from enginehouse.config import model_config
 from enginehouse.errors import ModelLoadError
 
 TORCH_BACKEND = "pytorch"
@@ -68,13 +70,11 @@ def load_program(path: Path, model: str) -> Any:
 class TorchEngine(Engine):
     """A callable (AOTInductor runner or exported module) over positional tensors."""
 
-    def __init__(
-        self, run: Any, input_names: Sequence[str], output_names: Sequence[str], device: str
-    ) -> None:
+    def __init__(self, run: Any, config: mc.ModelConfig, device: str) -> None:
         self._torch = import_torch()
         self._run = run
-        self._inputs = tuple(input_names)
-        self._index = {name: i for i, name in enumerate(output_names)}
+        self._inputs = tuple(t.name for t in config.input)
+        self._index = {t.name: i for i, t in enumerate(config.output)}
         self._device = device
 
     def execute(
@@ -144,6 +144,13 @@ class TorchBackend(Backend):
             return False
         return bool(torch.cuda.is_available())
 
+    def free_device_memory(self, placement: Placement) -> int | None:
+        if placement.kind != mc.ModelInstanceGroup.KIND_GPU:
+            return None
+        torch = import_torch()
+        free, _ = torch.cuda.mem_get_info(placement.device_id)
+        return int(free)
+
     def load(
         self,
         config: mc.ModelConfig,
@@ -152,25 +159,71 @@ class TorchBackend(Backend):
         optimized: bool = False,
     ) -> Engine:
         torch = import_torch()
-        device = "cpu"
-        if placement.kind == mc.ModelInstanceGroup.KIND_GPU:
-            if not torch.cuda.is_available():
-                raise ModelLoadError(f"model '{config.name}': KIND_GPU but CUDA is not available")
-            device = f"cuda:{placement.device_id}"
-        inputs = [t.name for t in config.input]
-        outputs = [t.name for t in config.output]
-        if model_file.suffix == ".pt2" and model_file.name.startswith("aoti"):
-            try:
-                with TORCH_LOCK:
-                    runner = torch._inductor.aoti_load_package(str(model_file))
-            except Exception as exc:
-                raise ModelLoadError(
-                    f"model '{config.name}': cannot load AOTInductor package: {exc}"
-                ) from None
-            return TorchEngine(runner, inputs, outputs, device)
-        if is_torchscript(model_file):
-            return TorchEngine(
-                load_torchscript(model_file, config.name).to(device), inputs, outputs, device
+        if placement.kind != mc.ModelInstanceGroup.KIND_GPU:
+            return TorchEngine(_load_runner(torch, config, model_file, "cpu", 0), config, "cpu")
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"model '{config.name}': KIND_GPU but CUDA is not available")
+        index = placement.device_id
+        if index >= torch.cuda.device_count():
+            raise ModelLoadError(
+                f"model '{config.name}': instance_group names GPU {index}, but this machine "
+                f"has {torch.cuda.device_count()}"
             )
-        module = load_program(model_file, config.name).module().to(device)
-        return TorchEngine(module, inputs, outputs, device)
+        device = f"cuda:{index}"
+        try:
+            with torch.cuda.device(index):
+                runner = _load_runner(torch, config, model_file, device, index)
+                if not _flag(model_config.parameter(config, "cuda_graphs", "true")):
+                    return CudaGraphEngine(torch, runner, config, device, [])
+                return CudaGraphEngine(torch, runner, config, device, graph_buckets(config))
+        except torch.cuda.OutOfMemoryError as exc:
+            free, total = torch.cuda.mem_get_info(index)
+            raise ModelLoadError(
+                f"model '{config.name}': out of GPU memory on {device} loading an instance "
+                f"({free / 2**30:.2f} of {total / 2**30:.2f} GiB free): {str(exc).splitlines()[0]}"
+            ) from None
+
+
+def _flag(text: str) -> bool:
+    return text.strip().lower() not in ("0", "false", "no", "off")
+
+
+def graph_buckets(config: mc.ModelConfig) -> list[int]:
+    """The batch sizes to capture CUDA graphs for: ``cuda_graph_batch_buckets`` (e.g.
+    ``"1,8,32"``) or powers of two up to max_batch_size plus the preferred batch sizes."""
+    text = model_config.parameter(config, "cuda_graph_batch_buckets").strip()
+    if not text:
+        return default_buckets(
+            config.max_batch_size, list(config.dynamic_batching.preferred_batch_size)
+        )
+    try:
+        sizes = sorted({int(item) for item in text.split(",")})
+    except ValueError:
+        sizes = [0]
+    if sizes[0] < 1 or sizes[-1] > max(config.max_batch_size, 1):
+        raise ModelLoadError(
+            f"model '{config.name}': cuda_graph_batch_buckets must be batch sizes between 1 and "
+            f"max_batch_size ({config.max_batch_size}), got '{text}'"
+        )
+    return sizes
+
+
+def _load_runner(
+    torch: Any, config: mc.ModelConfig, model_file: Path, device: str, index: int
+) -> Any:
+    """The callable an engine runs: AOTInductor runner, TorchScript or exported module."""
+    if model_file.suffix == ".pt2" and model_file.name.startswith("aoti"):
+        try:
+            with TORCH_LOCK:
+                if device == "cpu":
+                    return torch._inductor.aoti_load_package(str(model_file))
+                return torch._inductor.aoti_load_package(str(model_file), device_index=index)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as exc:
+            raise ModelLoadError(
+                f"model '{config.name}': cannot load AOTInductor package: {exc}"
+            ) from None
+    if is_torchscript(model_file):
+        return load_torchscript(model_file, config.name).to(device)
+    return load_program(model_file, config.name).module().to(device)

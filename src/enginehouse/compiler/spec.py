@@ -18,12 +18,13 @@ Triton's own fields are used where they exist (``optimization.graph.level``,
 - ``engine_tolerance``: the largest relative error accepted by the accuracy gate
   (max |built - source| / max |source| over every output); defaults per precision.
 - ``engine_force``: ``true`` keeps a build that fails the accuracy gate.
+- ``engine_autotune``: ``true`` lets Inductor benchmark kernel choices (PyTorch builds).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from tritonclient.grpc import model_config_pb2 as mc
@@ -61,7 +62,8 @@ class BuildSpec:
     int8_mode: str = "static"
     tolerance: float = DEFAULT_TOLERANCE["fp32"]
     force: bool = False
-    extra: dict[str, str] = field(default_factory=dict)
+    # Let Inductor benchmark kernel choices while building (slower builds, faster engines).
+    autotune: bool = False
 
     def key_parts(self) -> dict[str, Any]:
         """The fields that change the artefact. The tolerance and force only decide whether a
@@ -69,6 +71,8 @@ class BuildSpec:
         parts = asdict(self)
         parts.pop("force")
         parts.pop("tolerance")
+        # One build serves every GPU of a kind: the fingerprint names the device model.
+        parts["target"] = self.target.split(":")[0]
         return parts
 
 
@@ -156,4 +160,5 @@ def build_spec(config: mc.ModelConfig, backend: str, target: str = "cpu") -> Bui
         int8_mode=int8_mode if precision == "int8" else "static",
         tolerance=tolerance,
         force=_flag(parameter(config, "engine_force", "false"), model, "engine_force"),
+        autotune=_flag(parameter(config, "engine_autotune", "false"), model, "engine_autotune"),
     )

@@ -32,7 +32,7 @@ from enginehouse.errors import ModelLoadError
 
 ARTEFACT = "aoti.pt2"
 TORCHSCRIPT_ARTEFACT = "frozen.pt"
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
@@ -157,7 +157,10 @@ def _build(
             dims[0] = shared
     try:
         exported = torch.export.export(wrapped, example, dynamic_shapes=(tuple(dynamic),))
-        path = torch._inductor.aoti_compile_and_package(exported, package_path=str(out / ARTEFACT))
+        options = {"max_autotune": True} if spec.autotune else {}
+        path = torch._inductor.aoti_compile_and_package(
+            exported, package_path=str(out / ARTEFACT), inductor_configs=options
+        )
         runner = torch._inductor.aoti_load_package(path)
     except ModelLoadError:
         raise

@@ -26,9 +26,13 @@ from enginehouse.repository import ModelLocation, select_versions
 from enginehouse.repository.fingerprint import version_identity
 from enginehouse.runtime import warmup as warmups
 from enginehouse.runtime.instance import InlinePolicy, Instance
+from enginehouse.runtime.memory import release_freed_memory
 from enginehouse.scheduler.pool import InstancePool
 
 log = logging.getLogger(__name__)
+
+# The most instances instance_memory_fraction may ask for, per group and device.
+MAX_SIZED_INSTANCES = 16
 
 
 @dataclass(slots=True)
@@ -125,15 +129,27 @@ def complete_instance_groups(config: mc.ModelConfig, backend: Backend) -> None:
             group.gpus.append(0)
 
 
-def placements(config: mc.ModelConfig) -> list[tuple[str, Placement]]:
-    """(instance name, placement) for every instance of the (completed) instance groups."""
-    found: list[tuple[str, Placement]] = []
-    for group in config.instance_group:
-        devices = list(group.gpus) if group.kind == mc.ModelInstanceGroup.KIND_GPU else [0]
-        for device in devices:
-            for i in range(group.count):
-                found.append((f"{group.name}_{i}", Placement(group.kind, device)))
-    return found
+def target_of(placement: Placement) -> str:
+    """The engine builder's target for a placement."""
+    if placement.kind == mc.ModelInstanceGroup.KIND_GPU:
+        return f"cuda:{placement.device_id}"
+    return "cpu"
+
+
+def memory_fraction(config: mc.ModelConfig) -> float:
+    """``instance_memory_fraction``: size GPU groups to this share of free device memory."""
+    text = model_config.parameter(config, "instance_memory_fraction").strip()
+    if not text:
+        return 0.0
+    try:
+        fraction = float(text)
+    except ValueError:
+        fraction = -1.0
+    if not 0.0 < fraction <= 1.0:
+        raise ModelLoadError(
+            f"model '{config.name}': instance_memory_fraction must be in (0, 1], got '{text}'"
+        )
+    return fraction
 
 
 def inline_policy(config: mc.ModelConfig, placement: Placement) -> InlinePolicy:
@@ -169,18 +185,25 @@ def load_version(
         else None
     )
     backend.check_config(config, model_file, signature)
-    built = (
-        compiler.prepare(config, backend.name, version, model_file, model_dir, cache)
-        if cache is not None
-        else compiler.Engine(model_file)
-    )
-    engine_file = built.path
+    wanted = [
+        Placement(group.kind, device)
+        for group in config.instance_group
+        for device in (group.gpus if group.kind == mc.ModelInstanceGroup.KIND_GPU else [0])
+    ]
+    builds: dict[str, compiler.Engine] = {}
+    for target in dict.fromkeys(target_of(p) for p in wanted):
+        builds[target] = (
+            compiler.prepare(config, backend.name, version, model_file, model_dir, cache, target)
+            if cache is not None
+            else compiler.Engine(model_file)
+        )
     samples = warmups.samples(config, model_dir) if warmup else []
 
     def make_instance(name: str, placement: Placement) -> Instance:
         started = time.perf_counter()
+        built = builds[target_of(placement)]
         engine = backend.load(
-            config, engine_file, placement, bool(built.manifest.get("optimized", False))
+            config, built.path, placement, bool(built.manifest.get("optimized", False))
         )
         instance = Instance(name, engine, placement, inline_policy(config, placement))
         loaded = time.perf_counter() - started
@@ -202,16 +225,46 @@ def load_version(
         )
         return instance
 
+    fraction = memory_fraction(config)
     instances: list[Instance] = []
+    memory: dict[str, int] = {}
     try:
-        for name, placement in placements(config):
-            instances.append(make_instance(f"{name}_v{version}", placement))
+        for group in config.instance_group:
+            devices = group.gpus if group.kind == mc.ModelInstanceGroup.KIND_GPU else [0]
+            for device in devices:
+                placement = Placement(group.kind, device)
+                count, index = group.count, 0
+                free = backend.free_device_memory(placement)
+                while index < count:
+                    instances.append(make_instance(f"{group.name}_{index}_v{version}", placement))
+                    index += 1
+                    if free is None or index > 1:
+                        continue
+                    after = backend.free_device_memory(placement) or 0
+                    used = max(free - after, 1)
+                    memory[placement.label] = used
+                    if fraction:
+                        count = max(1, min(MAX_SIZED_INSTANCES, int(fraction * free // used)))
+                        log.info(
+                            "model '%s' version %d: one instance takes %.1f MiB on %s; "
+                            "%d instances fit in %.0f%% of its %.1f GiB free",
+                            config.name,
+                            version,
+                            used / 2**20,
+                            placement.label,
+                            count,
+                            fraction * 100,
+                            free / 2**30,
+                        )
+                group.count = count
     except BaseException:
         for instance in instances:
             instance.close()
+        release_freed_memory()
         raise
     model_version = ModelVersion(config, version, InstancePool(instances), make_instance)
-    model_version.engine = built
+    model_version.engine = next(iter(builds.values()))
+    model_version.instance_memory = memory
     if samples:
         model_version.warmup_inputs = samples[0].inputs
     return model_version

@@ -104,6 +104,8 @@ class ModelVersion:
         self.engine: BuiltEngine | None = None
         # What the version was loaded from (files and config); a reload keeps it when equal.
         self.identity = ""
+        # Device memory one instance took when loaded, by device label (GPU instances).
+        self.instance_memory: dict[str, int] = {}
         self.failed_instances = 0
         self.health_checks = 0
         self.warming_instances = 0

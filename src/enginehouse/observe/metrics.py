@@ -198,6 +198,15 @@ def render(
         out.sample("enginehouse_batch_size_sum", labels, elements)
         out.sample("enginehouse_batch_size_count", labels, total)
 
+    out.family(
+        "enginehouse_instance_memory_bytes",
+        "gauge",
+        "Device memory one instance took when it loaded (GPU instances), per device.",
+    )
+    for labels, version in labelled:
+        for device, size in version.instance_memory.items():
+            out.sample("enginehouse_instance_memory_bytes", labels | {"device": device}, size)
+
     if load_outcomes:
         out.family(
             "enginehouse_model_loads_total",

@@ -1,0 +1,185 @@
+"""A GPU instance's engine: CUDA graphs per batch bucket, static buffers, pinned staging.
+
+Launching a compiled model kernel by kernel costs tens of microseconds of CPU per layer;
+replaying a captured CUDA graph costs one launch. So a GPU instance captures one graph per
+batch bucket while it loads (before the version is ready), each reading from one set of
+static device input buffers and writing to its own static outputs. A request batch is
+copied into pinned host buffers, then host->device on the instance's own stream, padded up
+to the nearest bucket, replayed, and copied back, with one synchronisation per execution.
+Each instance has its own stream, so one instance's copies overlap another's compute.
+
+Shapes that no graph covers (a variable non-batch dimension, or graphs turned off) run the
+model directly on the instance's stream.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from tritonclient.grpc import model_config_pb2 as mc
+
+from enginehouse import datatypes
+from enginehouse.backends.base import Engine
+
+log = logging.getLogger(__name__)
+
+WARM_RUNS = 3
+# One capture at a time in the process; replays and copies of other instances go on.
+_CAPTURE_LOCK = threading.Lock()
+
+
+@dataclass(slots=True)
+class _Graph:
+    graph: Any  # torch.cuda.CUDAGraph
+    outputs: list[Any]  # static device tensors the graph writes
+
+
+def default_buckets(max_batch_size: int, preferred: Sequence[int] = ()) -> list[int]:
+    """Powers of two up to the max batch size, the max itself and the preferred sizes."""
+    sizes = {max_batch_size, *(p for p in preferred if 0 < p <= max_batch_size)}
+    size = 1
+    while size < max_batch_size:
+        sizes.add(size)
+        size *= 2
+    return sorted(sizes)
+
+
+def engine_shape(tensor: mc.ModelInput | mc.ModelOutput) -> list[int]:
+    return list(tensor.reshape.shape) if tensor.HasField("reshape") else list(tensor.dims)
+
+
+class CudaGraphEngine(Engine):
+    """Runs ``run`` (positional CUDA tensors in, tensors out) on one device and stream."""
+
+    def __init__(
+        self,
+        torch: Any,
+        run: Callable[..., Any],
+        config: mc.ModelConfig,
+        device: str,
+        buckets: Sequence[int],
+    ) -> None:
+        self._torch = torch
+        self._run = run
+        self.config = config
+        self.device = torch.device(device)
+        self.stream = torch.cuda.Stream(self.device)
+        self._inputs = [t.name for t in config.input]
+        self._index = {t.name: i for i, t in enumerate(config.output)}
+        self._dtypes = [
+            torch.from_numpy(np.empty(0, datatypes.BY_CONFIG[t.data_type].numpy)).dtype
+            for t in config.input
+        ]
+        self._dims = [engine_shape(t) for t in config.input]
+        fixed = config.max_batch_size > 0 and all(d > 0 for dims in self._dims for d in dims)
+        self.buckets = sorted(set(buckets)) if fixed else []
+        self._graphs: dict[int, _Graph] = {}
+        self._pinned_in: list[Any] = []
+        self._pinned_out: list[Any] = []
+        self._static_in: list[Any] = []
+        if self.buckets:
+            self._capture()
+
+    def _capture(self) -> None:
+        """Capture every bucket's graph, largest first, sharing one memory pool."""
+        torch = self._torch
+        largest = self.buckets[-1]
+        self._static_in = [
+            torch.zeros((largest, *dims), dtype=dtype, device=self.device)
+            for dims, dtype in zip(self._dims, self._dtypes)
+        ]
+        self._pinned_in = [
+            torch.empty((largest, *dims), dtype=dtype, pin_memory=True)
+            for dims, dtype in zip(self._dims, self._dtypes)
+        ]
+        pool = torch.cuda.graph_pool_handle()
+        with torch.inference_mode(), torch.cuda.device(self.device):
+            for size in reversed(self.buckets):
+                views = [t[:size] for t in self._static_in]
+                with torch.cuda.stream(self.stream):
+                    for _ in range(WARM_RUNS):
+                        self._run(*views)
+                self.stream.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                # Thread-local capture: other instances keep serving on their own threads.
+                with (
+                    _CAPTURE_LOCK,
+                    torch.cuda.graph(
+                        graph, pool=pool, stream=self.stream, capture_error_mode="thread_local"
+                    ),
+                ):
+                    outputs = self._as_tuple(self._run(*views))
+                self._graphs[size] = _Graph(graph, list(outputs))
+            self.stream.synchronize()
+        first = self._graphs[largest].outputs
+        self._pinned_out = [
+            torch.empty(tuple(t.shape), dtype=t.dtype, pin_memory=True) for t in first
+        ]
+
+    def _as_tuple(self, result: Any) -> tuple[Any, ...]:
+        return (result,) if isinstance(result, self._torch.Tensor) else tuple(result)
+
+    def bucket(self, rows: int) -> int | None:
+        """The smallest captured batch size that holds ``rows``."""
+        at = bisect.bisect_left(self.buckets, rows)
+        return self.buckets[at] if at < len(self.buckets) else None
+
+    def execute(
+        self, inputs: dict[str, np.ndarray], output_names: Sequence[str]
+    ) -> list[np.ndarray]:
+        arrays = [inputs[name] for name in self._inputs]
+        rows = arrays[0].shape[0] if arrays and arrays[0].ndim else 0
+        size = self.bucket(rows) if self.buckets else None
+        if size is None or any(list(a.shape[1:]) != dims for a, dims in zip(arrays, self._dims)):
+            return self._execute_direct(arrays, output_names)
+        torch = self._torch
+        graph = self._graphs[size]
+        for array, pinned in zip(arrays, self._pinned_in):
+            np.copyto(pinned[:rows].numpy(), array, casting="no")
+        picks = [self._index[name] for name in output_names]
+        with torch.cuda.stream(self.stream):
+            for pinned, static in zip(self._pinned_in, self._static_in):
+                static[:rows].copy_(pinned[:rows], non_blocking=True)
+            graph.graph.replay()
+            for i in picks:
+                self._pinned_out[i][:rows].copy_(graph.outputs[i][:rows], non_blocking=True)
+        self.stream.synchronize()
+        return [self._pinned_out[i][:rows].numpy().copy() for i in picks]
+
+    def replay(self, rows: int) -> None:
+        """Replay the graph that holds ``rows`` on the data already in the static buffers,
+        without copies or synchronisation: the raw engine, for benchmarks."""
+        size = self.bucket(rows)
+        if size is None:
+            raise ValueError(f"no CUDA graph holds {rows} rows (buckets {self.buckets})")
+        with self._torch.cuda.stream(self.stream):
+            self._graphs[size].graph.replay()
+
+    def _execute_direct(
+        self, arrays: list[np.ndarray], output_names: Sequence[str]
+    ) -> list[np.ndarray]:
+        torch = self._torch
+        with torch.inference_mode(), torch.cuda.stream(self.stream):
+            tensors = [
+                torch.from_numpy(np.ascontiguousarray(a)).to(self.device, non_blocking=True)
+                for a in arrays
+            ]
+            results = self._as_tuple(self._run(*tensors))
+            host = [results[self._index[n]].to("cpu", non_blocking=True) for n in output_names]
+        self.stream.synchronize()
+        return [t.numpy() for t in host]
+
+    def close(self) -> None:
+        """Drop graphs, buffers and the model; the allocator's cache is emptied by the server."""
+        self.stream.synchronize()
+        self._graphs.clear()
+        self._static_in.clear()
+        self._pinned_in.clear()
+        self._pinned_out.clear()
+        self._run = None  # type: ignore[assignment]

@@ -1,0 +1,152 @@
+"""PyTorch engines on the GPU: CUDA graphs per bucket, precision, memory-sized pools, OOM and
+unload (skipped without a GPU)."""
+
+from __future__ import annotations
+
+import re
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from enginehouse.testing import ServerProcess
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+CONFIG = """backend: "pytorch"
+max_batch_size: {max_batch}
+input [{{ name: "image" data_type: TYPE_FP32 dims: [3, 16, 16] }}]
+output [{{ name: "logits" data_type: TYPE_FP32 dims: [10] }}]
+instance_group [{{ count: 2 kind: KIND_GPU gpus: [0] }}]
+parameters {{ key: "engine_precision" value: {{ string_value: "{precision}" }} }}
+{extra}
+"""
+
+
+def net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16, 10),
+    ).eval()
+
+
+def write(repo: Path, name: str, precision: str, max_batch: int = 8, extra: str = "") -> None:
+    folder = repo / name / "1"
+    folder.mkdir(parents=True)
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    program = torch.export.export(net(), (torch.randn(2, 3, 16, 16),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(folder / "model.pt2"))
+    (repo / name / "config.pbtxt").write_text(
+        CONFIG.format(max_batch=max_batch, precision=precision, extra=extra)
+    )
+
+
+def metrics(server: ServerProcess) -> str:
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    return str(urllib.request.urlopen(url, timeout=10).read().decode())
+
+
+def test_gpu_engines_serve_with_graphs_and_sized_pools(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    write(repo, "gpu_fp16", "fp16")
+    write(repo, "gpu_bf16", "bf16", extra="dynamic_batching { max_queue_delay_microseconds: 500 }")
+    write(
+        repo,
+        "gpu_sized",
+        "fp32",
+        extra='parameters { key: "instance_memory_fraction" value: { string_value: "0.02" } }',
+    )
+    # Static buffers for a 2^22 batch of 3x16x16 floats need 12 GiB per bucket ... and the
+    # 2^26 bucket 192 GiB: more than any GPU has. The model fails; the others serve.
+    write(
+        repo,
+        "gpu_oom",
+        "fp32",
+        max_batch=1 << 26,
+        extra='parameters { key: "cuda_graph_batch_buckets" value: { string_value: "67108864" } }',
+    )
+    with ServerProcess(
+        [repo], "--engine-cache", str(tmp_path / "cache"), log_path=tmp_path / "serve.log"
+    ) as server:
+        server.wait_live(timeout_s=900)
+        client = httpclient.InferenceServerClient(server.http_url)
+        grpc = grpcclient.InferenceServerClient(server.grpc_url)
+        log = server.log()
+        for name, tolerance in (("gpu_fp16", 1e-2), ("gpu_bf16", 5e-2), ("gpu_sized", 1e-4)):
+            assert client.is_model_ready(name), log
+            for rows in (1, 3, 8):  # 3 pads up to the bucket of 4
+                image = np.random.default_rng(rows).standard_normal((rows, 3, 16, 16))
+                image = image.astype(np.float32)
+                with torch.no_grad():
+                    want = net()(torch.from_numpy(image)).numpy()
+                item = grpcclient.InferInput("image", list(image.shape), "FP32")
+                item.set_data_from_numpy(image)
+                got = grpc.infer(name, [item]).as_numpy("logits")
+                assert got.shape == (rows, 10)
+                assert np.abs(got - want).max() / np.abs(want).max() <= tolerance, name
+
+        assert not client.is_model_ready("gpu_oom")
+        index = {e["name"]: e for e in client.get_model_repository_index()}
+        assert "out of GPU memory" in index["gpu_oom"]["reason"], index["gpu_oom"]
+
+        sized = re.search(r"one instance takes ([\d.]+) MiB on gpu:0; (\d+) instances fit", log)
+        assert sized, log
+        count = int(sized.group(2))
+        config = client.get_model_config("gpu_sized")
+        assert config["instance_group"][0]["count"] == count
+        text = metrics(server)
+        assert re.search(
+            r'enginehouse_instance_memory_bytes\{model="gpu_sized",version="1",device="gpu:0"\} [1-9]',
+            text,
+        ), text
+        assert (
+            f'enginehouse_instances{{model="gpu_sized",version="1",state="idle"}} {count}' in text
+        )
+
+
+def test_unload_returns_device_memory(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    write(repo, "gpu_model", "fp32", max_batch=4096)
+    with ServerProcess(
+        [repo],
+        "--model-control-mode",
+        "explicit",
+        "--engine-cache",
+        str(tmp_path / "cache"),
+        log_path=tmp_path / "serve.log",
+    ) as server:
+        server.wait_live(timeout_s=900)
+        client = httpclient.InferenceServerClient(server.http_url, network_timeout=900)
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+
+        def used() -> int:
+            processes = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+            return sum(p.usedGpuMemory or 0 for p in processes if p.pid == server.process.pid)
+
+        client.load_model("gpu_model")  # CUDA context, kernels, allocator: the baseline
+        client.unload_model("gpu_model")
+        before = used()
+        client.load_model("gpu_model")
+        loaded = used()
+        client.unload_model("gpu_model")
+        after = used()
+        mib = 1 << 20
+        print(
+            f"device memory: before {before / mib:.0f} MiB, loaded {loaded / mib:.0f}, after {after / mib:.0f}"
+        )
+        assert loaded - before > 64 * mib  # two instances' graphs and buffers for 4096 rows
+        assert after - before < 16 * mib
+        with pytest.raises(InferenceServerException):
+            client.infer("gpu_model", [])
