@@ -83,6 +83,8 @@ class CudaGraphEngine(Engine):
         self._pinned_in: list[Any] = []
         self._pinned_out: list[Any] = []
         self._static_in: list[Any] = []
+        # Called once the engine is closed (releases a module shared with other instances).
+        self.on_close: Callable[[], None] | None = None
         if self.buckets:
             self._capture()
 
@@ -183,3 +185,6 @@ class CudaGraphEngine(Engine):
         self._pinned_in.clear()
         self._pinned_out.clear()
         self._run = None  # type: ignore[assignment]
+        if self.on_close is not None:
+            self.on_close()
+            self.on_close = None

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
+from enginehouse.backends import torch_compile
 from enginehouse.backends.base import Backend, Engine, Placement
 from enginehouse.backends.cuda_graphs import CudaGraphEngine, default_buckets
 from enginehouse.config import model_config
@@ -172,10 +173,26 @@ class TorchBackend(Backend):
         device = f"cuda:{index}"
         try:
             with torch.cuda.device(index):
-                runner = _load_runner(torch, config, model_file, device, index)
-                if not _flag(model_config.parameter(config, "cuda_graphs", "true")):
-                    return CudaGraphEngine(torch, runner, config, device, [])
-                return CudaGraphEngine(torch, runner, config, device, graph_buckets(config))
+                shared = model_file.name == torch_compile.PROGRAM
+                runner = (
+                    torch_compile.acquire(torch, model_file, config, index)
+                    if shared
+                    else _load_runner(torch, config, model_file, device, index)
+                )
+                buckets = (
+                    graph_buckets(config)
+                    if _flag(model_config.parameter(config, "cuda_graphs", "true"))
+                    else []
+                )
+                try:
+                    engine = CudaGraphEngine(torch, runner, config, device, buckets)
+                except BaseException:
+                    if shared:
+                        torch_compile.release(model_file, index)
+                    raise
+                if shared:
+                    engine.on_close = lambda: torch_compile.release(model_file, index)
+                return engine
         except torch.cuda.OutOfMemoryError as exc:
             free, total = torch.cuda.mem_get_info(index)
             raise ModelLoadError(

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
+from enginehouse.backends import torch_compile
 from enginehouse.backends.torch import (
     TORCH_LOCK,
     import_torch,
@@ -157,17 +158,36 @@ def _build(
             dims[0] = shared
     try:
         exported = torch.export.export(wrapped, example, dynamic_shapes=(tuple(dynamic),))
-        options = {"max_autotune": True} if spec.autotune else {}
-        path = torch._inductor.aoti_compile_and_package(
-            exported, package_path=str(out / ARTEFACT), inductor_configs=options
-        )
-        runner = torch._inductor.aoti_load_package(path)
+        if device == "cpu":
+            options = {"max_autotune": True} if spec.autotune else {}
+            path = torch._inductor.aoti_compile_and_package(
+                exported, package_path=str(out / ARTEFACT), inductor_configs=options
+            )
+            runner = torch._inductor.aoti_load_package(path)
+            artefact = ARTEFACT
+        else:
+            runner = _build_compiled(torch, exported, config, spec, device, out)
+            artefact = torch_compile.PROGRAM
     except ModelLoadError:
         raise
     except Exception as exc:  # export and inductor raise many types
-        raise ModelLoadError(f"model '{model}': AOTInductor build failed: {exc}") from None
+        raise ModelLoadError(f"model '{model}': engine build failed: {exc}") from None
     errors = _accuracy(torch, config, samples, reference, runner, device)
-    return _manifest(source, spec, ARTEFACT, errors)
+    return _manifest(source, spec, artefact, errors)
+
+
+def _build_compiled(
+    torch: Any, exported: Any, config: mc.ModelConfig, spec: BuildSpec, device: str, out: Path
+) -> Any:
+    """GPU targets: the converted program plus Inductor's kernels for it (see
+    backends/torch_compile.py for why not AOTInductor)."""
+    torch.export.save(exported, str(out / torch_compile.PROGRAM))
+    module = torch.export.load(str(out / torch_compile.PROGRAM)).module().to(device)
+    compiled = torch_compile.compile_module(torch, module, config, device, spec.autotune)
+    artifacts = torch.compiler.save_cache_artifacts()
+    if artifacts is not None:
+        (out / torch_compile.KERNELS).write_bytes(artifacts[0])
+    return compiled
 
 
 def _accuracy(

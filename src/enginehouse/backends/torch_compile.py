@@ -1,0 +1,132 @@
+"""GPU engines from torch.compile: one compiled module per device, shared by its instances.
+
+For the cuda target the engine builder saves the program already wrapped and converted to
+its precision (``compiled.pt2``) together with Inductor's compiled kernels (``inductor.bin``,
+from ``torch.compiler.save_cache_artifacts``). Loading it restores those kernels into
+Inductor's caches first, so compiling again is a cache hit: seconds, not minutes. (AOTInductor
+packages are what the CPU target builds; loading a CUDA one crashes the process with
+torch 2.11 on CUDA 13, so the GPU path does not use them.)
+
+The batch dimension is compiled dynamic, once, so every CUDA-graph bucket reuses one
+compiled graph. Instances of a version on one device share the compiled module and its
+weights (inference reads them only); each has its own stream, buffers and graphs. The
+module is released when the last instance using it closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tritonclient.grpc import model_config_pb2 as mc
+
+from enginehouse import datatypes
+from enginehouse.backends.cuda_graphs import engine_shape
+from enginehouse.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+PROGRAM = "compiled.pt2"
+KERNELS = "inductor.bin"
+
+_LOCK = threading.Lock()
+
+
+@dataclass(slots=True)
+class _Shared:
+    run: Any
+    users: int
+
+
+_SHARED: dict[tuple[str, int], _Shared] = {}
+
+
+def compile_mode(autotune: bool) -> str | None:
+    """torch.compile's mode: our own CUDA graphs replace Inductor's."""
+    return "max-autotune-no-cudagraphs" if autotune else None
+
+
+def compile_module(
+    torch: Any, module: Any, config: mc.ModelConfig, device: str, autotune: bool
+) -> Any:
+    """torch.compile ``module`` with a dynamic batch and run it once per specialisation
+    (batch 1 and batch 2), so no request pays for compilation."""
+    compiled = torch.compile(module, dynamic=None, mode=compile_mode(autotune))
+    shapes = [engine_shape(t) for t in config.input]
+    if config.max_batch_size <= 0 or any(d < 1 for dims in shapes for d in dims):
+        return compiled
+
+
+    dtypes = [
+        torch.from_numpy(np.empty(0, datatypes.BY_CONFIG[t.data_type].numpy)).dtype
+        for t in config.input
+    ]
+    with torch.inference_mode():
+        for batch in sorted({1, min(2, config.max_batch_size)}, reverse=True):
+            inputs = [
+                torch.zeros((batch, *dims), dtype=dtype, device=device)
+                for dims, dtype in zip(shapes, dtypes)
+            ]
+            if batch > 1:
+                for tensor in inputs:
+                    torch._dynamo.mark_dynamic(tensor, 0, min=2, max=config.max_batch_size)
+            compiled(*inputs)
+    torch.cuda.synchronize(device)
+    return compiled
+
+
+def acquire(torch: Any, path: Path, config: mc.ModelConfig, index: int) -> Any:
+    """The shared compiled module of ``path`` on GPU ``index``, compiling it if needed."""
+    from enginehouse.backends.torch import TORCH_LOCK, load_program
+
+    key = (str(path), index)
+    with _LOCK:
+        shared = _SHARED.get(key)
+        if shared is not None:
+            shared.users += 1
+            return shared.run
+    with TORCH_LOCK:  # Dynamo and Inductor are not thread-safe while compiling
+        with _LOCK:
+            shared = _SHARED.get(key)
+            if shared is not None:
+                shared.users += 1
+                return shared.run
+        started = time.perf_counter()
+        kernels = path.with_name(KERNELS)
+        if kernels.is_file():
+            torch.compiler.load_cache_artifacts(kernels.read_bytes())
+        device = f"cuda:{index}"
+        module = load_program(path, config.name).module().to(device)
+        autotune = str(config.parameters["engine_autotune"].string_value).lower() == "true"
+        try:
+            run = compile_module(torch, module, config, device, autotune)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as exc:
+            raise ModelLoadError(f"model '{config.name}': torch.compile failed: {exc}") from None
+        log.info(
+            "model '%s': compiled for %s in %.1f s (kernels from the engine cache)",
+            config.name,
+            device,
+            time.perf_counter() - started,
+        )
+        with _LOCK:
+            _SHARED[key] = _Shared(run, 1)
+        return run
+
+
+def release(path: Path, index: int) -> None:
+    """One instance stopped using the module; the last one frees it."""
+    key = (str(path), index)
+    with _LOCK:
+        shared = _SHARED.get(key)
+        if shared is None:
+            return
+        shared.users -= 1
+        if shared.users <= 0:
+            del _SHARED[key]
