@@ -65,14 +65,15 @@ def test_gpu_engines_serve_with_graphs_and_sized_pools(tmp_path: Path) -> None:
         "fp32",
         extra='parameters { key: "instance_memory_fraction" value: { string_value: "0.02" } }',
     )
-    # Static buffers for a 2^22 batch of 3x16x16 floats need 12 GiB per bucket ... and the
-    # 2^26 bucket 192 GiB: more than any GPU has. The model fails; the others serve.
+    # Static input buffers for a 2^26 batch of 3x16x16 floats take 192 GiB: more than any
+    # GPU has. That model fails with a clear error; the others serve.
     write(
         repo,
         "gpu_oom",
         "fp32",
         max_batch=1 << 26,
-        extra='parameters { key: "cuda_graph_batch_buckets" value: { string_value: "67108864" } }',
+        extra='parameters { key: "cuda_graph_batch_buckets" value: { string_value: "67108864" } }\n'
+        'parameters { key: "engine_build" value: { string_value: "false" } }',
     )
     with ServerProcess(
         [repo], "--engine-cache", str(tmp_path / "cache"), log_path=tmp_path / "serve.log"

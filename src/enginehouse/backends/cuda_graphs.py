@@ -30,8 +30,10 @@ from enginehouse.backends.base import Engine
 log = logging.getLogger(__name__)
 
 WARM_RUNS = 3
-# One capture at a time in the process; replays and copies of other instances go on.
-_CAPTURE_LOCK = threading.Lock()
+# One compile or capture at a time in the process: a device-wide synchronisation or a
+# compile in one thread invalidates a capture running in another. Replays and copies of
+# instances already serving go on meanwhile.
+SETUP_LOCK = threading.RLock()
 
 
 @dataclass(slots=True)
@@ -101,7 +103,7 @@ class CudaGraphEngine(Engine):
             for dims, dtype in zip(self._dims, self._dtypes)
         ]
         pool = torch.cuda.graph_pool_handle()
-        with torch.inference_mode(), torch.cuda.device(self.device):
+        with SETUP_LOCK, torch.inference_mode(), torch.cuda.device(self.device):
             for size in reversed(self.buckets):
                 views = [t[:size] for t in self._static_in]
                 with torch.cuda.stream(self.stream):
@@ -110,11 +112,8 @@ class CudaGraphEngine(Engine):
                 self.stream.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 # Thread-local capture: other instances keep serving on their own threads.
-                with (
-                    _CAPTURE_LOCK,
-                    torch.cuda.graph(
-                        graph, pool=pool, stream=self.stream, capture_error_mode="thread_local"
-                    ),
+                with torch.cuda.graph(
+                    graph, pool=pool, stream=self.stream, capture_error_mode="thread_local"
                 ):
                     outputs = self._as_tuple(self._run(*views))
                 self._graphs[size] = _Graph(graph, list(outputs))

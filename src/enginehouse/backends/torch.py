@@ -9,7 +9,6 @@ Inputs and outputs follow the config's order; the program takes the inputs posit
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from enginehouse.backends import torch_compile
 from enginehouse.backends.base import Backend, Engine, Placement
-from enginehouse.backends.cuda_graphs import CudaGraphEngine, default_buckets
+from enginehouse.backends.cuda_graphs import SETUP_LOCK, CudaGraphEngine, default_buckets
 from enginehouse.config import model_config
 from enginehouse.errors import ModelLoadError
 
@@ -38,7 +37,8 @@ def import_torch() -> Any:
 
 
 # torch.export's loader and Inductor keep process-wide state: one load or build at a time.
-TORCH_LOCK = threading.RLock()
+# The same lock as CUDA-graph captures, which a compile in another thread would break.
+TORCH_LOCK = SETUP_LOCK
 
 
 def is_torchscript(path: Path) -> bool:

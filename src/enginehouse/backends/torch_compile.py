@@ -61,7 +61,6 @@ def compile_module(
     if config.max_batch_size <= 0 or any(d < 1 for dims in shapes for d in dims):
         return compiled
 
-
     dtypes = [
         torch.from_numpy(np.empty(0, datatypes.BY_CONFIG[t.data_type].numpy)).dtype
         for t in config.input

@@ -121,6 +121,11 @@ def _build(
 
         def forward(self, *args: Any) -> Any:
             cast = [a.to(dtype) if a.is_floating_point() else a for a in args]
+            if channels_last:
+                cast = [
+                    a.contiguous(memory_format=torch.channels_last) if a.ndim == 4 else a
+                    for a in cast
+                ]
             result = self.inner(*cast)
             if isinstance(result, torch.Tensor):
                 return result.float() if result.is_floating_point() else result
@@ -129,6 +134,13 @@ def _build(
     inner = copy.deepcopy(program.module()).to(device)  # the reference stays fp32
     if spec.precision != "fp32":
         inner = inner.to(dtype)
+    # Tensor cores read convolutions' images channels-last: convert weights and inputs once.
+    convolutions = {torch.ops.aten.conv2d.default, torch.ops.aten.convolution.default}
+    channels_last = device != "cpu" and any(
+        node.target in convolutions for node in program.graph.nodes
+    )
+    if channels_last:
+        inner = inner.to(memory_format=torch.channels_last)
     wrapped = Cast(inner).to(device)  # exported graphs have no train/eval modes
     # torch.export specialises dims of size 1: trace with a batch of two where allowed.
     repeat = 2 if config.max_batch_size >= 2 else 1
