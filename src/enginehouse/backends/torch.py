@@ -57,6 +57,17 @@ def load_torchscript(path: Path, model: str) -> Any:
         ) from None
 
 
+def program_on(program: Any, device: str) -> Any:
+    """The program's module with every parameter, buffer and lifted constant on ``device``
+    (``Module.to`` misses the constants an export lifts into plain attributes)."""
+    torch = import_torch()
+    if device != "cpu":
+        from torch.export.passes import move_to_device_pass
+
+        program = move_to_device_pass(program, torch.device(device))
+    return program.module().to(device)
+
+
 def load_program(path: Path, model: str) -> Any:
     torch = import_torch()
     try:
@@ -243,4 +254,4 @@ def _load_runner(
             ) from None
     if is_torchscript(model_file):
         return load_torchscript(model_file, config.name).to(device)
-    return load_program(model_file, config.name).module().to(device)
+    return program_on(load_program(model_file, config.name), device)

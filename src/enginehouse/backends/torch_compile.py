@@ -71,9 +71,9 @@ def compile_module(
                 torch.zeros((batch, *dims), dtype=dtype, device=device)
                 for dims, dtype in zip(shapes, dtypes)
             ]
-            if batch > 1:
+            if batch > 1:  # bounds come from the program's own batch range
                 for tensor in inputs:
-                    torch._dynamo.mark_dynamic(tensor, 0, min=2, max=config.max_batch_size)
+                    torch._dynamo.mark_dynamic(tensor, 0)
             compiled(*inputs)
     torch.cuda.synchronize(device)
     return compiled
@@ -81,7 +81,7 @@ def compile_module(
 
 def acquire(torch: Any, path: Path, config: mc.ModelConfig, index: int) -> Any:
     """The shared compiled module of ``path`` on GPU ``index``, compiling it if needed."""
-    from enginehouse.backends.torch import TORCH_LOCK, load_program
+    from enginehouse.backends.torch import TORCH_LOCK, load_program, program_on
 
     key = (str(path), index)
     with _LOCK:
@@ -100,7 +100,7 @@ def acquire(torch: Any, path: Path, config: mc.ModelConfig, index: int) -> Any:
         if kernels.is_file():
             torch.compiler.load_cache_artifacts(kernels.read_bytes())
         device = f"cuda:{index}"
-        module = load_program(path, config.name).module().to(device)
+        module = program_on(load_program(path, config.name), device)
         autotune = str(config.parameters["engine_autotune"].string_value).lower() == "true"
         try:
             run = compile_module(torch, module, config, device, autotune)

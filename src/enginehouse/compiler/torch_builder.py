@@ -24,6 +24,7 @@ from enginehouse.backends.torch import (
     is_torchscript,
     load_program,
     load_torchscript,
+    program_on,
 )
 from enginehouse.compiler.accuracy import OutputErrors
 from enginehouse.compiler.onnx_builder import cpu_model
@@ -131,7 +132,7 @@ def _build(
                 return result.float() if result.is_floating_point() else result
             return tuple(r.float() if r.is_floating_point() else r for r in result)
 
-    inner = copy.deepcopy(program.module()).to(device)  # the reference stays fp32
+    inner = program_on(copy.deepcopy(program), device)  # the reference stays fp32
     if spec.precision != "fp32":
         inner = inner.to(dtype)
     # Tensor cores read convolutions' images channels-last: convert weights and inputs once.
@@ -194,7 +195,7 @@ def _build_compiled(
     """GPU targets: the converted program plus Inductor's kernels for it (see
     backends/torch_compile.py for why not AOTInductor)."""
     torch.export.save(exported, str(out / torch_compile.PROGRAM))
-    module = torch.export.load(str(out / torch_compile.PROGRAM)).module().to(device)
+    module = program_on(torch.export.load(str(out / torch_compile.PROGRAM)), device)
     compiled = torch_compile.compile_module(torch, module, config, device, spec.autotune)
     artifacts = torch.compiler.save_cache_artifacts()
     if artifacts is not None:

@@ -1,0 +1,185 @@
+"""Served GPU engines: BERT-base and ResNet-50 through `enginehouse serve` under gRPC load.
+
+For each model: start the server (dynamic batching, fp16 engine, 2 GPU instances) on the
+engine cache of bench/gpu_engines.py, and time process start -> ready and the first request
+against the steady p50; drive it with closed-loop clients in many processes (pre-serialised
+ModelInfer messages, bench/loadgen.py) and read the batch size the batcher formed from the
+server's statistics; then, with the server stopped, run the raw engine (one instance, host
+arrays in and out, as the server runs it) at that batch size. Served throughput / raw
+throughput is the figure of merit (goal: >= 80% for BERT, p99 <= 10 ms).
+
+    python bench/gpu_serving.py [--seconds 10] [--clients 128] [--processes 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu_engines import OUT, RESULTS
+from gpu_models import MODELS, BenchModel, gpu_config
+from loadgen import grpc_load
+
+from enginehouse.testing import ServerProcess
+
+BATCHING = {
+    "bert": "dynamic_batching { max_queue_delay_microseconds: 2000 }\n",
+    "resnet50": "dynamic_batching { max_queue_delay_microseconds: 2000 }\n",
+}
+MAX_BATCH = {"bert": 64, "resnet50": 64}
+
+
+def message(model: BenchModel) -> bytes:
+    from tritonclient.grpc import service_pb2 as pb
+
+    request = pb.ModelInferRequest(model_name=model.name)
+    for name, array in model.inputs(1).items():
+        datatype = "INT64" if array.dtype == np.int64 else "FP32"
+        request.inputs.add(name=name, datatype=datatype, shape=list(array.shape))
+        request.raw_input_contents.append(array.tobytes())
+    return request.SerializeToString()
+
+
+def stats(port: int, model: str) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models/{model}/stats") as reply:
+        return json.loads(reply.read())["model_stats"][0]  # type: ignore[no-any-return]
+
+
+def first_and_steady(server: ServerProcess, model: BenchModel) -> tuple[float, float]:
+    """Latency of the first request after ready, and p50 of the next 200 (ms)."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    items = []
+    for name, array in model.inputs(1).items():
+        item = grpcclient.InferInput(
+            name, list(array.shape), "INT64" if array.dtype == np.int64 else "FP32"
+        )
+        item.set_data_from_numpy(array)
+        items.append(item)
+    times = []
+    for _ in range(201):
+        start = time.perf_counter()
+        client.infer(model.name, items)
+        times.append((time.perf_counter() - start) * 1e3)
+    client.close()
+    return times[0], float(np.median(times[1:]))
+
+
+def raw_engine(model: BenchModel, batch: int, seconds: float) -> float:
+    """Items per second of one engine instance executing host arrays of ``batch`` rows."""
+    from gpu_engines import build
+
+    _, engine, _, _ = build(model, "fp16", False)
+    host = model.inputs(batch)
+    outputs = [t.name for t in engine.config.output]
+    for _ in range(10):
+        engine.execute(host, outputs)
+    count = 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        engine.execute(host, outputs)
+        count += 1
+    elapsed = time.perf_counter() - start
+    engine.close()
+    return count * batch / elapsed
+
+
+def serve(model: BenchModel, args: argparse.Namespace) -> dict[str, Any]:
+    import dataclasses
+
+    served = dataclasses.replace(model, max_batch_size=MAX_BATCH[model.name])
+    served.write(OUT / "serve-repo", gpu_config("fp16", count=2, extra=BATCHING[model.name]))
+    starts: list[float] = []
+    result: dict[str, Any] = {"model": model.name}
+    for attempt in range(2):  # the first start may build; the second finds everything cached
+        began = time.perf_counter()
+        server = ServerProcess(
+            [OUT / "serve-repo"],
+            "--engine-cache",
+            str(OUT / "cache"),
+            "--load-model",
+            model.name,
+            "--model-control-mode",
+            "explicit",
+            log_path=OUT / f"serve-{model.name}-{attempt}.log",
+        )
+        try:
+            server.wait_ready(timeout_s=900)
+            starts.append(time.perf_counter() - began)
+            print(f"  {model.name}: start {attempt + 1} ready in {starts[-1]:.1f} s", flush=True)
+            if attempt == 0:
+                continue
+            first, steady = first_and_steady(server, served)
+            result |= {"first_ms": round(first, 3), "steady_p50_ms": round(steady, 3)}
+            before = stats(server.http_port, model.name)
+            load = grpc_load(
+                f"127.0.0.1:{server.grpc_port}",
+                message(served),
+                args.clients,
+                args.seconds,
+                args.processes,
+            )
+            after = stats(server.http_port, model.name)
+        finally:
+            server.stop()
+    executions = after["execution_count"] - before["execution_count"]
+    inferences = after["inference_count"] - before["inference_count"]
+    batch = inferences / max(executions, 1)
+    raw = raw_engine(model, max(1, round(batch)), 5.0)
+    result |= {
+        "cold_start_s": round(starts[0], 2),
+        "cached_start_s": round(starts[1], 2),
+        "served_per_s": round(load.rps, 1),
+        "p50_ms": round(load.p50_ms, 2),
+        "p99_ms": round(load.p99_ms, 2),
+        "errors": load.errors,
+        "mean_batch": round(batch, 1),
+        "raw_per_s": round(raw, 1),
+        "served_vs_raw": round(load.rps / raw, 3),
+    }
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="bert,resnet50")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--clients", type=int, default=128)
+    parser.add_argument("--processes", type=int, default=12)
+    args = parser.parse_args()
+    rows = [serve(MODELS[name], args) for name in args.models.split(",")]
+    print(
+        f"\n{'model':9} {'served/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'batch':>6} {'raw/s':>9} "
+        f"{'ratio':>6} {'cold s':>7} {'cached s':>8} {'first ms':>8} {'p50 ms':>7}"
+    )
+    for r in rows:
+        print(
+            f"{r['model']:9} {r['served_per_s']:9.1f} {r['p50_ms']:7.2f} {r['p99_ms']:7.2f} "
+            f"{r['mean_batch']:6.1f} {r['raw_per_s']:9.1f} {r['served_vs_raw']:5.2f}x "
+            f"{r['cold_start_s']:7.1f} {r['cached_start_s']:8.1f} {r['first_ms']:8.2f} "
+            f"{r['steady_p50_ms']:7.2f}"
+        )
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "gpu_serving.json").write_text(json.dumps(rows, indent=1))
+    print(
+        "gpu_serving: "
+        + "; ".join(
+            f"{r['model']} {r['served_per_s']:.0f}/s = {r['served_vs_raw']:.2f}x raw at batch "
+            f"{r['mean_batch']}, p99 {r['p99_ms']:.1f} ms, cached start {r['cached_start_s']:.1f} s"
+            for r in rows
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
