@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_engines import OUT, RESULTS
+from gpu_engines import OUT, PRECISION, RESULTS
 from gpu_models import MODELS, BenchModel, gpu_config
 from loadgen import grpc_load
 
@@ -79,7 +79,7 @@ def raw_engine(model: BenchModel, batch: int, seconds: float) -> float:
     """Items per second of one engine instance executing host arrays of ``batch`` rows."""
     from gpu_engines import build
 
-    _, engine, _, _ = build(model, "fp16", False)
+    _, engine, _, _ = build(model, PRECISION[model.name], False)
     host = model.inputs(batch)
     outputs = [t.name for t in engine.config.output]
     for _ in range(10):
@@ -98,7 +98,8 @@ def serve(model: BenchModel, args: argparse.Namespace) -> dict[str, Any]:
     import dataclasses
 
     served = dataclasses.replace(model, max_batch_size=MAX_BATCH[model.name])
-    served.write(OUT / "serve-repo", gpu_config("fp16", count=2, extra=BATCHING[model.name]))
+    config = gpu_config(PRECISION[model.name], count=2, extra=BATCHING[model.name])
+    served.write(OUT / "serve-repo", config)
     starts: list[float] = []
     result: dict[str, Any] = {"model": model.name}
     for attempt in range(2):  # the first start may build; the second finds everything cached

@@ -58,14 +58,24 @@ def load_torchscript(path: Path, model: str) -> Any:
 
 
 def program_on(program: Any, device: str) -> Any:
-    """The program's module with every parameter, buffer and lifted constant on ``device``
-    (``Module.to`` misses the constants an export lifts into plain attributes)."""
+    """The program's module with everything on ``device``: parameters and buffers, lifted
+    constants (plain attributes that ``Module.to`` misses) and the devices that tracing on
+    the CPU wrote into ops such as ``arange(..., device=cpu)``."""
     torch = import_torch()
-    if device != "cpu":
-        from torch.export.passes import move_to_device_pass
-
-        program = move_to_device_pass(program, torch.device(device))
-    return program.module().to(device)
+    module = program.module().to(device)
+    if device == "cpu":
+        return module
+    target = torch.device(device)
+    for node in module.graph.nodes:
+        found = node.kwargs.get("device")
+        if isinstance(found, torch.device) and found.type == "cpu":
+            node.update_kwarg("device", target)
+    module.recompile()
+    for sub in module.modules():
+        for key, value in list(vars(sub).items()):
+            if isinstance(value, torch.Tensor) and value.device != target:
+                setattr(sub, key, value.to(target))
+    return module
 
 
 def load_program(path: Path, model: str) -> Any:
