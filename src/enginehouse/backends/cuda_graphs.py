@@ -36,6 +36,17 @@ WARM_RUNS = 3
 SETUP_LOCK = threading.RLock()
 
 
+# Streams of closed engines, by device, for the next engine. cuBLAS keeps a workspace per
+# stream for the life of the process, so new streams on every load would leak device memory.
+_FREE_STREAMS: dict[Any, list[Any]] = {}
+
+
+def _take_stream(torch: Any, device: Any) -> Any:
+    with SETUP_LOCK:
+        free = _FREE_STREAMS.get(device)
+        return free.pop() if free else torch.cuda.Stream(device)
+
+
 @dataclass(slots=True)
 class _Graph:
     graph: Any  # torch.cuda.CUDAGraph
@@ -71,7 +82,7 @@ class CudaGraphEngine(Engine):
         self._run = run
         self.config = config
         self.device = torch.device(device)
-        self.stream = torch.cuda.Stream(self.device)
+        self.stream = _take_stream(torch, self.device)
         self._inputs = [t.name for t in config.input]
         self._index = {t.name: i for i, t in enumerate(config.output)}
         self._dtypes = [
@@ -178,6 +189,8 @@ class CudaGraphEngine(Engine):
 
     def close(self) -> None:
         """Drop graphs, buffers and the model; the allocator's cache is emptied by the server."""
+        if self._run is None:
+            return
         self.stream.synchronize()
         self._graphs.clear()
         self._static_in.clear()
@@ -187,3 +200,5 @@ class CudaGraphEngine(Engine):
         if self.on_close is not None:
             self.on_close()
             self.on_close = None
+        with SETUP_LOCK:
+            _FREE_STREAMS.setdefault(self.device, []).append(self.stream)

@@ -62,10 +62,15 @@ def program_on(program: Any, device: str) -> Any:
     constants (plain attributes that ``Module.to`` misses) and the devices that tracing on
     the CPU wrote into ops such as ``arange(..., device=cpu)``."""
     torch = import_torch()
-    module = program.module().to(device)
     if device == "cpu":
-        return module
+        return program.module()
     target = torch.device(device)
+    try:
+        from torch.export.passes import move_to_device_pass
+
+        return move_to_device_pass(program, target).module()
+    except Exception:
+        module = program.module().to(device)
     for node in module.graph.nodes:
         found = node.kwargs.get("device")
         if isinstance(found, torch.device) and found.type == "cpu":
