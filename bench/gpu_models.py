@@ -45,8 +45,8 @@ class BenchModel:
 
         return Cls().eval()
 
-    def inputs(self, batch: int) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng(batch)
+    def inputs(self, batch: int, seed: int = -1) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(batch if seed < 0 else 1000 + seed)
         if self.name == "resnet50":
             return {"image": rng.standard_normal((batch, 3, 224, 224)).astype(np.float32)}
         return {
@@ -67,9 +67,16 @@ class BenchModel:
             dynamic = tuple({0: batch} for _ in example)
             exported = torch.export.export(self.module(), example, dynamic_shapes=dynamic)
             torch.export.save(exported, str(program))
+        # Real inputs for the accuracy gate: random token ids with a full attention mask (the
+        # gate's default zeros would mask every token, a case the model does not define).
+        calibration = folder / "calibration"
+        calibration.mkdir(exist_ok=True)
+        for seed in range(4):
+            np.savez(calibration / f"sample{seed}.npz", **self.inputs(1, seed))
         (folder / "config.pbtxt").write_text(
             f'backend: "pytorch"\nmax_batch_size: {self.max_batch_size}\n'
             + self.tensors
+            + 'parameters { key: "engine_calibration" value: { string_value: "calibration" } }\n'
             + config_extra
         )
         return folder
