@@ -83,6 +83,13 @@ def program_on(program: Any, device: str) -> Any:
     return module
 
 
+def program_arity(path: Path, model: str) -> list[int]:
+    """[inputs, outputs] of an exported program (loading it takes seconds for big models,
+    so the loader remembers this in the engine cache's source facts)."""
+    signature = load_program(path, model).graph_signature
+    return [len(list(signature.user_inputs)), len(list(signature.user_outputs))]
+
+
 def load_program(path: Path, model: str) -> Any:
     torch = import_torch()
     try:
@@ -150,17 +157,19 @@ class TorchBackend(Backend):
                     f"the config declares {len(config.input)}"
                 )
             return
-        program = load_program(model_file, config.name)
-        user_inputs = list(program.graph_signature.user_inputs)
-        if len(user_inputs) != len(config.input):
+        inputs, outputs = (
+            signature
+            if isinstance(signature, list | tuple)
+            else program_arity(model_file, config.name)
+        )
+        if inputs != len(config.input):
             raise ModelLoadError(
-                f"model '{config.name}': the exported program takes {len(user_inputs)} inputs, "
+                f"model '{config.name}': the exported program takes {inputs} inputs, "
                 f"the config declares {len(config.input)}"
             )
-        outputs = list(program.graph_signature.user_outputs)
-        if len(outputs) != len(config.output):
+        if outputs != len(config.output):
             raise ModelLoadError(
-                f"model '{config.name}': the exported program returns {len(outputs)} outputs, "
+                f"model '{config.name}': the exported program returns {outputs} outputs, "
                 f"the config declares {len(config.output)}"
             )
 

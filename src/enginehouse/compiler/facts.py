@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,14 @@ class SourceFacts:
             entry = {**entry, "sha256": file_sha256(path)}
             self._save(key, entry)
         return str(entry["sha256"])
+
+    def remembered(self, path: Path, name: str, compute: Callable[[Path], Any]) -> Any:
+        """``compute(path)`` (a JSON value), remembered under ``name`` until the file changes."""
+        key, entry, _ = self._entry(path)
+        if name not in entry:
+            entry = {**entry, name: compute(path)}
+            self._save(key, entry)
+        return entry[name]
 
     def signature(self, path: Path) -> GraphSignature:
         key, entry, _ = self._entry(path)

@@ -16,6 +16,7 @@ from pathlib import Path
 from tritonclient.grpc import model_config_pb2 as mc
 
 from enginehouse.backends import Backend, Placement, backend_for, backend_for_file
+from enginehouse.backends.torch import TORCH_BACKEND, program_arity
 from enginehouse.compiler import engine as compiler
 from enginehouse.compiler.cache import EngineCache
 from enginehouse.config import model_config
@@ -178,12 +179,14 @@ def load_version(
         raise ModelLoadError(
             f"model '{config.name}' version {version}: model file {model_file.name} not found"
         )
-    # The ONNX signature is remembered in the cache; other backends read their own files.
-    signature = (
-        cache.facts.signature(model_file)
-        if cache is not None and backend.name == model_config.ONNX_BACKEND
-        else None
-    )
+    # Signatures are remembered in the cache's source facts: reading big files takes seconds.
+    signature: object | None = None
+    if cache is not None and backend.name == model_config.ONNX_BACKEND:
+        signature = cache.facts.signature(model_file)
+    elif cache is not None and backend.name == TORCH_BACKEND and model_file.suffix == ".pt2":
+        signature = cache.facts.remembered(
+            model_file, "program_arity", lambda path: program_arity(path, config.name)
+        )
     backend.check_config(config, model_file, signature)
     wanted = [
         Placement(group.kind, device)
