@@ -83,6 +83,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--delay-us", type=int, default=2000)
+    parser.add_argument("--grpc-workers", type=int, default=0, help="frontend processes")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -97,7 +98,7 @@ def main() -> int:
             (repo / name / "1").mkdir(parents=True)
             onnx.save(mlp(), str(repo / name / "1" / "model.onnx"))
             (repo / name / "config.pbtxt").write_text(config(name, batching))
-        server = ServerProcess([repo])
+        server = ServerProcess([repo], "--grpc-workers", str(args.grpc_workers))
         try:
             server.wait_ready()
             rows = {}

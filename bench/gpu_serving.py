@@ -112,6 +112,8 @@ def serve(model: BenchModel, args: argparse.Namespace) -> dict[str, Any]:
             model.name,
             "--model-control-mode",
             "explicit",
+            "--grpc-workers",
+            str(args.grpc_workers),
             log_path=OUT / f"serve-{model.name}-{attempt}.log",
         )
         try:
@@ -156,7 +158,8 @@ def main() -> None:
     parser.add_argument("--models", default="bert,resnet50")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=128)
-    parser.add_argument("--processes", type=int, default=12)
+    parser.add_argument("--processes", type=int, default=8)
+    parser.add_argument("--grpc-workers", type=int, default=6, help="frontend processes")
     args = parser.parse_args()
     rows = [serve(MODELS[name], args) for name in args.models.split(",")]
     print(

@@ -51,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-port", type=int, default=8002)
     serve.add_argument("--allow-http", type=_bool, default=True)
     serve.add_argument("--allow-grpc", type=_bool, default=True)
+    serve.add_argument(
+        "--grpc-workers",
+        type=int,
+        default=0,
+        help="serve gRPC from this many worker processes sharing the port (0: in process)",
+    )
     serve.add_argument("--allow-metrics", type=_bool, default=True)
     serve.add_argument(
         "--model-control-mode",
@@ -143,6 +149,7 @@ def metrics_options(settings: list[str]) -> MetricsOptions:
 
 async def serve(args: argparse.Namespace) -> int:
     """Run the server until SIGINT or SIGTERM, then drain and stop."""
+    from enginehouse.frontends.grpc.relay import GrpcWorkers
     from enginehouse.frontends.grpc.service import GrpcServer
     from enginehouse.frontends.http.app import HttpServer
     from enginehouse.frontends.metrics import MetricsServer
@@ -166,18 +173,24 @@ async def serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
-    servers: list[HttpServer | GrpcServer | MetricsServer] = []
+    servers: list[HttpServer | GrpcServer | GrpcWorkers | MetricsServer] = []
     if args.allow_http:
         http = HttpServer(core, args.host, args.http_port, args.http_max_input_size)
         core.add_request_warmer(http.app.warm)
         servers.append(http)
     if args.allow_grpc:
-        grpc_server = GrpcServer(core, args.host, args.grpc_port, args.http_max_input_size)
+        grpc_server: GrpcServer | GrpcWorkers = (
+            GrpcWorkers(
+                core, args.host, args.grpc_port, args.http_max_input_size, args.grpc_workers
+            )
+            if args.grpc_workers > 0
+            else GrpcServer(core, args.host, args.grpc_port, args.http_max_input_size)
+        )
         core.add_request_warmer(grpc_server.service.warm)
         servers.append(grpc_server)
     if args.allow_metrics:
         servers.append(MetricsServer(core, args.host, args.metrics_port, options))
-    started: list[HttpServer | GrpcServer | MetricsServer] = []
+    started: list[HttpServer | GrpcServer | GrpcWorkers | MetricsServer] = []
     try:
         for server in servers:
             await server.start()

@@ -1,0 +1,41 @@
+"""The relay's wire format between gRPC worker processes and the core (see relay.py).
+
+Kept apart so that worker processes import only this, grpc and the protobuf messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import grpc
+
+METHODS = (
+    "ServerLive",
+    "ServerReady",
+    "ModelReady",
+    "ServerMetadata",
+    "ModelMetadata",
+    "ModelConfig",
+    "ModelStatistics",
+    "RepositoryIndex",
+    "RepositoryModelLoad",
+    "RepositoryModelUnload",
+    "ModelInfer",
+)
+HELLO = 255
+HEADER = struct.Struct("!IIB")  # length of the rest, call id, method or status
+STATUS = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def frame(call: int, code: int, payload: bytes) -> bytes:
+    return HEADER.pack(5 + len(payload), call, code) + payload
+
+
+async def read_frame(reader: asyncio.StreamReader) -> tuple[int, int, bytes]:
+    """(call id, method or status, payload) of the next frame."""
+    head = await reader.readexactly(4)
+    (length,) = struct.unpack("!I", head)
+    body = await reader.readexactly(length)
+    call, code = struct.unpack_from("!IB", body)
+    return call, code, body[5:]

@@ -1,0 +1,168 @@
+"""A gRPC frontend process: takes calls on the shared port and relays them to the core.
+
+Run by :class:`enginehouse.frontends.grpc.relay.GrpcWorkers` as
+``python -m enginehouse.frontends.grpc.worker RELAY HOST PORT MAX_MESSAGE_BYTES``. Unary
+calls travel as they arrived (no protobuf work here); a ModelStreamInfer stream is relayed
+as one ModelInfer per message, its answers sent back as they complete, errors in the
+response's ``error_message`` as Triton sends them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+from tritonclient.grpc import service_pb2 as pb
+
+from enginehouse.frontends.grpc.frames import HEADER, HELLO, METHODS, STATUS, read_frame
+
+log = logging.getLogger("enginehouse.grpc.worker")
+SERVICE = "inference.GRPCInferenceService"
+
+
+class RelayClient:
+    """One Unix-socket connection to the core, with calls multiplexed by id."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[tuple[int, bytes]]] = {}
+        self._task = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                call, status, payload = await read_frame(self._reader)
+                future = self._pending.pop(call, None)
+                if future is not None and not future.done():
+                    future.set_result((status, payload))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            log.error("the relay to the core closed")
+            for future in self._pending.values():
+                if not future.done():
+                    future.set_result((grpc.StatusCode.UNAVAILABLE.value[0], b"server stopping"))
+
+    def send(self, call: int, method: int, payload: bytes) -> None:
+        self._writer.writelines([HEADER.pack(5 + len(payload), call, method), payload])
+
+    async def call(self, method: int, payload: bytes) -> tuple[int, bytes]:
+        call = next(self._ids)
+        future: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
+        self._pending[call] = future
+        self.send(call, method, payload)
+        return await future
+
+
+def unary(
+    relay: RelayClient, method: int
+) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]:
+    async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        status, payload = await relay.call(method, request)
+        if status:
+            await context.abort(STATUS[status], payload.decode("utf-8", "replace"))
+        return payload
+
+    return handle
+
+
+def stream(relay: RelayClient) -> Callable[..., AsyncIterator[pb.ModelStreamInferResponse]]:
+    infer = METHODS.index("ModelInfer")
+
+    async def handle(
+        requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        done: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def one(message: pb.ModelInferRequest) -> None:
+            status, payload = await relay.call(infer, message.SerializeToString())
+            if status == 0:
+                answer = pb.ModelStreamInferResponse(
+                    infer_response=pb.ModelInferResponse.FromString(payload)
+                )
+            else:
+                answer = pb.ModelStreamInferResponse(
+                    error_message=payload.decode("utf-8", "replace")
+                )
+                answer.infer_response.id = message.id
+                answer.infer_response.model_name = message.model_name
+                answer.infer_response.model_version = message.model_version
+            done.put_nowait(answer)
+
+        async def read() -> None:
+            try:
+                async for message in requests:
+                    task = asyncio.create_task(one(message))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                while tasks:
+                    await asyncio.gather(*list(tasks))
+            finally:
+                done.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await done.get()) is not None:
+                yield item
+        finally:
+            reader.cancel()
+
+    return handle
+
+
+async def serve(relay_path: str, host: str, port: int, max_message_bytes: int) -> None:
+    reader, writer = await asyncio.open_unix_connection(relay_path, limit=max_message_bytes + 64)
+    relay = RelayClient(reader, writer)
+    handlers: dict[str, grpc.RpcMethodHandler] = {
+        name: grpc.unary_unary_rpc_method_handler(unary(relay, index))
+        for index, name in enumerate(METHODS)
+    }
+    handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
+        stream(relay),
+        request_deserializer=pb.ModelInferRequest.FromString,
+        response_serializer=pb.ModelStreamInferResponse.SerializeToString,
+    )
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", -1),
+            ("grpc.so_reuseport", 1),
+        ]
+    )
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if server.add_insecure_port(address) == 0:
+        raise OSError(f"cannot bind gRPC port {address}")
+    await server.start()
+    relay.send(0, HELLO, b"")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(5.0)
+
+
+def main() -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname).1s %(name)s: %(message)s"
+    )
+    relay_path, host, port, max_bytes = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    try:
+        import uvloop
+
+        uvloop.run(serve(relay_path, host, port, max_bytes))
+    except OSError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

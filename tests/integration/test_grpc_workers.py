@@ -1,0 +1,99 @@
+"""gRPC served by worker processes (--grpc-workers) relaying to the core: the same protocol
+as the in-process frontend, and a worker that dies is replaced."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from tests.conftest import ServerProcess
+from tests.integration import test_inference
+
+
+@pytest.fixture(scope="module")
+def workers_server(
+    example_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    proc = ServerProcess(
+        [example_repo],
+        "--grpc-workers",
+        "2",
+        log_path=tmp_path_factory.mktemp("log") / "workers.log",
+    )
+    try:
+        proc.wait_live()
+        yield proc
+    finally:
+        proc.stop()
+
+
+def workers(server: ServerProcess) -> list[psutil.Process]:
+    """The live worker processes (a killed one is a zombie until the server reaps it)."""
+    found = []
+    for child in psutil.Process(server.process.pid).children():
+        try:
+            if "enginehouse.frontends.grpc.worker" in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_infer_stream_and_types_through_workers(workers_server: ServerProcess) -> None:
+    assert len(workers(workers_server)) == 2
+    for batch in (1, 8):
+        test_inference.test_simple_add_sub(workers_server, "grpc", batch)
+    for kind in ("fp16", "int64", "bytes", "bool"):
+        test_inference.test_identity_every_datatype(workers_server, "grpc", kind)
+    test_inference.test_grpc_typed_contents(workers_server)
+    test_inference.test_grpc_streaming(workers_server)
+    test_inference.test_asyncio_clients(workers_server)
+
+
+def test_metadata_and_errors_through_workers(workers_server: ServerProcess) -> None:
+    client = grpcclient.InferenceServerClient(workers_server.grpc_url)
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.get_model_metadata("simple").name == "simple"
+    assert client.get_model_config("simple").config.max_batch_size == 8
+    assert {m.name for m in client.get_model_repository_index().models} >= {"simple"}
+    assert client.get_inference_statistics("simple").model_stats[0].name == "simple"
+    with pytest.raises(InferenceServerException) as info:
+        client.get_model_metadata("no_such_model")
+    assert info.value.status() == "StatusCode.NOT_FOUND"
+    item = grpcclient.InferInput("INPUT0", [1, 16], "FP32")
+    item.set_data_from_numpy(np.zeros((1, 16), np.float32))
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("simple", [item])
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+    with pytest.raises(InferenceServerException) as info:
+        client.load_model("simple")  # control mode none
+    assert "none" in str(info.value)
+
+
+def test_dead_worker_is_replaced(workers_server: ServerProcess) -> None:
+    victim = workers(workers_server)[0]
+    os.kill(victim.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        alive = [p for p in workers(workers_server) if p.pid != victim.pid and p.is_running()]
+        if len(alive) == 2:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the dead worker was not replaced")
+    time.sleep(1.0)  # the new worker binds the port
+    for _ in range(20):  # new connections land on either worker
+        client = grpcclient.InferenceServerClient(workers_server.grpc_url)
+        a, b, inputs = test_inference.simple_inputs(grpcclient)
+        result = client.infer("simple", inputs)
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + b)
+        client.close()
