@@ -39,3 +39,22 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[int, int, bytes]:
     body = await reader.readexactly(length)
     call, code = struct.unpack_from("!IB", body)
     return call, code, body[5:]
+
+
+class Coalescer:
+    """Writes the frames of one event-loop turn with one system call: a write per frame
+    costs more than the rest of relaying a small call."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+        self._pending: list[bytes] = []
+
+    def write(self, *parts: bytes) -> None:
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._pending.extend(parts)
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        if not self._writer.is_closing():
+            self._writer.writelines(pending)

@@ -30,7 +30,7 @@ import grpc
 from tritonclient.grpc import service_pb2 as pb
 
 from enginehouse.core.server import ServerCore
-from enginehouse.frontends.grpc.frames import HELLO, METHODS, frame, read_frame
+from enginehouse.frontends.grpc.frames import HELLO, METHODS, Coalescer, frame, read_frame
 from enginehouse.frontends.grpc.service import InferenceService
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,7 @@ class GrpcWorkers:
                     self._processes[index] = self._spawn()
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        out = Coalescer(writer)
         try:
             while True:
                 call, method, payload = await read_frame(reader)
@@ -126,7 +127,7 @@ class GrpcWorkers:
                     self._hello.put_nowait(call)
                     continue
                 task = asyncio.get_running_loop().create_task(
-                    self._call(writer, call, method, payload)
+                    self._call(out, call, method, payload)
                 )
                 self._calls.add(task)
                 task.add_done_callback(self._calls.discard)
@@ -135,22 +136,19 @@ class GrpcWorkers:
         finally:
             writer.close()
 
-    async def _call(
-        self, writer: asyncio.StreamWriter, call: int, method: int, payload: bytes
-    ) -> None:
+    async def _call(self, out: Coalescer, call: int, method: int, payload: bytes) -> None:
         code = grpc.StatusCode.OK
         try:
             name = METHODS[method]
             request = REQUESTS[name].FromString(payload)
             response = await getattr(self.service, name)(request, RelayContext())
-            out = response.SerializeToString()
+            answer = response.SerializeToString()
         except _Abort as abort:
-            code, out = abort.code, abort.details.encode()
+            code, answer = abort.code, abort.details.encode()
         except Exception as exc:  # a broken call must not end the connection
             log.exception("relayed gRPC call failed")
-            code, out = grpc.StatusCode.INTERNAL, f"internal error: {exc}".encode()
-        if not writer.is_closing():
-            writer.write(frame(call, code.value[0], out))
+            code, answer = grpc.StatusCode.INTERNAL, f"internal error: {exc}".encode()
+        out.write(frame(call, code.value[0], answer))
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Let the workers finish their calls (the relay still answers), then close it."""

@@ -19,7 +19,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import grpc
 from tritonclient.grpc import service_pb2 as pb
 
-from enginehouse.frontends.grpc.frames import HEADER, HELLO, METHODS, STATUS, read_frame
+from enginehouse.frontends.grpc.frames import (
+    HEADER,
+    HELLO,
+    METHODS,
+    STATUS,
+    Coalescer,
+    read_frame,
+)
 
 log = logging.getLogger("enginehouse.grpc.worker")
 SERVICE = "inference.GRPCInferenceService"
@@ -30,7 +37,7 @@ class RelayClient:
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
-        self._writer = writer
+        self._out = Coalescer(writer)
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[tuple[int, bytes]]] = {}
         self._task = asyncio.get_running_loop().create_task(self._read())
@@ -49,7 +56,7 @@ class RelayClient:
                     future.set_result((grpc.StatusCode.UNAVAILABLE.value[0], b"server stopping"))
 
     def send(self, call: int, method: int, payload: bytes) -> None:
-        self._writer.writelines([HEADER.pack(5 + len(payload), call, method), payload])
+        self._out.write(HEADER.pack(5 + len(payload), call, method), payload)
 
     async def call(self, method: int, payload: bytes) -> tuple[int, bytes]:
         call = next(self._ids)
