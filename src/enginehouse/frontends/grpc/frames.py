@@ -45,7 +45,7 @@ class Coalescer:
     """Writes the frames of one event-loop turn with one system call: a write per frame
     costs more than the rest of relaying a small call."""
 
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, writer: asyncio.StreamWriter | asyncio.WriteTransport) -> None:
         self._writer = writer
         self._pending: list[bytes] = []
 

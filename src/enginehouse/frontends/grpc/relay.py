@@ -20,9 +20,12 @@ import contextlib
 import logging
 import os
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +33,46 @@ import grpc
 from tritonclient.grpc import service_pb2 as pb
 
 from enginehouse.core.server import ServerCore
-from enginehouse.frontends.grpc.frames import HELLO, METHODS, Coalescer, frame, read_frame
+from enginehouse.errors import EnginehouseError
+from enginehouse.frontends.grpc.frames import HELLO, METHODS, Coalescer, frame
 from enginehouse.frontends.grpc.service import InferenceService
 
 log = logging.getLogger(__name__)
 
 REQUESTS: dict[str, Any] = {name: getattr(pb, f"{name}Request") for name in METHODS}
+INFER = METHODS.index("ModelInfer")
+INTERNAL = grpc.StatusCode.INTERNAL.value[0]
+_LENGTH = struct.Struct("!I")
+_CALL = struct.Struct("!IB")
+
+
+class _RelayProtocol(asyncio.Protocol):
+    """One worker's connection: frames cut out of the byte stream as they arrive."""
+
+    def __init__(self, owner: GrpcWorkers) -> None:
+        self._owner = owner
+        self._buffer = bytearray()
+        self._out: Coalescer | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._out = Coalescer(transport)  # type: ignore[arg-type]
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        start = 0
+        while len(buffer) - start >= 4:
+            (length,) = _LENGTH.unpack_from(buffer, start)
+            end = start + 4 + length
+            if len(buffer) < end:
+                break
+            call, method = _CALL.unpack_from(buffer, start + 4)
+            payload = bytes(buffer[start + 9 : end])
+            start = end
+            assert self._out is not None
+            self._owner.dispatch(self._out, call, method, payload)
+        if start:
+            del buffer[:start]
 
 
 class _Abort(Exception):
@@ -75,8 +112,9 @@ class GrpcWorkers:
     async def start(self) -> None:
         if self.port == 0:
             raise OSError("--grpc-workers needs a fixed --grpc-port (the workers share it)")
-        self._server = await asyncio.start_unix_server(
-            self._connection, path=str(self.path), limit=self.max_message_bytes + 64
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(
+            lambda: _RelayProtocol(self), path=str(self.path)
         )
         for _ in range(self.count):
             self._processes.append(self._spawn())
@@ -118,33 +156,46 @@ class GrpcWorkers:
                     )
                     self._processes[index] = self._spawn()
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        out = Coalescer(writer)
-        try:
-            while True:
-                call, method, payload = await read_frame(reader)
-                if method == HELLO:
-                    self._hello.put_nowait(call)
-                    continue
-                task = asyncio.get_running_loop().create_task(
-                    self._call(out, call, method, payload)
+    def dispatch(self, out: Coalescer, call: int, method: int, payload: bytes) -> None:
+        """Answer one relayed call: inline-executed inferences at once, the rest in a task."""
+        if method == HELLO:
+            self._hello.put_nowait(call)
+            return
+        if method == INFER:
+            arrival = time.perf_counter_ns()
+            try:
+                result = self.service.infer_message(
+                    pb.ModelInferRequest.FromString(payload), arrival
                 )
-                self._calls.add(task)
-                task.add_done_callback(self._calls.discard)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+            except EnginehouseError as exc:
+                out.write(frame(call, exc.grpc_code.value[0], exc.message.encode()))
+                return
+            except Exception as exc:
+                log.exception("relayed gRPC call failed")
+                out.write(frame(call, INTERNAL, f"internal error: {exc}".encode()))
+                return
+            if isinstance(result, pb.ModelInferResponse):
+                out.write(frame(call, 0, result.SerializeToString()))
+                return
+            work: Awaitable[Any] = result
+        else:
+            work = self._unary(method, payload)
+        task = asyncio.get_running_loop().create_task(self._finish(out, call, work))
+        self._calls.add(task)
+        task.add_done_callback(self._calls.discard)
 
-    async def _call(self, out: Coalescer, call: int, method: int, payload: bytes) -> None:
+    async def _unary(self, method: int, payload: bytes) -> Any:
+        name = METHODS[method]
+        return await getattr(self.service, name)(REQUESTS[name].FromString(payload), RelayContext())
+
+    async def _finish(self, out: Coalescer, call: int, work: Awaitable[Any]) -> None:
         code = grpc.StatusCode.OK
         try:
-            name = METHODS[method]
-            request = REQUESTS[name].FromString(payload)
-            response = await getattr(self.service, name)(request, RelayContext())
-            answer = response.SerializeToString()
+            answer = (await work).SerializeToString()
         except _Abort as abort:
             code, answer = abort.code, abort.details.encode()
+        except EnginehouseError as exc:
+            code, answer = exc.grpc_code, exc.message.encode()
         except Exception as exc:  # a broken call must not end the connection
             log.exception("relayed gRPC call failed")
             code, answer = grpc.StatusCode.INTERNAL, f"internal error: {exc}".encode()

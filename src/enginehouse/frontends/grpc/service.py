@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 import grpc
 from tritonclient.grpc import service_pb2 as pb
@@ -20,6 +20,7 @@ from tritonclient.grpc import service_pb2_grpc
 from enginehouse import datatypes
 from enginehouse.core.model import ModelVersion
 from enginehouse.core.server import EXTENSIONS, SERVER_NAME, ServerCore
+from enginehouse.core.types import InferResponse
 from enginehouse.errors import EnginehouseError, InvalidArgumentError
 from enginehouse.frontends.grpc.codec import (
     decode_infer_request,
@@ -147,17 +148,32 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             await context.abort(exc.grpc_code, exc.message)
         return pb.RepositoryModelUnloadResponse()
 
+    def infer_message(
+        self, request: pb.ModelInferRequest, arrival: int
+    ) -> pb.ModelInferResponse | Awaitable[pb.ModelInferResponse]:
+        """The response at once when the model ran inline, else an awaitable of it; errors
+        raise :class:`EnginehouseError`. ModelInfer and the worker relay both use it."""
+        infer_request = decode_infer_request(request)
+        infer_request.arrival_ns = arrival
+        result = self.core.submit(infer_request)
+        if isinstance(result, InferResponse):
+            return encode_infer_response(result)
+
+        async def finish() -> pb.ModelInferResponse:
+            return encode_infer_response(await result)
+
+        return finish()
+
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        arrival = time.perf_counter_ns()
         try:
-            infer_request = decode_infer_request(request)
-            infer_request.arrival_ns = arrival
-            response = await self.core.infer(infer_request)
+            result = self.infer_message(request, time.perf_counter_ns())
+            if not isinstance(result, pb.ModelInferResponse):
+                result = await result
         except EnginehouseError as exc:
             await context.abort(exc.grpc_code, exc.message)
-        return encode_infer_response(response)
+        return result
 
     async def ModelStreamInfer(
         self,
