@@ -97,3 +97,26 @@ def test_dead_worker_is_replaced(workers_server: ServerProcess) -> None:
         result = client.infer("simple", inputs)
         np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + b)
         client.close()
+
+
+def test_workers_exit_when_the_core_dies(example_repo: Path, tmp_path: Path) -> None:
+    """A killed core must not leave workers holding the port."""
+    server = ServerProcess([example_repo], "--grpc-workers", "1", log_path=tmp_path / "log")
+    try:
+        server.wait_live()
+        (worker,) = workers(server)
+        server.process.kill()
+        server.process.wait()
+        worker.wait(timeout=30)
+    finally:
+        server.stop()
+
+
+def test_malformed_message_is_invalid_argument(workers_server: ServerProcess) -> None:
+    import grpc
+
+    with grpc.insecure_channel(workers_server.grpc_url) as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        with pytest.raises(grpc.RpcError) as info:
+            call(b"\xff\xff\xff")
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 
 from enginehouse.core.server import ServerCore
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 REQUESTS: dict[str, Any] = {name: getattr(pb, f"{name}Request") for name in METHODS}
 INFER = METHODS.index("ModelInfer")
 INTERNAL = grpc.StatusCode.INTERNAL.value[0]
+INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 _LENGTH = struct.Struct("!I")
 _CALL = struct.Struct("!IB")
 
@@ -170,7 +172,10 @@ class GrpcWorkers:
             except EnginehouseError as exc:
                 out.write(frame(call, exc.grpc_code.value[0], exc.message.encode()))
                 return
-            except Exception as exc:
+            except DecodeError as exc:
+                out.write(frame(call, INVALID, f"malformed ModelInferRequest: {exc}".encode()))
+                return
+            except Exception as exc:  # reported to the client and logged
                 log.exception("relayed gRPC call failed")
                 out.write(frame(call, INTERNAL, f"internal error: {exc}".encode()))
                 return
@@ -196,6 +201,8 @@ class GrpcWorkers:
             code, answer = abort.code, abort.details.encode()
         except EnginehouseError as exc:
             code, answer = exc.grpc_code, exc.message.encode()
+        except DecodeError as exc:
+            code, answer = grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {exc}".encode()
         except Exception as exc:  # a broken call must not end the connection
             log.exception("relayed gRPC call failed")
             code, answer = grpc.StatusCode.INTERNAL, f"internal error: {exc}".encode()

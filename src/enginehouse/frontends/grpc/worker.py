@@ -30,6 +30,7 @@ from enginehouse.frontends.grpc.frames import (
 
 log = logging.getLogger("enginehouse.grpc.worker")
 SERVICE = "inference.GRPCInferenceService"
+_GONE = (grpc.StatusCode.UNAVAILABLE.value[0], b"the server is stopping")
 
 
 class RelayClient:
@@ -40,6 +41,8 @@ class RelayClient:
         self._out = Coalescer(writer)
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[tuple[int, bytes]]] = {}
+        # Set when the core went away: the worker then stops instead of holding the port.
+        self.closed = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._read())
 
     async def _read(self) -> None:
@@ -50,15 +53,18 @@ class RelayClient:
                 if future is not None and not future.done():
                     future.set_result((status, payload))
         except (asyncio.IncompleteReadError, ConnectionError):
-            log.error("the relay to the core closed")
-            for future in self._pending.values():
-                if not future.done():
-                    future.set_result((grpc.StatusCode.UNAVAILABLE.value[0], b"server stopping"))
+            log.info("the relay to the core closed; this worker stops")
+        self.closed.set()
+        for future in self._pending.values():
+            if not future.done():
+                future.set_result(_GONE)
 
     def send(self, call: int, method: int, payload: bytes) -> None:
         self._out.write(HEADER.pack(5 + len(payload), call, method), payload)
 
     async def call(self, method: int, payload: bytes) -> tuple[int, bytes]:
+        if self.closed.is_set():
+            return _GONE
         call = next(self._ids)
         future: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
         self._pending[call] = future
@@ -152,8 +158,9 @@ async def serve(relay_path: str, host: str, port: int, max_message_bytes: int) -
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop(5.0)
+    gone = asyncio.create_task(relay.closed.wait())
+    await asyncio.wait([asyncio.create_task(stop.wait()), gone], return_when="FIRST_COMPLETED")
+    await server.stop(0 if gone.done() else 5.0)
 
 
 def main() -> int:
