@@ -8,7 +8,7 @@ server's statistics; then, with the server stopped, run the raw engine (one inst
 arrays in and out, as the server runs it) at that batch size. Served throughput / raw
 throughput is the figure of merit (goal: >= 80% for BERT, p99 <= 10 ms).
 
-    python bench/gpu_serving.py [--seconds 10] [--clients 128] [--processes 12]
+    python bench/gpu_serving.py [--seconds 10] [--clients 32,128] [--grpc-workers 6]
 """
 
 from __future__ import annotations
@@ -94,14 +94,16 @@ def raw_engine(model: BenchModel, batch: int, seconds: float) -> float:
     return count * batch / elapsed
 
 
-def serve(model: BenchModel, args: argparse.Namespace) -> dict[str, Any]:
+def serve(model: BenchModel, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One row per client count: served rate and latency, batch formed, raw engine there."""
     import dataclasses
 
     served = dataclasses.replace(model, max_batch_size=MAX_BATCH[model.name])
     config = gpu_config(PRECISION[model.name], count=2, extra=BATCHING[model.name])
     served.write(OUT / "serve-repo", config)
     starts: list[float] = []
-    result: dict[str, Any] = {"model": model.name}
+    common: dict[str, Any] = {"model": model.name}
+    loads: list[tuple[int, Any, float]] = []
     for attempt in range(2):  # the first start may build; the second finds everything cached
         began = time.perf_counter()
         server = ServerProcess(
@@ -123,52 +125,65 @@ def serve(model: BenchModel, args: argparse.Namespace) -> dict[str, Any]:
             if attempt == 0:
                 continue
             first, steady = first_and_steady(server, served)
-            result |= {"first_ms": round(first, 3), "steady_p50_ms": round(steady, 3)}
-            before = stats(server.http_port, model.name)
-            load = grpc_load(
-                f"127.0.0.1:{server.grpc_port}",
-                message(served),
-                args.clients,
-                args.seconds,
-                args.processes,
-            )
-            after = stats(server.http_port, model.name)
+            common |= {"first_ms": round(first, 3), "steady_p50_ms": round(steady, 3)}
+            for clients in args.clients:
+                before = stats(server.http_port, model.name)
+                load = grpc_load(
+                    f"127.0.0.1:{server.grpc_port}",
+                    message(served),
+                    clients,
+                    args.seconds,
+                    args.processes,
+                )
+                after = stats(server.http_port, model.name)
+                executions = after["execution_count"] - before["execution_count"]
+                inferences = after["inference_count"] - before["inference_count"]
+                loads.append((clients, load, inferences / max(executions, 1)))
         finally:
             server.stop()
-    executions = after["execution_count"] - before["execution_count"]
-    inferences = after["inference_count"] - before["inference_count"]
-    batch = inferences / max(executions, 1)
-    raw = raw_engine(model, max(1, round(batch)), 5.0)
-    result |= {
-        "cold_start_s": round(starts[0], 2),
-        "cached_start_s": round(starts[1], 2),
-        "served_per_s": round(load.rps, 1),
-        "p50_ms": round(load.p50_ms, 2),
-        "p99_ms": round(load.p99_ms, 2),
-        "errors": load.errors,
-        "mean_batch": round(batch, 1),
-        "raw_per_s": round(raw, 1),
-        "served_vs_raw": round(load.rps / raw, 3),
-    }
-    return result
+    common |= {"cold_start_s": round(starts[0], 2), "cached_start_s": round(starts[1], 2)}
+    rows = []
+    for clients, load, batch in loads:
+        raw = raw_engine(model, max(1, round(batch)), 5.0)
+        rows.append(
+            common
+            | {
+                "clients": clients,
+                "served_per_s": round(load.rps, 1),
+                "p50_ms": round(load.p50_ms, 2),
+                "p99_ms": round(load.p99_ms, 2),
+                "errors": load.errors,
+                "mean_batch": round(batch, 1),
+                "raw_per_s": round(raw, 1),
+                "served_vs_raw": round(load.rps / raw, 3),
+            }
+        )
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="bert,resnet50")
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--clients", type=int, default=128)
+    parser.add_argument(
+        "--clients",
+        type=lambda t: [int(c) for c in t.split(",")],
+        default=[128],
+        help="e.g. 32,128",
+    )
     parser.add_argument("--processes", type=int, default=8)
     parser.add_argument("--grpc-workers", type=int, default=6, help="frontend processes")
     args = parser.parse_args()
-    rows = [serve(MODELS[name], args) for name in args.models.split(",")]
+    rows = [row for name in args.models.split(",") for row in serve(MODELS[name], args)]
     print(
-        f"\n{'model':9} {'served/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'batch':>6} {'raw/s':>9} "
+        f"\n{'model':9} {'clients':>7} {'served/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'batch':>6} {'raw/s':>9} "
         f"{'ratio':>6} {'cold s':>7} {'cached s':>8} {'first ms':>8} {'p50 ms':>7}"
     )
     for r in rows:
         print(
-            f"{r['model']:9} {r['served_per_s']:9.1f} {r['p50_ms']:7.2f} {r['p99_ms']:7.2f} "
+            f"{r['model']:9} {r['clients']:7d} {r['served_per_s']:9.1f} {r['p50_ms']:7.2f} "
+            f"{r['p99_ms']:7.2f} "
             f"{r['mean_batch']:6.1f} {r['raw_per_s']:9.1f} {r['served_vs_raw']:5.2f}x "
             f"{r['cold_start_s']:7.1f} {r['cached_start_s']:8.1f} {r['first_ms']:8.2f} "
             f"{r['steady_p50_ms']:7.2f}"
@@ -178,7 +193,8 @@ def main() -> None:
     print(
         "gpu_serving: "
         + "; ".join(
-            f"{r['model']} {r['served_per_s']:.0f}/s = {r['served_vs_raw']:.2f}x raw at batch "
+            f"{r['model']} @{r['clients']} {r['served_per_s']:.0f}/s = "
+            f"{r['served_vs_raw']:.2f}x raw at batch "
             f"{r['mean_batch']}, p99 {r['p99_ms']:.1f} ms, cached start {r['cached_start_s']:.1f} s"
             for r in rows
         )
