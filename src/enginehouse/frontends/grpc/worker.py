@@ -159,7 +159,9 @@ async def serve(relay_path: str, host: str, port: int, max_message_bytes: int) -
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     gone = asyncio.create_task(relay.closed.wait())
-    await asyncio.wait([asyncio.create_task(stop.wait()), gone], return_when="FIRST_COMPLETED")
+    await asyncio.wait(
+        [asyncio.create_task(stop.wait()), gone], return_when=asyncio.FIRST_COMPLETED
+    )
     await server.stop(0 if gone.done() else 5.0)
 
 
