@@ -8,7 +8,6 @@ response's ``error_message``, as Triton sends them, and the stream stays open.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -27,6 +26,7 @@ from enginehouse.frontends.grpc.codec import (
     encode_infer_response,
     parameter_value,
 )
+from enginehouse.frontends.grpc.streams import answer_concurrently, stream_error
 
 log = logging.getLogger(__name__)
 
@@ -181,48 +181,18 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests of a stream run concurrently; each response goes out when it is done."""
-        done: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
-        tasks: set[asyncio.Task[None]] = set()
 
-        async def one(message: pb.ModelInferRequest) -> None:
-            arrival = time.perf_counter_ns()
+        async def answer(message: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
             try:
-                infer_request = decode_infer_request(message)
-                infer_request.arrival_ns = arrival
-                response = await self.core.infer(infer_request)
-                done.put_nowait(
-                    pb.ModelStreamInferResponse(infer_response=encode_infer_response(response))
-                )
+                result = self.infer_message(message, time.perf_counter_ns())
+                if not isinstance(result, pb.ModelInferResponse):
+                    result = await result
             except EnginehouseError as exc:
-                failed = pb.ModelStreamInferResponse(error_message=exc.message)
-                failed.infer_response.id = message.id
-                failed.infer_response.model_name = message.model_name
-                failed.infer_response.model_version = message.model_version
-                done.put_nowait(failed)
-            except Exception as exc:  # never let one request end the stream
-                log.exception("stream request failed")
-                done.put_nowait(pb.ModelStreamInferResponse(error_message=f"internal error: {exc}"))
+                return stream_error(message, exc.message)
+            return pb.ModelStreamInferResponse(infer_response=result)
 
-        async def read() -> None:
-            try:
-                async for message in request_iterator:
-                    task = asyncio.create_task(one(message))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                while tasks:
-                    await asyncio.gather(*list(tasks))
-            finally:
-                done.put_nowait(None)
-
-        reader = asyncio.create_task(read())
-        try:
-            while True:
-                item = await done.get()
-                if item is None:
-                    break
-                yield item
-        finally:
-            reader.cancel()
+        async for response in answer_concurrently(request_iterator, answer):
+            yield response
 
 
 class GrpcServer:

@@ -27,6 +27,7 @@ from enginehouse.frontends.grpc.frames import (
     Coalescer,
     read_frame,
 )
+from enginehouse.frontends.grpc.streams import answer_concurrently, stream_error
 
 log = logging.getLogger("enginehouse.grpc.worker")
 SERVICE = "inference.GRPCInferenceService"
@@ -87,44 +88,17 @@ def unary(
 def stream(relay: RelayClient) -> Callable[..., AsyncIterator[pb.ModelStreamInferResponse]]:
     infer = METHODS.index("ModelInfer")
 
+    async def answer(message: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+        status, payload = await relay.call(infer, message.SerializeToString())
+        if status:
+            return stream_error(message, payload.decode("utf-8", "replace"))
+        return pb.ModelStreamInferResponse(infer_response=pb.ModelInferResponse.FromString(payload))
+
     async def handle(
         requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        done: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
-        tasks: set[asyncio.Task[None]] = set()
-
-        async def one(message: pb.ModelInferRequest) -> None:
-            status, payload = await relay.call(infer, message.SerializeToString())
-            if status == 0:
-                answer = pb.ModelStreamInferResponse(
-                    infer_response=pb.ModelInferResponse.FromString(payload)
-                )
-            else:
-                answer = pb.ModelStreamInferResponse(
-                    error_message=payload.decode("utf-8", "replace")
-                )
-                answer.infer_response.id = message.id
-                answer.infer_response.model_name = message.model_name
-                answer.infer_response.model_version = message.model_version
-            done.put_nowait(answer)
-
-        async def read() -> None:
-            try:
-                async for message in requests:
-                    task = asyncio.create_task(one(message))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                while tasks:
-                    await asyncio.gather(*list(tasks))
-            finally:
-                done.put_nowait(None)
-
-        reader = asyncio.create_task(read())
-        try:
-            while (item := await done.get()) is not None:
-                yield item
-        finally:
-            reader.cancel()
+        async for response in answer_concurrently(requests, answer):
+            yield response
 
     return handle
 
