@@ -63,8 +63,15 @@ def default_buckets(max_batch_size: int, preferred: Sequence[int] = ()) -> list[
     return sorted(sizes)
 
 
-def engine_shape(tensor: mc.ModelInput | mc.ModelOutput) -> list[int]:
-    return list(tensor.reshape.shape) if tensor.HasField("reshape") else list(tensor.dims)
+def input_specs(torch: Any, config: mc.ModelConfig) -> list[tuple[tuple[int, ...], Any]]:
+    """(dims the engine sees, after any reshape, and torch dtype) of every input."""
+    return [
+        (
+            tuple(t.reshape.shape) if t.HasField("reshape") else tuple(t.dims),
+            torch.from_numpy(np.empty(0, datatypes.BY_CONFIG[t.data_type].numpy)).dtype,
+        )
+        for t in config.input
+    ]
 
 
 class CudaGraphEngine(Engine):
@@ -85,16 +92,17 @@ class CudaGraphEngine(Engine):
         self.stream = _take_stream(torch, self.device)
         self._inputs = [t.name for t in config.input]
         self._index = {t.name: i for i, t in enumerate(config.output)}
-        self._dtypes = [
-            torch.from_numpy(np.empty(0, datatypes.BY_CONFIG[t.data_type].numpy)).dtype
-            for t in config.input
-        ]
-        self._dims = [engine_shape(t) for t in config.input]
+        specs = input_specs(torch, config)
+        self._dims = [dims for dims, _ in specs]
+        self._dtypes = [dtype for _, dtype in specs]
         fixed = config.max_batch_size > 0 and all(d > 0 for dims in self._dims for d in dims)
         self.buckets = sorted(set(buckets)) if fixed else []
         self._graphs: dict[int, _Graph] = {}
         self._pinned_in: list[Any] = []
         self._pinned_out: list[Any] = []
+        # NumPy views of the pinned buffers, made once: requests copy into and out of them.
+        self._host_in: list[np.ndarray] = []
+        self._host_out: list[np.ndarray] = []
         self._static_in: list[Any] = []
         # Called once the engine is closed (releases a module shared with other instances).
         self.on_close: Callable[[], None] | None = None
@@ -133,6 +141,8 @@ class CudaGraphEngine(Engine):
         self._pinned_out = [
             torch.empty(tuple(t.shape), dtype=t.dtype, pin_memory=True) for t in first
         ]
+        self._host_in = [t.numpy() for t in self._pinned_in]
+        self._host_out = [t.numpy() for t in self._pinned_out]
 
     def _as_tuple(self, result: Any) -> tuple[Any, ...]:
         return (result,) if isinstance(result, self._torch.Tensor) else tuple(result)
@@ -148,12 +158,12 @@ class CudaGraphEngine(Engine):
         arrays = [inputs[name] for name in self._inputs]
         rows = arrays[0].shape[0] if arrays and arrays[0].ndim else 0
         size = self.bucket(rows) if self.buckets else None
-        if size is None or any(list(a.shape[1:]) != dims for a, dims in zip(arrays, self._dims)):
+        if size is None or any(a.shape[1:] != dims for a, dims in zip(arrays, self._dims)):
             return self._execute_direct(arrays, output_names)
         torch = self._torch
         graph = self._graphs[size]
-        for array, pinned in zip(arrays, self._pinned_in):
-            np.copyto(pinned[:rows].numpy(), array, casting="no")
+        for array, host in zip(arrays, self._host_in):
+            np.copyto(host[:rows], array, casting="no")
         picks = [self._index[name] for name in output_names]
         with torch.cuda.stream(self.stream):
             for pinned, static in zip(self._pinned_in, self._static_in):
@@ -162,7 +172,7 @@ class CudaGraphEngine(Engine):
             for i in picks:
                 self._pinned_out[i][:rows].copy_(graph.outputs[i][:rows], non_blocking=True)
         self.stream.synchronize()
-        return [self._pinned_out[i][:rows].numpy().copy() for i in picks]
+        return [self._host_out[i][:rows].copy() for i in picks]
 
     def replay(self, rows: int) -> None:
         """Replay the graph that holds ``rows`` on the data already in the static buffers,
@@ -196,6 +206,8 @@ class CudaGraphEngine(Engine):
         self._static_in.clear()
         self._pinned_in.clear()
         self._pinned_out.clear()
+        self._host_in.clear()
+        self._host_out.clear()
         self._run = None  # type: ignore[assignment]
         if self.on_close is not None:
             self.on_close()

@@ -216,7 +216,7 @@ class TorchBackend(Backend):
                 )
                 buckets = (
                     graph_buckets(config)
-                    if _flag(model_config.parameter(config, "cuda_graphs", "true"))
+                    if model_config.flag_parameter(config, "cuda_graphs", True)
                     else []
                 )
                 try:
@@ -234,10 +234,6 @@ class TorchBackend(Backend):
                 f"model '{config.name}': out of GPU memory on {device} loading an instance "
                 f"({free / 2**30:.2f} of {total / 2**30:.2f} GiB free): {str(exc).splitlines()[0]}"
             ) from None
-
-
-def _flag(text: str) -> bool:
-    return text.strip().lower() not in ("0", "false", "no", "off")
 
 
 def graph_buckets(config: mc.ModelConfig) -> list[int]:

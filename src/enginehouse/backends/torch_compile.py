@@ -22,11 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
-from enginehouse import datatypes
-from enginehouse.backends.cuda_graphs import engine_shape
+from enginehouse.backends.cuda_graphs import input_specs
+from enginehouse.config import model_config
 from enginehouse.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -57,19 +56,13 @@ def compile_module(
     """torch.compile ``module`` with a dynamic batch and run it once per specialisation
     (batch 1 and batch 2), so no request pays for compilation."""
     compiled = torch.compile(module, dynamic=None, mode=compile_mode(autotune))
-    shapes = [engine_shape(t) for t in config.input]
-    if config.max_batch_size <= 0 or any(d < 1 for dims in shapes for d in dims):
+    specs = input_specs(torch, config)
+    if config.max_batch_size <= 0 or any(d < 1 for dims, _ in specs for d in dims):
         return compiled
-
-    dtypes = [
-        torch.from_numpy(np.empty(0, datatypes.BY_CONFIG[t.data_type].numpy)).dtype
-        for t in config.input
-    ]
     with torch.inference_mode():
         for batch in sorted({1, min(2, config.max_batch_size)}, reverse=True):
             inputs = [
-                torch.zeros((batch, *dims), dtype=dtype, device=device)
-                for dims, dtype in zip(shapes, dtypes)
+                torch.zeros((batch, *dims), dtype=dtype, device=device) for dims, dtype in specs
             ]
             if batch > 1:  # bounds come from the program's own batch range
                 for tensor in inputs:
@@ -101,7 +94,7 @@ def acquire(torch: Any, path: Path, config: mc.ModelConfig, index: int) -> Any:
             torch.compiler.load_cache_artifacts(kernels.read_bytes())
         device = f"cuda:{index}"
         module = program_on(load_program(path, config.name), device)
-        autotune = str(config.parameters["engine_autotune"].string_value).lower() == "true"
+        autotune = model_config.flag_parameter(config, "engine_autotune", False)
         try:
             run = compile_module(torch, module, config, device, autotune)
         except torch.cuda.OutOfMemoryError:

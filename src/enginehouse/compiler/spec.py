@@ -29,7 +29,7 @@ from typing import Any
 
 from tritonclient.grpc import model_config_pb2 as mc
 
-from enginehouse.config.model_config import parameter
+from enginehouse.config.model_config import flag_parameter, parameter
 from enginehouse.errors import ModelLoadError
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
@@ -76,15 +76,6 @@ class BuildSpec:
         return parts
 
 
-def _flag(value: str, model: str, key: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ModelLoadError(f"model '{model}': parameter {key} must be true or false, got '{value}'")
-
-
 def _profiles(config: mc.ModelConfig, raw: str) -> tuple[ShapeProfile, ...]:
     model = config.name
     try:
@@ -127,7 +118,7 @@ def _profiles(config: mc.ModelConfig, raw: str) -> tuple[ShapeProfile, ...]:
 def build_spec(config: mc.ModelConfig, backend: str, target: str = "cpu") -> BuildSpec | None:
     """The spec a model's config asks for, or None when it asks to serve the source."""
     model = config.name
-    if not _flag(parameter(config, "engine_build", "true"), model, "engine_build"):
+    if not flag_parameter(config, "engine_build", True):
         return None
     precision = parameter(config, "engine_precision", "fp32").strip().lower()
     if precision not in PRECISIONS:
@@ -159,6 +150,6 @@ def build_spec(config: mc.ModelConfig, backend: str, target: str = "cpu") -> Bui
         calibration_random_samples=max(0, random_samples),
         int8_mode=int8_mode if precision == "int8" else "static",
         tolerance=tolerance,
-        force=_flag(parameter(config, "engine_force", "false"), model, "engine_force"),
-        autotune=_flag(parameter(config, "engine_autotune", "false"), model, "engine_autotune"),
+        force=flag_parameter(config, "engine_force", False),
+        autotune=flag_parameter(config, "engine_autotune", False),
     )

@@ -204,3 +204,18 @@ def parameter(config: mc.ModelConfig, key: str, default: str = "") -> str:
     if key in config.parameters:
         return str(config.parameters[key].string_value)
     return default
+
+
+def flag_parameter(config: mc.ModelConfig, key: str, default: bool) -> bool:
+    """A true/false value from the ``parameters`` map (1/0, yes/no, on/off accepted)."""
+    value = parameter(config, key)
+    lowered = value.strip().lower()
+    if not lowered:
+        return default
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ModelLoadError(
+        f"model '{config.name}': parameter {key} must be true or false, got '{value}'"
+    )
