@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -123,16 +124,15 @@ class VersionedTraffic:
         rng = np.random.default_rng(index)
         found: list[Sample] = []
         use_grpc = index % 2 == 0
-        client: grpcclient.InferenceServerClient | httpclient.InferenceServerClient
-        if use_grpc:
-            client = grpcclient.InferenceServerClient(self.server.grpc_url)
-            module: object = grpcclient
-        else:
-            client = httpclient.InferenceServerClient(self.server.http_url, network_timeout=60)
-            module = httpclient
+        module: Any = grpcclient if use_grpc else httpclient
+        client: Any = (
+            grpcclient.InferenceServerClient(self.server.grpc_url)
+            if use_grpc
+            else httpclient.InferenceServerClient(self.server.http_url, network_timeout=60)
+        )
         while not self._stop.is_set():
             data = rng.integers(1, 100, (1, WIDTH)).astype(np.float32)
-            item = module.InferInput("INPUT0", [1, WIDTH], "FP32")  # type: ignore[attr-defined]
+            item = module.InferInput("INPUT0", [1, WIDTH], "FP32")
             item.set_data_from_numpy(data)
             sent = time.monotonic()
             try:
@@ -142,9 +142,7 @@ class VersionedTraffic:
                 continue
             done = time.monotonic()
             response = result.get_response()
-            version = int(
-                response.model_version if use_grpc else response["model_version"]  # type: ignore[index,union-attr]
-            )
+            version = int(response.model_version if use_grpc else response["model_version"])
             output = result.as_numpy("OUTPUT0")
             error = "" if np.array_equal(output, data * version) else "output of another version"
             found.append(Sample(sent, done, version, error))

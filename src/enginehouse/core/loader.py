@@ -130,6 +130,12 @@ def complete_instance_groups(config: mc.ModelConfig, backend: Backend) -> None:
             group.gpus.append(0)
 
 
+def group_placements(group: mc.ModelInstanceGroup) -> list[Placement]:
+    """One placement per device of a (completed) instance group."""
+    devices = group.gpus if group.kind == mc.ModelInstanceGroup.KIND_GPU else [0]
+    return [Placement(group.kind, device) for device in devices]
+
+
 def target_of(placement: Placement) -> str:
     """The engine builder's target for a placement."""
     if placement.kind == mc.ModelInstanceGroup.KIND_GPU:
@@ -188,13 +194,9 @@ def load_version(
             model_file, "program_arity", lambda path: program_arity(path, config.name)
         )
     backend.check_config(config, model_file, signature)
-    wanted = [
-        Placement(group.kind, device)
-        for group in config.instance_group
-        for device in (group.gpus if group.kind == mc.ModelInstanceGroup.KIND_GPU else [0])
-    ]
     builds: dict[str, compiler.Engine] = {}
-    for target in dict.fromkeys(target_of(p) for p in wanted):
+    targets = (target_of(p) for group in config.instance_group for p in group_placements(group))
+    for target in dict.fromkeys(targets):
         builds[target] = (
             compiler.prepare(config, backend.name, version, model_file, model_dir, cache, target)
             if cache is not None
@@ -233,9 +235,7 @@ def load_version(
     memory: dict[str, int] = {}
     try:
         for group in config.instance_group:
-            devices = group.gpus if group.kind == mc.ModelInstanceGroup.KIND_GPU else [0]
-            for device in devices:
-                placement = Placement(group.kind, device)
+            for placement in group_placements(group):
                 count, index = group.count, 0
                 free = backend.free_device_memory(placement)
                 while index < count:
@@ -259,7 +259,8 @@ def load_version(
                             fraction * 100,
                             free / 2**30,
                         )
-                group.count = count
+                if fraction:
+                    group.count = count  # reported as Triton reports the group
     except BaseException:
         for instance in instances:
             instance.close()

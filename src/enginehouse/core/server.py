@@ -359,7 +359,7 @@ class ServerCore:
                     log.error("model '%s' failed to load", name, exc_info=exc)
                 failed = (
                     [str(error.version)]
-                    if isinstance(error, ModelLoadError) and error.version is not None
+                    if error.version is not None
                     else list(record.states) or [""]
                 )
                 self._load_failed(name, record, error.message, failed)
