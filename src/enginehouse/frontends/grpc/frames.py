@@ -28,17 +28,10 @@ HEADER = struct.Struct("!IIB")  # length of the rest, call id, method or status
 STATUS = {code.value[0]: code for code in grpc.StatusCode}
 
 
-def frame(call: int, code: int, payload: bytes) -> bytes:
-    return HEADER.pack(5 + len(payload), call, code) + payload
-
-
 async def read_frame(reader: asyncio.StreamReader) -> tuple[int, int, bytes]:
     """(call id, method or status, payload) of the next frame."""
-    head = await reader.readexactly(4)
-    (length,) = struct.unpack("!I", head)
-    body = await reader.readexactly(length)
-    call, code = struct.unpack_from("!IB", body)
-    return call, code, body[5:]
+    length, call, code = HEADER.unpack(await reader.readexactly(HEADER.size))
+    return call, code, await reader.readexactly(length - 5)
 
 
 class Coalescer:
@@ -49,10 +42,12 @@ class Coalescer:
         self._writer = writer
         self._pending: list[bytes] = []
 
-    def write(self, *parts: bytes) -> None:
+    def send(self, call: int, code: int, payload: bytes) -> None:
+        """Queue one frame (header and payload, not joined: the payload is not copied)."""
         if not self._pending:
             asyncio.get_running_loop().call_soon(self._flush)
-        self._pending.extend(parts)
+        self._pending.append(HEADER.pack(5 + len(payload), call, code))
+        self._pending.append(payload)
 
     def _flush(self) -> None:
         pending, self._pending = self._pending, []

@@ -20,7 +20,6 @@ import contextlib
 import logging
 import os
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from enginehouse.core.server import ServerCore
 from enginehouse.errors import EnginehouseError
-from enginehouse.frontends.grpc.frames import HELLO, METHODS, Coalescer, frame
+from enginehouse.frontends.grpc.frames import HEADER, HELLO, METHODS, Coalescer
 from enginehouse.frontends.grpc.service import InferenceService
 
 log = logging.getLogger(__name__)
@@ -44,8 +43,6 @@ REQUESTS: dict[str, Any] = {name: getattr(pb, f"{name}Request") for name in METH
 INFER = METHODS.index("ModelInfer")
 INTERNAL = grpc.StatusCode.INTERNAL.value[0]
 INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
-_LENGTH = struct.Struct("!I")
-_CALL = struct.Struct("!IB")
 
 
 class _RelayProtocol(asyncio.Protocol):
@@ -63,13 +60,13 @@ class _RelayProtocol(asyncio.Protocol):
         buffer = self._buffer
         buffer += data
         start = 0
-        while len(buffer) - start >= 4:
-            (length,) = _LENGTH.unpack_from(buffer, start)
+        while len(buffer) - start >= HEADER.size:
+            length, call, method = HEADER.unpack_from(buffer, start)
             end = start + 4 + length
             if len(buffer) < end:
                 break
-            call, method = _CALL.unpack_from(buffer, start + 4)
-            payload = bytes(buffer[start + 9 : end])
+            with memoryview(buffer) as view:  # one copy of the payload, not two
+                payload = bytes(view[start + HEADER.size : end])
             start = end
             assert self._out is not None
             self._owner.dispatch(self._out, call, method, payload)
@@ -170,17 +167,17 @@ class GrpcWorkers:
                     pb.ModelInferRequest.FromString(payload), arrival
                 )
             except EnginehouseError as exc:
-                out.write(frame(call, exc.grpc_code.value[0], exc.message.encode()))
+                out.send(call, exc.grpc_code.value[0], exc.message.encode())
                 return
             except DecodeError as exc:
-                out.write(frame(call, INVALID, f"malformed ModelInferRequest: {exc}".encode()))
+                out.send(call, INVALID, f"malformed ModelInferRequest: {exc}".encode())
                 return
             except Exception as exc:  # reported to the client and logged
                 log.exception("relayed gRPC call failed")
-                out.write(frame(call, INTERNAL, f"internal error: {exc}".encode()))
+                out.send(call, INTERNAL, f"internal error: {exc}".encode())
                 return
             if isinstance(result, pb.ModelInferResponse):
-                out.write(frame(call, 0, result.SerializeToString()))
+                out.send(call, 0, result.SerializeToString())
                 return
             work: Awaitable[Any] = result
         else:
@@ -206,7 +203,7 @@ class GrpcWorkers:
         except Exception as exc:  # a broken call must not end the connection
             log.exception("relayed gRPC call failed")
             code, answer = grpc.StatusCode.INTERNAL, f"internal error: {exc}".encode()
-        out.write(frame(call, code.value[0], answer))
+        out.send(call, code.value[0], answer)
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Let the workers finish their calls (the relay still answers), then close it."""

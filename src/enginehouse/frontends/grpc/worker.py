@@ -20,7 +20,6 @@ import grpc
 from tritonclient.grpc import service_pb2 as pb
 
 from enginehouse.frontends.grpc.frames import (
-    HEADER,
     HELLO,
     METHODS,
     STATUS,
@@ -61,7 +60,7 @@ class RelayClient:
                 future.set_result(_GONE)
 
     def send(self, call: int, method: int, payload: bytes) -> None:
-        self._out.write(HEADER.pack(5 + len(payload), call, method), payload)
+        self._out.send(call, method, payload)
 
     async def call(self, method: int, payload: bytes) -> tuple[int, bytes]:
         if self.closed.is_set():
