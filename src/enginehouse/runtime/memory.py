@@ -9,23 +9,26 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import sys
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
 
-def _libc_trim() -> None:
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, looked up once; None where the C library has none."""
     name = ctypes.util.find_library("c")
     if name is None:
-        return
+        return None
     try:
-        libc = ctypes.CDLL(name)
-        trim = libc.malloc_trim
+        trim = ctypes.CDLL(name).malloc_trim
     except (OSError, AttributeError):
-        return  # not glibc (musl, macOS): nothing to trim
+        return None  # not glibc (musl, macOS): nothing to trim
     trim.argtypes = [ctypes.c_size_t]
-    trim(0)
+    return trim  # type: ignore[no-any-return]
 
 
 def release_freed_memory() -> None:
@@ -34,7 +37,9 @@ def release_freed_memory() -> None:
     No ``gc.collect()``: sessions are freed by reference counting when their version is
     closed, and a full collection would hold the GIL (and stall serving) for milliseconds.
     """
-    _libc_trim()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
         torch.cuda.synchronize()
