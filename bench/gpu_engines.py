@@ -7,7 +7,7 @@ channels-last for the convnet). Two figures for our engine: the graph replay on 
 tensors (what the eager figures measure too) and the full execution from host arrays to
 host arrays (pinned copies in and out, what a served request pays).
 
-    python bench/gpu_engines.py [--models resnet50,bert] [--iters 200]
+    python bench/gpu_engines.py [--models resnet50,bert] [--precision bf16,int8,fp8] [--iters 200]
 """
 
 from __future__ import annotations
@@ -79,41 +79,43 @@ def build(model: BenchModel, precision: str, autotune: bool) -> tuple[Any, Any, 
     return config, engine, seconds, built.hit
 
 
-def measure(
-    torch: Any,
-    model: BenchModel,
-    engine: Any,
-    module: Any,
-    half: Any,
-    batch: int,
-    iters: int,
-    precision: str,
+def measure_eager(
+    torch: Any, model: BenchModel, module: Any, half: Any, batch: int, iters: int
 ) -> dict[str, tuple[float, float]]:
-    """Eager fp32, eager fp16, our graph replay and our host-to-host execution at one batch."""
-    host = model.inputs(batch)
-    device_inputs = [torch.from_numpy(a).cuda() for a in host.values()]
+    """Eager fp32 and eager fp16 (channels-last for the convnet) at one batch."""
+    device_inputs = [torch.from_numpy(a).cuda() for a in model.inputs(batch).values()]
     half_inputs = [
         t.half().contiguous(memory_format=torch.channels_last) if t.ndim == 4 else t
         for t in device_inputs
     ]
-    outputs = [t.name for t in engine.config.output]
-    engine.execute(host, outputs)  # fills the static buffers that replay() reads
     with torch.inference_mode():
         return {
             "eager fp32": timed(torch, lambda: module(*device_inputs), iters),
             "eager fp16": timed(torch, lambda: half(*half_inputs), iters),
-            f"ours {precision} replay": timed(torch, lambda: engine.replay(batch), iters),
-            f"ours {precision} host->host": timed(
-                torch, lambda: engine.execute(host, outputs), iters
-            ),
         }
+
+
+def measure_ours(
+    torch: Any, model: BenchModel, engine: Any, batch: int, iters: int, precision: str
+) -> dict[str, tuple[float, float]]:
+    """Our graph replay and our host-to-host execution at one batch."""
+    host = model.inputs(batch)
+    outputs = [t.name for t in engine.config.output]
+    engine.execute(host, outputs)  # fills the static buffers that replay() reads
+    return {
+        f"ours {precision} replay": timed(torch, lambda: engine.replay(batch), iters),
+        f"ours {precision} host->host": timed(torch, lambda: engine.execute(host, outputs), iters),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="resnet50,bert")
     parser.add_argument(
-        "--precision", default="", help="for every model (default: fp16, bf16 for BERT)"
+        "--precision",
+        default="",
+        help="comma-separated, for every model (default: fp16, bf16 for BERT); int8 and fp8 "
+        "quantise the linear layers through torchao",
     )
     parser.add_argument("--iters", type=int, default=200)
     parser.add_argument("--autotune", action="store_true")
@@ -125,16 +127,30 @@ def main() -> None:
     print(f"{device}, torch {torch.__version__}")
     for name in args.models.split(","):
         model = MODELS[name]
-        precision = args.precision or PRECISION[name]
-        _, engine, build_s, hit = build(model, precision, args.autotune)
-        print(f"  {name}: engine ready ({'cache hit' if hit else f'built in {build_s:.0f} s'})")
         module = model.module().cuda()
         half = model.module().cuda().half()
         if name == "resnet50":
             half = half.to(memory_format=torch.channels_last)
-        for batch in BATCHES[name]:
-            figures = measure(torch, model, engine, module, half, batch, args.iters, precision)
-            for label, (p50, loop) in figures.items():
+        figures = {
+            batch: measure_eager(torch, model, module, half, batch, args.iters)
+            for batch in BATCHES[name]
+        }
+        del module, half
+        torch.cuda.empty_cache()
+        build_seconds: dict[str, float] = {}
+        for precision in (args.precision or PRECISION[name]).split(","):
+            _, engine, build_s, hit = build(model, precision, args.autotune)
+            print(f"  {name} {precision}: {'cache hit' if hit else f'built in {build_s:.0f} s'}")
+            for batch in BATCHES[name]:
+                figures[batch].update(
+                    measure_ours(torch, model, engine, batch, args.iters, precision)
+                )
+            build_seconds[precision] = build_s
+            engine.close()
+            torch.cuda.empty_cache()
+        for batch, measured in figures.items():
+            for label, (p50, loop) in measured.items():
+                precision = label.split()[1]
                 rows.append(
                     {
                         "model": name,
@@ -142,12 +158,11 @@ def main() -> None:
                         "engine": label,
                         "p50_ms": round(p50, 3),
                         "per_s": round(batch / (loop / 1e3), 1),
-                        "build_s": round(build_s, 1) if label.startswith("ours") else None,
+                        "build_s": round(build_seconds[precision], 1)
+                        if label.startswith("ours")
+                        else None,
                     }
                 )
-        engine.close()
-        del module, half
-        torch.cuda.empty_cache()
 
     print(f"\n{'model':9} {'batch':>5} {'engine':24} {'p50 ms':>8} {'items/s':>10} {'vs eager':>9}")
     base: dict[tuple[str, int, str], float] = {}

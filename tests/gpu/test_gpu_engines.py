@@ -3,6 +3,7 @@ unload (skipped without a GPU)."""
 
 from __future__ import annotations
 
+import json
 import re
 import urllib.request
 from pathlib import Path
@@ -151,3 +152,57 @@ def test_unload_returns_device_memory(tmp_path: Path) -> None:
         assert after - before < 16 * mib
         with pytest.raises(InferenceServerException):
             client.infer("gpu_model", [])
+
+
+class Encoder(torch.nn.Module):
+    """A small transformer encoder: linear layers big enough for int8 / fp8 to apply."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = torch.nn.TransformerEncoderLayer(256, 4, 1024, batch_first=True, dropout=0.0)
+        self.head = torch.nn.Linear(256, 64)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer(tokens).mean(dim=1))
+
+
+ENCODER_CONFIG = """backend: "pytorch"
+max_batch_size: 16
+input [{{ name: "tokens" data_type: TYPE_FP32 dims: [32, 256] }}]
+output [{{ name: "embedding" data_type: TYPE_FP32 dims: [64] }}]
+instance_group [{{ count: 1 kind: KIND_GPU }}]
+parameters {{ key: "engine_precision" value: {{ string_value: "{precision}" }} }}
+parameters {{ key: "engine_calibration_random_samples" value: {{ string_value: "4" }} }}
+"""
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_quantized_engines_serve_within_tolerance(tmp_path: Path, precision: str) -> None:
+    pytest.importorskip("torchao")
+    if precision == "fp8" and torch.cuda.get_device_capability(0) < (8, 9):
+        pytest.skip("fp8 needs compute capability 8.9")
+    repo = tmp_path / "repo"
+    folder = repo / "encoder" / "1"
+    folder.mkdir(parents=True)
+    model = Encoder().eval()
+    batch = torch.export.Dim("batch", min=1, max=16)
+    program = torch.export.export(model, (torch.randn(2, 32, 256),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(folder / "model.pt2"))
+    (repo / "encoder" / "config.pbtxt").write_text(ENCODER_CONFIG.format(precision=precision))
+    cache = tmp_path / "cache"
+    with ServerProcess([repo], "--engine-cache", str(cache), log_path=tmp_path / "s.log") as server:
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        tokens = np.random.default_rng(1).standard_normal((5, 32, 256)).astype(np.float32)
+        item = grpcclient.InferInput("tokens", list(tokens.shape), "FP32")
+        item.set_data_from_numpy(tokens)
+        got = client.infer("encoder", [item]).as_numpy("embedding")
+        with torch.inference_mode():
+            want = model(torch.from_numpy(tokens)).numpy()
+        cosine = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+        assert cosine.min() > 0.99, cosine
+        assert np.abs(got - want).max() > 0  # quantised, not the fp32 program
+    log = (tmp_path / "s.log").read_text()
+    assert f"linear layers quantised to {precision}" in log
+    manifests = [json.loads(p.read_text()) for p in cache.rglob("manifest.json")]
+    assert [m["precision"] for m in manifests] == [precision]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -112,6 +113,7 @@ class CudaGraphEngine(Engine):
     def _capture(self) -> None:
         """Capture every bucket's graph, largest first, sharing one memory pool."""
         torch = self._torch
+        started = time.perf_counter()
         largest = self.buckets[-1]
         self._static_in = [
             torch.zeros((largest, *dims), dtype=dtype, device=self.device)
@@ -143,6 +145,14 @@ class CudaGraphEngine(Engine):
         ]
         self._host_in = [t.numpy() for t in self._pinned_in]
         self._host_out = [t.numpy() for t in self._pinned_out]
+        log.info(
+            "model '%s': %d CUDA graphs captured on %s in %.2f s (batch %s)",
+            self.config.name,
+            len(self._graphs),
+            self.device,
+            time.perf_counter() - started,
+            ",".join(map(str, self.buckets)),
+        )
 
     def _as_tuple(self, result: Any) -> tuple[Any, ...]:
         return (result,) if isinstance(result, self._torch.Tensor) else tuple(result)

@@ -25,6 +25,7 @@ from typing import Any
 from tritonclient.grpc import model_config_pb2 as mc
 
 from enginehouse.backends.cuda_graphs import input_specs
+from enginehouse.compiler.torch_quantize import QUANTIZED, quantize
 from enginehouse.config import model_config
 from enginehouse.errors import ModelLoadError
 
@@ -94,6 +95,9 @@ def acquire(torch: Any, path: Path, config: mc.ModelConfig, index: int) -> Any:
             torch.compiler.load_cache_artifacts(kernels.read_bytes())
         device = f"cuda:{index}"
         module = program_on(load_program(path, config.name), device)
+        precision = model_config.parameter(config, "engine_precision", "").strip().lower()
+        if precision in QUANTIZED:  # the cache holds the bf16 program: quantise it again
+            module = quantize(torch, module, precision, config.name)
         autotune = model_config.flag_parameter(config, "engine_autotune", False)
         try:
             run = compile_module(torch, module, config, device, autotune)

@@ -4,7 +4,8 @@ Triton's own fields are used where they exist (``optimization.graph.level``,
 ``instance_group.kind`` for the target); the rest are documented ``parameters`` keys:
 
 - ``engine_build``: ``true`` (default) or ``false`` to serve the source file as it is.
-- ``engine_precision``: ``fp32`` (default), ``fp16``, ``bf16`` or ``int8``.
+- ``engine_precision``: ``fp32`` (default), ``fp16``, ``bf16``, ``int8`` or ``fp8`` (fp8, and
+  int8 for PyTorch models, quantise the linear layers of GPU engines through torchao).
 - ``engine_profiles``: JSON, per input the variable dims to specialise:
   ``{"input_ids": {"1": {"min": 1, "opt": 128, "max": 512, "buckets": [128, 256, 512]}}}``
   (dim indices count the batch dim as 0 for batching models).
@@ -32,8 +33,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 from enginehouse.config.model_config import flag_parameter, parameter
 from enginehouse.errors import ModelLoadError
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
-DEFAULT_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2, "int8": 0.1}
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
+DEFAULT_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2, "int8": 0.1, "fp8": 0.1}
 
 
 @dataclass(frozen=True, slots=True)

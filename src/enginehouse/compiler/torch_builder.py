@@ -30,12 +30,20 @@ from enginehouse.compiler.accuracy import OutputErrors
 from enginehouse.compiler.onnx_builder import cpu_model
 from enginehouse.compiler.samples import Sample, load_calibration, random_samples
 from enginehouse.compiler.spec import BuildSpec
+from enginehouse.compiler.torch_quantize import QUANTIZED, quantize
 from enginehouse.errors import ModelLoadError
 
 ARTEFACT = "aoti.pt2"
 TORCHSCRIPT_ARTEFACT = "frozen.pt"
 BUILDER_VERSION = 2
-_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# int8 and fp8 engines quantise the linear layers of a bf16 program (torch_quantize.py).
+_DTYPES = {
+    "fp32": "float32",
+    "fp16": "float16",
+    "bf16": "bfloat16",
+    "int8": "bfloat16",
+    "fp8": "bfloat16",
+}
 
 
 @functools.lru_cache(maxsize=8)
@@ -104,10 +112,15 @@ def _build(
     model = config.name
     if spec.precision not in _DTYPES:
         raise ModelLoadError(
-            f"model '{model}': the pytorch builder makes fp32, fp16 or bf16 "
+            f"model '{model}': the pytorch builder makes fp32, fp16, bf16, int8 or fp8 "
             f"engines, not {spec.precision}"
         )
     device = "cpu" if spec.target == "cpu" else spec.target
+    if spec.precision in QUANTIZED and device == "cpu":
+        raise ModelLoadError(
+            f"model '{model}': {spec.precision} PyTorch engines are built for the cuda target "
+            "(KIND_GPU); for int8 on the CPU use the onnxruntime backend"
+        )
     program = load_program(source, model)
     samples = _samples(config, spec, model_dir)
     dtype = getattr(torch, _DTYPES[spec.precision])
@@ -196,6 +209,8 @@ def _build_compiled(
     backends/torch_compile.py for why not AOTInductor)."""
     torch.export.save(exported, str(out / torch_compile.PROGRAM))
     module = program_on(torch.export.load(str(out / torch_compile.PROGRAM)), device)
+    if spec.precision in QUANTIZED:
+        module = quantize(torch, module, spec.precision, config.name)
     compiled = torch_compile.compile_module(torch, module, config, device, spec.autotune)
     artifacts = torch.compiler.save_cache_artifacts()
     if artifacts is not None:
