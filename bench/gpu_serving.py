@@ -59,6 +59,7 @@ def first_and_steady(server: ServerProcess, model: BenchModel) -> tuple[float, f
     import tritonclient.grpc as grpcclient
 
     client = grpcclient.InferenceServerClient(server.grpc_url)
+    client.is_server_ready()  # connect first: the first request times the model, not TCP
     items = []
     for name, array in model.inputs(1).items():
         item = grpcclient.InferInput(

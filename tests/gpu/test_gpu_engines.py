@@ -192,6 +192,7 @@ def test_quantized_engines_serve_within_tolerance(tmp_path: Path, precision: str
     (repo / "encoder" / "config.pbtxt").write_text(ENCODER_CONFIG.format(precision=precision))
     cache = tmp_path / "cache"
     with ServerProcess([repo], "--engine-cache", str(cache), log_path=tmp_path / "s.log") as server:
+        server.wait_ready(timeout_s=600)
         client = grpcclient.InferenceServerClient(server.grpc_url)
         tokens = np.random.default_rng(1).standard_normal((5, 32, 256)).astype(np.float32)
         item = grpcclient.InferInput("tokens", list(tokens.shape), "FP32")

@@ -137,6 +137,9 @@ class CudaGraphEngine(Engine):
                     graph, pool=pool, stream=self.stream, capture_error_mode="thread_local"
                 ):
                     outputs = self._as_tuple(self._run(*views))
+                # The first launch of a graph uploads it to the device: do it now, not in
+                # the first request that this bucket serves.
+                graph.replay()
                 self._graphs[size] = _Graph(graph, list(outputs))
             self.stream.synchronize()
         first = self._graphs[largest].outputs
