@@ -61,3 +61,12 @@ def test_quantized_precisions_need_the_cuda_target(tmp_path: Path) -> None:
     source.write_bytes(b"")
     with pytest.raises(ModelLoadError, match="fp8 PyTorch engines are built for the cuda target"):
         torch_builder._build(source, config, spec, tmp_path, tmp_path)
+
+
+def test_rows_at_batch_one_counts_every_leading_dim() -> None:
+    from enginehouse.compiler.torch_quantize import rows_at_batch_one
+
+    module = exported_encoder()
+    lift_linears(torch, module)
+    rows = rows_at_batch_one(torch, module, [torch.zeros(1, 5, 32)])
+    assert sorted(rows.values()) == [5, 5, 5, 5]  # one request of 5 tokens

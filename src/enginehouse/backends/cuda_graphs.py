@@ -124,13 +124,16 @@ class CudaGraphEngine(Engine):
             for dims, dtype in zip(self._dims, self._dtypes)
         ]
         pool = torch.cuda.graph_pool_handle()
+        warming = 0.0
         with SETUP_LOCK, torch.inference_mode(), torch.cuda.device(self.device):
             for size in reversed(self.buckets):
                 views = [t[:size] for t in self._static_in]
+                began = time.perf_counter()
                 with torch.cuda.stream(self.stream):
                     for _ in range(WARM_RUNS):
                         self._run(*views)
                 self.stream.synchronize()
+                warming += time.perf_counter() - began
                 graph = torch.cuda.CUDAGraph()
                 # Thread-local capture: other instances keep serving on their own threads.
                 with torch.cuda.graph(
@@ -149,11 +152,13 @@ class CudaGraphEngine(Engine):
         self._host_in = [t.numpy() for t in self._pinned_in]
         self._host_out = [t.numpy() for t in self._pinned_out]
         log.info(
-            "model '%s': %d CUDA graphs captured on %s in %.2f s (batch %s)",
+            "model '%s': %d CUDA graphs captured on %s in %.2f s (%.2f s of warm-up runs; "
+            "batch %s)",
             self.config.name,
             len(self._graphs),
             self.device,
             time.perf_counter() - started,
+            warming,
             ",".join(map(str, self.buckets)),
         )
 

@@ -73,6 +73,15 @@ def compile_module(
     return compiled
 
 
+def one_batch(torch: Any, config: mc.ModelConfig, device: str) -> list[Any]:
+    """Zero inputs of one request (variable dims at 1) on ``device``."""
+    batch = (1,) if config.max_batch_size > 0 else ()
+    return [
+        torch.zeros((*batch, *(max(d, 1) for d in dims)), dtype=dtype, device=device)
+        for dims, dtype in input_specs(torch, config)
+    ]
+
+
 def acquire(torch: Any, path: Path, config: mc.ModelConfig, index: int) -> Any:
     """The shared compiled module of ``path`` on GPU ``index``, compiling it if needed."""
     from enginehouse.backends.torch import TORCH_LOCK, load_program, program_on
@@ -97,19 +106,25 @@ def acquire(torch: Any, path: Path, config: mc.ModelConfig, index: int) -> Any:
         module = program_on(load_program(path, config.name), device)
         precision = model_config.parameter(config, "engine_precision", "").strip().lower()
         if precision in QUANTIZED:  # the cache holds the bf16 program: quantise it again
-            module = quantize(torch, module, precision, config.name)
+            example = one_batch(torch, config, device)
+            module = quantize(torch, module, precision, config.name, example)
+        loaded = time.perf_counter()
         autotune = model_config.flag_parameter(config, "engine_autotune", False)
         try:
-            run = compile_module(torch, module, config, device, autotune)
+            # Every kernel is in the cache: no pool of compile workers to start.
+            with torch._inductor.config.patch(compile_threads=1):
+                run = compile_module(torch, module, config, device, autotune)
         except torch.cuda.OutOfMemoryError:
             raise
         except Exception as exc:
             raise ModelLoadError(f"model '{config.name}': torch.compile failed: {exc}") from None
         log.info(
-            "model '%s': compiled for %s in %.1f s (kernels from the engine cache)",
+            "model '%s': compiled for %s in %.1f s (program loaded in %.1f s, kernels from "
+            "the engine cache)",
             config.name,
             device,
             time.perf_counter() - started,
+            loaded - started,
         )
         with _LOCK:
             _SHARED[key] = _Shared(run, 1)

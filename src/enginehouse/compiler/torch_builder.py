@@ -210,7 +210,8 @@ def _build_compiled(
     torch.export.save(exported, str(out / torch_compile.PROGRAM))
     module = program_on(torch.export.load(str(out / torch_compile.PROGRAM)), device)
     if spec.precision in QUANTIZED:
-        module = quantize(torch, module, spec.precision, config.name)
+        example = torch_compile.one_batch(torch, config, device)
+        module = quantize(torch, module, spec.precision, config.name, example)
     compiled = torch_compile.compile_module(torch, module, config, device, spec.autotune)
     artifacts = torch.compiler.save_cache_artifacts()
     if artifacts is not None:

@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 QUANTIZED = ("int8", "fp8")
 # Linear layers this small gain nothing from quantisation (and fp8 needs multiples of 16).
 _MIN_FEATURES = 16
+# torch._int_mm on CUDA multiplies matrices of more than 16 rows only.
+_MIN_ROWS_INT8 = 16
 
 
 def lift_linears(torch: Any, module: Any) -> int:
@@ -81,8 +83,32 @@ def _attribute(module: Any, node: Any) -> Any:
     return value if getattr(value, "ndim", 0) in (1, 2) else None
 
 
-def quantize(torch: Any, module: Any, precision: str, model: str) -> Any:
-    """``module`` (bf16, on its GPU) with its linear layers quantised to ``precision``."""
+def rows_at_batch_one(torch: Any, module: Any, example: list[Any]) -> dict[str, int]:
+    """Rows (all leading dims) each ``nn.Linear`` of ``module`` sees for ``example``."""
+    rows: dict[str, int] = {}
+    hooks = []
+    for name, layer in module.named_modules():
+        if isinstance(layer, torch.nn.Linear):
+
+            def record(_layer: Any, args: tuple[Any, ...], _out: Any, name: str = name) -> None:
+                rows[name] = min(rows.get(name, 1 << 62), args[0].numel() // args[0].shape[-1])
+
+            hooks.append(layer.register_forward_hook(record))
+    try:
+        with torch.inference_mode():
+            module(*example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return rows
+
+
+def quantize(torch: Any, module: Any, precision: str, model: str, example: list[Any]) -> Any:
+    """``module`` (bf16, on its GPU) with its linear layers quantised to ``precision``.
+
+    ``example`` is a batch of one: int8 matrix products on the GPU need more than 16 rows,
+    so int8 leaves alone the layers that see 16 rows or fewer for one request (a
+    classifier head after pooling, say)."""
     try:
         from torchao.quantization import (
             Float8DynamicActivationFloat8WeightConfig,
@@ -107,15 +133,17 @@ def quantize(torch: Any, module: Any, precision: str, model: str) -> Any:
             "{}.{}".format(*torch.cuda.get_device_capability(device))
         )
     lifted = lift_linears(torch, module)
+    rows = rows_at_batch_one(torch, module, example) if precision == "int8" else {}
     config = (
         Int8DynamicActivationInt8WeightConfig()
         if precision == "int8"
         else Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
     )
 
-    def worth_it(layer: Any, _name: str) -> bool:
+    def worth_it(layer: Any, name: str) -> bool:
         return (
             isinstance(layer, torch.nn.Linear)
+            and rows.get(name, _MIN_ROWS_INT8 + 1) > _MIN_ROWS_INT8
             and layer.in_features >= _MIN_FEATURES
             and layer.out_features >= _MIN_FEATURES
             and layer.in_features % 16 == 0
