@@ -135,6 +135,9 @@ def main() -> None:
             batch: measure_eager(torch, model, module, half, batch, args.iters)
             for batch in BATCHES[name]
         }
+        for batch, eager in figures.items():
+            for label, (p50, loop) in eager.items():
+                print(f"    b{batch} {label}: p50 {p50:.3f} ms, {batch / loop * 1e3:.1f}/s")
         del module, half
         torch.cuda.empty_cache()
         build_seconds: dict[str, float] = {}
@@ -142,9 +145,10 @@ def main() -> None:
             _, engine, build_s, hit = build(model, precision, args.autotune)
             print(f"  {name} {precision}: {'cache hit' if hit else f'built in {build_s:.0f} s'}")
             for batch in BATCHES[name]:
-                figures[batch].update(
-                    measure_ours(torch, model, engine, batch, args.iters, precision)
-                )
+                ours = measure_ours(torch, model, engine, batch, args.iters, precision)
+                figures[batch].update(ours)
+                for label, (p50, loop) in ours.items():  # as measured: long runs show progress
+                    print(f"    b{batch} {label}: p50 {p50:.3f} ms, {batch / loop * 1e3:.1f}/s")
             build_seconds[precision] = build_s
             engine.close()
             torch.cuda.empty_cache()
