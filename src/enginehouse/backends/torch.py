@@ -41,6 +41,11 @@ def import_torch() -> Any:
 TORCH_LOCK = SETUP_LOCK
 
 
+def is_onnx(path: Path) -> bool:
+    """ONNX sources (``default_model_filename: "model.onnx"``) are converted by the builder."""
+    return path.suffix == ".onnx"
+
+
 def is_torchscript(path: Path) -> bool:
     """TorchScript files are ``.pt``; torch.export programs and AOTInductor packages ``.pt2``."""
     return path.suffix == ".pt"
@@ -157,11 +162,14 @@ class TorchBackend(Backend):
                     f"the config declares {len(config.input)}"
                 )
             return
-        inputs, outputs = (
-            signature
-            if isinstance(signature, list | tuple)
-            else program_arity(model_file, config.name)
-        )
+        if isinstance(signature, list | tuple):
+            inputs, outputs = signature
+        elif is_onnx(model_file):
+            from enginehouse.compiler.onnx_to_torch import onnx_arity
+
+            inputs, outputs = onnx_arity(model_file, config.name)
+        else:
+            inputs, outputs = program_arity(model_file, config.name)
         if inputs != len(config.input):
             raise ModelLoadError(
                 f"model '{config.name}': the exported program takes {inputs} inputs, "
@@ -274,4 +282,8 @@ def _load_runner(
             ) from None
     if is_torchscript(model_file):
         return load_torchscript(model_file, config.name).to(device)
+    if is_onnx(model_file):  # engine_build: false — the converted graph, run eagerly
+        from enginehouse.compiler.onnx_to_torch import onnx_module
+
+        return onnx_module(model_file, config.name).to(device)
     return program_on(load_program(model_file, config.name), device)

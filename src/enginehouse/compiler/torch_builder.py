@@ -1,5 +1,8 @@
 """Building PyTorch engines: an ExportedProgram compiled into an AOTInductor package.
 
+Sources are torch.export programs (``model.pt2``), TorchScript (``model.pt``, frozen) and
+ONNX models (``model.onnx``, converted by ``onnx_to_torch`` and exported here).
+
 The program is re-exported around a wrapper that casts inputs to the build precision and
 outputs back, so fp16/bf16 engines keep the config's fp32 interface, and with the batch
 dimension (and the shape profiles' dims) dynamic over their ranges. AOTInductor compiles it
@@ -21,6 +24,7 @@ from enginehouse.backends import torch_compile
 from enginehouse.backends.torch import (
     TORCH_LOCK,
     import_torch,
+    is_onnx,
     is_torchscript,
     load_program,
     load_torchscript,
@@ -28,6 +32,7 @@ from enginehouse.backends.torch import (
 )
 from enginehouse.compiler.accuracy import OutputErrors
 from enginehouse.compiler.onnx_builder import cpu_model
+from enginehouse.compiler.onnx_to_torch import onnx_module
 from enginehouse.compiler.samples import Sample, load_calibration, random_samples
 from enginehouse.compiler.spec import BuildSpec
 from enginehouse.compiler.torch_quantize import QUANTIZED, quantize
@@ -121,8 +126,9 @@ def _build(
             f"model '{model}': {spec.precision} PyTorch engines are built for the cuda target "
             "(KIND_GPU); for int8 on the CPU use the onnxruntime backend"
         )
-    program = load_program(source, model)
     samples = _samples(config, spec, model_dir)
+    dynamic = _dynamic_shapes(torch, config, spec)
+    program = _source_program(torch, source, config, samples, dynamic)
     dtype = getattr(torch, _DTYPES[spec.precision])
     reference = program.module()
 
@@ -156,32 +162,7 @@ def _build(
     if channels_last:
         inner = inner.to(memory_format=torch.channels_last)
     wrapped = Cast(inner).to(device)  # exported graphs have no train/eval modes
-    # torch.export specialises dims of size 1: trace with a batch of two where allowed.
-    repeat = 2 if config.max_batch_size >= 2 else 1
-    example = tuple(
-        torch.from_numpy(
-            np.concatenate([samples[0][t.name]] * repeat)
-            if config.max_batch_size
-            else samples[0][t.name]
-        ).to(device)
-        for t in config.input
-    )
-    dynamic: list[dict[int, Any]] = []
-    profiles = {(p.input, p.dim): p for p in spec.profiles}
-    for tensor in config.input:
-        dims: dict[int, Any] = {}
-        if config.max_batch_size > 0:
-            dims[0] = torch.export.Dim(
-                f"{tensor.name}_batch".replace(".", "_"), min=1, max=config.max_batch_size
-            )
-        for (name, dim), profile in profiles.items():
-            if name == tensor.name:
-                dims[dim] = torch.export.Dim(f"{name}_{dim}", min=profile.min, max=profile.max)
-        dynamic.append(dims)
-    if config.max_batch_size > 0:  # every input shares one batch dimension
-        shared = torch.export.Dim("batch", min=1, max=config.max_batch_size)
-        for dims in dynamic:
-            dims[0] = shared
+    example = _example(torch, config, samples, device)
     try:
         exported = torch.export.export(wrapped, example, dynamic_shapes=(tuple(dynamic),))
         if device == "cpu":
@@ -200,6 +181,64 @@ def _build(
         raise ModelLoadError(f"model '{model}': engine build failed: {exc}") from None
     errors = _accuracy(torch, config, samples, reference, runner, device)
     return _manifest(source, spec, artefact, errors)
+
+
+def _example(
+    torch: Any, config: mc.ModelConfig, samples: list[Sample], device: str
+) -> tuple[Any, ...]:
+    """The inputs to trace with: torch.export specialises dims of size 1, so a batch of two
+    where the model batches."""
+    repeat = 2 if config.max_batch_size >= 2 else 1
+    return tuple(
+        torch.from_numpy(
+            np.concatenate([samples[0][t.name]] * repeat)
+            if config.max_batch_size
+            else samples[0][t.name]
+        ).to(device)
+        for t in config.input
+    )
+
+
+def _dynamic_shapes(torch: Any, config: mc.ModelConfig, spec: BuildSpec) -> list[dict[int, Any]]:
+    """Per input, its dynamic dims: the batch (shared by every input) and the profiles'."""
+    dynamic: list[dict[int, Any]] = []
+    profiles = {(p.input, p.dim): p for p in spec.profiles}
+    shared = (
+        torch.export.Dim("batch", min=1, max=config.max_batch_size)
+        if config.max_batch_size > 0
+        else None
+    )
+    for tensor in config.input:
+        dims: dict[int, Any] = {0: shared} if shared is not None else {}
+        for (name, dim), profile in profiles.items():
+            if name == tensor.name:
+                dims[dim] = torch.export.Dim(f"{name}_{dim}", min=profile.min, max=profile.max)
+        dynamic.append(dims)
+    return dynamic
+
+
+def _source_program(
+    torch: Any,
+    source: Path,
+    config: mc.ModelConfig,
+    samples: list[Sample],
+    dynamic: list[dict[int, Any]],
+) -> Any:
+    """The source as an ExportedProgram: loaded (model.pt2) or converted (ONNX)."""
+    if not is_onnx(source):
+        return load_program(source, config.name)
+    module = onnx_module(source, config.name)
+    try:
+        return torch.export.export(
+            module, _example(torch, config, samples, "cpu"), dynamic_shapes=(tuple(dynamic),)
+        )
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # export raises many types
+        raise ModelLoadError(
+            f"model '{config.name}': the ONNX model converts to PyTorch but does not export "
+            f"with the config's dynamic dims: {str(exc).splitlines()[0]}"
+        ) from None
 
 
 def _build_compiled(
