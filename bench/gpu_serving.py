@@ -3,12 +3,15 @@
 For each model: start the server (dynamic batching, fp16 engine, 2 GPU instances) on the
 engine cache of bench/gpu_engines.py, and time process start -> ready and the first request
 against the steady p50; drive it with closed-loop clients in many processes (pre-serialised
-ModelInfer messages, bench/loadgen.py) and read the batch size the batcher formed from the
+ModelInfer messages, bench/loadgen.py) and with open-loop loads at fixed rates (``--rates``:
+the fair test of throughput and p99 together, since closed-loop clients slow down with the
+server), and read the batch size the batcher formed from the
 server's statistics; then, with the server stopped, run the raw engine (one instance, host
 arrays in and out, as the server runs it) at that batch size. Served throughput / raw
 throughput is the figure of merit (goal: >= 80% for BERT, p99 <= 10 ms).
 
-    python bench/gpu_serving.py [--seconds 10] [--clients 32,128] [--grpc-workers 6]
+    python bench/gpu_serving.py [--seconds 10] [--clients 32,128] [--rates 4000,8000]
+                                [--grpc-workers 6]
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import sys
 import time
 import urllib.request
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gpu_engines import OUT, PRECISION, RESULTS
 from gpu_models import MODELS, BenchModel, gpu_config
-from loadgen import grpc_load
+from loadgen import grpc_load, grpc_open_load
 
 from enginehouse.testing import ServerProcess
 
@@ -104,7 +108,7 @@ def serve(model: BenchModel, args: argparse.Namespace) -> list[dict[str, Any]]:
     served.write(OUT / "serve-repo", config)
     starts: list[float] = []
     common: dict[str, Any] = {"model": model.name}
-    loads: list[tuple[int, Any, float]] = []
+    loads: list[tuple[str, Any, float]] = []
     for attempt in range(2):  # the first start may build; the second finds everything cached
         began = time.perf_counter()
         server = ServerProcess(
@@ -127,29 +131,38 @@ def serve(model: BenchModel, args: argparse.Namespace) -> list[dict[str, Any]]:
                 continue
             first, steady = first_and_steady(server, served)
             common |= {"first_ms": round(first, 3), "steady_p50_ms": round(steady, 3)}
-            for clients in args.clients:
-                before = stats(server.http_port, model.name)
-                load = grpc_load(
-                    f"127.0.0.1:{server.grpc_port}",
-                    message(served),
-                    clients,
-                    args.seconds,
-                    args.processes,
+            target = f"127.0.0.1:{server.grpc_port}"
+            request = message(served)
+            runs: list[tuple[str, Any]] = [
+                (
+                    f"{clients} clients",
+                    partial(grpc_load, target, request, clients, args.seconds, args.processes),
                 )
+                for clients in args.clients
+            ] + [
+                (
+                    f"{rate}/s open",
+                    partial(grpc_open_load, target, request, rate, args.seconds, args.processes),
+                )
+                for rate in args.rates
+            ]
+            for label, run in runs:
+                before = stats(server.http_port, model.name)
+                load = run()
                 after = stats(server.http_port, model.name)
                 executions = after["execution_count"] - before["execution_count"]
                 inferences = after["inference_count"] - before["inference_count"]
-                loads.append((clients, load, inferences / max(executions, 1)))
+                loads.append((label, load, inferences / max(executions, 1)))
         finally:
             server.stop()
     common |= {"cold_start_s": round(starts[0], 2), "cached_start_s": round(starts[1], 2)}
     rows = []
-    for clients, load, batch in loads:
+    for label, load, batch in loads:
         raw = raw_engine(model, max(1, round(batch)), 5.0)
         rows.append(
             common
             | {
-                "clients": clients,
+                "load": label,
                 "served_per_s": round(load.rps, 1),
                 "p50_ms": round(load.p50_ms, 2),
                 "p99_ms": round(load.p99_ms, 2),
@@ -172,18 +185,25 @@ def main() -> None:
         default=[128],
         help="e.g. 32,128",
     )
+    parser.add_argument(
+        "--rates",
+        type=lambda t: [int(c) for c in t.split(",") if c],
+        default=[],
+        help="open-loop loads in requests/s, e.g. 4000,8000 (latency counted from when each "
+        "request was due)",
+    )
     parser.add_argument("--processes", type=int, default=8)
     parser.add_argument("--grpc-workers", type=int, default=6, help="frontend processes")
     args = parser.parse_args()
     rows = [row for name in args.models.split(",") for row in serve(MODELS[name], args)]
     print(
-        f"\n{'model':9} {'clients':>7} {'served/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
+        f"\n{'model':9} {'load':>12} {'served/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
         f"{'batch':>6} {'raw/s':>9} "
         f"{'ratio':>6} {'cold s':>7} {'cached s':>8} {'first ms':>8} {'p50 ms':>7}"
     )
     for r in rows:
         print(
-            f"{r['model']:9} {r['clients']:7d} {r['served_per_s']:9.1f} {r['p50_ms']:7.2f} "
+            f"{r['model']:9} {r['load']:>12} {r['served_per_s']:9.1f} {r['p50_ms']:7.2f} "
             f"{r['p99_ms']:7.2f} "
             f"{r['mean_batch']:6.1f} {r['raw_per_s']:9.1f} {r['served_vs_raw']:5.2f}x "
             f"{r['cold_start_s']:7.1f} {r['cached_start_s']:8.1f} {r['first_ms']:8.2f} "
@@ -194,7 +214,7 @@ def main() -> None:
     print(
         "gpu_serving: "
         + "; ".join(
-            f"{r['model']} @{r['clients']} {r['served_per_s']:.0f}/s = "
+            f"{r['model']} @{r['load']} {r['served_per_s']:.0f}/s = "
             f"{r['served_vs_raw']:.2f}x raw at batch "
             f"{r['mean_batch']}, p99 {r['p99_ms']:.1f} ms, cached start {r['cached_start_s']:.1f} s"
             for r in rows

@@ -1,5 +1,11 @@
 """Load generators for the benchmarks: wrk for HTTP, multi-process grpc.aio for gRPC.
 
+Two kinds of gRPC load: closed-loop (``grpc_load``: N clients, each waits for its answer
+before sending again, so the rate follows the latency) and open-loop (``grpc_open_load``:
+requests leave on a fixed schedule whatever the answers do, and each latency counts from
+the moment its request was due, so a stalled server shows in the percentiles instead of
+slowing the load down).
+
 wrk (Debian's package) is a C program that saturates an HTTP server from one thread. For
 gRPC there is no such tool on PyPI or Debian, so each worker process sends pre-serialised
 ModelInfer messages over grpc.aio with identity (de)serialisers: the client spends no time
@@ -134,6 +140,70 @@ def _grpc_worker(
     queue.put((latencies, errors))
 
 
+def _grpc_open_worker(
+    target: str,
+    message: bytes,
+    rate: float,
+    seconds: float,
+    channels: int,
+    queue: multiprocessing.Queue,  # type: ignore[type-arg]
+) -> None:
+    import grpc
+
+    async def run() -> tuple[list[float], int, float]:
+        latencies: list[float] = []
+        errors = 0
+        opened = [grpc.aio.insecure_channel(target) for _ in range(channels)]
+        calls = [
+            c.unary_unary(_METHOD, request_serializer=None, response_deserializer=None)
+            for c in opened
+        ]
+        for call in calls:  # connected before the clock starts
+            await call(message)
+
+        async def one(call: object, due: float) -> None:
+            nonlocal errors
+            try:
+                await call(message)  # type: ignore[operator]
+            except grpc.aio.AioRpcError:
+                errors += 1
+                return
+            latencies.append(time.perf_counter() - due)
+
+        tasks = []
+        start = time.perf_counter()
+        total = int(rate * seconds)
+        for i in range(total):
+            due = start + i / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(one(calls[i % channels], due)))
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - start  # past the schedule when the server fell behind
+        for channel in opened:
+            await channel.close()
+        return latencies, errors, elapsed
+
+    queue.put(asyncio.run(run()))
+
+
+def grpc_open_load(
+    target: str, message: bytes, rate: float, seconds: float, processes: int = 4, channels: int = 4
+) -> LoadResult:
+    """ModelInfer calls at ``rate`` a second in all, spread over ``processes`` processes of
+    ``channels`` connections each (connections spread over the server's gRPC workers)."""
+    queue: multiprocessing.Queue = multiprocessing.Queue()  # type: ignore[type-arg]
+    workers = [
+        multiprocessing.Process(
+            target=_grpc_open_worker,
+            args=(target, message, rate / processes, seconds, channels, queue),
+        )
+        for _ in range(processes)
+    ]
+    return _collect(workers, queue, seconds)
+
+
 def grpc_load(
     target: str, message: bytes, connections: int, seconds: float, processes: int = 2
 ) -> LoadResult:
@@ -148,14 +218,24 @@ def grpc_load(
         multiprocessing.Process(target=_grpc_worker, args=(target, message, n, seconds, queue))
         for n in per
     ]
+    return _collect(workers, queue, seconds)
+
+
+def _collect(
+    workers: list[multiprocessing.Process],
+    queue: multiprocessing.Queue,  # type: ignore[type-arg]
+    seconds: float,
+) -> LoadResult:
+    """Start the load processes and merge what they measured."""
     for worker in workers:
         worker.start()
     latencies: list[float] = []
     errors = 0
     for _ in workers:
-        part, err = queue.get(timeout=seconds + 120)
+        part, err, *elapsed = queue.get(timeout=seconds + 120)
         latencies.extend(part)
         errors += err
+        seconds = max([seconds, *elapsed])
     for worker in workers:
         worker.join()
     values = np.array(latencies) * 1e3 if latencies else np.zeros(1)
