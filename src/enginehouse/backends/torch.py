@@ -20,6 +20,7 @@ from enginehouse.backends import torch_compile
 from enginehouse.backends.base import Backend, Engine, Placement
 from enginehouse.backends.cuda_graphs import SETUP_LOCK, CudaGraphEngine, default_buckets
 from enginehouse.config import model_config
+from enginehouse.config.autocomplete import GraphSignature, read_signature
 from enginehouse.errors import ModelLoadError
 
 TORCH_BACKEND = "pytorch"
@@ -162,12 +163,13 @@ class TorchBackend(Backend):
                     f"the config declares {len(config.input)}"
                 )
             return
-        if isinstance(signature, list | tuple):
+        if is_onnx(model_file):
+            graph = (
+                signature if isinstance(signature, GraphSignature) else read_signature(model_file)
+            )
+            inputs, outputs = len(graph.inputs), len(graph.outputs)
+        elif isinstance(signature, list | tuple):
             inputs, outputs = signature
-        elif is_onnx(model_file):
-            from enginehouse.compiler.onnx_to_torch import onnx_arity
-
-            inputs, outputs = onnx_arity(model_file, config.name)
         else:
             inputs, outputs = program_arity(model_file, config.name)
         if inputs != len(config.input):

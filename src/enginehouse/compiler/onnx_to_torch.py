@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,17 @@ def _attrs(node: Any) -> dict[str, Any]:
             value = onnx.numpy_helper.to_array(value)
         found[attribute.name] = value
     return found
+
+
+@dataclass(frozen=True, slots=True)
+class _Node:
+    """A graph node with its attributes read once, not on every forward."""
+
+    op_type: str
+    name: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    attrs: dict[str, Any]
 
 
 def _is_shape(value: Any) -> bool:
@@ -112,7 +124,7 @@ def _pads(pads: list[int], spatial: int) -> tuple[list[int], list[int] | None]:
 
 def _conv(node: Any, x: Any, w: Any, b: Any = None) -> Any:
     torch = _torch()
-    a = _attrs(node)
+    a = node.attrs
     spatial = w.ndim - 2
     if a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
         raise ValueError(f"Conv auto_pad {a['auto_pad']} is not supported")
@@ -138,7 +150,7 @@ def _conv(node: Any, x: Any, w: Any, b: Any = None) -> Any:
 def _pool(kind: str) -> Callable[..., Any]:
     def run(node: Any, x: Any) -> Any:
         torch = _torch()
-        a = _attrs(node)
+        a = node.attrs
         kernel = list(a["kernel_shape"])
         spatial = len(kernel)
         padding, explicit = _pads(list(a.get("pads", [0] * 2 * spatial)), spatial)
@@ -159,7 +171,7 @@ def _pool(kind: str) -> Callable[..., Any]:
 
 
 def _gemm(node: Any, a: Any, b: Any, c: Any = None) -> Any:
-    at = _attrs(node)
+    at = node.attrs
     if at.get("transA", 0):
         a = a.transpose(0, 1)
     if at.get("transB", 0):
@@ -170,24 +182,22 @@ def _gemm(node: Any, a: Any, b: Any, c: Any = None) -> Any:
     return result
 
 
-def _axes(node: Any, given: Any, opset: int) -> list[int] | None:
+def _axes(node: Any, given: Any) -> list[int] | None:
     if given is not None:
         return [int(v) for v in _ints(given)]
-    found = _attrs(node).get("axes")
+    found = node.attrs.get("axes")
     return list(found) if found is not None else None
 
 
 def _reduce(kind: str) -> Callable[..., Any]:
     def run(node: Any, x: Any, axes: Any = None) -> Any:
-        a = _attrs(node)
-        dims = _axes(node, axes, 0)
+        a = node.attrs
+        dims = _axes(node, axes)
         keep = bool(a.get("keepdims", 1))
         if not dims:
             if a.get("noop_with_empty_axes", 0):
                 return x
             dims = list(range(x.ndim))
-        if kind in ("amax", "amin"):
-            return getattr(x, kind)(dim=dims, keepdim=keep)
         if kind == "l2":
             return x.square().sum(dim=dims, keepdim=keep).sqrt()
         return getattr(x, kind)(dim=dims, keepdim=keep)
@@ -197,7 +207,7 @@ def _reduce(kind: str) -> Callable[..., Any]:
 
 def _gather(node: Any, data: Any, indices: Any) -> Any:
     torch = _torch()
-    axis = _attrs(node).get("axis", 0)
+    axis = node.attrs.get("axis", 0)
     if _is_shape(data) and _is_shape(indices):
         items = _ints(data)
         if isinstance(indices, list):
@@ -213,7 +223,7 @@ def _gather(node: Any, data: Any, indices: Any) -> Any:
 
 
 def _unsqueeze(node: Any, x: Any, axes: Any = None) -> Any:
-    dims = _axes(node, axes, 0) or []
+    dims = _axes(node, axes) or []
     if _is_shape(x) and not isinstance(x, list) and dims == [0]:
         return [x]
     x = _tensor(x)
@@ -224,7 +234,7 @@ def _unsqueeze(node: Any, x: Any, axes: Any = None) -> Any:
 
 
 def _squeeze(node: Any, x: Any, axes: Any = None) -> Any:
-    dims = _axes(node, axes, 0)
+    dims = _axes(node, axes)
     if isinstance(x, list) and dims in ([0], None) and len(x) == 1:
         return x[0]
     x = _tensor(x)
@@ -251,7 +261,7 @@ def _slice(_node: Any, x: Any, starts: Any, ends: Any, axes: Any = None, steps: 
 
 
 def _shape(node: Any, x: Any) -> list[Any]:
-    a = _attrs(node)
+    a = node.attrs
     dims = ([len(x)] if isinstance(x, list) else []) if _is_shape(x) else list(x.shape)
     return dims[a.get("start", 0) : a.get("end")]
 
@@ -261,7 +271,7 @@ def _reshape(node: Any, x: Any, shape: Any) -> Any:
     if _is_shape(x):  # a shape vector stays one: flat, or a single value
         items = _ints(x)
         return items[0] if not dims and len(items) == 1 else items
-    if not _attrs(node).get("allowzero", 0):
+    if not node.attrs.get("allowzero", 0):
         dims = [x.shape[i] if d == 0 else d for i, d in enumerate(dims)]
     return x.reshape(dims)
 
@@ -272,13 +282,13 @@ def _concat(node: Any, *parts: Any) -> Any:
         return [v for p in parts for v in _ints(p)]
     tensors = [_tensor(p) for p in parts]
     like = next(t for t in tensors if t.ndim)
-    return torch.cat([t.to(like.dtype) for t in tensors], dim=_attrs(node)["axis"])
+    return torch.cat([t.to(like.dtype) for t in tensors], dim=node.attrs["axis"])
 
 
 def _cast(node: Any, x: Any) -> Any:
     import onnx
 
-    target = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(_attrs(node)["to"]))
+    target = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(node.attrs["to"]))
     if _is_shape(x) and target.kind in "iu":
         return x
     torch = _torch()
@@ -287,7 +297,7 @@ def _cast(node: Any, x: Any) -> Any:
 
 def _constant_of_shape(node: Any, shape: Any) -> Any:
     torch = _torch()
-    value = _attrs(node).get("value", np.zeros(1, np.float32))
+    value = node.attrs.get("value", np.zeros(1, np.float32))
     dims = _ints(shape)
     if (
         value.dtype == np.int64
@@ -319,13 +329,13 @@ def _where(_node: Any, condition: Any, a: Any, b: Any) -> Any:
 
 def _softmax(name: str) -> Callable[..., Any]:
     def run(node: Any, x: Any) -> Any:
-        return getattr(_torch(), name)(x, dim=_attrs(node).get("axis", -1))
+        return getattr(_torch(), name)(x, dim=node.attrs.get("axis", -1))
 
     return run
 
 
 def _layer_norm(node: Any, x: Any, scale: Any, bias: Any = None) -> Any:
-    a = _attrs(node)
+    a = node.attrs
     axis = a.get("axis", -1) % x.ndim
     return _torch().nn.functional.layer_norm(
         x, tuple(x.shape[axis:]), scale, bias, a.get("epsilon", 1e-5)
@@ -333,29 +343,29 @@ def _layer_norm(node: Any, x: Any, scale: Any, bias: Any = None) -> Any:
 
 
 def _batch_norm(node: Any, x: Any, scale: Any, bias: Any, mean: Any, var: Any) -> Any:
-    eps = _attrs(node).get("epsilon", 1e-5)
+    eps = node.attrs.get("epsilon", 1e-5)
     return _torch().nn.functional.batch_norm(x, mean, var, scale, bias, False, 0.0, eps)
 
 
 def _flatten(node: Any, x: Any) -> Any:
-    axis = _attrs(node).get("axis", 1)
+    axis = node.attrs.get("axis", 1)
     axis = axis + x.ndim if axis < 0 else axis  # axis == rank is valid: (all, 1)
     return x.reshape(math.prod(x.shape[:axis]) if axis else 1, -1)
 
 
 def _clip(node: Any, x: Any, low: Any = None, high: Any = None) -> Any:
-    a = _attrs(node)
+    a = node.attrs
     low = a.get("min") if low is None else low
     high = a.get("max") if high is None else high
     return _torch().clamp(x, low, high)
 
 
 def _split(node: Any, x: Any, sizes: Any = None) -> Any:
-    a = _attrs(node)
+    a = node.attrs
     axis = a.get("axis", 0)
     parts = _ints(sizes) if sizes is not None else a.get("split")
     if parts is None:
-        count = a.get("num_outputs") or len(node.output)
+        count = a.get("num_outputs") or len(node.outputs)
         parts = [x.shape[axis] // count] * count
     return tuple(_torch().split(x, list(parts), dim=axis))
 
@@ -382,11 +392,11 @@ def _op_table() -> dict[str, Callable[..., Any]]:
         "Add": _elementwise(lambda a, b: a + b, torch.add),
         "Sub": _elementwise(lambda a, b: a - b, torch.sub),
         "Mul": _elementwise(lambda a, b: a * b, torch.mul),
-        "Div": _elementwise(lambda a, b: a // b if isinstance(a, int) else a / b, _divide),
+        "Div": _elementwise(lambda a, b: a // b, _divide),  # shape values are ints
         "Pow": lambda _n, a, b: torch.pow(a, b if _is_shape(b) else b.to(a.dtype)),
         "MatMul": lambda _n, a, b: torch.matmul(a, b),
         "Gemm": _gemm,
-        "Einsum": lambda n, *xs: torch.einsum(_attrs(n)["equation"], *xs),
+        "Einsum": lambda n, *xs: torch.einsum(n.attrs["equation"], *xs),
         "Conv": _conv,
         "MaxPool": _pool("max"),
         "AveragePool": _pool("avg"),
@@ -396,7 +406,7 @@ def _op_table() -> dict[str, Callable[..., Any]]:
         "LayerNormalization": _layer_norm,
         "Flatten": _flatten,
         "Reshape": _reshape,
-        "Transpose": lambda n, x: x.permute(*_attrs(n).get("perm", list(reversed(range(x.ndim))))),
+        "Transpose": lambda n, x: x.permute(*n.attrs.get("perm", list(reversed(range(x.ndim))))),
         "Concat": _concat,
         "Split": _split,
         "Shape": _shape,
@@ -429,11 +439,11 @@ def _op_table() -> dict[str, Callable[..., Any]]:
         "Softmax": _softmax("softmax"),
         "LogSoftmax": _softmax("log_softmax"),
         "Relu": lambda _n, x: functional.relu(x),
-        "LeakyRelu": lambda n, x: functional.leaky_relu(x, _attrs(n).get("alpha", 0.01)),
-        "Elu": lambda n, x: functional.elu(x, _attrs(n).get("alpha", 1.0)),
+        "LeakyRelu": lambda n, x: functional.leaky_relu(x, n.attrs.get("alpha", 0.01)),
+        "Elu": lambda n, x: functional.elu(x, n.attrs.get("alpha", 1.0)),
         "Sigmoid": _unary("sigmoid"),
         "HardSigmoid": lambda n, x: torch.clamp(
-            x * _attrs(n).get("alpha", 0.2) + _attrs(n).get("beta", 0.5), 0, 1
+            x * n.attrs.get("alpha", 0.2) + n.attrs.get("beta", 0.5), 0, 1
         ),
         "Tanh": _unary("tanh"),
         "Erf": _unary("erf"),
@@ -443,7 +453,7 @@ def _op_table() -> dict[str, Callable[..., Any]]:
         "Neg": _unary("neg"),
         "Abs": _unary("abs"),
         "Reciprocal": _unary("reciprocal"),
-        "Gelu": lambda n, x: functional.gelu(x, approximate=_attrs(n).get("approximate", "none")),
+        "Gelu": lambda n, x: functional.gelu(x, approximate=n.attrs.get("approximate", "none")),
         "Clip": _clip,
         "Range": _range,
     }
@@ -501,25 +511,31 @@ def onnx_module(path: Path, model: str) -> Any:
     constants = _Constants()
     for initializer in graph.initializer:
         constants.add(initializer.name, numpy_helper.to_array(initializer))
-    nodes = []
-    for node in graph.node:
-        if node.op_type == "Constant":
-            value = _attrs(node)
-            array = next(
-                (
-                    np.asarray(v)
-                    for k, v in value.items()
-                    if k in ("value", "value_float", "value_int", "value_floats", "value_ints")
-                ),
-                None,
-            )
-            if array is None:
-                raise ModelLoadError(f"model '{model}': Constant node without a value")
-            if array.dtype == np.float64:
-                array = array.astype(np.float32)
-            constants.add(node.output[0], array)
-        else:
+    nodes: list[_Node] = []
+    for proto_node in graph.node:
+        node = _Node(
+            proto_node.op_type,
+            proto_node.name,
+            tuple(proto_node.input),
+            tuple(proto_node.output),
+            _attrs(proto_node),
+        )
+        if node.op_type != "Constant":
             nodes.append(node)
+            continue
+        array = next(
+            (
+                np.asarray(v)
+                for k, v in node.attrs.items()
+                if k in ("value", "value_float", "value_int", "value_floats", "value_ints")
+            ),
+            None,
+        )
+        if array is None:
+            raise ModelLoadError(f"model '{model}': Constant node without a value")
+        if array.dtype == np.float64:
+            array = array.astype(np.float32)
+        constants.add(node.outputs[0], array)
     initialized = {i.name for i in graph.initializer}
     inputs = [i.name for i in graph.input if i.name not in initialized]
     outputs = [o.name for o in graph.output]
@@ -540,7 +556,7 @@ def onnx_module(path: Path, model: str) -> Any:
             values.update({name: getattr(self, a) for name, a in self._names.items()})
             values.update(zip(inputs, args))
             for node in nodes:
-                operands = [values[i] if i else None for i in node.input]
+                operands = [values[i] if i else None for i in node.inputs]
                 while operands and operands[-1] is None:
                     operands.pop()
                 try:
@@ -553,24 +569,10 @@ def onnx_module(path: Path, model: str) -> Any:
                         f"({node.op_type}): {exc}"
                     ) from None
                 if isinstance(result, tuple):
-                    values.update(zip(node.output, result))
+                    values.update(zip(node.outputs, result))
                 else:
-                    values[node.output[0]] = result
+                    values[node.outputs[0]] = result
             found = tuple(_tensor(values[name]) for name in outputs)
             return found[0] if len(found) == 1 else found
 
     return OnnxModule().eval()
-
-
-def onnx_arity(path: Path, model: str) -> list[int]:
-    """[inputs, outputs] of an ONNX graph (initializers are not inputs)."""
-    import onnx
-
-    try:
-        graph = onnx.load(str(path), load_external_data=False).graph
-    except Exception as exc:
-        raise ModelLoadError(
-            f"model '{model}': cannot read ONNX model {path.name}: {exc}"
-        ) from None
-    initialized = {i.name for i in graph.initializer}
-    return [len([i for i in graph.input if i.name not in initialized]), len(graph.output)]

@@ -187,7 +187,9 @@ def load_version(
         )
     # Signatures are remembered in the cache's source facts: reading big files takes seconds.
     signature: object | None = None
-    if cache is not None and backend.name == model_config.ONNX_BACKEND:
+    if cache is not None and (
+        backend.name == model_config.ONNX_BACKEND or model_file.suffix == ".onnx"
+    ):
         signature = cache.facts.signature(model_file)
     elif cache is not None and backend.name == TORCH_BACKEND and model_file.suffix == ".pt2":
         signature = cache.facts.remembered(
