@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from enginehouse.rollout import scale_model
 
 
 def save(model: onnx.ModelProto, root: Path, name: str, config: str) -> None:
@@ -42,15 +45,7 @@ def matmul_chain(layers: int = 40, width: int = 1024) -> onnx.ModelProto:
 
 def scale_by_two(width: int = 4) -> onnx.ModelProto:
     """OUTPUT0 = 2 * INPUT0 for FP32 [batch, width]; each row says which request it was."""
-    two = numpy_helper.from_array(np.array(2.0, np.float32), "two")
-    graph = helper.make_graph(
-        [helper.make_node("Mul", ["INPUT0", "two"], ["OUTPUT0"])],
-        "scale",
-        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", width])],
-        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", width])],
-        initializer=[two],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return scale_model(2, width)
 
 
 def gather_table() -> onnx.ModelProto:
@@ -74,3 +69,17 @@ def chain_config(extra: str = "", count: int = 1, width: int = 1024) -> str:
         f"instance_group [{{ count: {count} kind: KIND_CPU }}]\n"
         'parameters { key: "intra_op_thread_count" value: { string_value: "1" } }\n' + extra
     )
+
+
+def torch_convnet(width: int) -> Any:
+    """A seeded PyTorch classifier for 3x16x16 images: conv, ReLU, global pool, 10 logits."""
+    import torch
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, width, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(width, 10),
+    ).eval()

@@ -30,14 +30,14 @@ from enginehouse.testing import ServerProcess
 WIDTH = 4
 
 
-def scale_model(factor: int) -> onnx.ModelProto:
-    """OUTPUT0 = factor * INPUT0, FP32 [batch, 4]."""
+def scale_model(factor: int, width: int = WIDTH) -> onnx.ModelProto:
+    """OUTPUT0 = factor * INPUT0, FP32 [batch, width]."""
     scale = numpy_helper.from_array(np.array(float(factor), np.float32), "scale")
     graph = helper.make_graph(
         [helper.make_node("Mul", ["INPUT0", "scale"], ["OUTPUT0"])],
         "scale",
-        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", WIDTH])],
-        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", WIDTH])],
+        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", width])],
         initializer=[scale],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

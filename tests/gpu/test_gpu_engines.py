@@ -15,6 +15,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from enginehouse.testing import ServerProcess
+from tests.models import torch_convnet
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -30,14 +31,7 @@ parameters {{ key: "engine_precision" value: {{ string_value: "{precision}" }} }
 
 
 def net() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(
-        torch.nn.Conv2d(3, 16, 3, padding=1),
-        torch.nn.ReLU(),
-        torch.nn.AdaptiveAvgPool2d(1),
-        torch.nn.Flatten(),
-        torch.nn.Linear(16, 10),
-    ).eval()
+    return torch_convnet(16)
 
 
 def write(repo: Path, name: str, precision: str, max_batch: int = 8, extra: str = "") -> None:

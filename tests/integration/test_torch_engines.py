@@ -9,6 +9,7 @@ import pytest
 import tritonclient.http as httpclient
 
 from tests.conftest import ServerProcess
+from tests.models import torch_convnet
 
 torch = pytest.importorskip("torch")
 
@@ -23,14 +24,7 @@ parameters {{ key: "engine_precision" value: {{ string_value: "{precision}" }} }
 
 
 def net() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 3, padding=1),
-        torch.nn.ReLU(),
-        torch.nn.AdaptiveAvgPool2d(1),
-        torch.nn.Flatten(),
-        torch.nn.Linear(8, 10),
-    ).eval()
+    return torch_convnet(8)
 
 
 def export_program(path: Path) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 from tritonclient.grpc import model_config_pb2 as mc
 
 from enginehouse.backends.cuda_graphs import input_specs
+from enginehouse.compiler.spec import engine_precision
 from enginehouse.compiler.torch_quantize import QUANTIZED, quantize
 from enginehouse.config import model_config
 from enginehouse.errors import ModelLoadError
@@ -62,9 +63,7 @@ def compile_module(
         return compiled
     with torch.inference_mode():
         for batch in sorted({1, min(2, config.max_batch_size)}, reverse=True):
-            inputs = [
-                torch.zeros((batch, *dims), dtype=dtype, device=device) for dims, dtype in specs
-            ]
+            inputs = zero_inputs(torch, config, device, batch)
             if batch > 1:  # bounds come from the program's own batch range
                 for tensor in inputs:
                     torch._dynamo.mark_dynamic(tensor, 0)
@@ -73,18 +72,32 @@ def compile_module(
     return compiled
 
 
-def one_batch(torch: Any, config: mc.ModelConfig, device: str) -> list[Any]:
-    """Zero inputs of one request (variable dims at 1) on ``device``."""
-    batch = (1,) if config.max_batch_size > 0 else ()
+def zero_inputs(torch: Any, config: mc.ModelConfig, device: str, rows: int) -> list[Any]:
+    """Zero inputs of ``rows`` rows (no batch dim for non-batching models; variable dims
+    at 1) on ``device``."""
+    batch = (rows,) if config.max_batch_size > 0 else ()
     return [
         torch.zeros((*batch, *(max(d, 1) for d in dims)), dtype=dtype, device=device)
         for dims, dtype in input_specs(torch, config)
     ]
 
 
+def module_on(torch: Any, path: Path, config: mc.ModelConfig, device: str, precision: str) -> Any:
+    """The saved program at ``path`` on ``device``, its linear layers quantised when the
+    precision asks for it (the cache keeps the bf16 program): what both the build and every
+    load compile."""
+    from enginehouse.backends.torch import load_program, program_on
+
+    module = program_on(load_program(path, config.name), device)
+    if precision in QUANTIZED:
+        example = zero_inputs(torch, config, device, 1)
+        module = quantize(torch, module, precision, config.name, example)
+    return module
+
+
 def acquire(torch: Any, path: Path, config: mc.ModelConfig, index: int) -> Any:
     """The shared compiled module of ``path`` on GPU ``index``, compiling it if needed."""
-    from enginehouse.backends.torch import TORCH_LOCK, load_program, program_on
+    from enginehouse.backends.torch import TORCH_LOCK
 
     key = (str(path), index)
     with _LOCK:
@@ -103,11 +116,7 @@ def acquire(torch: Any, path: Path, config: mc.ModelConfig, index: int) -> Any:
         if kernels.is_file():
             torch.compiler.load_cache_artifacts(kernels.read_bytes())
         device = f"cuda:{index}"
-        module = program_on(load_program(path, config.name), device)
-        precision = model_config.parameter(config, "engine_precision", "").strip().lower()
-        if precision in QUANTIZED:  # the cache holds the bf16 program: quantise it again
-            example = one_batch(torch, config, device)
-            module = quantize(torch, module, precision, config.name, example)
+        module = module_on(torch, path, config, device, engine_precision(config))
         loaded = time.perf_counter()
         autotune = model_config.flag_parameter(config, "engine_autotune", False)
         try:

@@ -116,12 +116,17 @@ def _profiles(config: mc.ModelConfig, raw: str) -> tuple[ShapeProfile, ...]:
     return tuple(found)
 
 
+def engine_precision(config: mc.ModelConfig) -> str:
+    """The ``engine_precision`` a config asks for (build_spec checks it)."""
+    return parameter(config, "engine_precision", "fp32").strip().lower()
+
+
 def build_spec(config: mc.ModelConfig, backend: str, target: str = "cpu") -> BuildSpec | None:
     """The spec a model's config asks for, or None when it asks to serve the source."""
     model = config.name
     if not flag_parameter(config, "engine_build", True):
         return None
-    precision = parameter(config, "engine_precision", "fp32").strip().lower()
+    precision = engine_precision(config)
     if precision not in PRECISIONS:
         raise ModelLoadError(
             f"model '{model}': engine_precision '{precision}' is not one of {', '.join(PRECISIONS)}"

@@ -35,7 +35,7 @@ from enginehouse.compiler.onnx_builder import cpu_model
 from enginehouse.compiler.onnx_to_torch import onnx_module
 from enginehouse.compiler.samples import Sample, load_calibration, random_samples
 from enginehouse.compiler.spec import BuildSpec
-from enginehouse.compiler.torch_quantize import QUANTIZED, quantize
+from enginehouse.compiler.torch_quantize import QUANTIZED
 from enginehouse.errors import ModelLoadError
 
 ARTEFACT = "aoti.pt2"
@@ -247,10 +247,9 @@ def _build_compiled(
     """GPU targets: the converted program plus Inductor's kernels for it (see
     backends/torch_compile.py for why not AOTInductor)."""
     torch.export.save(exported, str(out / torch_compile.PROGRAM))
-    module = program_on(torch.export.load(str(out / torch_compile.PROGRAM)), device)
-    if spec.precision in QUANTIZED:
-        example = torch_compile.one_batch(torch, config, device)
-        module = quantize(torch, module, spec.precision, config.name, example)
+    module = torch_compile.module_on(
+        torch, out / torch_compile.PROGRAM, config, device, spec.precision
+    )
     compiled = torch_compile.compile_module(torch, module, config, device, spec.autotune)
     artifacts = torch.compiler.save_cache_artifacts()
     if artifacts is not None:

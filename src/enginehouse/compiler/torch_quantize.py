@@ -46,9 +46,8 @@ def lift_linears(torch: Any, module: Any) -> int:
         weight = params[0]
         bias = params[1] if len(params) == 2 else None
         out_features, in_features = weight.shape
-        layer = torch.nn.Linear(
-            in_features, out_features, bias=bias is not None, device=weight.device
-        )
+        # Made on the meta device: its own weights would only be replaced.
+        layer = torch.nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
         layer.weight = torch.nn.Parameter(weight.detach(), requires_grad=False)
         if bias is not None:
             layer.bias = torch.nn.Parameter(bias.detach(), requires_grad=False)
