@@ -108,6 +108,12 @@ def measure_ours(
     }
 
 
+def show(batch: int, figures: dict[str, tuple[float, float]]) -> None:
+    """Print figures as they are measured: long runs show progress (and survive a timeout)."""
+    for label, (p50, loop) in figures.items():
+        print(f"    b{batch} {label}: p50 {p50:.3f} ms, {batch / loop * 1e3:.1f}/s", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="resnet50,bert")
@@ -136,8 +142,7 @@ def main() -> None:
             for batch in BATCHES[name]
         }
         for batch, eager in figures.items():
-            for label, (p50, loop) in eager.items():
-                print(f"    b{batch} {label}: p50 {p50:.3f} ms, {batch / loop * 1e3:.1f}/s")
+            show(batch, eager)
         del module, half
         torch.cuda.empty_cache()
         build_seconds: dict[str, float] = {}
@@ -147,8 +152,7 @@ def main() -> None:
             for batch in BATCHES[name]:
                 ours = measure_ours(torch, model, engine, batch, args.iters, precision)
                 figures[batch].update(ours)
-                for label, (p50, loop) in ours.items():  # as measured: long runs show progress
-                    print(f"    b{batch} {label}: p50 {p50:.3f} ms, {batch / loop * 1e3:.1f}/s")
+                show(batch, ours)
             build_seconds[precision] = build_s
             engine.close()
             torch.cuda.empty_cache()
