@@ -81,6 +81,18 @@ class _Abort(Exception):
         self.details = details
 
 
+def _failure(exc: Exception, method: int) -> tuple[int, bytes]:
+    """The status code and details a relayed call that raised ``exc`` answers with."""
+    if isinstance(exc, _Abort):
+        return exc.code.value[0], exc.details.encode()
+    if isinstance(exc, EnginehouseError):
+        return exc.grpc_code.value[0], exc.message.encode()
+    if isinstance(exc, DecodeError):
+        return INVALID, f"malformed {METHODS[method]}Request: {exc}".encode()
+    log.error("relayed gRPC call failed", exc_info=exc)
+    return INTERNAL, f"internal error: {exc}".encode()
+
+
 class RelayContext:
     """What the service's methods use of a ServicerContext: abort."""
 
@@ -166,15 +178,8 @@ class GrpcWorkers:
                 result = self.service.infer_message(
                     pb.ModelInferRequest.FromString(payload), arrival
                 )
-            except EnginehouseError as exc:
-                out.send(call, exc.grpc_code.value[0], exc.message.encode())
-                return
-            except DecodeError as exc:
-                out.send(call, INVALID, f"malformed ModelInferRequest: {exc}".encode())
-                return
-            except Exception as exc:  # reported to the client and logged
-                log.exception("relayed gRPC call failed")
-                out.send(call, INTERNAL, f"internal error: {exc}".encode())
+            except Exception as exc:  # reported to the client (and logged when unexpected)
+                out.send(call, *_failure(exc, method))
                 return
             if isinstance(result, pb.ModelInferResponse):
                 out.send(call, 0, result.SerializeToString())
@@ -182,7 +187,7 @@ class GrpcWorkers:
             work: Awaitable[Any] = result
         else:
             work = self._unary(method, payload)
-        task = asyncio.get_running_loop().create_task(self._finish(out, call, work))
+        task = asyncio.get_running_loop().create_task(self._finish(out, call, method, work))
         self._calls.add(task)
         task.add_done_callback(self._calls.discard)
 
@@ -190,20 +195,13 @@ class GrpcWorkers:
         name = METHODS[method]
         return await getattr(self.service, name)(REQUESTS[name].FromString(payload), RelayContext())
 
-    async def _finish(self, out: Coalescer, call: int, work: Awaitable[Any]) -> None:
-        code = grpc.StatusCode.OK
+    async def _finish(self, out: Coalescer, call: int, method: int, work: Awaitable[Any]) -> None:
         try:
             answer = (await work).SerializeToString()
-        except _Abort as abort:
-            code, answer = abort.code, abort.details.encode()
-        except EnginehouseError as exc:
-            code, answer = exc.grpc_code, exc.message.encode()
-        except DecodeError as exc:
-            code, answer = grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {exc}".encode()
         except Exception as exc:  # a broken call must not end the connection
-            log.exception("relayed gRPC call failed")
-            code, answer = grpc.StatusCode.INTERNAL, f"internal error: {exc}".encode()
-        out.send(call, code.value[0], answer)
+            out.send(call, *_failure(exc, method))
+            return
+        out.send(call, 0, answer)
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Let the workers finish their calls (the relay still answers), then close it."""
