@@ -90,6 +90,12 @@ def test_gpu_engines_serve_with_graphs_and_sized_pools(tmp_path: Path) -> None:
                 assert got.shape == (rows, 10)
                 assert np.abs(got - want).max() / np.abs(want).max() <= tolerance, name
 
+        # Standalone Inductor artefacts: loaded, not traced and compiled again.
+        manifests = [json.loads(p.read_text()) for p in (tmp_path / "cache").rglob("manifest.json")]
+        assert {m["artefact"] for m in manifests} == {"inductor.art"}, manifests
+        for name in ("gpu_fp16", "gpu_bf16", "gpu_sized"):
+            assert f"model '{name}': engine loaded onto cuda:0" in server.log(), server.log()
+
         assert not client.is_model_ready("gpu_oom")
         index = {e["name"]: e for e in client.get_model_repository_index()}
         assert "out of GPU memory" in index["gpu_oom"]["reason"], index["gpu_oom"]

@@ -218,7 +218,7 @@ class TorchBackend(Backend):
         device = f"cuda:{index}"
         try:
             with torch.cuda.device(index):
-                shared = model_file.name == torch_compile.PROGRAM
+                shared = model_file.name in torch_compile.SHARED_ARTEFACTS
                 runner = (
                     torch_compile.acquire(torch, model_file, config, index)
                     if shared

@@ -1,11 +1,13 @@
-"""GPU engines from torch.compile: one compiled module per device, shared by its instances.
+"""GPU engines: one compiled module per device, shared by that device's instances.
 
-For the cuda target the engine builder saves the program already wrapped and converted to
-its precision (``compiled.pt2``) together with Inductor's compiled kernels (``inductor.bin``,
-from ``torch.compiler.save_cache_artifacts``). Loading it restores those kernels into
-Inductor's caches first, so compiling again is a cache hit: seconds, not minutes. (AOTInductor
-packages are what the CPU target builds; loading a CUDA one crashes the process with
-torch 2.11 on CUDA 13, so the GPU path does not use them.)
+For the cuda target the engine builder saves a standalone Inductor artifact where it can
+(``inductor_artifact.py``: loads without tracing). Quantised programs (torchao's tensor
+subclasses) and programs that mutate buffers are saved instead as the program, wrapped and
+converted to its precision (``compiled.pt2``), with Inductor's compiled kernels
+(``inductor.bin``, from ``torch.compiler.save_cache_artifacts``): loading restores those
+kernels into Inductor's caches first, so compiling again with torch.compile is a cache hit,
+seconds rather than minutes. (AOTInductor packages are what the CPU target builds; loading a
+CUDA one crashes the process with torch 2.11 on CUDA 13, so the GPU path does not use them.)
 
 The batch dimension is compiled dynamic, once, so every CUDA-graph bucket reuses one
 compiled graph. Instances of a version on one device share the compiled module and its
@@ -24,6 +26,7 @@ from typing import Any
 
 from tritonclient.grpc import model_config_pb2 as mc
 
+from enginehouse.backends import inductor_artifact
 from enginehouse.backends.cuda_graphs import input_specs
 from enginehouse.compiler.spec import engine_precision
 from enginehouse.compiler.torch_quantize import QUANTIZED, quantize
@@ -34,6 +37,8 @@ log = logging.getLogger(__name__)
 
 PROGRAM = "compiled.pt2"
 KERNELS = "inductor.bin"
+# The artefacts that acquire() loads (the others are loaded per instance).
+SHARED_ARTEFACTS = (inductor_artifact.ARTIFACT, PROGRAM)
 
 _LOCK = threading.Lock()
 
@@ -112,32 +117,38 @@ def acquire(torch: Any, path: Path, config: mc.ModelConfig, index: int) -> Any:
                 shared.users += 1
                 return shared.run
         started = time.perf_counter()
-        kernels = path.with_name(KERNELS)
-        if kernels.is_file():
-            torch.compiler.load_cache_artifacts(kernels.read_bytes())
         device = f"cuda:{index}"
-        module = module_on(torch, path, config, device, engine_precision(config))
-        loaded = time.perf_counter()
-        autotune = model_config.flag_parameter(config, "engine_autotune", False)
-        try:
-            # Every kernel is in the cache: no pool of compile workers to start.
-            with torch._inductor.config.patch(compile_threads=1):
-                run = compile_module(torch, module, config, device, autotune)
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except Exception as exc:
-            raise ModelLoadError(f"model '{config.name}': torch.compile failed: {exc}") from None
+        if path.name == inductor_artifact.ARTIFACT:
+            run, how = inductor_artifact.load(torch, path, device, config.name), "loaded"
+        else:
+            run, how = _compile_cached(torch, path, config, device), "compiled from cached kernels"
         log.info(
-            "model '%s': compiled for %s in %.1f s (program loaded in %.1f s, kernels from "
-            "the engine cache)",
+            "model '%s': engine %s onto %s in %.1f s",
             config.name,
+            how,
             device,
             time.perf_counter() - started,
-            loaded - started,
         )
         with _LOCK:
             _SHARED[key] = _Shared(run, 1)
         return run
+
+
+def _compile_cached(torch: Any, path: Path, config: mc.ModelConfig, device: str) -> Any:
+    """torch.compile the saved program, its kernels restored into Inductor's caches first."""
+    kernels = path.with_name(KERNELS)
+    if kernels.is_file():
+        torch.compiler.load_cache_artifacts(kernels.read_bytes())
+    module = module_on(torch, path, config, device, engine_precision(config))
+    autotune = model_config.flag_parameter(config, "engine_autotune", False)
+    try:
+        # Every kernel is in the cache: no pool of compile workers to start.
+        with torch._inductor.config.patch(compile_threads=1):
+            return compile_module(torch, module, config, device, autotune)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"model '{config.name}': torch.compile failed: {exc}") from None
 
 
 def release(path: Path, index: int) -> None:

@@ -149,7 +149,7 @@ def _cache(args: argparse.Namespace) -> EngineCache:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    target = args.target.replace("cuda:", "cuda:") if args.target != "cuda" else "cuda:0"
+    target = "cuda:0" if args.target == "cuda" else args.target
     rows = build_repository(
         args.model_repository, args.model, target, _cache(args), args.strict_model_config
     )

@@ -72,7 +72,8 @@ class BuildSpec:
         parts = asdict(self)
         parts.pop("force")
         parts.pop("tolerance")
-        # One build serves every GPU of a kind: the fingerprint names the device model.
+        # The builder's fingerprint names the device (model and index: GPU engines are
+        # compiled for one device), so the spec keeps only the kind.
         parts["target"] = self.target.split(":")[0]
         return parts
 

@@ -6,13 +6,15 @@ ONNX models (``model.onnx``, converted by ``onnx_to_torch`` and exported here).
 The program is re-exported around a wrapper that casts inputs to the build precision and
 outputs back, so fp16/bf16 engines keep the config's fp32 interface, and with the batch
 dimension (and the shape profiles' dims) dynamic over their ranges. AOTInductor compiles it
-for the target once; the package then loads in milliseconds.
+for the cpu target once; the package then loads in milliseconds. GPU targets get a
+standalone Inductor artifact instead (backends/inductor_artifact.py says why).
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import logging
 import platform
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from typing import Any
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
-from enginehouse.backends import torch_compile
+from enginehouse.backends import inductor_artifact, torch_compile
 from enginehouse.backends.torch import (
     TORCH_LOCK,
     import_torch,
@@ -38,9 +40,11 @@ from enginehouse.compiler.spec import BuildSpec
 from enginehouse.compiler.torch_quantize import QUANTIZED
 from enginehouse.errors import ModelLoadError
 
+log = logging.getLogger(__name__)
+
 ARTEFACT = "aoti.pt2"
 TORCHSCRIPT_ARTEFACT = "frozen.pt"
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3
 # int8 and fp8 engines quantise the linear layers of a bf16 program (torch_quantize.py).
 _DTYPES = {
     "fp32": "float32",
@@ -173,8 +177,7 @@ def _build(
             runner = torch._inductor.aoti_load_package(path)
             artefact = ARTEFACT
         else:
-            runner = _build_compiled(torch, exported, config, spec, device, out)
-            artefact = torch_compile.PROGRAM
+            runner, artefact = _build_compiled(torch, exported, example, config, spec, out)
     except ModelLoadError:
         raise
     except Exception as exc:  # export and inductor raise many types
@@ -242,19 +245,35 @@ def _source_program(
 
 
 def _build_compiled(
-    torch: Any, exported: Any, config: mc.ModelConfig, spec: BuildSpec, device: str, out: Path
-) -> Any:
-    """GPU targets: the converted program plus Inductor's kernels for it (see
-    backends/torch_compile.py for why not AOTInductor)."""
+    torch: Any,
+    exported: Any,
+    example: tuple[Any, ...],
+    config: mc.ModelConfig,
+    spec: BuildSpec,
+    out: Path,
+) -> tuple[Any, str]:
+    """GPU targets: a standalone Inductor artifact where the program allows one, else the
+    converted program plus Inductor's kernels for torch.compile (see
+    backends/torch_compile.py). Returns the runner and the artefact's file name."""
+    if spec.precision not in QUANTIZED:
+        try:
+            runner = inductor_artifact.save(torch, exported, example, spec.autotune, out)
+            return runner, inductor_artifact.ARTIFACT
+        except inductor_artifact.Unsupported as exc:
+            log.info(
+                "model '%s': %s; building for torch.compile instead of a standalone engine",
+                config.name,
+                exc,
+            )
     torch.export.save(exported, str(out / torch_compile.PROGRAM))
     module = torch_compile.module_on(
-        torch, out / torch_compile.PROGRAM, config, device, spec.precision
+        torch, out / torch_compile.PROGRAM, config, spec.target, spec.precision
     )
-    compiled = torch_compile.compile_module(torch, module, config, device, spec.autotune)
+    compiled = torch_compile.compile_module(torch, module, config, spec.target, spec.autotune)
     artifacts = torch.compiler.save_cache_artifacts()
     if artifacts is not None:
         (out / torch_compile.KERNELS).write_bytes(artifacts[0])
-    return compiled
+    return compiled, torch_compile.PROGRAM
 
 
 def _accuracy(

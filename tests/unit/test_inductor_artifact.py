@@ -1,0 +1,68 @@
+"""Standalone Inductor artifacts: compiled once with a symbolic batch, saved with their
+weights apart, loaded without tracing (here on the CPU; tests/gpu serves them on CUDA)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from enginehouse.backends import inductor_artifact
+from enginehouse.errors import ModelLoadError
+from tests.models import torch_convnet
+
+torch = pytest.importorskip("torch")
+
+
+def _exported(module: torch.nn.Module) -> torch.export.ExportedProgram:
+    batch = torch.export.Dim("batch", min=1, max=16)
+    example = (torch.randn(2, 3, 16, 16),)
+    return torch.export.export(module, example, dynamic_shapes=({0: batch},))
+
+
+def test_saved_artifact_loads_and_serves_every_batch(tmp_path: Path) -> None:
+    module = torch_convnet(8)
+    program = _exported(module)
+    built = inductor_artifact.save(torch, program, (torch.randn(2, 3, 16, 16),), False, tmp_path)
+    assert (tmp_path / inductor_artifact.ARTIFACT).stat().st_size > 0
+    weights = torch.load(tmp_path / inductor_artifact.WEIGHTS, weights_only=True)
+    # Weights are kept apart from the code, once each, without autograd state.
+    assert sum(t.numel() for t in weights.values()) == sum(p.numel() for p in module.parameters())
+    assert not any(t.requires_grad for t in weights.values())
+
+    loaded = inductor_artifact.load(torch, tmp_path / inductor_artifact.ARTIFACT, "cpu", "m")
+    with torch.inference_mode():
+        for batch in (1, 3, 16):  # batch 1 too: export's symbolic batch starts at 1
+            x = torch.randn(batch, 3, 16, 16)
+            (got,) = loaded(x)
+            assert got.shape == (batch, 10)
+            torch.testing.assert_close(got, module(x), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(built(x)[0], got)
+
+
+def test_programs_that_update_buffers_are_refused(tmp_path: Path) -> None:
+    class Counter(torch.nn.Module):
+        """Counts its calls in a buffer: state that a standalone graph would not keep."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("calls", torch.zeros(1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls.add_(1)
+            return x + self.calls
+
+    # Decomposed, the graph returns the updated buffer beside the output.
+    program = torch.export.export(Counter(), (torch.randn(2, 4),)).run_decompositions()
+    with pytest.raises(inductor_artifact.Unsupported, match="mutates its buffers"):
+        inductor_artifact.save(torch, program, (torch.randn(2, 4),), False, tmp_path)
+    assert not (tmp_path / inductor_artifact.ARTIFACT).exists()
+
+
+def test_a_damaged_artifact_is_a_clear_load_error(tmp_path: Path) -> None:
+    program = _exported(torch_convnet(4))
+    inductor_artifact.save(torch, program, (torch.randn(2, 3, 16, 16),), False, tmp_path)
+    path = tmp_path / inductor_artifact.ARTIFACT
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ModelLoadError, match="model 'm': cannot load the compiled engine"):
+        inductor_artifact.load(torch, path, "cpu", "m")
