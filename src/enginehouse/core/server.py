@@ -35,7 +35,7 @@ from enginehouse.errors import (
 )
 from enginehouse.repository import ModelLocation, ModelRepository, check_model_name
 from enginehouse.repository.fingerprint import model_fingerprint
-from enginehouse.runtime.memory import release_freed_memory
+from enginehouse.runtime.memory import freeze_long_lived, release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -407,6 +407,7 @@ class ServerCore:
                     [v for v in current.versions.values() if id(v) not in kept],
                     current.staging if current.staging != staging else None,
                 )
+            freeze_long_lived(idle=self.in_flight == 0)
 
     def _load_failed(
         self, name: str, record: ModelRecord, reason: str, versions: list[str]
@@ -465,6 +466,7 @@ class ServerCore:
             await self._retire(list(old.versions.values()), old.staging)
             for version in old.versions:
                 record.states[version] = (VersionState.UNAVAILABLE, reason)
+            freeze_long_lived(idle=self.in_flight == 0)
             log.info("model '%s' unloaded", name)
 
     async def _retire(self, versions: list[ModelVersion], staging: Path | None = None) -> None:
