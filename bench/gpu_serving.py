@@ -129,7 +129,7 @@ def serve(model: BenchModel, args: argparse.Namespace) -> list[dict[str, Any]]:
             log_path=OUT / f"serve-{model.name}-{attempt}.log",
         )
         try:
-            server.wait_ready(timeout_s=900)
+            server.wait_ready(timeout_s=900, fail_fast=True)
             starts.append(time.perf_counter() - began)
             print(f"  {model.name}: start {attempt + 1} ready in {starts[-1]:.1f} s", flush=True)
             if attempt == 0:

@@ -99,9 +99,18 @@ class ServerProcess:
             ),
         )
 
-    def wait_ready(self, timeout_s: float = 120.0) -> None:
-        """Until ``/v2/health/ready`` answers 200."""
-        self._wait(timeout_s, lambda: self._get("/v2/health/ready") == 200)
+    def wait_ready(self, timeout_s: float = 120.0, fail_fast: bool = False) -> None:
+        """Until ``/v2/health/ready`` answers 200. With ``fail_fast``, raise as soon as the
+        log says that start-up loading failed (rather than waiting for a later load)."""
+
+        def ready() -> bool:
+            if self._get("/v2/health/ready") == 200:
+                return True
+            if fail_fast and "server ready: no" in self.log():
+                raise RuntimeError(f"a model failed to load at start-up:\n{self.log()}")
+            return False
+
+        self._wait(timeout_s, ready)
 
     def _wait(self, timeout_s: float, done) -> None:  # type: ignore[no-untyped-def]
         deadline = time.monotonic() + timeout_s

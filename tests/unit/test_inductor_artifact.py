@@ -66,3 +66,14 @@ def test_a_damaged_artifact_is_a_clear_load_error(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ModelLoadError, match="model 'm': cannot load the compiled engine"):
         inductor_artifact.load(torch, path, "cpu", "m")
+
+
+def test_a_graph_specialised_to_its_example_is_refused(tmp_path: Path) -> None:
+    # Exported without a dynamic batch: the compiled graph asserts batch 2.
+    program = torch.export.export(torch_convnet(4), (torch.randn(2, 3, 16, 16),))
+    one_row = (torch.randn(1, 3, 16, 16),)
+    with pytest.raises(inductor_artifact.Unsupported, match=r"refuses inputs of \(1, 3, 16, 16\)"):
+        inductor_artifact.save(
+            torch, program, (torch.randn(2, 3, 16, 16),), False, tmp_path, also=(one_row,)
+        )
+    assert not (tmp_path / inductor_artifact.ARTIFACT).exists()

@@ -59,10 +59,17 @@ def _lifted_weights(torch: Any, exported: Any) -> dict[str, Any]:
 
 
 def save(
-    torch: Any, exported: Any, example: tuple[Any, ...], autotune: bool, out: Path
+    torch: Any,
+    exported: Any,
+    example: tuple[Any, ...],
+    autotune: bool,
+    out: Path,
+    also: tuple[tuple[Any, ...], ...] = (),
 ) -> ArtifactRunner:
     """Compile ``exported`` (on its device) standalone; write ``out/inductor.art`` and
-    ``out/weights.pt``; return the compiled runner."""
+    ``out/weights.pt``; return the compiled runner. The runner must also take the inputs
+    in ``also`` (one row where the model batches): a graph that Inductor specialised to
+    the example's shapes is refused rather than saved."""
     weights = _lifted_weights(torch, exported)
     options = {"max_autotune": True} if autotune else {}
     tensors = list(weights.values())
@@ -73,9 +80,19 @@ def save(
             dynamic_shapes="from_graph",
             options=options,
         )
+        runner = ArtifactRunner(artifact, tensors)
+        for inputs in also:
+            try:
+                runner(*inputs)
+            except Exception as exc:  # Inductor's shape asserts
+                shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
+                message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise Unsupported(
+                    f"the compiled graph refuses inputs of {shapes}: {message}"
+                ) from None
     artifact.save(path=str(out / ARTIFACT), format="binary")
     torch.save(weights, str(out / WEIGHTS))
-    return ArtifactRunner(artifact, tensors)
+    return runner
 
 
 def load(torch: Any, path: Path, device: str, model: str) -> ArtifactRunner:
