@@ -77,3 +77,28 @@ def test_a_graph_specialised_to_its_example_is_refused(tmp_path: Path) -> None:
             torch, program, (torch.randn(2, 3, 16, 16),), False, tmp_path, also=(one_row,)
         )
     assert not (tmp_path / inductor_artifact.ARTIFACT).exists()
+
+
+def test_weights_sized_like_the_example_batch_do_not_fix_the_batch(tmp_path: Path) -> None:
+    class TokenTypes(torch.nn.Module):
+        """BERT's pattern: a 2-row embedding looked up by ids expanded to the batch."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.types = torch.nn.Embedding(2, 8)
+            self.register_buffer("type_ids", torch.zeros(1, 16, dtype=torch.int64))
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            batch, length = ids.shape
+            types = self.type_ids[:, :length].expand(batch, length)
+            return self.types(types).sum(-1) + ids
+
+    batch = torch.export.Dim("batch", min=1, max=16)
+    example = (torch.zeros(2, 16, dtype=torch.int64),)  # the builder traces at batch 2
+    program = torch.export.export(TokenTypes().eval(), example, dynamic_shapes=({0: batch},))
+    one_row = (torch.ones(1, 16, dtype=torch.int64),)
+    runner = inductor_artifact.save(torch, program, example, False, tmp_path, also=(one_row,))
+    for rows in (1, 5):
+        ids = torch.arange(rows * 16).reshape(rows, 16)
+        torch.testing.assert_close(runner(ids)[0], program.module()(ids))

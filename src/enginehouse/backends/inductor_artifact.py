@@ -73,7 +73,12 @@ def save(
     weights = _lifted_weights(torch, exported)
     options = {"max_autotune": True} if autotune else {}
     tensors = list(weights.values())
-    with torch.no_grad():
+    # Inductor gives the inputs' sizes fresh symbols. By default equal sizes share one
+    # ("duck sizing"), so a weight dim that equals the example batch (BERT's 2 token
+    # types, traced at batch 2) would tie the batch to it and refuse every other batch.
+    from torch.fx.experimental import _config as shapes_config
+
+    with torch.no_grad(), shapes_config.patch(use_duck_shape=False):
         artifact = torch._inductor.standalone_compile(
             exported.graph_module,
             [*tensors, *example],
