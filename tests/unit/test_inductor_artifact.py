@@ -23,10 +23,11 @@ def _exported(module: torch.nn.Module) -> torch.export.ExportedProgram:
 def test_saved_artifact_loads_and_serves_every_batch(tmp_path: Path) -> None:
     module = torch_convnet(8)
     program = _exported(module)
-    built = inductor_artifact.save(torch, program, (torch.randn(2, 3, 16, 16),), False, tmp_path)
+    built = inductor_artifact.save(torch, program, False, tmp_path)
     assert (tmp_path / inductor_artifact.ARTIFACT).stat().st_size > 0
     weights = torch.load(tmp_path / inductor_artifact.WEIGHTS, weights_only=True)
-    # Weights are kept apart from the code, once each, without autograd state.
+    # Weights are kept apart from the code, once each, without autograd state, and the
+    # compiled graph takes them at their own (static) sizes.
     assert sum(t.numel() for t in weights.values()) == sum(p.numel() for p in module.parameters())
     assert not any(t.requires_grad for t in weights.values())
 
@@ -55,13 +56,13 @@ def test_programs_that_update_buffers_are_refused(tmp_path: Path) -> None:
     # Decomposed, the graph returns the updated buffer beside the output.
     program = torch.export.export(Counter(), (torch.randn(2, 4),)).run_decompositions()
     with pytest.raises(inductor_artifact.Unsupported, match="mutates its buffers"):
-        inductor_artifact.save(torch, program, (torch.randn(2, 4),), False, tmp_path)
+        inductor_artifact.save(torch, program, False, tmp_path)
     assert not (tmp_path / inductor_artifact.ARTIFACT).exists()
 
 
 def test_a_damaged_artifact_is_a_clear_load_error(tmp_path: Path) -> None:
     program = _exported(torch_convnet(4))
-    inductor_artifact.save(torch, program, (torch.randn(2, 3, 16, 16),), False, tmp_path)
+    inductor_artifact.save(torch, program, False, tmp_path)
     path = tmp_path / inductor_artifact.ARTIFACT
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ModelLoadError, match="model 'm': cannot load the compiled engine"):
@@ -73,9 +74,7 @@ def test_a_graph_specialised_to_its_example_is_refused(tmp_path: Path) -> None:
     program = torch.export.export(torch_convnet(4), (torch.randn(2, 3, 16, 16),))
     one_row = (torch.randn(1, 3, 16, 16),)
     with pytest.raises(inductor_artifact.Unsupported, match=r"refuses inputs of \(1, 3, 16, 16\)"):
-        inductor_artifact.save(
-            torch, program, (torch.randn(2, 3, 16, 16),), False, tmp_path, also=(one_row,)
-        )
+        inductor_artifact.save(torch, program, False, tmp_path, checks=(one_row,))
     assert not (tmp_path / inductor_artifact.ARTIFACT).exists()
 
 
@@ -98,7 +97,7 @@ def test_weights_sized_like_the_example_batch_do_not_fix_the_batch(tmp_path: Pat
     example = (torch.zeros(2, 16, dtype=torch.int64),)  # the builder traces at batch 2
     program = torch.export.export(TokenTypes().eval(), example, dynamic_shapes=({0: batch},))
     one_row = (torch.ones(1, 16, dtype=torch.int64),)
-    runner = inductor_artifact.save(torch, program, example, False, tmp_path, also=(one_row,))
+    runner = inductor_artifact.save(torch, program, False, tmp_path, checks=(one_row,))
     for rows in (1, 5):
         ids = torch.arange(rows * 16).reshape(rows, 16)
         torch.testing.assert_close(runner(ids)[0], program.module()(ids))

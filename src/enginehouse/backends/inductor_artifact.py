@@ -61,32 +61,32 @@ def _lifted_weights(torch: Any, exported: Any) -> dict[str, Any]:
 def save(
     torch: Any,
     exported: Any,
-    example: tuple[Any, ...],
     autotune: bool,
     out: Path,
-    also: tuple[tuple[Any, ...], ...] = (),
+    checks: tuple[tuple[Any, ...], ...] = (),
 ) -> ArtifactRunner:
     """Compile ``exported`` (on its device) standalone; write ``out/inductor.art`` and
-    ``out/weights.pt``; return the compiled runner. The runner must also take the inputs
-    in ``also`` (one row where the model batches): a graph that Inductor specialised to
-    the example's shapes is refused rather than saved."""
+    ``out/weights.pt``; return the compiled runner. The runner must take each input tuple
+    in ``checks`` (one row where the model batches, say): a graph that Inductor
+    specialised to the traced shapes is refused rather than saved."""
     weights = _lifted_weights(torch, exported)
     options = {"max_autotune": True} if autotune else {}
-    tensors = list(weights.values())
-    # Inductor gives the inputs' sizes fresh symbols. By default equal sizes share one
-    # ("duck sizing"), so a weight dim that equals the example batch (BERT's 2 token
-    # types, traced at batch 2) would tie the batch to it and refuse every other batch.
-    from torch.fx.experimental import _config as shapes_config
-
-    with torch.no_grad(), shapes_config.patch(use_duck_shape=False):
+    # Compile against export's own fake inputs and shape environment: the batch keeps the
+    # symbol and range export gave it and the weights stay static. (Fresh symbols for
+    # real inputs would make every weight dim symbolic too, and by default tie equal
+    # sizes, such as BERT's 2 token types and a batch traced at 2, to one symbol.)
+    placeholders = [node.meta["val"] for node in exported.graph.nodes if node.op == "placeholder"]
+    context = torch._guards.TracingContext(torch._guards.detect_fake_mode(placeholders))
+    with torch.no_grad(), torch._guards.tracing(context):
         artifact = torch._inductor.standalone_compile(
             exported.graph_module,
-            [*tensors, *example],
-            dynamic_shapes="from_graph",
+            placeholders,
+            dynamic_shapes="from_tracing_context",
             options=options,
         )
-        runner = ArtifactRunner(artifact, tensors)
-        for inputs in also:
+    runner = ArtifactRunner(artifact, list(weights.values()))
+    with torch.no_grad():
+        for inputs in checks:
             try:
                 runner(*inputs)
             except Exception as exc:  # Inductor's shape asserts

@@ -257,9 +257,10 @@ def _build_compiled(
     backends/torch_compile.py). Returns the runner and the artefact's file name."""
     if spec.precision not in QUANTIZED:
         try:
-            rows = torch_compile.zero_inputs(torch, config, spec.target, 1)
-            also = (tuple(rows),) if config.max_batch_size > 0 else ()
-            runner = inductor_artifact.save(torch, exported, example, spec.autotune, out, also)
+            checks = [example]
+            if config.max_batch_size > 0:
+                checks.append(tuple(torch_compile.zero_inputs(torch, config, spec.target, 1)))
+            runner = inductor_artifact.save(torch, exported, spec.autotune, out, tuple(checks))
             return runner, inductor_artifact.ARTIFACT
         except inductor_artifact.Unsupported as exc:
             log.info(
