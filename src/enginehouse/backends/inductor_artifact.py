@@ -46,11 +46,13 @@ def _lifted_weights(torch: Any, exported: Any) -> dict[str, Any]:
     signature = exported.graph_signature
     if any(spec.kind != OutputKind.USER_OUTPUT for spec in signature.output_specs):
         raise Unsupported("the program mutates its buffers (returns them updated)")
+    kinds = [spec.kind for spec in signature.input_specs]
+    users = kinds.count(InputKind.USER_INPUT)
+    if any(kind != InputKind.USER_INPUT for kind in kinds[len(kinds) - users :]):
+        raise Unsupported("the program's graph takes its inputs between its weights")
     state = {**exported.state_dict, **exported.constants}
     weights: dict[str, Any] = {}
-    for spec in signature.input_specs:
-        if spec.kind == InputKind.USER_INPUT:
-            continue
+    for spec in signature.input_specs[: len(kinds) - users]:
         tensor = state.get(spec.target) if spec.target is not None else None
         if not isinstance(tensor, torch.Tensor):
             raise Unsupported(f"the program takes a {spec.kind.name.lower()} input")
