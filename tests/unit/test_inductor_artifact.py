@@ -26,8 +26,7 @@ def test_saved_artifact_loads_and_serves_every_batch(tmp_path: Path) -> None:
     built = inductor_artifact.save(torch, program, False, tmp_path)
     assert (tmp_path / inductor_artifact.ARTIFACT).stat().st_size > 0
     weights = torch.load(tmp_path / inductor_artifact.WEIGHTS, weights_only=True)
-    # Weights are kept apart from the code, once each, without autograd state, and the
-    # compiled graph takes them at their own (static) sizes.
+    # Weights are kept apart from the code, once each, without autograd state.
     assert sum(t.numel() for t in weights.values()) == sum(p.numel() for p in module.parameters())
     assert not any(t.requires_grad for t in weights.values())
 

@@ -2,11 +2,12 @@
 
 For the cuda target the engine builder saves a standalone Inductor artifact where it can
 (``inductor_artifact.py``: loads without tracing). Quantised programs (torchao's tensor
-subclasses) and programs that mutate buffers are saved instead as the program, wrapped and
-converted to its precision (``compiled.pt2``), with Inductor's compiled kernels
-(``inductor.bin``, from ``torch.compiler.save_cache_artifacts``): loading restores those
-kernels into Inductor's caches first, so compiling again with torch.compile is a cache hit,
-seconds rather than minutes. (AOTInductor packages are what the CPU target builds; loading a
+subclasses) and programs it refuses (``inductor_artifact.Unsupported``: updated buffers,
+inputs between weights, a graph specialised to its traced shapes) are saved instead as the
+program, wrapped and converted to its precision (``compiled.pt2``), with Inductor's compiled
+kernels (``inductor.bin``, from ``torch.compiler.save_cache_artifacts``): loading restores
+those kernels into Inductor's caches first, so compiling again with torch.compile is a cache
+hit, seconds rather than minutes. (AOTInductor packages are what the CPU target builds; loading a
 CUDA one crashes the process with torch 2.11 on CUDA 13, so the GPU path does not use them.)
 
 The batch dimension is compiled dynamic, once, so every CUDA-graph bucket reuses one
