@@ -20,9 +20,22 @@ from typing import IO
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports on 127.0.0.1 that nothing listens on right now.
+
+    All sockets stay bound until every port is chosen: closing each at once would let the
+    kernel hand the same port out twice (HTTP and gRPC then collide)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 class ServerProcess:
@@ -46,10 +59,10 @@ class ServerProcess:
         self._launch()
 
     def _launch(self) -> None:
-        http_port, grpc_port, metrics_port = self._fixed_ports
-        self.http_port = http_port or free_port()
-        self.grpc_port = grpc_port or free_port()
-        self.metrics_port = metrics_port or free_port()
+        chosen = iter(free_ports(3))
+        self.http_port, self.grpc_port, self.metrics_port = (
+            fixed or next(chosen) for fixed in self._fixed_ports
+        )
         args = [sys.executable, "-m", "enginehouse.cli", "serve"]
         for repository in self._repositories:
             args += ["--model-repository", str(repository)]
@@ -117,8 +130,9 @@ class ServerProcess:
         while not done():
             if self.process.poll() is not None:
                 # A free port can be taken by another process between choosing and binding.
-                free_ports = not any(self._fixed_ports)
-                if free_ports and "address already in use" in self.log() and self._restarts < 3:
+                chosen = not any(self._fixed_ports)
+                taken = "address already in use" in self.log().lower()
+                if chosen and taken and self._restarts < 3:
                     self._restarts += 1
                     self._launch()
                     continue

@@ -10,20 +10,30 @@ import pytest
 from enginehouse import testing
 
 
+@pytest.mark.parametrize("which", [0, 1], ids=["http", "grpc"])
 def test_port_taken_between_choice_and_bind(
-    monkeypatch: pytest.MonkeyPatch, example_repo: Path, tmp_path: Path
+    which: int, monkeypatch: pytest.MonkeyPatch, example_repo: Path, tmp_path: Path
 ) -> None:
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
     busy = taken.getsockname()[1]
-    real = testing.free_port
-    calls = iter([busy, real(), real()])
-    monkeypatch.setattr(testing, "free_port", lambda: next(calls, None) or real())
+    real = testing.free_ports
+    ports = real(3)
+    ports[which] = busy
+    first = iter([ports])
+    monkeypatch.setattr(testing, "free_ports", lambda count: next(first, None) or real(count))
     server = testing.ServerProcess([example_repo], log_path=tmp_path / "log")
     try:
         server.wait_live()
-        assert server.http_port != busy
+        assert busy not in (server.http_port, server.grpc_port)
     finally:
         assert server.stop() == 0
         taken.close()
+
+
+def test_ports_chosen_together_are_distinct() -> None:
+    """HTTP, gRPC and metrics never get the same port (CI once saw HTTP and gRPC collide)."""
+    for _ in range(200):
+        ports = testing.free_ports(3)
+        assert len(set(ports)) == 3
