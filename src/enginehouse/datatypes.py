@@ -6,6 +6,7 @@ of ``bytes``; on the wire each element is a 4-byte little-endian length and its 
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 
@@ -136,9 +137,7 @@ def from_wire_bytes(
     buffer: memoryview | bytes, datatype: DataType, shape: tuple[int, ...], name: str
 ) -> np.ndarray:
     """A tensor viewed over its raw wire form without copying (BYTES are decoded)."""
-    count = 1
-    for dim in shape:
-        count *= dim
+    count = math.prod(shape)
     if datatype.name == "BYTES":
         return deserialize_bytes(buffer, count, name).reshape(shape)
     expected = count * datatype.itemsize

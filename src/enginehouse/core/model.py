@@ -247,7 +247,7 @@ class ModelVersion:
             raise
         request.admitted_ns = clock()
         if self.batched is not None:
-            return self._run_batched(request, feeds, batch_size, names, start)
+            return self.batched.enqueue(request, feeds, batch_size, names, start)
         pool = self.pool
         instance = pool.try_acquire()
         input_bytes = sum(a.nbytes for a in feeds.values())
@@ -264,21 +264,6 @@ class ModelVersion:
         if isinstance(exc, EnginehouseError | asyncio.CancelledError):
             return exc
         return InternalError(f"model '{self.name}' version {self.version} failed: {exc}")
-
-    async def _run_batched(
-        self,
-        request: InferRequest,
-        feeds: dict[str, np.ndarray],
-        batch_size: int,
-        names: tuple[str, ...],
-        start: int,
-    ) -> InferResponse:
-        assert self.batched is not None
-        self.in_flight += 1
-        try:
-            return await self.batched.infer(request, feeds, batch_size, names, start)
-        finally:
-            self.in_flight -= 1
 
     def replace_instance(self, instance: Instance, cause: BaseException) -> None:
         """Take a failed instance out of service and load a fresh one in the background."""

@@ -98,14 +98,28 @@ class ModelStatistics:
         self, total_ns: int, queue_ns: int, input_ns: int, infer_ns: int, output_ns: int
     ) -> None:
         """One request that completed; its compute times are its share of the execution."""
-        self.success.add(total_ns)
-        self.queue.add(queue_ns)
-        self.compute_input.add(input_ns)
-        self.compute_infer.add(infer_ns)
-        self.compute_output.add(output_ns)
+        self.record_successes([total_ns], [queue_ns], input_ns, infer_ns, output_ns)
+
+    def record_successes(
+        self,
+        totals_ns: list[int],
+        queues_ns: list[int],
+        input_ns: int,
+        infer_ns: int,
+        output_ns: int,
+    ) -> None:
+        """The requests of one batch that completed together: :meth:`record_success` for
+        each, in one call (the batcher's per-request cost counts at thousands a second)."""
+        count = len(totals_ns)
+        self.success.add(sum(totals_ns), count)
+        self.queue.add(sum(queues_ns), count)
+        self.compute_input.add(input_ns * count, count)
+        self.compute_infer.add(infer_ns * count, count)
+        self.compute_output.add(output_ns * count, count)
         self.last_inference_ms = time.time_ns() // 1_000_000
         if self.recent is not None:
-            self.recent.append((total_ns, queue_ns, input_ns, infer_ns, output_ns))
+            for total, queue in zip(totals_ns, queues_ns):
+                self.recent.append((total, queue, input_ns, infer_ns, output_ns))
 
     def record_failure(self, total_ns: int) -> None:
         self.fail.add(total_ns)

@@ -77,9 +77,9 @@ def decode_infer_request(message: pb.ModelInferRequest) -> InferRequest:
         name = tensor.name
         dtype = datatypes.from_name(tensor.datatype)
         shape = tuple(tensor.shape)
-        if any(d < 0 for d in shape):
+        if shape and min(shape) < 0:
             raise InvalidArgumentError(f"input '{name}': shape {list(shape)} has a negative dim")
-        if "shared_memory_region" in tensor.parameters:
+        if tensor.parameters and "shared_memory_region" in tensor.parameters:
             raise UnsupportedError(f"input '{name}': shared memory inputs are not supported yet")
         if raw:
             array = datatypes.from_wire_bytes(raw[index], dtype, shape, name)
@@ -99,7 +99,11 @@ def decode_infer_request(message: pb.ModelInferRequest) -> InferRequest:
                     f"output '{requested.name}': the classification extension is not supported yet"
                 )
             outputs.append(requested.name)
-    parameters = {key: parameter_value(value) for key, value in message.parameters.items()}
+    parameters = (
+        {key: parameter_value(value) for key, value in message.parameters.items()}
+        if message.parameters
+        else {}
+    )
     return InferRequest(
         model_name=message.model_name,
         inputs=inputs,

@@ -24,7 +24,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,9 @@ from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 
 from enginehouse.core.server import ServerCore
+from enginehouse.core.types import InferResponse
 from enginehouse.errors import EnginehouseError
+from enginehouse.frontends.grpc.codec import encode_infer_response
 from enginehouse.frontends.grpc.frames import HEADER, HELLO, METHODS, Coalescer
 from enginehouse.frontends.grpc.service import InferenceService
 
@@ -43,6 +46,7 @@ REQUESTS: dict[str, Any] = {name: getattr(pb, f"{name}Request") for name in METH
 INFER = METHODS.index("ModelInfer")
 INTERNAL = grpc.StatusCode.INTERNAL.value[0]
 INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+CANCELLED = grpc.StatusCode.CANCELLED.value[0]
 
 
 class _RelayProtocol(asyncio.Protocol):
@@ -91,6 +95,27 @@ def _failure(exc: Exception, method: int) -> tuple[int, bytes]:
         return INVALID, f"malformed {METHODS[method]}Request: {exc}".encode()
     log.error("relayed gRPC call failed", exc_info=exc)
     return INTERNAL, f"internal error: {exc}".encode()
+
+
+async def _encoded(result: Awaitable[InferResponse]) -> pb.ModelInferResponse:
+    return encode_infer_response(await result)
+
+
+def _answer_when_done(out: Coalescer, call: int, future: asyncio.Future[InferResponse]) -> None:
+    """Send a batched inference's response (or its failure) once its batch has run."""
+    if future.cancelled():
+        out.send(call, CANCELLED, b"the request was cancelled")
+        return
+    exc = future.exception()
+    if exc is not None:
+        out.send(call, *_failure(exc if isinstance(exc, Exception) else Exception(exc), INFER))
+        return
+    try:
+        answer = encode_infer_response(future.result()).SerializeToString()
+    except Exception as failure:  # a broken response must not end the connection
+        out.send(call, *_failure(failure, INFER))
+        return
+    out.send(call, 0, answer)
 
 
 class RelayContext:
@@ -168,7 +193,8 @@ class GrpcWorkers:
                     self._processes[index] = self._spawn()
 
     def dispatch(self, out: Coalescer, call: int, method: int, payload: bytes) -> None:
-        """Answer one relayed call: inline-executed inferences at once, the rest in a task."""
+        """Answer one relayed call: inline-executed inferences at once, batched ones when their
+        future resolves, the rest in a task."""
         if method == HELLO:
             self._hello.put_nowait(call)
             return
@@ -183,11 +209,15 @@ class GrpcWorkers:
                 return
             if isinstance(result, pb.ModelInferResponse):
                 out.send(call, 0, result.SerializeToString())
-                return
-            work: Awaitable[Any] = result
-        else:
-            work = self._unary(method, payload)
-        task = asyncio.get_running_loop().create_task(self._finish(out, call, method, work))
+            elif isinstance(result, asyncio.Future):
+                result.add_done_callback(partial(_answer_when_done, out, call))
+            else:
+                self._track(self._finish(out, call, method, _encoded(result)))
+            return
+        self._track(self._finish(out, call, method, self._unary(method, payload)))
+
+    def _track(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
         self._calls.add(task)
         task.add_done_callback(self._calls.discard)
 

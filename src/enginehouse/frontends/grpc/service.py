@@ -150,30 +150,31 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     def infer_message(
         self, request: pb.ModelInferRequest, arrival: int
-    ) -> pb.ModelInferResponse | Awaitable[pb.ModelInferResponse]:
-        """The response at once when the model ran inline, else an awaitable of it; errors
-        raise :class:`EnginehouseError`. ModelInfer and the worker relay both use it."""
+    ) -> pb.ModelInferResponse | Awaitable[InferResponse]:
+        """The encoded response at once when the model ran inline, else an awaitable of the
+        core's response (the caller encodes it); errors raise :class:`EnginehouseError`.
+        ModelInfer and the worker relay both use it."""
         infer_request = decode_infer_request(request)
         infer_request.arrival_ns = arrival
         result = self.core.submit(infer_request)
         if isinstance(result, InferResponse):
             return encode_infer_response(result)
+        return result
 
-        async def finish() -> pb.ModelInferResponse:
-            return encode_infer_response(await result)
-
-        return finish()
+    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        result = self.infer_message(request, time.perf_counter_ns())
+        if isinstance(result, pb.ModelInferResponse):
+            return result
+        return encode_infer_response(await result)
 
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
         try:
-            result = self.infer_message(request, time.perf_counter_ns())
-            if not isinstance(result, pb.ModelInferResponse):
-                result = await result
+            return await self._infer(request)
         except EnginehouseError as exc:
             await context.abort(exc.grpc_code, exc.message)
-        return result
+            raise  # abort raises; this keeps type checkers sure of it
 
     async def ModelStreamInfer(
         self,
@@ -184,9 +185,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
         async def answer(message: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
             try:
-                result = self.infer_message(message, time.perf_counter_ns())
-                if not isinstance(result, pb.ModelInferResponse):
-                    result = await result
+                result = await self._infer(message)
             except EnginehouseError as exc:
                 return stream_error(message, exc.message)
             return pb.ModelStreamInferResponse(infer_response=result)
