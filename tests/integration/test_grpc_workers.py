@@ -4,10 +4,13 @@ as the in-process frontend, and a worker that dies is replaced."""
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -57,6 +60,35 @@ def test_infer_stream_and_types_through_workers(workers_server: ServerProcess) -
     test_inference.test_grpc_typed_contents(workers_server)
     test_inference.test_grpc_streaming(workers_server)
     test_inference.test_asyncio_clients(workers_server)
+
+
+def test_large_tensors_through_workers(workers_server: ServerProcess) -> None:
+    """Megabyte tensors (cut out of the relayed message as views) come back intact, also
+    many at once, side by side with small requests and a bad large one."""
+    client = grpcclient.InferenceServerClient(workers_server.grpc_url)
+    rng = np.random.default_rng(0)
+    sent = [rng.standard_normal((1, size)).astype(np.float32) for size in (9_000, 300_000)]
+    sent += [np.full((2, 150_000), i, np.float32) for i in range(6)]
+    results: queue.Queue[tuple[int, Any, Any]] = queue.Queue()
+    for index, data in enumerate(sent):
+        item = grpcclient.InferInput("INPUT0", list(data.shape), "FP32")
+        item.set_data_from_numpy(data)
+        client.async_infer(
+            "identity_fp32",
+            [item],
+            partial(lambda i, result, error: results.put((i, result, error)), index),
+        )
+    for _ in sent:
+        index, result, error = results.get(timeout=60)
+        assert error is None
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), sent[index])
+    wrong = grpcclient.InferInput("INPUT0", [1, 300_000], "FP32")
+    wrong.set_data_from_numpy(sent[1])
+    wrong._input.shape[:] = [1, 300_001]  # a shape the bytes sent do not fill
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("identity_fp32", [wrong])
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+    test_inference.test_simple_add_sub(workers_server, "grpc", 1)
 
 
 def test_metadata_and_errors_through_workers(workers_server: ServerProcess) -> None:

@@ -6,14 +6,20 @@ typed contents; outputs always go back raw, as Triton sends them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 
 from enginehouse import datatypes
 from enginehouse.core.types import InferInput, InferRequest, InferResponse
 from enginehouse.errors import InvalidArgumentError, UnsupportedError
+
+_RAW_INPUT_CONTENTS = pb.ModelInferRequest.RAW_INPUT_CONTENTS_FIELD_NUMBER
+_LENGTH_DELIMITED = 2
+_FIXED_SIZES = {1: 8, 5: 4}  # wire types fixed64 and fixed32
 
 # Which typed-contents field carries each datatype (FP16 has none: it must go raw).
 _CONTENTS_FIELD = {
@@ -65,9 +71,14 @@ def _typed_contents(
         raise InvalidArgumentError(f"input '{tensor.name}': {exc}") from None
 
 
-def decode_infer_request(message: pb.ModelInferRequest) -> InferRequest:
-    """The core request for a ModelInferRequest, or a 400-class error."""
-    raw = message.raw_input_contents
+def decode_infer_request(
+    message: pb.ModelInferRequest, raw_contents: Sequence[memoryview] | None = None
+) -> InferRequest:
+    """The core request for a ModelInferRequest, or a 400-class error. ``raw_contents``
+    stands in for the message's raw_input_contents when they were cut out of it."""
+    raw: Sequence[bytes | memoryview] = (
+        message.raw_input_contents if raw_contents is None else raw_contents
+    )
     if raw and len(raw) != len(message.inputs):
         raise InvalidArgumentError(
             f"raw_input_contents has {len(raw)} entries for {len(message.inputs)} inputs"
@@ -112,6 +123,62 @@ def decode_infer_request(message: pb.ModelInferRequest) -> InferRequest:
         outputs=outputs,
         parameters=parameters,
     )
+
+
+def _varint(view: memoryview, position: int) -> tuple[int, int]:
+    """The varint at ``position`` and the position after it."""
+    result = 0
+    shift = 0
+    while True:
+        if position >= len(view):
+            raise DecodeError("truncated message")
+        byte = view[position]
+        position += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, position
+        shift += 7
+        if shift > 63:
+            raise DecodeError("malformed varint")
+
+
+def split_raw_contents(serialized: bytes | memoryview) -> tuple[bytes, list[memoryview]]:
+    """A serialized ModelInferRequest without its raw_input_contents, and those contents as
+    views of ``serialized``.
+
+    Parsing a large request as a whole copies every tensor twice (into protobuf, then out
+    as ``bytes``); with the tensors cut out first, only the small rest is parsed and the
+    tensors stay where they arrived. Only the top level of the message is walked."""
+    view = memoryview(serialized)
+    end = len(view)
+    rest: list[memoryview] = []
+    raw: list[memoryview] = []
+    position = 0
+    while position < end:
+        start = position
+        key, position = _varint(view, position)
+        wire = key & 7
+        if wire == _LENGTH_DELIMITED:
+            length, position = _varint(view, position)
+            stop = position + length
+            if stop > end:
+                raise DecodeError("truncated message")
+            if key >> 3 == _RAW_INPUT_CONTENTS:
+                raw.append(view[position:stop])
+            else:
+                rest.append(view[start:stop])
+            position = stop
+            continue
+        if wire == 0:
+            _, position = _varint(view, position)
+        elif wire in _FIXED_SIZES:
+            position += _FIXED_SIZES[wire]
+        else:
+            raise DecodeError(f"unexpected wire type {wire}")
+        if position > end:
+            raise DecodeError("truncated message")
+        rest.append(view[start:position])
+    return b"".join(rest), raw
 
 
 def encode_infer_response(response: InferResponse) -> pb.ModelInferResponse:

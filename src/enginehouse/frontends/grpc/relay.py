@@ -36,8 +36,9 @@ from tritonclient.grpc import service_pb2 as pb
 from enginehouse.core.server import ServerCore
 from enginehouse.core.types import InferResponse
 from enginehouse.errors import EnginehouseError
-from enginehouse.frontends.grpc.codec import encode_infer_response
-from enginehouse.frontends.grpc.frames import HEADER, HELLO, METHODS, Coalescer
+from enginehouse.frontends.grpc.codec import encode_infer_response, split_raw_contents
+from enginehouse.frontends.grpc.frames import HELLO, METHODS, Coalescer
+from enginehouse.frontends.grpc.receive import LARGE_FRAME, FrameReceiver
 from enginehouse.frontends.grpc.service import InferenceService
 
 log = logging.getLogger(__name__)
@@ -49,33 +50,20 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 CANCELLED = grpc.StatusCode.CANCELLED.value[0]
 
 
-class _RelayProtocol(asyncio.Protocol):
+class _RelayProtocol(FrameReceiver):
     """One worker's connection: frames cut out of the byte stream as they arrive."""
 
     def __init__(self, owner: GrpcWorkers) -> None:
+        super().__init__()
         self._owner = owner
-        self._buffer = bytearray()
         self._out: Coalescer | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._out = Coalescer(transport)  # type: ignore[arg-type]
 
-    def data_received(self, data: bytes) -> None:
-        buffer = self._buffer
-        buffer += data
-        start = 0
-        while len(buffer) - start >= HEADER.size:
-            length, call, method = HEADER.unpack_from(buffer, start)
-            end = start + 4 + length
-            if len(buffer) < end:
-                break
-            with memoryview(buffer) as view:  # one copy of the payload, not two
-                payload = bytes(view[start + HEADER.size : end])
-            start = end
-            assert self._out is not None
-            self._owner.dispatch(self._out, call, method, payload)
-        if start:
-            del buffer[:start]
+    def frame(self, call: int, code: int, payload: bytes | memoryview) -> None:
+        assert self._out is not None
+        self._owner.dispatch(self._out, call, code, payload)
 
 
 class _Abort(Exception):
@@ -192,7 +180,7 @@ class GrpcWorkers:
                     )
                     self._processes[index] = self._spawn()
 
-    def dispatch(self, out: Coalescer, call: int, method: int, payload: bytes) -> None:
+    def dispatch(self, out: Coalescer, call: int, method: int, payload: bytes | memoryview) -> None:
         """Answer one relayed call: inline-executed inferences at once, batched ones when their
         future resolves, the rest in a task."""
         if method == HELLO:
@@ -201,9 +189,13 @@ class GrpcWorkers:
         if method == INFER:
             arrival = time.perf_counter_ns()
             try:
-                result = self.service.infer_message(
-                    pb.ModelInferRequest.FromString(payload), arrival
-                )
+                if len(payload) >= LARGE_FRAME:
+                    # Tensors become views of the frame rather than copies made by protobuf.
+                    rest, raw = split_raw_contents(payload)
+                    message = pb.ModelInferRequest.FromString(rest)
+                else:
+                    message, raw = pb.ModelInferRequest.FromString(payload), None
+                result = self.service.infer_message(message, arrival, raw)
             except Exception as exc:  # reported to the client (and logged when unexpected)
                 out.send(call, *_failure(exc, method))
                 return
@@ -221,7 +213,7 @@ class GrpcWorkers:
         self._calls.add(task)
         task.add_done_callback(self._calls.discard)
 
-    async def _unary(self, method: int, payload: bytes) -> Any:
+    async def _unary(self, method: int, payload: bytes | memoryview) -> Any:
         name = METHODS[method]
         return await getattr(self.service, name)(REQUESTS[name].FromString(payload), RelayContext())
 

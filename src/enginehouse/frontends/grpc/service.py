@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Sequence
 
 import grpc
 from tritonclient.grpc import service_pb2 as pb
@@ -149,12 +149,16 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
     def infer_message(
-        self, request: pb.ModelInferRequest, arrival: int
+        self,
+        request: pb.ModelInferRequest,
+        arrival: int,
+        raw: Sequence[memoryview] | None = None,
     ) -> pb.ModelInferResponse | Awaitable[InferResponse]:
         """The encoded response at once when the model ran inline, else an awaitable of the
         core's response (the caller encodes it); errors raise :class:`EnginehouseError`.
-        ModelInfer and the worker relay both use it."""
-        infer_request = decode_infer_request(request)
+        ModelInfer and the worker relay both use it; ``raw`` is the request's raw input
+        contents when the relay cut them out of the message itself."""
+        infer_request = decode_infer_request(request, raw)
         infer_request.arrival_ns = arrival
         result = self.core.submit(infer_request)
         if isinstance(result, InferResponse):
