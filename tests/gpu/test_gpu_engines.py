@@ -4,9 +4,12 @@ unload (skipped without a GPU)."""
 from __future__ import annotations
 
 import json
+import queue
 import re
 import urllib.request
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -89,6 +92,34 @@ def test_gpu_engines_serve_with_graphs_and_sized_pools(tmp_path: Path) -> None:
                 got = grpc.infer(name, [item]).as_numpy("logits")
                 assert got.shape == (rows, 10)
                 assert np.abs(got - want).max() / np.abs(want).max() <= tolerance, name
+
+        # Concurrent requests to the batching model run together: each one's rows are
+        # gathered straight into the pinned staging buffers, and each gets its own back.
+        images = [
+            np.random.default_rng(10 + i).standard_normal((rows, 3, 16, 16)).astype(np.float32)
+            for i, rows in enumerate((1, 2, 3, 1, 2, 1, 4, 1))
+        ]
+        answers: queue.Queue[tuple[int, Any, Any]] = queue.Queue()
+        before = grpc.get_inference_statistics("gpu_bf16").model_stats[0]
+        for index, image in enumerate(images):
+            item = grpcclient.InferInput("image", list(image.shape), "FP32")
+            item.set_data_from_numpy(image)
+            grpc.async_infer(
+                "gpu_bf16",
+                [item],
+                partial(lambda i, result, error: answers.put((i, result, error)), index),
+            )
+        for _ in images:
+            index, result, error = answers.get(timeout=60)
+            assert error is None, error
+            with torch.no_grad():
+                want = net()(torch.from_numpy(images[index])).numpy()
+            got = result.as_numpy("logits")
+            assert np.abs(got - want).max() / np.abs(want).max() <= 5e-2
+        after = grpc.get_inference_statistics("gpu_bf16").model_stats[0]
+        requests = after.inference_stats.success.count - before.inference_stats.success.count
+        assert requests == len(images)
+        assert after.execution_count - before.execution_count < requests, after
 
         # Standalone Inductor artefacts: loaded, not traced and compiled again.
         manifests = [json.loads(p.read_text()) for p in (tmp_path / "cache").rglob("manifest.json")]

@@ -37,6 +37,15 @@ class Engine(ABC):
     ) -> list[np.ndarray]:
         """Run the model on named inputs and return the named outputs, in that order."""
 
+    def gather(self, parts: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
+        """The inputs of one execution from the requests' inputs, stacked along the batch
+        dimension in order. Engines that stage inputs in buffers of their own override it
+        to copy each part into place once, instead of joining them first."""
+        return {
+            name: arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
+            for name, arrays in parts.items()
+        }
+
     def close(self) -> None:  # noqa: B027 - engines without resources need not override
         """Release what the engine holds (sessions, device memory)."""
 

@@ -115,12 +115,9 @@ class BatchedExecution:
         queued = time.perf_counter_ns()
 
         def prepare() -> dict[str, np.ndarray]:
-            if len(items) == 1:
-                return items[0].feeds
-            return {
-                name: np.concatenate([item.feeds[name] for item in items], axis=0)
-                for name in items[0].feeds
-            }
+            return instance.gather(
+                {name: [item.feeds[name] for item in items] for name in items[0].feeds}
+            )
 
         finish = version.finisher(names, total)
         input_bytes = sum(a.nbytes for item in items for a in item.feeds.values())

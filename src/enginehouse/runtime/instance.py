@@ -137,6 +137,10 @@ class Instance:
         self.policy.observe(t2 - t1, inline)
         return Execution(outputs, t1 - t0, t2 - t1, t3 - t2)
 
+    def gather(self, parts: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
+        """The engine's inputs for several requests' parts (call on the instance thread)."""
+        return self._engine.gather(parts)
+
     def execute_sync(
         self, prepare: PrepareInputs, output_names: Sequence[str], finish: FinishOutputs
     ) -> Execution:
