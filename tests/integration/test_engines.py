@@ -174,6 +174,23 @@ def test_truncated_artefact_is_rebuilt(tmp_path: Path, caplog: pytest.LogCapture
     assert prepare(model_dir, cache).hit
 
 
+def test_rewritten_artefact_of_the_same_size_is_rebuilt(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Checksums are remembered per size and modification time, so a warm start does not
+    hash every artefact; a file rewritten in place (same size) is still caught."""
+    cache = EngineCache(tmp_path / "cache")
+    model_dir = write_net(tmp_path / "repo", "net")
+    built = prepare(model_dir, cache)
+    assert prepare(model_dir, cache).hit
+    data = built.path.read_bytes()
+    built.path.write_bytes(bytes(len(data)))
+    with caplog.at_level(logging.WARNING):
+        rebuilt = prepare(model_dir, cache)
+    assert not rebuilt.hit and "checksum" in caplog.text
+    assert rebuilt.path.read_bytes() == data
+
+
 def test_concurrent_builds_of_one_key(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     write_net(repo, "net", engine_precision="fp16")

@@ -58,8 +58,11 @@ class Backend(ABC):
     default_filename: str
 
     @abstractmethod
-    def complete_config(self, config: mc.ModelConfig, model_file: Path) -> mc.ModelConfig:
-        """Fill what the config leaves out from the model file (non-strict mode)."""
+    def complete_config(
+        self, config: mc.ModelConfig, model_file: Path, signature: object | None = None
+    ) -> mc.ModelConfig:
+        """Fill what the config leaves out from the model file (non-strict mode), whose
+        signature the caller may already know."""
 
     @abstractmethod
     def check_config(

@@ -78,8 +78,12 @@ class OnnxRuntimeBackend(Backend):
     platform = ONNX_PLATFORM
     default_filename = "model.onnx"
 
-    def complete_config(self, config: mc.ModelConfig, model_file: Path) -> mc.ModelConfig:
-        return autocomplete.complete(config, autocomplete.read_signature(model_file))
+    def complete_config(
+        self, config: mc.ModelConfig, model_file: Path, signature: object | None = None
+    ) -> mc.ModelConfig:
+        if not isinstance(signature, autocomplete.GraphSignature):
+            signature = autocomplete.read_signature(model_file)
+        return autocomplete.complete(config, signature)
 
     def check_config(
         self, config: mc.ModelConfig, model_file: Path, signature: object | None = None

@@ -141,7 +141,9 @@ class TorchBackend(Backend):
     platform = TORCH_PLATFORM
     default_filename = "model.pt2"
 
-    def complete_config(self, config: mc.ModelConfig, model_file: Path) -> mc.ModelConfig:
+    def complete_config(
+        self, config: mc.ModelConfig, model_file: Path, signature: object | None = None
+    ) -> mc.ModelConfig:
         if not config.input or not config.output:
             raise ModelLoadError(
                 f"model '{config.name}': the pytorch backend needs inputs and outputs in "

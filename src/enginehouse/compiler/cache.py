@@ -83,7 +83,9 @@ class EngineCache:
                 target = path / name
                 if not target.is_file() or target.stat().st_size != int(info["size"]):
                     raise ValueError(f"{name} is missing or has the wrong size")
-                if verify and file_sha256(target) != info["sha256"]:
+                # Hashed once per size and modification time: a truncated or rewritten
+                # file is caught, and a warm start does not read every artefact in full.
+                if verify and self.facts.sha256(target) != info["sha256"]:
                     raise ValueError(f"{name} does not match its checksum")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("engine cache entry %s is damaged (%s); it will be rebuilt", key, exc)

@@ -65,7 +65,7 @@ def build_repository(
     for name in names:
         try:
             location = repository.locate(name)
-            config, backend, files = loader.prepare_config(location, strict)
+            config, backend, files = loader.prepare_config(location, strict, cache=cache)
         except EnginehouseError as exc:
             rows.append(BuildRow(name, "-", error=exc.message))
             continue

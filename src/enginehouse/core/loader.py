@@ -55,9 +55,13 @@ class LoadedModel:
 
 
 def prepare_config(
-    location: ModelLocation, strict: bool, override: mc.ModelConfig | None = None
+    location: ModelLocation,
+    strict: bool,
+    override: mc.ModelConfig | None = None,
+    cache: EngineCache | None = None,
 ) -> tuple[mc.ModelConfig, Backend, dict[int, Path]]:
-    """The complete, validated config, its backend, and the model file of each served version."""
+    """The complete, validated config, its backend, and the model file of each served
+    version (``cache``: where the model files' signatures may be remembered)."""
     config = override if override is not None else model_config.read_config(location.path)
     if config is None:
         if strict:
@@ -95,7 +99,8 @@ def prepare_config(
         newest = files[selected[-1]]
         if newest.is_file():
             try:
-                backend.complete_config(config, newest)
+                signature = known_signature(config, backend, newest, cache)
+                backend.complete_config(config, newest, signature)
             except ModelLoadError as exc:
                 raise ModelLoadError(exc.message, selected[-1]) from None
     model_config.validate(config)
@@ -170,6 +175,23 @@ def inline_policy(config: mc.ModelConfig, placement: Placement) -> InlinePolicy:
         raise ModelLoadError(f"model '{config.name}': parameter inline_execution: {exc}") from None
 
 
+def known_signature(
+    config: mc.ModelConfig, backend: Backend, model_file: Path, cache: EngineCache | None
+) -> object | None:
+    """What the backend would read from the model file to check a config against it, as
+    remembered in the cache's source facts (reading a big file takes a large share of a
+    warm start, or seconds); None without a cache."""
+    if cache is None:
+        return None
+    if backend.name == model_config.ONNX_BACKEND or model_file.suffix == ".onnx":
+        return cache.facts.signature(model_file)
+    if backend.name == TORCH_BACKEND and model_file.suffix == ".pt2":
+        return cache.facts.remembered(
+            model_file, "program_arity", lambda path: program_arity(path, config.name)
+        )
+    return None
+
+
 def load_version(
     config: mc.ModelConfig,
     backend: Backend,
@@ -185,17 +207,7 @@ def load_version(
         raise ModelLoadError(
             f"model '{config.name}' version {version}: model file {model_file.name} not found"
         )
-    # Signatures are remembered in the cache's source facts: reading big files takes seconds.
-    signature: object | None = None
-    if cache is not None and (
-        backend.name == model_config.ONNX_BACKEND or model_file.suffix == ".onnx"
-    ):
-        signature = cache.facts.signature(model_file)
-    elif cache is not None and backend.name == TORCH_BACKEND and model_file.suffix == ".pt2":
-        signature = cache.facts.remembered(
-            model_file, "program_arity", lambda path: program_arity(path, config.name)
-        )
-    backend.check_config(config, model_file, signature)
+    backend.check_config(config, model_file, known_signature(config, backend, model_file, cache))
     builds: dict[str, compiler.Engine] = {}
     targets = (target_of(p) for group in config.instance_group for p in group_placements(group))
     for target in dict.fromkeys(targets):
@@ -289,7 +301,7 @@ def load_model(
     A version in ``serving`` whose files and config are unchanged is kept as it is, so a
     reload that adds a version or changes only routing loads nothing twice.
     """
-    config, backend, files = prepare_config(location, strict, override)
+    config, backend, files = prepare_config(location, strict, override, cache)
     versions: dict[int, ModelVersion] = {}
     failures: dict[int, str] = {}
     kept: set[int] = set()
