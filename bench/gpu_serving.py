@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import urllib.request
@@ -38,7 +37,7 @@ from gpu_engines import OUT, PRECISION, RESULTS
 from gpu_models import MODELS, BenchModel, gpu_config
 from loadgen import grpc_load, grpc_open_load
 
-from enginehouse.testing import ServerProcess
+from enginehouse.testing import SERVER_MODULES, ServerProcess, keep_bytecode
 
 BATCHING = {
     "bert": "dynamic_batching { max_queue_delay_microseconds: 2000 }\n",
@@ -180,14 +179,6 @@ def serve(model: BenchModel, args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def keep_bytecode() -> None:
-    """Let the servers write and reuse compiled bytecode. Without it every process compiles
-    torch's ~1,400 Python modules from source: 4.4 s of each start on the H100 machine, a
-    cost that an image built with ``pip install`` (which writes .pyc files) does not pay."""
-    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
-    os.environ.setdefault("PYTHONPYCACHEPREFIX", str(OUT / "pycache"))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="bert,resnet50")
@@ -214,7 +205,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if not args.no_bytecode_cache:
-        keep_bytecode()
+        keep_bytecode(OUT / "pycache", (*SERVER_MODULES, "torch", "enginehouse.backends.torch"))
     rows = [row for name in args.models.split(",") for row in serve(MODELS[name], args)]
     print(
         f"\n{'model':9} {'load':>12} {'served/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
