@@ -75,8 +75,9 @@ class BatchedExecution:
         A plain future rather than a coroutine: at thousands of requests a second, a task and
         its coroutine frames per request are a measurable share of the core's CPU. The
         version counts the request as in flight until it is settled."""
-        priority = _int_parameter(request.parameters, "priority")
-        timeout_us = _int_parameter(request.parameters, "timeout")
+        parameters = request.parameters
+        priority = _int_parameter(parameters, "priority") if parameters else 0
+        timeout_us = _int_parameter(parameters, "timeout") if parameters else 0
         if len(feeds) == 1:
             [(only, array)] = feeds.items()
             shape_key: Hashable = (only, array.shape[1:])

@@ -63,7 +63,9 @@ class TensorSpec:
         return cls(tensor.name, datatype, tuple(tensor.dims), reshape, optional)
 
 
-def _shape_matches(shape: Sequence[int], dims: Sequence[int]) -> bool:
+def _shape_matches(shape: tuple[int, ...], dims: tuple[int, ...]) -> bool:
+    if shape == dims:  # the usual case, decided in C
+        return True
     if len(shape) != len(dims):
         return False
     for got, want in zip(shape, dims):
@@ -151,7 +153,7 @@ class ModelVersion:
                 )
             shape = item.shape
             if self.batching:
-                if len(shape) != len(spec.dims) + 1 or not _shape_matches(shape[1:], spec.dims):
+                if not shape or not _shape_matches(shape[1:], spec.dims):
                     raise InvalidArgumentError(
                         f"unexpected shape for input '{item.name}' for model '{model}'. "
                         f"Expected [-1,{','.join(map(str, spec.dims))}], got {list(shape)}"
