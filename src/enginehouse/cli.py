@@ -187,6 +187,8 @@ async def serve(args: argparse.Namespace) -> int:
             else GrpcServer(core, args.host, args.grpc_port, args.http_max_input_size)
         )
         core.add_request_warmer(grpc_server.service.warm)
+        if isinstance(grpc_server, GrpcWorkers):
+            core.add_ready_gate(grpc_server.warm_workers)
         servers.append(grpc_server)
     if args.allow_metrics:
         servers.append(MetricsServer(core, args.host, args.metrics_port, options))

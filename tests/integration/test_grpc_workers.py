@@ -53,6 +53,12 @@ def workers(server: ServerProcess) -> list[psutil.Process]:
 
 def test_infer_stream_and_types_through_workers(workers_server: ServerProcess) -> None:
     assert len(workers(workers_server)) == 2
+    # Every worker's request path was warmed over gRPC before the server said ready.
+    log = workers_server.log()
+    warmed = log.index("gRPC workers warmed:")
+    assert "through each of 2 in" in log[warmed:].splitlines()[0], log
+    assert warmed < log.index("server ready: yes")
+    assert "warm-up failed" not in log
     for batch in (1, 8):
         test_inference.test_simple_add_sub(workers_server, "grpc", batch)
     for kind in ("fp16", "int64", "bytes", "bool"):

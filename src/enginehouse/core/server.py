@@ -120,6 +120,7 @@ class ServerCore:
         self._poller: asyncio.Task[None] | None = None
         self._served: dict[str, ServedModel] = {}
         self._warmers: list[RequestWarmer] = []
+        self._ready_gates: list[Callable[[], Awaitable[None]]] = []
         self._records: dict[str, ModelRecord] = {}
         self._started = False
         self._draining = False
@@ -132,6 +133,7 @@ class ServerCore:
             await self.poll()
             await asyncio.gather(*self._poll_tasks.values())
             self._poller = asyncio.get_running_loop().create_task(self._poll_loop())
+            await self._pass_ready_gates()
             self._started = True
             return
         if self.control_mode == ControlMode.NONE or "*" in self.startup_models:
@@ -148,7 +150,20 @@ class ServerCore:
                 log.error("model '%s' failed to load", name, exc_info=result)
             elif isinstance(result, BaseException):
                 raise result
+        await self._pass_ready_gates()
         self._started = True
+
+    def add_ready_gate(self, gate: Callable[[], Awaitable[None]]) -> None:
+        """Run ``gate`` once the start-up loads are done and before the server reports ready
+        (frontends in other processes warm their request paths through it)."""
+        self._ready_gates.append(gate)
+
+    async def _pass_ready_gates(self) -> None:
+        for gate in self._ready_gates:
+            try:
+                await gate()
+            except Exception:  # a failed warm-up must not keep the server from serving
+                log.exception("a start-up warm-up failed")
 
     async def _load_named(self, name: str) -> None:
         await self._load(self.repository.locate(name))

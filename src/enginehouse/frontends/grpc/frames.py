@@ -23,7 +23,8 @@ METHODS = (
     "RepositoryModelUnload",
     "ModelInfer",
 )
-HELLO = 255
+HELLO = 255  # worker -> core once bound; the payload is its private port, in decimal
+SERVICE = "inference.GRPCInferenceService"
 HEADER = struct.Struct("!IIB")  # length of the rest, call id, method or status
 STATUS = {code.value[0]: code for code in grpc.StatusCode}
 

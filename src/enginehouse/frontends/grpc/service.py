@@ -40,13 +40,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def warm(self, version: ModelVersion) -> None:
         """Run warm-up requests through the gRPC decoding, the new version (called directly:
         it is not routable until warm) and encoding, in process."""
-        message = pb.ModelInferRequest(model_name=version.name, model_version=version.version)
-        for name, array in version.warmup_inputs.items():
-            message.inputs.add(
-                name=name, datatype=version.inputs[name].datatype, shape=list(array.shape)
-            )
-            message.raw_input_contents.append(datatypes.to_wire_bytes(array))
-        wire = message.SerializeToString()
+        wire = warmup_request(version).SerializeToString()
         for _ in range(2):
             response = await version.infer(
                 decode_infer_request(pb.ModelInferRequest.FromString(wire))
@@ -198,6 +192,17 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             yield response
 
 
+def warmup_request(version: ModelVersion) -> pb.ModelInferRequest:
+    """A ModelInferRequest of the version's warm-up sample, addressed to that version."""
+    message = pb.ModelInferRequest(model_name=version.name, model_version=version.version)
+    for name, array in version.warmup_inputs.items():
+        message.inputs.add(
+            name=name, datatype=version.inputs[name].datatype, shape=list(array.shape)
+        )
+        message.raw_input_contents.append(datatypes.to_wire_bytes(array))
+    return message
+
+
 class GrpcServer:
     """grpcio's asyncio server with the inference service on one port."""
 
@@ -227,4 +232,10 @@ class GrpcServer:
         await self._server.stop(grace_s)
 
 
-__all__ = ["GrpcServer", "InferenceService", "InvalidArgumentError", "parameter_value"]
+__all__ = [
+    "GrpcServer",
+    "InferenceService",
+    "InvalidArgumentError",
+    "parameter_value",
+    "warmup_request",
+]

@@ -22,6 +22,7 @@ from tritonclient.grpc import service_pb2 as pb
 from enginehouse.frontends.grpc.frames import (
     HELLO,
     METHODS,
+    SERVICE,
     STATUS,
     Coalescer,
     read_frame,
@@ -29,7 +30,6 @@ from enginehouse.frontends.grpc.frames import (
 from enginehouse.frontends.grpc.streams import answer_concurrently, stream_error
 
 log = logging.getLogger("enginehouse.grpc.worker")
-SERVICE = "inference.GRPCInferenceService"
 _GONE = (grpc.StatusCode.UNAVAILABLE.value[0], b"the server is stopping")
 
 
@@ -125,8 +125,11 @@ async def serve(relay_path: str, host: str, port: int, max_message_bytes: int) -
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if server.add_insecure_port(address) == 0:
         raise OSError(f"cannot bind gRPC port {address}")
+    # A loopback port of this worker alone: the shared port hands each connection to any
+    # worker, so the core warms every worker's request path through these before ready.
+    private = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    relay.send(0, HELLO, b"")
+    relay.send(0, HELLO, str(private).encode())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
