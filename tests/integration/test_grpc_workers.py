@@ -16,6 +16,7 @@ import numpy as np
 import psutil
 import pytest
 import tritonclient.grpc as grpcclient
+from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import ServerProcess
@@ -157,4 +158,16 @@ def test_malformed_message_is_invalid_argument(workers_server: ServerProcess) ->
         call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
         with pytest.raises(grpc.RpcError) as info:
             call(b"\xff\xff\xff")
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        # Large messages take the other path (tensors cut out of the frame before parsing):
+        # a length past the end, a bad wire type, a valid message with garbage after it.
+        valid = pb.ModelInferRequest(model_name="identity_fp32").SerializeToString()
+        for garbage in (
+            b"\x3a\xff\xff\xff\x0f" + bytes(100_000),  # raw contents longer than the message
+            bytes([(1 << 3) | 3]) + bytes(100_000),  # wire type 3
+            valid + b"\x12" + bytes(100_000),  # model_version of 0 bytes, then zero keys
+        ):
+            with pytest.raises(grpc.RpcError) as info:
+                call(garbage)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, garbage[:8]
+    test_inference.test_simple_add_sub(workers_server, "grpc", 1)  # still serving
