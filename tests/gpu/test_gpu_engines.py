@@ -4,12 +4,9 @@ unload (skipped without a GPU)."""
 from __future__ import annotations
 
 import json
-import queue
 import re
 import urllib.request
-from functools import partial
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -18,6 +15,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from enginehouse.testing import ServerProcess
+from tests.clients import infer_all_at_once
 from tests.models import torch_convnet
 
 torch = pytest.importorskip("torch")
@@ -99,22 +97,11 @@ def test_gpu_engines_serve_with_graphs_and_sized_pools(tmp_path: Path) -> None:
             np.random.default_rng(10 + i).standard_normal((rows, 3, 16, 16)).astype(np.float32)
             for i, rows in enumerate((1, 2, 3, 1, 2, 1, 4, 1))
         ]
-        answers: queue.Queue[tuple[int, Any, Any]] = queue.Queue()
         before = grpc.get_inference_statistics("gpu_bf16").model_stats[0]
-        for index, image in enumerate(images):
-            item = grpcclient.InferInput("image", list(image.shape), "FP32")
-            item.set_data_from_numpy(image)
-            grpc.async_infer(
-                "gpu_bf16",
-                [item],
-                partial(lambda i, result, error: answers.put((i, result, error)), index),
-            )
-        for _ in images:
-            index, result, error = answers.get(timeout=60)
-            assert error is None, error
+        answers = infer_all_at_once(grpc, "gpu_bf16", "image", images)
+        for image, got in zip(images, answers):
             with torch.no_grad():
-                want = net()(torch.from_numpy(images[index])).numpy()
-            got = result.as_numpy("logits")
+                want = net()(torch.from_numpy(image)).numpy()
             assert np.abs(got - want).max() / np.abs(want).max() <= 5e-2
         after = grpc.get_inference_statistics("gpu_bf16").model_stats[0]
         requests = after.inference_stats.success.count - before.inference_stats.success.count

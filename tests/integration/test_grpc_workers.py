@@ -4,13 +4,10 @@ as the in-process frontend, and a worker that dies is replaced."""
 from __future__ import annotations
 
 import os
-import queue
 import signal
 import time
 from collections.abc import Iterator
-from functools import partial
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import psutil
@@ -19,6 +16,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 
+from tests.clients import infer_all_at_once
 from tests.conftest import ServerProcess
 from tests.integration import test_inference
 
@@ -76,19 +74,8 @@ def test_large_tensors_through_workers(workers_server: ServerProcess) -> None:
     rng = np.random.default_rng(0)
     sent = [rng.standard_normal((1, size)).astype(np.float32) for size in (9_000, 300_000)]
     sent += [np.full((2, 150_000), i, np.float32) for i in range(6)]
-    results: queue.Queue[tuple[int, Any, Any]] = queue.Queue()
-    for index, data in enumerate(sent):
-        item = grpcclient.InferInput("INPUT0", list(data.shape), "FP32")
-        item.set_data_from_numpy(data)
-        client.async_infer(
-            "identity_fp32",
-            [item],
-            partial(lambda i, result, error: results.put((i, result, error)), index),
-        )
-    for _ in sent:
-        index, result, error = results.get(timeout=60)
-        assert error is None
-        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), sent[index])
+    for data, got in zip(sent, infer_all_at_once(client, "identity_fp32", "INPUT0", sent)):
+        np.testing.assert_array_equal(got, data)
     wrong = grpcclient.InferInput("INPUT0", [1, 300_000], "FP32")
     wrong.set_data_from_numpy(sent[1])
     wrong._input.shape[:] = [1, 300_001]  # a shape the bytes sent do not fill

@@ -105,8 +105,6 @@ class CudaGraphEngine(Engine):
         self._host_in: list[np.ndarray] = []
         self._host_out: list[np.ndarray] = []
         self._static_in: list[Any] = []
-        # The views of the pinned buffers that gather() filled for the next execute().
-        self._staged: list[np.ndarray] = []
         # Called once the engine is closed (releases a module shared with other instances).
         self.on_close: Callable[[], None] | None = None
         if self.buckets:
@@ -174,10 +172,11 @@ class CudaGraphEngine(Engine):
 
     def gather(self, parts: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
         """Requests' inputs copied straight into the pinned staging buffers (one copy, not a
-        join and then a copy), when the batch fits a captured graph."""
+        join and then a copy), when the batch fits a captured graph. ``execute`` then finds
+        them in place and copies nothing."""
         lists = [parts.get(name, []) for name in self._inputs]
-        rows = sum(a.shape[0] if a.ndim else 0 for a in lists[0]) if lists else 0
-        if not self._stageable(lists, rows):
+        rows = self._stageable_rows(lists)
+        if not rows:
             return super().gather(parts)
         staged = {}
         for name, arrays, host in zip(self._inputs, lists, self._host_in):
@@ -187,36 +186,37 @@ class CudaGraphEngine(Engine):
                 np.copyto(host[offset:end], array, casting="no")
                 offset = end
             staged[name] = host[:rows]
-        self._staged = list(staged.values())
         return staged
 
-    def _stageable(self, lists: list[list[np.ndarray]], rows: int) -> bool:
-        """Whether these parts fill ``rows`` rows of the staging buffers exactly as the
-        captured graphs expect (else they take the direct, uncaptured path)."""
-        if not rows or self.bucket(rows) is None or len(lists) != len(self._host_in):
-            return False
-        for arrays, dims, host in zip(lists, self._dims, self._host_in):
+    def _stageable_rows(self, lists: list[list[np.ndarray]]) -> int:
+        """The rows these parts fill in the staging buffers, or 0 when they do not fit a
+        captured graph as it expects (they then take the direct, uncaptured path)."""
+        if not lists or len(lists) != len(self._host_in):
+            return 0
+        rows = 0
+        for index, (arrays, dims, host) in enumerate(zip(lists, self._dims, self._host_in)):
             if not arrays or any(a.ndim == 0 for a in arrays):
-                return False
-            if sum(a.shape[0] for a in arrays) != rows:
-                return False
+                return 0
             if any(a.shape[1:] != dims or a.dtype != host.dtype for a in arrays):
-                return False
-        return True
+                return 0
+            total = sum(a.shape[0] for a in arrays)
+            if index and total != rows:
+                return 0
+            rows = total
+        return rows if self.bucket(rows) is not None else 0
 
     def execute(
         self, inputs: dict[str, np.ndarray], output_names: Sequence[str]
     ) -> list[np.ndarray]:
         arrays = [inputs[name] for name in self._inputs]
-        staged, self._staged = self._staged, []
         rows = arrays[0].shape[0] if arrays and arrays[0].ndim else 0
         size = self.bucket(rows) if self.buckets else None
         if size is None or any(a.shape[1:] != dims for a, dims in zip(arrays, self._dims)):
             return self._execute_direct(arrays, output_names)
         torch = self._torch
         graph = self._graphs[size]
-        for index, (array, host) in enumerate(zip(arrays, self._host_in)):
-            if index >= len(staged) or array is not staged[index]:  # not gathered in place
+        for array, host in zip(arrays, self._host_in):
+            if not np.may_share_memory(array, host):  # gather() did not stage it already
                 np.copyto(host[:rows], array, casting="no")
         picks = [self._index[name] for name in output_names]
         with torch.cuda.stream(self.stream):

@@ -78,11 +78,7 @@ class BatchedExecution:
         parameters = request.parameters
         priority = _int_parameter(parameters, "priority") if parameters else 0
         timeout_us = _int_parameter(parameters, "timeout") if parameters else 0
-        if len(feeds) == 1:
-            [(only, array)] = feeds.items()
-            shape_key: Hashable = (only, array.shape[1:])
-        else:
-            shape_key = tuple(sorted((n, a.shape[1:]) for n, a in feeds.items()))
+        shape_key: Hashable = tuple(sorted((n, a.shape[1:]) for n, a in feeds.items()))
         future: asyncio.Future[InferResponse] = asyncio.get_running_loop().create_future()
         item = BatchItem(request, feeds, names, start, future, self._next_sequence)
         self.batcher.submit(item, batch_size, shape_key, start, priority, timeout_us)

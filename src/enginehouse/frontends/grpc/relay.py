@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -85,12 +85,8 @@ def _failure(exc: Exception, method: int) -> tuple[int, bytes]:
     return INTERNAL, f"internal error: {exc}".encode()
 
 
-async def _encoded(result: Awaitable[InferResponse]) -> pb.ModelInferResponse:
-    return encode_infer_response(await result)
-
-
 def _answer_when_done(out: Coalescer, call: int, future: asyncio.Future[InferResponse]) -> None:
-    """Send a batched inference's response (or its failure) once its batch has run."""
+    """Send an inference's response (or its failure) once it has run."""
     if future.cancelled():
         out.send(call, CANCELLED, b"the request was cancelled")
         return
@@ -133,7 +129,7 @@ class GrpcWorkers:
         self.private_ports: list[int] = []
         self._stopping = False
         self._monitor: asyncio.Task[None] | None = None
-        self._calls: set[asyncio.Task[None]] = set()
+        self._calls: set[asyncio.Future[Any]] = set()
 
     async def start(self) -> None:
         if self.port == 0:
@@ -206,15 +202,19 @@ class GrpcWorkers:
                 return
             if isinstance(result, pb.ModelInferResponse):
                 out.send(call, 0, result.SerializeToString())
-            elif isinstance(result, asyncio.Future):
-                result.add_done_callback(partial(_answer_when_done, out, call))
-            else:
-                self._track(self._finish(out, call, method, _encoded(result)))
+                return
+            # Batched requests are futures already; other awaitables become a task.
+            pending = asyncio.ensure_future(result)
+            if pending is not result:
+                self._keep(pending)
+            pending.add_done_callback(partial(_answer_when_done, out, call))
             return
-        self._track(self._finish(out, call, method, self._unary(method, payload)))
+        self._keep(
+            asyncio.ensure_future(self._finish(out, call, method, self._unary(method, payload)))
+        )
 
-    def _track(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(work)
+    def _keep(self, task: asyncio.Future[Any]) -> None:
+        """Hold a task until it is done (the event loop keeps only weak references)."""
         self._calls.add(task)
         task.add_done_callback(self._calls.discard)
 

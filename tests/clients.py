@@ -1,0 +1,31 @@
+"""Client helpers shared by tests."""
+
+from __future__ import annotations
+
+import queue
+from typing import Any
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+
+def infer_all_at_once(
+    client: grpcclient.InferenceServerClient, model: str, name: str, arrays: list[np.ndarray]
+) -> list[np.ndarray]:
+    """Send one FP32 request per array, all in flight together, and return each request's
+    first output in the order sent (so that a batching server merges them)."""
+    answers: queue.Queue[tuple[int, Any, Any]] = queue.Queue()
+    for index, array in enumerate(arrays):
+        item = grpcclient.InferInput(name, list(array.shape), "FP32")
+        item.set_data_from_numpy(array)
+        client.async_infer(
+            model,
+            [item],
+            lambda result, error, i=index: answers.put((i, result, error)),
+        )
+    outputs: list[np.ndarray | None] = [None] * len(arrays)
+    for _ in arrays:
+        index, result, error = answers.get(timeout=60)
+        assert error is None, error
+        outputs[index] = result.as_numpy(result.get_response().outputs[0].name)
+    return [o for o in outputs if o is not None]
