@@ -33,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from cpu_use import CpuSnapshot, cpu_report
 from gpu_engines import OUT, PRECISION, RESULTS
 from gpu_models import MODELS, BenchModel, gpu_config
 from loadgen import grpc_load, grpc_open_load
@@ -112,7 +113,7 @@ def serve(model: BenchModel, args: argparse.Namespace) -> list[dict[str, Any]]:
     served.write(OUT / "serve-repo", config)
     starts: list[float] = []
     common: dict[str, Any] = {"model": model.name}
-    loads: list[tuple[str, Any, float]] = []
+    loads: list[tuple[str, Any, float, dict[str, Any]]] = []
     for attempt in range(2):  # the first start may build; the second finds everything cached
         began = time.perf_counter()
         server = ServerProcess(
@@ -154,16 +155,25 @@ def serve(model: BenchModel, args: argparse.Namespace) -> list[dict[str, Any]]:
             ]
             for label, run in runs:
                 before = stats(server.http_port, model.name)
+                cpu_before = CpuSnapshot.take(server.process.pid)
                 load = run()
+                cpu = cpu_report(
+                    cpu_before, CpuSnapshot.take(server.process.pid), load.seconds, load.requests
+                )
                 after = stats(server.http_port, model.name)
                 executions = after["execution_count"] - before["execution_count"]
                 inferences = after["inference_count"] - before["inference_count"]
-                loads.append((label, load, inferences / max(executions, 1)))
+                loads.append((label, load, inferences / max(executions, 1), cpu))
+                print(
+                    f"  {model.name} {label}: {load.rps:.0f}/s, p99 {load.p99_ms:.1f} ms, "
+                    f"batch {inferences / max(executions, 1):.1f}, {cpu}",
+                    flush=True,
+                )
         finally:
             server.stop()
     common |= {"cold_start_s": round(starts[0], 2), "cached_start_s": round(starts[1], 2)}
     rows = []
-    for label, load, batch in loads:
+    for label, load, batch, cpu in loads:
         raw = raw_engine(model, max(1, round(batch)), 5.0)
         rows.append(
             common
@@ -176,6 +186,7 @@ def serve(model: BenchModel, args: argparse.Namespace) -> list[dict[str, Any]]:
                 "mean_batch": round(batch, 1),
                 "raw_per_s": round(raw, 1),
                 "served_vs_raw": round(load.rps / raw, 3),
+                "cpu": cpu,
             }
         )
     return rows
@@ -222,6 +233,9 @@ def main() -> None:
             f"{r['cold_start_s']:7.1f} {r['cached_start_s']:8.1f} {r['first_ms']:8.2f} "
             f"{r['steady_p50_ms']:7.2f}"
         )
+    print("\nCPU during each load (event loop busy fraction; core and gRPC workers us/request):")
+    for r in rows:
+        print(f"  {r['model']:9} {r['load']:>12} {r['cpu']}")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "gpu_serving.json").write_text(json.dumps(rows, indent=1))
     print(
