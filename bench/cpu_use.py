@@ -57,8 +57,8 @@ class CpuSnapshot:
 def cpu_report(
     before: CpuSnapshot, after: CpuSnapshot, seconds: float, requests: int
 ) -> dict[str, object]:
-    """Busy fraction of the main thread and of the busiest other threads (by name), and the
-    core's and the children's CPU microseconds per request."""
+    """Busy fraction of the main thread, of the busiest other threads (by name) and of the
+    busiest child process, and the core's and the children's CPU microseconds per request."""
     by_name: dict[str, float] = {}
     main = 0.0
     for key, used in after.threads.items():
@@ -68,11 +68,12 @@ def cpu_report(
         else:
             by_name[key[1]] = by_name.get(key[1], 0.0) + spent
     core = sum(after.threads.values()) - sum(before.threads.values())
-    children = sum(
-        used - before.children.get(pid, 0.0)
+    by_child = [
+        used - before.children[pid]
         for pid, used in after.children.items()
         if pid in before.children
-    )
+    ]
+    children = sum(by_child)
     per = 1e6 / max(requests, 1)
     busiest = sorted(by_name.items(), key=lambda kv: -kv[1])[:3]
     return {
@@ -80,4 +81,5 @@ def cpu_report(
         "threads_busy": {name: round(used / seconds, 3) for name, used in busiest},
         "core_us_per_req": round(core * per, 1),
         "workers_us_per_req": round(children * per, 1),
+        "busiest_worker": round(max(by_child, default=0.0) / seconds, 3),
     }

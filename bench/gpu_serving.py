@@ -160,6 +160,7 @@ def serve(model: BenchModel, args: argparse.Namespace) -> list[dict[str, Any]]:
                 cpu = cpu_report(
                     cpu_before, CpuSnapshot.take(server.process.pid), load.seconds, load.requests
                 )
+                cpu["loadgen_cores"] = round(load.client_cpu_s / load.seconds, 2)
                 after = stats(server.http_port, model.name)
                 executions = after["execution_count"] - before["execution_count"]
                 inferences = after["inference_count"] - before["inference_count"]

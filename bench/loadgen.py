@@ -36,6 +36,7 @@ class LoadResult:
     seconds: float
     p50_ms: float
     p99_ms: float
+    client_cpu_s: float = 0.0  # CPU the load processes used: near their count, they were the limit
 
     @property
     def rps(self) -> float:
@@ -136,8 +137,9 @@ def _grpc_worker(
             await asyncio.gather(*(loop() for _ in range(concurrency)))
         return latencies, errors
 
+    started = time.process_time()
     latencies, errors = asyncio.run(run())
-    queue.put((latencies, errors))
+    queue.put((latencies, errors, time.process_time() - started, seconds))
 
 
 def _grpc_open_worker(
@@ -185,7 +187,9 @@ def _grpc_open_worker(
             await channel.close()
         return latencies, errors, elapsed
 
-    queue.put(asyncio.run(run()))
+    started = time.process_time()
+    latencies, errors, elapsed = asyncio.run(run())
+    queue.put((latencies, errors, time.process_time() - started, elapsed))
 
 
 def grpc_open_load(
@@ -231,11 +235,13 @@ def _collect(
         worker.start()
     latencies: list[float] = []
     errors = 0
+    cpu = 0.0
     for _ in workers:
-        part, err, *elapsed = queue.get(timeout=seconds + 120)
+        part, err, used, elapsed = queue.get(timeout=seconds + 120)
         latencies.extend(part)
         errors += err
-        seconds = max([seconds, *elapsed])
+        cpu += used
+        seconds = max(seconds, elapsed)
     for worker in workers:
         worker.join()
     values = np.array(latencies) * 1e3 if latencies else np.zeros(1)
@@ -245,4 +251,5 @@ def _collect(
         seconds,
         float(np.percentile(values, 50)),
         float(np.percentile(values, 99)),
+        cpu,
     )

@@ -55,12 +55,20 @@ class _Graph:
 
 
 def default_buckets(max_batch_size: int, preferred: Sequence[int] = ()) -> list[int]:
-    """Powers of two up to the max batch size, the max itself and the preferred sizes."""
+    """1, 2, 4, 8, then steps of a quarter of the power of two below (12, 16, 20, 24, 28, 32,
+    40, 48, ...), up to the max batch size, plus it and the preferred sizes.
+
+    A batch runs padded to the next bucket. With powers of two alone a batch of 33 ran as 64,
+    and the engine spent almost half its time on padding whenever the batcher formed batches
+    just past a power of two; quarter steps keep the padding under a fifth from 16 rows up
+    (a third below). The graphs share one memory pool, so the extra ones cost capture time,
+    not memory."""
     sizes = {max_batch_size, *(p for p in preferred if 0 < p <= max_batch_size)}
     size = 1
     while size < max_batch_size:
         sizes.add(size)
-        size *= 2
+        power = 1 << (size.bit_length() - 1)
+        size = size * 2 if size < 8 else size + max(4, power // 4)
     return sorted(sizes)
 
 
