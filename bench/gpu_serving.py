@@ -1,6 +1,6 @@
 """Served GPU engines: BERT-base and ResNet-50 through `enginehouse serve` under gRPC load.
 
-For each model: start the server (dynamic batching, fp16 engine, 2 GPU instances) on the
+For each model: start the server (dynamic batching, 2 GPU instances, 8 gRPC worker processes) on the
 engine cache of bench/gpu_engines.py, and time process start -> ready and the first request
 against the steady p50; drive it with closed-loop clients in many processes (pre-serialised
 ModelInfer messages, bench/loadgen.py) and with open-loop loads at fixed rates (``--rates``:
@@ -11,7 +11,7 @@ arrays in and out, as the server runs it) at that batch size. Served throughput 
 throughput is the figure of merit (goal: >= 80% for BERT, p99 <= 10 ms).
 
     python bench/gpu_serving.py [--seconds 10] [--clients 32,128] [--rates 4000,8000]
-                                [--grpc-workers 6] [--no-bytecode-cache]
+                                [--grpc-workers 8] [--no-bytecode-cache]
 
 Servers cache Python's compiled bytecode (under bench/out/gpu/pycache) as an installed
 image does; ``--no-bytecode-cache`` runs them as the device image is, which sets
@@ -211,7 +211,7 @@ def main() -> None:
         "request was due)",
     )
     parser.add_argument("--processes", type=int, default=8)
-    parser.add_argument("--grpc-workers", type=int, default=6, help="frontend processes")
+    parser.add_argument("--grpc-workers", type=int, default=8, help="frontend processes")
     parser.add_argument(
         "--no-bytecode-cache",
         action="store_true",
