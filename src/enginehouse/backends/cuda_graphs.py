@@ -21,6 +21,7 @@ model directly on the instance's stream.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import mmap
 import threading
@@ -130,7 +131,14 @@ class CudaGraphEngine(Engine):
         # Called once the engine is closed (releases a module shared with other instances).
         self.on_close: Callable[[], None] | None = None
         if self.buckets:
-            self._capture()
+            try:
+                self._capture()
+            except BaseException:
+                # Page-locked memory would outlive the engine; no copy may still be using it.
+                with contextlib.suppress(Exception):
+                    self.stream.synchronize()
+                self._unregister()
+                raise
 
     def _capture(self) -> None:
         """Capture every bucket's graph, largest first, sharing one memory pool."""
@@ -206,6 +214,11 @@ class CudaGraphEngine(Engine):
             raise RuntimeError(f"cannot page-lock {pages} bytes of staging memory: {code}")
         self._registered.append(raw)
         return torch.from_numpy(raw[:size]).view(dtype).view(shape)
+
+    def _unregister(self) -> None:
+        for raw in self._registered:
+            self._torch.cuda.cudart().cudaHostUnregister(raw.ctypes.data)
+        self._registered.clear()
 
     def _as_tuple(self, result: Any) -> tuple[Any, ...]:
         return (result,) if isinstance(result, self._torch.Tensor) else tuple(result)
@@ -305,9 +318,7 @@ class CudaGraphEngine(Engine):
         self._pinned_out.clear()
         self._host_in.clear()
         self._host_out.clear()
-        for raw in self._registered:
-            self._torch.cuda.cudart().cudaHostUnregister(raw.ctypes.data)
-        self._registered.clear()
+        self._unregister()
         self._run = None  # type: ignore[assignment]
         if self.on_close is not None:
             self.on_close()
