@@ -63,6 +63,14 @@ def stats(port: int, model: str) -> dict[str, Any]:
         return json.loads(reply.read())["model_stats"][0]  # type: ignore[no-any-return]
 
 
+def infer_ms(before: dict[str, Any], after: dict[str, Any]) -> float:
+    """The server's mean compute_infer between two statistics readings: the time of the
+    batch each request ran in (ms), as the instances measured it."""
+    spent = after["inference_stats"]["compute_infer"]
+    was = before["inference_stats"]["compute_infer"]
+    return (spent["ns"] - was["ns"]) / max(1, spent["count"] - was["count"]) / 1e6
+
+
 def first_and_steady(server: ServerProcess, model: BenchModel) -> tuple[float, float]:
     """Latency of the first request after ready, and p50 of the next 200 (ms)."""
     import tritonclient.grpc as grpcclient
@@ -164,6 +172,7 @@ def serve(model: BenchModel, args: argparse.Namespace) -> list[dict[str, Any]]:
                 after = stats(server.http_port, model.name)
                 executions = after["execution_count"] - before["execution_count"]
                 inferences = after["inference_count"] - before["inference_count"]
+                cpu["server_infer_ms"] = round(infer_ms(before, after), 3)
                 loads.append((label, load, inferences / max(executions, 1), cpu))
                 print(
                     f"  {model.name} {label}: {load.rps:.0f}/s, p99 {load.p99_ms:.1f} ms, "
@@ -185,6 +194,9 @@ def serve(model: BenchModel, args: argparse.Namespace) -> list[dict[str, Any]]:
                 "p99_ms": round(load.p99_ms, 2),
                 "errors": load.errors,
                 "mean_batch": round(batch, 1),
+                # One batch in the server (its compute_infer, on the GPU while other
+                # instances run too) against one back-to-back raw execution at that size.
+                "raw_batch_ms": round(max(1, round(batch)) / raw * 1e3, 3),
                 "raw_per_s": round(raw, 1),
                 "served_vs_raw": round(load.rps / raw, 3),
                 "cpu": cpu,
@@ -234,9 +246,15 @@ def main() -> None:
             f"{r['cold_start_s']:7.1f} {r['cached_start_s']:8.1f} {r['first_ms']:8.2f} "
             f"{r['steady_p50_ms']:7.2f}"
         )
-    print("\nCPU during each load (event loop busy fraction; core and gRPC workers us/request):")
+    print(
+        "\nPer load: one batch in the server (compute_infer) against one raw execution at that "
+        "batch,\nand the CPU it cost (event loop busy fraction; core and gRPC workers us/request):"
+    )
     for r in rows:
-        print(f"  {r['model']:9} {r['load']:>12} {r['cpu']}")
+        print(
+            f"  {r['model']:9} {r['load']:>12} batch {r['cpu']['server_infer_ms']:.2f} ms in the "
+            f"server, {r['raw_batch_ms']:.2f} ms raw; {r['cpu']}"
+        )
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "gpu_serving.json").write_text(json.dumps(rows, indent=1))
     print(
