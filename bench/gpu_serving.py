@@ -1,14 +1,14 @@
 """Served GPU engines: BERT-base and ResNet-50 through `enginehouse serve` under gRPC load.
 
-For each model: start the server (dynamic batching, 2 GPU instances, 8 gRPC worker processes) on the
-engine cache of bench/gpu_engines.py, and time process start -> ready and the first request
-against the steady p50; drive it with closed-loop clients in many processes (pre-serialised
-ModelInfer messages, bench/loadgen.py) and with open-loop loads at fixed rates (``--rates``:
-the fair test of throughput and p99 together, since closed-loop clients slow down with the
-server), and read the batch size the batcher formed from the
-server's statistics; then, with the server stopped, run the raw engine (one instance, host
-arrays in and out, as the server runs it) at that batch size. Served throughput / raw
-throughput is the figure of merit (goal: >= 80% for BERT, p99 <= 10 ms).
+For each model: start the server (dynamic batching, 2 GPU instances, 8 gRPC worker
+processes) on the engine cache of bench/gpu_engines.py, and time process start -> ready and
+the first request against the steady p50; drive it with closed-loop clients in many
+processes (pre-serialised ModelInfer messages, bench/loadgen.py) and with open-loop loads at
+fixed rates (``--rates``: the fair test of throughput and p99 together, since closed-loop
+clients slow down with the server), and read the batch size the batcher formed and one
+batch's time from the server's statistics; then, with the server stopped, run the raw engine
+(one instance, host arrays in and out, as the server runs it) at that batch size. Served
+throughput / raw throughput is the figure of merit (goal: >= 80% for BERT, p99 <= 10 ms).
 
     python bench/gpu_serving.py [--seconds 10] [--clients 32,128] [--rates 4000,8000]
                                 [--grpc-workers 8] [--no-bytecode-cache]
@@ -121,7 +121,9 @@ def serve(model: BenchModel, args: argparse.Namespace) -> list[dict[str, Any]]:
     served.write(OUT / "serve-repo", config)
     starts: list[float] = []
     common: dict[str, Any] = {"model": model.name}
-    loads: list[tuple[str, Any, float, dict[str, Any]]] = []
+    # Per load: its label, result, the batch the batcher formed, one batch's time in the
+    # server (compute_infer, ms) and the CPU it cost.
+    loads: list[tuple[str, Any, float, float, dict[str, Any]]] = []
     for attempt in range(2):  # the first start may build; the second finds everything cached
         began = time.perf_counter()
         server = ServerProcess(
@@ -172,19 +174,20 @@ def serve(model: BenchModel, args: argparse.Namespace) -> list[dict[str, Any]]:
                 after = stats(server.http_port, model.name)
                 executions = after["execution_count"] - before["execution_count"]
                 inferences = after["inference_count"] - before["inference_count"]
-                cpu["server_infer_ms"] = round(infer_ms(before, after), 3)
-                loads.append((label, load, inferences / max(executions, 1), cpu))
+                batch = inferences / max(executions, 1)
+                loads.append((label, load, batch, infer_ms(before, after), cpu))
                 print(
                     f"  {model.name} {label}: {load.rps:.0f}/s, p99 {load.p99_ms:.1f} ms, "
-                    f"batch {inferences / max(executions, 1):.1f}, {cpu}",
+                    f"batch {batch:.1f}, {cpu}",
                     flush=True,
                 )
         finally:
             server.stop()
     common |= {"cold_start_s": round(starts[0], 2), "cached_start_s": round(starts[1], 2)}
     rows = []
-    for label, load, batch, cpu in loads:
-        raw = raw_engine(model, max(1, round(batch)), 5.0)
+    for label, load, batch, server_infer_ms, cpu in loads:
+        rows_per_batch = max(1, round(batch))
+        raw = raw_engine(model, rows_per_batch, 5.0)
         rows.append(
             common
             | {
@@ -196,7 +199,8 @@ def serve(model: BenchModel, args: argparse.Namespace) -> list[dict[str, Any]]:
                 "mean_batch": round(batch, 1),
                 # One batch in the server (its compute_infer, on the GPU while other
                 # instances run too) against one back-to-back raw execution at that size.
-                "raw_batch_ms": round(max(1, round(batch)) / raw * 1e3, 3),
+                "server_infer_ms": round(server_infer_ms, 3),
+                "raw_batch_ms": round(rows_per_batch / raw * 1e3, 3),
                 "raw_per_s": round(raw, 1),
                 "served_vs_raw": round(load.rps / raw, 3),
                 "cpu": cpu,
@@ -252,7 +256,7 @@ def main() -> None:
     )
     for r in rows:
         print(
-            f"  {r['model']:9} {r['load']:>12} batch {r['cpu']['server_infer_ms']:.2f} ms in the "
+            f"  {r['model']:9} {r['load']:>12} batch {r['server_infer_ms']:.2f} ms in the "
             f"server, {r['raw_batch_ms']:.2f} ms raw; {r['cpu']}"
         )
     RESULTS.mkdir(exist_ok=True)

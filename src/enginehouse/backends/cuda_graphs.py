@@ -1,7 +1,7 @@
 """A GPU instance's engine: CUDA graphs per batch bucket, static buffers, pinned staging.
 
 Launching a compiled model kernel by kernel costs tens of microseconds of CPU per layer;
-replaying a captured CUDA graph costs one launch. So a GPU instance captures graphs per
+replaying a captured CUDA graph costs one launch. So a GPU instance captures one graph per
 batch bucket while it loads (before the version is ready). A request batch is gathered
 into page-locked host buffers and padded up to the nearest bucket; one graph launch then
 copies it host->device, runs the model and copies the outputs back, on the instance's own
@@ -23,11 +23,11 @@ from __future__ import annotations
 import bisect
 import contextlib
 import logging
+import math
 import mmap
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -56,13 +56,6 @@ def _take_stream(torch: Any, device: Any) -> Any:
         return free.pop() if free else torch.cuda.Stream(device)
 
 
-@dataclass(slots=True)
-class _Graph:
-    graph: Any  # torch.cuda.CUDAGraph: the model alone, on the static buffers (benchmarks)
-    outputs: list[Any]  # static device tensors that graph writes
-    served: Any  # the copy from the pinned inputs, the model, the copy to the pinned outputs
-
-
 def default_buckets(max_batch_size: int, preferred: Sequence[int] = ()) -> list[int]:
     """1, 2, 4, 8, then steps of a quarter of the power of two below (12, 16, 20, 24, 28, 32,
     40, 48, ...), up to the max batch size, plus it and the preferred sizes.
@@ -70,8 +63,8 @@ def default_buckets(max_batch_size: int, preferred: Sequence[int] = ()) -> list[
     A batch runs padded to the next bucket. With powers of two alone a batch of 33 ran as 64,
     and the engine spent almost half its time on padding whenever the batcher formed batches
     just past a power of two; quarter steps keep the padding under a fifth from 16 rows up
-    (a third below). The graphs share one memory pool, so the extra ones cost capture time,
-    not memory."""
+    (a third below). The graphs share one memory pool: their intermediates reuse the same
+    device memory."""
     sizes = {max_batch_size, *(p for p in preferred if 0 < p <= max_batch_size)}
     size = 1
     while size < max_batch_size:
@@ -120,7 +113,12 @@ class CudaGraphEngine(Engine):
         self._dtypes = [dtype for _, dtype in specs]
         fixed = config.max_batch_size > 0 and all(d > 0 for dims in self._dims for d in dims)
         self.buckets = sorted(set(buckets)) if fixed else []
-        self._graphs: dict[int, _Graph] = {}
+        # Per bucket: the copy from the pinned inputs, the model, the copy to the pinned
+        # outputs, in one graph.
+        self._graphs: dict[int, Any] = {}
+        # Per bucket, captured on first use by replay(): the model alone (benchmarks).
+        self._bare: dict[int, Any] = {}
+        self._pool: Any = None
         self._pinned_in: list[Any] = []
         self._pinned_out: list[Any] = []
         self._registered: list[np.ndarray] = []
@@ -152,7 +150,7 @@ class CudaGraphEngine(Engine):
         self._pinned_in = [
             self._pin((largest, *dims), dtype) for dims, dtype in zip(self._dims, self._dtypes)
         ]
-        pool = torch.cuda.graph_pool_handle()
+        pool = self._pool = torch.cuda.graph_pool_handle()
         warming = 0.0
         with SETUP_LOCK, torch.inference_mode(), torch.cuda.device(self.device):
             for size in reversed(self.buckets):
@@ -166,13 +164,8 @@ class CudaGraphEngine(Engine):
                 if not self._pinned_out:  # the largest bucket comes first
                     self._pinned_out = [self._pin(tuple(t.shape), t.dtype) for t in warm]
                 del warm
-                graph = torch.cuda.CUDAGraph()
-                # Thread-local capture: other instances keep serving on their own threads.
-                with torch.cuda.graph(
-                    graph, pool=pool, stream=self.stream, capture_error_mode="thread_local"
-                ):
-                    outputs = self._as_tuple(self._run(*views))
                 served = torch.cuda.CUDAGraph()
+                # Thread-local capture: other instances keep serving on their own threads.
                 with torch.cuda.graph(
                     served, pool=pool, stream=self.stream, capture_error_mode="thread_local"
                 ):
@@ -183,9 +176,8 @@ class CudaGraphEngine(Engine):
                         pinned[:size].copy_(result, non_blocking=True)
                 # The first launch of a graph uploads it to the device: do it now, not in
                 # the first request that this bucket serves.
-                graph.replay()
                 served.replay()
-                self._graphs[size] = _Graph(graph, list(outputs), served)
+                self._graphs[size] = served
             self.stream.synchronize()
         self._host_in = [t.numpy() for t in self._pinned_in]
         self._host_out = [t.numpy() for t in self._pinned_out]
@@ -206,7 +198,7 @@ class CudaGraphEngine(Engine):
         allocator's buffers hung the next instance's first synchronisation (two GPU instances
         of one model, torch 2.11)."""
         torch = self._torch
-        size = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
+        size = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
         pages = -(-max(size, 1) // mmap.PAGESIZE) * mmap.PAGESIZE
         raw = np.frombuffer(mmap.mmap(-1, pages), np.uint8)
         code = torch.cuda.cudart().cudaHostRegister(raw.ctypes.data, raw.nbytes, 0)
@@ -278,19 +270,30 @@ class CudaGraphEngine(Engine):
                 np.copyto(host[:rows], array, casting="no")
         picks = [self._index[name] for name in output_names]
         with torch.cuda.stream(self.stream):
-            graph.served.replay()
+            graph.replay()
             self._done.record(self.stream)
         self._done.synchronize()
         return [self._host_out[i][:rows].copy() for i in picks]
 
     def replay(self, rows: int) -> None:
-        """Replay the graph that holds ``rows`` on the data already in the static buffers,
-        without copies or synchronisation: the raw engine, for benchmarks."""
+        """Replay the model alone for ``rows`` on the data already in the static buffers,
+        without copies or synchronisation: the raw engine, for benchmarks. Its graph is
+        captured on the first call for that bucket, so that serving never pays for it."""
         size = self.bucket(rows)
         if size is None:
             raise ValueError(f"no CUDA graph holds {rows} rows (buckets {self.buckets})")
-        with self._torch.cuda.stream(self.stream):
-            self._graphs[size].graph.replay()
+        torch = self._torch
+        graph = self._bare.get(size)
+        if graph is None:
+            graph = self._bare[size] = torch.cuda.CUDAGraph()
+            views = [t[:size] for t in self._static_in]
+            with SETUP_LOCK, torch.inference_mode(), torch.cuda.device(self.device):
+                with torch.cuda.graph(
+                    graph, pool=self._pool, stream=self.stream, capture_error_mode="thread_local"
+                ):
+                    self._run(*views)
+        with torch.cuda.stream(self.stream):
+            graph.replay()
 
     def _execute_direct(
         self, arrays: list[np.ndarray], output_names: Sequence[str]
@@ -313,6 +316,7 @@ class CudaGraphEngine(Engine):
             return
         self.stream.synchronize()
         self._graphs.clear()
+        self._bare.clear()
         self._static_in.clear()
         self._pinned_in.clear()
         self._pinned_out.clear()
