@@ -40,10 +40,8 @@ from loadgen import grpc_load, grpc_open_load
 
 from enginehouse.testing import SERVER_MODULES, ServerProcess, keep_bytecode
 
-BATCHING = {
-    "bert": "dynamic_batching { max_queue_delay_microseconds: 2000 }\n",
-    "resnet50": "dynamic_batching { max_queue_delay_microseconds: 2000 }\n",
-}
+# The dynamic batcher's longest wait for a fuller batch, per model (--queue-delay-us).
+QUEUE_DELAY_US = {"bert": 2000, "resnet50": 2000}
 MAX_BATCH = {"bert": 64, "resnet50": 64}
 
 
@@ -117,7 +115,10 @@ def serve(model: BenchModel, args: argparse.Namespace) -> list[dict[str, Any]]:
     import dataclasses
 
     served = dataclasses.replace(model, max_batch_size=MAX_BATCH[model.name])
-    config = gpu_config(PRECISION[model.name], count=2, extra=BATCHING[model.name])
+    delay = QUEUE_DELAY_US[model.name] if args.queue_delay_us is None else args.queue_delay_us
+    batching = f"dynamic_batching {{ max_queue_delay_microseconds: {delay} }}\n"
+    config = gpu_config(PRECISION[model.name], count=args.instances, extra=batching)
+    print(f"  {model.name}: {args.instances} instances, queue delay {delay} us", flush=True)
     served.write(OUT / "serve-repo", config)
     starts: list[float] = []
     common: dict[str, Any] = {"model": model.name}
@@ -228,6 +229,14 @@ def main() -> None:
     )
     parser.add_argument("--processes", type=int, default=8)
     parser.add_argument("--grpc-workers", type=int, default=8, help="frontend processes")
+    parser.add_argument("--instances", type=int, default=2, help="GPU instances of the model")
+    parser.add_argument(
+        "--queue-delay-us",
+        type=int,
+        default=None,
+        help="the batcher's max_queue_delay_microseconds (default: per model, "
+        f"{QUEUE_DELAY_US})",
+    )
     parser.add_argument(
         "--no-bytecode-cache",
         action="store_true",

@@ -28,8 +28,34 @@ class Placement:
         return "cpu" if self.kind == mc.ModelInstanceGroup.KIND_CPU else f"gpu:{self.device_id}"
 
 
+class Launched(ABC):
+    """An execution started on a device and not waited for: the event loop's thread checks
+    :meth:`done` now and then and takes the outputs once it is."""
+
+    # When the engine expects it to be done, in ``time.perf_counter()`` seconds.
+    expected_at: float = 0.0
+
+    @abstractmethod
+    def done(self) -> bool:
+        """Whether the execution has finished (never blocks)."""
+
+    @abstractmethod
+    def outputs(self) -> list[np.ndarray]:
+        """The named outputs, in order, as arrays of their own (call once done)."""
+
+
 class Engine(ABC):
     """One executable copy of a model, owned by one instance."""
+
+    # Whether :meth:`launch` may start executions without waiting for them. Such an
+    # engine's executions are gathered and launched on the event loop's thread, which then
+    # polls them, instead of going to the instance thread and back.
+    launches: bool = False
+
+    def launch(self, inputs: dict[str, np.ndarray], output_names: Sequence[str]) -> Launched | None:
+        """Start an execution and return without waiting for it, or None when this one
+        cannot be (it then runs through :meth:`execute` on the instance thread)."""
+        return None
 
     @abstractmethod
     def execute(

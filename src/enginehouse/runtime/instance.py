@@ -5,7 +5,10 @@ instances run in parallel outside the GIL (ONNX Runtime and PyTorch release it).
 a request to a thread and back costs tens of microseconds of wake-ups and GIL
 hand-offs, which is more than a small model takes to run; :class:`InlinePolicy` runs
 such executions on the event loop thread instead, judged by what the instance measured.
-The instance measures the three compute phases Triton reports.
+Engines that launch work on a device without waiting for it (CUDA graphs) skip the thread
+altogether: the event loop gathers and launches, and polls for the end
+(:class:`_LaunchWatch`), so no GIL hand-off lies on the path. The instance measures the
+three compute phases Triton reports.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from enginehouse.backends.base import Engine, Placement
+from enginehouse.backends.base import Engine, Launched, Placement
 
 
 @dataclass(slots=True)
@@ -35,6 +38,11 @@ PrepareInputs = Callable[[], dict[str, np.ndarray]]
 # Makes a new, warmed instance (name, placement): used to replace one that failed.
 InstanceFactory = Callable[[str, Placement], "Instance"]
 FinishOutputs = Callable[[list[np.ndarray]], list[np.ndarray]]
+
+# A launched execution is first checked this long before the engine expects it to end, and
+# then at every turn of the event loop: an idle loop's timers wake up to a millisecond late
+# (epoll counts in milliseconds), and every check after the first costs a turn.
+EARLY_S = 0.0012
 
 
 class InlinePolicy:
@@ -150,11 +158,82 @@ class Instance:
     def execute(
         self, prepare: PrepareInputs, output_names: Sequence[str], finish: FinishOutputs
     ) -> asyncio.Future[Execution]:
-        """Run on the instance thread; the future resolves on the caller's event loop."""
+        """Run on the instance thread, or launch from this one where the engine can; the
+        future resolves on the caller's event loop."""
         loop = asyncio.get_running_loop()
+        if self._engine.launches:
+            return self._launch(loop, prepare, output_names, finish)
         return loop.run_in_executor(self._executor, self._run, prepare, output_names, finish)
+
+    def _launch(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        prepare: PrepareInputs,
+        output_names: Sequence[str],
+        finish: FinishOutputs,
+    ) -> asyncio.Future[Execution]:
+        clock = time.perf_counter_ns
+        future: asyncio.Future[Execution] = loop.create_future()
+        t0 = clock()
+        try:
+            inputs = prepare()
+            t1 = clock()
+            launched = self._engine.launch(inputs, output_names)
+        except BaseException as exc:
+            future.set_exception(exc)
+            return future
+        if launched is None:  # a shape no launch covers: the thread runs it as usual
+            return loop.run_in_executor(
+                self._executor, self._run, lambda: inputs, output_names, finish
+            )
+        _LaunchWatch(loop, launched, finish, future, t0, t1).check()
+        return future
 
     def close(self) -> None:
         """Finish the running execution, then release the engine."""
         self._executor.shutdown(wait=True)
         self._engine.close()
+
+
+class _LaunchWatch:
+    """Resolves a launched execution's future once the device is done: sleeps until shortly
+    before the engine expects that, then checks at every turn of the event loop (a busy
+    loop turns often, so the check costs little there; an idle one spins for a moment)."""
+
+    __slots__ = ("_finish", "_future", "_launched", "_loop", "_t0", "_t1")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        launched: Launched,
+        finish: FinishOutputs,
+        future: asyncio.Future[Execution],
+        t0: int,
+        t1: int,
+    ) -> None:
+        self._loop = loop
+        self._launched = launched
+        self._finish = finish
+        self._future = future
+        self._t0 = t0
+        self._t1 = t1
+
+    def check(self) -> None:
+        launched = self._launched
+        try:
+            if not launched.done():
+                sleep = launched.expected_at - EARLY_S - time.perf_counter()
+                if sleep > 0:
+                    self._loop.call_later(sleep, self.check)
+                else:
+                    self._loop.call_soon(self.check)
+                return
+            t2 = time.perf_counter_ns()
+            outputs = self._finish(launched.outputs())
+            t3 = time.perf_counter_ns()
+        except BaseException as exc:
+            if not self._future.done():
+                self._future.set_exception(exc)
+            return
+        if not self._future.done():
+            self._future.set_result(Execution(outputs, self._t1 - self._t0, t2 - self._t1, t3 - t2))

@@ -44,8 +44,13 @@ def release_freed_memory() -> None:
         trim(0)
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
+        from enginehouse.backends.cuda_graphs import SETUP_LOCK
+
+        # A device-wide synchronisation while another thread captures a graph fails both
+        # (seen when one model's load ran out of memory while another captured).
+        with SETUP_LOCK:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
 
 
 def freeze_long_lived(idle: bool) -> None:
