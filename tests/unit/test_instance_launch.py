@@ -4,6 +4,8 @@ thread gathers and launches, then polls; the instance thread is not used."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -141,6 +143,71 @@ def test_a_failed_launch_fails_its_execution_and_the_instance_keeps_serving() ->
             await _run(instance, [np.ones((1, 3), np.int8)])
         execution = await _run(instance, [np.ones((1, 3), np.float32)])
         assert execution.outputs[0].tolist() == [[2.0, 2.0, 2.0]]
+
+    try:
+        asyncio.run(main())
+    finally:
+        instance.close()
+
+
+class _PipeWaker:
+    """The device thread writes one byte per finished launch (as CUDA's host function does)."""
+
+    def __init__(self) -> None:
+        self._read, self.write = os.pipe()
+        os.set_blocking(self._read, False)
+        self.received = 0
+
+    def fileno(self) -> int:
+        return self._read
+
+    def drain(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            self.received += len(os.read(self._read, 4096))
+
+    def close(self) -> None:
+        os.close(self._read)
+        os.close(self.write)
+
+
+class SignallingEngine(DoublingEngine):
+    """Doubles on the worker thread, then wakes the event loop through the pipe."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__(delay_s)
+        self.waker = _PipeWaker()
+        self.armed = 0
+
+    def _signal(self, array: np.ndarray) -> np.ndarray:
+        result = self._double(array)
+        os.write(self.waker.write, b"!")
+        return result
+
+    def launch(self, inputs: dict[str, np.ndarray], output_names: Sequence[str]) -> Launched | None:
+        work = self.device.submit(self._signal, inputs["INPUT0"].copy())
+        launched = _Doubled(work, time.perf_counter() + self.delay_s)
+        self.armed += 1
+        launched.waker, launched.ticket = self.waker, self.armed
+        self.launched.append(launched)
+        return launched
+
+    def close(self) -> None:
+        super().close()
+        self.waker.close()
+
+
+def test_a_launch_with_a_waker_is_checked_when_woken_not_polled() -> None:
+    engine = SignallingEngine(delay_s=0.03)
+    instance = Instance("signalling", engine, Placement(0))
+
+    async def main() -> None:
+        for rows in (1, 3):
+            execution = await _run(instance, [np.ones((rows, 3), np.float32)])
+            assert execution.outputs[0].shape == (rows, 3)
+        for launched in engine.launched:
+            # Once at the launch, once when woken: never polled in between.
+            assert len(launched.checks) == 2
+        assert engine.waker.received == 2
 
     try:
         asyncio.run(main())

@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
@@ -28,12 +29,28 @@ class Placement:
         return "cpu" if self.kind == mc.ModelInstanceGroup.KIND_CPU else f"gpu:{self.device_id}"
 
 
+class Waker(Protocol):
+    """A file descriptor that the device makes readable as its executions end, counting
+    them (see backends/stream_wake.py)."""
+
+    received: int
+
+    def fileno(self) -> int: ...
+
+    def drain(self) -> None:
+        """Read the descriptor, adding what arrived to :attr:`received`."""
+
+
 class Launched(ABC):
     """An execution started on a device and not waited for: the event loop's thread checks
-    :meth:`done` now and then and takes the outputs once it is."""
+    :meth:`done` when the :attr:`waker` says so (or now and then, without one) and takes
+    the outputs once it is."""
 
     # When the engine expects it to be done, in ``time.perf_counter()`` seconds.
     expected_at: float = 0.0
+    # Where the end will be signalled: done once ``waker.received >= ticket``.
+    waker: Waker | None = None
+    ticket: int = 0
 
     @abstractmethod
     def done(self) -> bool:

@@ -16,7 +16,8 @@ throughput collapsed at 10k requests/s.
 
 Served executions do not go to the instance's thread at all (:meth:`CudaGraphEngine.launch`):
 the event loop's thread gathers the batch into the staging buffers, launches the graph and
-records an event, then goes on serving and checks the event now and then. Each hand-off
+records an event, then goes on serving until the stream's waker (stream_wake.py) says the
+launch has ended. Each hand-off
 between threads costs a wait for the GIL, up to the 5 ms switch interval while the loop is
 busy, and an execution on a thread took four of them (waking up, after the launch, after
 the event was recorded, after it was waited for): near saturation BERT-base's batches took
@@ -43,6 +44,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from enginehouse import datatypes
 from enginehouse.backends.base import Engine, Launched
+from enginehouse.backends.stream_wake import StreamWaker, stream_waker
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +124,8 @@ class CudaGraphEngine(Engine):
         fixed = config.max_batch_size > 0 and all(d > 0 for dims in self._dims for d in dims)
         self.buckets = sorted(set(buckets)) if fixed else []
         self.launches = bool(self.buckets)
+        # Tells the event loop when a launch has ended (None: the loop polls).
+        self.waker: StreamWaker | None = None
         # Per bucket: seconds from launch to done, as last seen (see GraphLaunch.outputs).
         self.took: dict[int, float] = {}
         # Per bucket: the copy from the pinned inputs, the model, the copy to the pinned
@@ -142,6 +146,7 @@ class CudaGraphEngine(Engine):
         if self.buckets:
             try:
                 self._capture()
+                self.waker = stream_waker(self.stream.cuda_stream)
             except BaseException:
                 # Page-locked memory would outlive the engine; no copy may still be using it.
                 with contextlib.suppress(Exception):
@@ -286,8 +291,11 @@ class CudaGraphEngine(Engine):
         with torch.cuda.stream(self.stream):
             self._graphs[size].replay()
             self._done.record(self.stream)
-        picks = [self._index[name] for name in output_names]
-        return GraphLaunch(self, size, rows, picks, started)
+        launched = GraphLaunch(self, size, rows, [self._index[n] for n in output_names], started)
+        if self.waker is not None:
+            launched.waker = self.waker
+            launched.ticket = self.waker.arm()
+        return launched
 
     def execute(
         self, inputs: dict[str, np.ndarray], output_names: Sequence[str]
@@ -347,6 +355,9 @@ class CudaGraphEngine(Engine):
         self._host_in.clear()
         self._host_out.clear()
         self._unregister()
+        if self.waker is not None:
+            self.waker.close()
+            self.waker = None
         self._run = None  # type: ignore[assignment]
         if self.on_close is not None:
             self.on_close()

@@ -6,9 +6,9 @@ a request to a thread and back costs tens of microseconds of wake-ups and GIL
 hand-offs, which is more than a small model takes to run; :class:`InlinePolicy` runs
 such executions on the event loop thread instead, judged by what the instance measured.
 Engines that launch work on a device without waiting for it (CUDA graphs) skip the thread
-altogether: the event loop gathers and launches, and polls for the end
-(:class:`_LaunchWatch`), so no GIL hand-off lies on the path. The instance measures the
-three compute phases Triton reports.
+altogether: the event loop gathers and launches, and learns of the end from the device's
+waker or by polling (:class:`_LaunchWatch`), so no GIL hand-off lies on the path. The
+instance measures the three compute phases Triton reports.
 """
 
 from __future__ import annotations
@@ -196,11 +196,12 @@ class Instance:
 
 
 class _LaunchWatch:
-    """Resolves a launched execution's future once the device is done: sleeps until shortly
-    before the engine expects that, then checks at every turn of the event loop (a busy
-    loop turns often, so the check costs little there; an idle one spins for a moment)."""
+    """Resolves a launched execution's future once the device is done. With a waker, the
+    loop watches its descriptor; without one, it sleeps until shortly before the engine
+    expects the end, then checks at every turn (a busy loop turns often, so the check costs
+    little there; an idle one spins for a moment)."""
 
-    __slots__ = ("_finish", "_future", "_launched", "_loop", "_t0", "_t1")
+    __slots__ = ("_finish", "_future", "_launched", "_loop", "_polling", "_t0", "_t1")
 
     def __init__(
         self,
@@ -217,11 +218,16 @@ class _LaunchWatch:
         self._future = future
         self._t0 = t0
         self._t1 = t1
+        self._polling = launched.waker is None
 
     def check(self) -> None:
         launched = self._launched
         try:
             if not launched.done():
+                if not self._polling:
+                    assert launched.waker is not None
+                    self._loop.add_reader(launched.waker.fileno(), self._woken)
+                    return
                 sleep = launched.expected_at - EARLY_S - time.perf_counter()
                 if sleep > 0:
                     self._loop.call_later(sleep, self.check)
@@ -237,3 +243,14 @@ class _LaunchWatch:
             return
         if not self._future.done():
             self._future.set_result(Execution(outputs, self._t1 - self._t0, t2 - self._t1, t3 - t2))
+
+    def _woken(self) -> None:
+        waker = self._launched.waker
+        assert waker is not None
+        waker.drain()
+        if waker.received < self._launched.ticket:
+            return  # an earlier launch's late wake-up
+        self._loop.remove_reader(waker.fileno())
+        # Signalled but not done would be a waker fault: fall back to polling, never hang.
+        self._polling = True
+        self.check()
