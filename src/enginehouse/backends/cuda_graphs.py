@@ -274,8 +274,17 @@ class CudaGraphEngine(Engine):
     def launch(
         self, inputs: dict[str, np.ndarray], output_names: Sequence[str]
     ) -> GraphLaunch | None:
-        """Stage the inputs (unless gather() did), launch the bucket's graph and record the
-        done event; None when no captured graph fits these shapes."""
+        """Stage the inputs (unless gather() did), launch the bucket's graph, record the
+        done event and arm the waker; None when no captured graph fits these shapes."""
+        launched = self._start(inputs, output_names)
+        if launched is not None and self.waker is not None:
+            launched.waker = self.waker
+            launched.ticket = self.waker.arm()
+        return launched
+
+    def _start(
+        self, inputs: dict[str, np.ndarray], output_names: Sequence[str]
+    ) -> GraphLaunch | None:
         arrays = [inputs[name] for name in self._inputs]
         rows = arrays[0].shape[0] if arrays and arrays[0].ndim else 0
         size = self.bucket(rows) if self.buckets else None
@@ -291,16 +300,12 @@ class CudaGraphEngine(Engine):
         with torch.cuda.stream(self.stream):
             self._graphs[size].replay()
             self._done.record(self.stream)
-        launched = GraphLaunch(self, size, rows, [self._index[n] for n in output_names], started)
-        if self.waker is not None:
-            launched.waker = self.waker
-            launched.ticket = self.waker.arm()
-        return launched
+        return GraphLaunch(self, size, rows, [self._index[n] for n in output_names], started)
 
     def execute(
         self, inputs: dict[str, np.ndarray], output_names: Sequence[str]
     ) -> list[np.ndarray]:
-        launched = self.launch(inputs, output_names)
+        launched = self._start(inputs, output_names)  # waited for here: no wake-up
         if launched is None:
             arrays = [inputs[name] for name in self._inputs]
             return self._execute_direct(arrays, output_names)

@@ -29,6 +29,8 @@ import os
 log = logging.getLogger(__name__)
 
 _LIBRARIES: tuple[ctypes.CDLL, ctypes.CDLL] | None = None
+# Wake-ups left unread before arm() reads them (a pipe holds 64 KiB).
+UNREAD_LIMIT = 4096
 
 
 def _libraries() -> tuple[ctypes.CDLL, ctypes.CDLL] | None:
@@ -76,6 +78,10 @@ class StreamWaker:
     def arm(self) -> int:
         """Enqueue a wake-up behind the stream's work so far; its number, which
         :attr:`received` reaches once it has arrived."""
+        if self.armed - self.received >= UNREAD_LIMIT:
+            # Executions that the loop found done before their byte arrived leave it unread;
+            # a full pipe would block CUDA's flush, and the stream with it.
+            self.drain()
         if self._libc.fputc(0x21, self._file) < 0:
             raise OSError("cannot buffer the stream's wake-up byte")
         code = self._cuda.cuLaunchHostFunc(self._stream, self._flush, self._file)

@@ -14,6 +14,7 @@ instance measures the three compute phases Triton reports.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from enginehouse.backends.base import Engine, Launched, Placement
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -247,9 +250,13 @@ class _LaunchWatch:
     def _woken(self) -> None:
         waker = self._launched.waker
         assert waker is not None
-        waker.drain()
-        if waker.received < self._launched.ticket:
-            return  # an earlier launch's late wake-up
+        try:
+            waker.drain()
+        except OSError:
+            log.exception("an execution's wake-up could not be read; polling instead")
+        else:
+            if waker.received < self._launched.ticket:
+                return  # an earlier launch's late wake-up
         self._loop.remove_reader(waker.fileno())
         # Signalled but not done would be a waker fault: fall back to polling, never hang.
         self._polling = True
