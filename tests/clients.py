@@ -27,5 +27,8 @@ def infer_all_at_once(
     for _ in arrays:
         index, result, error = answers.get(timeout=60)
         assert error is None, error
-        outputs[index] = result.as_numpy(result.get_response().outputs[0].name)
+        assert outputs[index] is None, f"request {index} was answered twice"
+        output = result.as_numpy(result.get_response().outputs[0].name)
+        assert output is not None, f"request {index}'s answer has no output data"
+        outputs[index] = output
     return [o for o in outputs if o is not None]
