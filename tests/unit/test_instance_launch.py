@@ -60,10 +60,18 @@ class DoublingEngine(Engine):
         if inputs["INPUT0"].dtype == np.int8:
             raise ValueError("int8 is not supported")
         self.threads["launch"] = threading.get_ident()
-        work = self.device.submit(self._double, inputs["INPUT0"].copy())
+        work = self.device.submit(self._work, inputs["INPUT0"].copy())
         launched = _Doubled(work, time.perf_counter() + self.delay_s)
+        self._armed(launched)
         self.launched.append(launched)
         return launched
+
+    def _work(self, array: np.ndarray) -> np.ndarray:
+        """What the device runs for one launch."""
+        return self._double(array)
+
+    def _armed(self, launched: _Doubled) -> None:
+        """Where a launch's end will be signalled (nowhere: the loop polls)."""
 
     def execute(
         self, inputs: dict[str, np.ndarray], output_names: Sequence[str]
@@ -178,18 +186,14 @@ class SignallingEngine(DoublingEngine):
         self.waker = _PipeWaker()
         self.armed = 0
 
-    def _signal(self, array: np.ndarray) -> np.ndarray:
+    def _work(self, array: np.ndarray) -> np.ndarray:
         result = self._double(array)
         os.write(self.waker.write, b"!")
         return result
 
-    def launch(self, inputs: dict[str, np.ndarray], output_names: Sequence[str]) -> Launched | None:
-        work = self.device.submit(self._signal, inputs["INPUT0"].copy())
-        launched = _Doubled(work, time.perf_counter() + self.delay_s)
+    def _armed(self, launched: _Doubled) -> None:
         self.armed += 1
         launched.waker, launched.ticket = self.waker, self.armed
-        self.launched.append(launched)
-        return launched
 
     def close(self) -> None:
         super().close()

@@ -66,7 +66,8 @@ class Engine(ABC):
 
     # Whether :meth:`launch` may start executions without waiting for them. Such an
     # engine's executions are gathered and launched on the event loop's thread, which then
-    # polls them, instead of going to the instance thread and back.
+    # learns of their end from the waker (or polls), instead of going to the instance
+    # thread and back.
     launches: bool = False
 
     def launch(self, inputs: dict[str, np.ndarray], output_names: Sequence[str]) -> Launched | None:

@@ -5,26 +5,23 @@ replaying a captured CUDA graph costs one launch. So a GPU instance captures one
 batch bucket while it loads (before the version is ready). A request batch is gathered
 into page-locked host buffers and padded up to the nearest bucket; one graph launch then
 copies it host->device, runs the model and copies the outputs back, on the instance's own
-stream, and the thread sleeps on an event until that is done. Each instance has its own
-stream, so one instance's copies overlap another's compute.
+stream. Each instance has its own stream, so one instance's copies overlap another's
+compute.
 
-One launch, not one per copy, because every torch call made from the instance's thread
-gives up the GIL and must win it back from the event loop's thread, which under load keeps
-it for up to the 5 ms switch interval: with separate copy launches, BERT-base's batches
-took twice as long on the GPU's own clock (it sat idle between launches), and the served
-throughput collapsed at 10k requests/s.
-
-Served executions do not go to the instance's thread at all (:meth:`CudaGraphEngine.launch`):
-the event loop's thread gathers the batch into the staging buffers, launches the graph and
-records an event, then goes on serving until the stream's waker (stream_wake.py) says the
-launch has ended. Each hand-off
+Served executions never go to the instance's thread (:meth:`CudaGraphEngine.launch`): the
+event loop's thread gathers the batch, launches the graph and records an event, then goes
+on serving until the stream's waker (stream_wake.py) says the launch has ended. Every hand-off
 between threads costs a wait for the GIL, up to the 5 ms switch interval while the loop is
-busy, and an execution on a thread took four of them (waking up, after the launch, after
-the event was recorded, after it was waited for): near saturation BERT-base's batches took
-12 ms in the server against 4 ms raw, and throughput collapsed to a third.
+busy. On the instance thread an execution took four (waking up, after the launch, after the
+event was recorded, after it was waited for): near saturation BERT-base's batches took 12 ms
+in the server against 4 ms raw, and throughput collapsed to a third. One launch rather than
+one per copy for the same reason: with separate copy launches the GPU sat idle between them
+and batches took twice as long on its own clock.
 
-Shapes that no graph covers (a variable non-batch dimension, or graphs turned off) run the
-model directly on the instance's stream, on the instance's thread.
+Synchronous executions (warm-up, benchmarks: :meth:`CudaGraphEngine.execute`) wait on the
+blocking event on the calling thread. Shapes that no graph covers (a variable non-batch
+dimension, or graphs turned off) run the model directly on the instance's stream, on the
+instance's thread.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """A file descriptor that becomes readable when a CUDA stream reaches a point in its work.
 
 The event loop launches GPU executions and must learn when they end. Polling a CUDA event
-at every turn of the loop works, but it keeps the loop turning while the GPU runs: a core
-spent while the server is nearly idle, and under load a quarter more of the loop's time per
-request (turns that found nothing to do). A thread that waits on the event would need the
-GIL back to tell the loop, and under load that wait is up to the 5 ms switch interval.
+at every turn of the loop works, but it keeps the loop turning while the GPU runs: with 16
+BERT clients the core spent 198 us of CPU per request polling, against 136-150 us woken
+(H100; at 8,000 requests/s, where the loop turns anyway, both cost the same). A thread that
+waits on the event would need the GIL back to tell the loop, and under load that wait is up
+to the 5 ms switch interval.
 
 So the wake-up is left to CUDA and the C library, without Python: one byte is written into
 a stdio buffer on a pipe (``fputc``), and a host function enqueued on the stream behind the
