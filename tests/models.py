@@ -61,6 +61,33 @@ def gather_table() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def first_rows(rows: int, width: int = 4) -> onnx.ModelProto:
+    """OUTPUT0 = INPUT0[:rows]: a broken batching model that drops rows past ``rows``."""
+    starts, ends, axes = (
+        numpy_helper.from_array(np.array([v], np.int64), n)
+        for n, v in (("starts", 0), ("ends", rows), ("axes", 0))
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Slice", ["INPUT0", "starts", "ends", "axes"], ["OUTPUT0"])],
+        "first_rows",
+        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["rows", width])],
+        initializer=[starts, ends, axes],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def total_sum(width: int = 4) -> onnx.ModelProto:
+    """OUTPUT0 = sum of the whole batch: a scalar, though the graph declares [batch, 1]."""
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["INPUT0"], ["OUTPUT0"], keepdims=0)],
+        "total_sum",
+        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", 1])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
 def chain_config(extra: str = "", count: int = 1, width: int = 1024) -> str:
     return (
         'backend: "onnxruntime"\nmax_batch_size: 64\n'

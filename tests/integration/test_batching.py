@@ -20,7 +20,15 @@ from tritonclient.utils import InferenceServerException
 
 from tests.conftest import ServerProcess
 from tests.integration.test_errors import raw_post
-from tests.models import chain_config, gather_table, matmul_chain, save, scale_by_two
+from tests.models import (
+    chain_config,
+    first_rows,
+    gather_table,
+    matmul_chain,
+    save,
+    scale_by_two,
+    total_sum,
+)
 
 BATCHED = """backend: "onnxruntime"
 max_batch_size: 32
@@ -84,6 +92,19 @@ def batching_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server
         'input [{ name: "INDEX" data_type: TYPE_INT64 dims: [1] }]\n'
         'output [{ name: "OUTPUT0" data_type: TYPE_FP32 dims: [1] }]\n'
         "dynamic_batching { }\n",
+    )
+    # Broken models: one drops the batch's rows past two (warmed at one row, so it loads),
+    # the other returns a scalar for any batch (its default warm-up fails the load).
+    warm_one_row = (
+        'model_warmup [{ name: "one_row" batch_size: 1 inputs { key: "INPUT0" value: '
+        "{ data_type: TYPE_FP32 dims: [4] zero_data: true } } }]\n"
+    )
+    save(first_rows(2), root, "first_two_rows", BATCHED + warm_one_row)
+    save(
+        total_sum(),
+        root,
+        "total_sum",
+        BATCHED.replace("dims: [4] }]\ndynamic", "dims: [1] }]\ndynamic"),
     )
     server = ServerProcess(
         [root],
@@ -275,6 +296,31 @@ def test_failed_instance_is_replaced(batching_server: ServerProcess) -> None:
     for _ in range(5):
         assert client.infer("fragile", [good]).as_numpy("OUTPUT0")[0, 0] == 30
     assert client.is_model_ready("fragile")
+
+
+def test_outputs_without_the_batch_rows_fail_clearly(batching_server: ServerProcess) -> None:
+    """A model that returns fewer rows than its batch: the load fails where warm-up sees it,
+    and otherwise each request of such a batch fails with the reason (not a hang), while
+    smaller batches and other models go on being served."""
+    client = httpclient.InferenceServerClient(batching_server.http_url)
+    assert not client.is_model_ready("total_sum")
+    assert (
+        "model 'total_sum': warm-up 'default_batch_1': output 'OUTPUT0' has shape [] for a "
+        "batch of 1 rows" in batching_server.log()
+    )
+    three = httpclient.InferInput("INPUT0", [3, 4], "FP32")
+    three.set_data_from_numpy(np.ones((3, 4), np.float32))
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("first_two_rows", [three])
+    assert info.value.status() == "500"
+    assert "output 'OUTPUT0' has shape [2, 4] for a batch of 3 rows" in info.value.message()
+    one = httpclient.InferInput("INPUT0", [1, 4], "FP32")
+    one.set_data_from_numpy(np.full((1, 4), 7, np.float32))
+    np.testing.assert_array_equal(
+        client.infer("first_two_rows", [one]).as_numpy("OUTPUT0"), np.full((1, 4), 7)
+    )
+    assert client.is_model_ready("first_two_rows")
+    assert stats(batching_server, "first_two_rows")["inference_stats"]["fail"]["count"] == 1
 
 
 def test_warmup_gates_readiness(tmp_path: Path) -> None:

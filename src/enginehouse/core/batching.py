@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from enginehouse.core.types import InferRequest, InferResponse, OutputTensor
-from enginehouse.errors import EnginehouseError, InvalidArgumentError
+from enginehouse.errors import EnginehouseError, InternalError, InvalidArgumentError
 from enginehouse.runtime.instance import Execution, Instance
 from enginehouse.scheduler.batcher import DynamicBatcher
 from enginehouse.scheduler.queue import BatchingPolicy, Pending
@@ -129,6 +129,15 @@ class BatchedExecution:
                 self._settle(item, error)
             return
         version.pool.release(instance)
+        short = execution.short_output(names, total)
+        if short is not None:
+            # The model's fault, not the instance's: each request fails, the instance stays.
+            now = time.perf_counter_ns()
+            error = InternalError(f"model '{version.name}' version {version.version}: {short}")
+            for item in items:
+                version.statistics.record_failure(now - item.start_ns)
+                self._settle(item, error)
+            return
         self._split(items, sizes, names, execution, queued)
 
     def _split(

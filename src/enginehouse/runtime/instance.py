@@ -36,6 +36,19 @@ class Execution:
     infer_ns: int
     output_ns: int
 
+    def short_output(self, names: Sequence[str], rows: int) -> str | None:
+        """What is wrong when an output of a batch of ``rows`` has fewer rows (a model that
+        reduces over the batch, say): split per request, it would fail or hand out another
+        request's data."""
+        for name, array in zip(names, self.outputs):
+            if array.ndim == 0 or array.shape[0] < rows:
+                return (
+                    f"output '{name}' has shape {list(array.shape)} for a batch of {rows} "
+                    "rows; a model with max_batch_size > 0 must return the batch as each "
+                    "output's first dimension"
+                )
+        return None
+
 
 PrepareInputs = Callable[[], dict[str, np.ndarray]]
 # Makes a new, warmed instance (name, placement): used to replace one that failed.

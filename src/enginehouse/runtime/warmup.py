@@ -150,8 +150,13 @@ def _run(
     names: list[str],
 ) -> Execution:
     try:
-        return instance.execute_sync(_constant(inputs), names, _unchanged)
+        execution = instance.execute_sync(_constant(inputs), names, _unchanged)
     except Exception as exc:
         raise ModelLoadError(
             f"model '{config.name}': warm-up '{sample}' failed on instance {instance.name}: {exc}"
         ) from exc
+    if config.max_batch_size > 0 and inputs:
+        short = execution.short_output(names, next(iter(inputs.values())).shape[0])
+        if short is not None:
+            raise ModelLoadError(f"model '{config.name}': warm-up '{sample}': {short}")
+    return execution
