@@ -1,11 +1,13 @@
 """GPU engines against eager PyTorch, in one run on one GPU.
 
-For ResNet-50 (224x224) and BERT-base (sequence 128), random weights: our fp16 engine (an
-AOTInductor package from the engine builder, loaded by the pytorch backend as a KIND_GPU
+For ResNet-50 (224x224) and BERT-base (sequence 128), random weights: our fp16 engine (a
+standalone Inductor artifact from the engine builder, loaded by the pytorch backend as a KIND_GPU
 instance with a CUDA graph per batch bucket) against eager PyTorch (fp32, and fp16 with
 channels-last for the convnet). Two figures for our engine: the graph replay on device
 tensors (what the eager figures measure too) and the full execution from host arrays to
-host arrays (pinned copies in and out, what a served request pays).
+host arrays (pinned copies in and out, what a served request pays). All of a batch's
+engines run side by side in alternating rounds, so that the GPU's drift over a run (clocks,
+neighbours) reaches each of them alike; each figure is an engine's median round.
 
     python bench/gpu_engines.py [--models resnet50,bert] [--precision bf16,int8,fp8] [--iters 200]
 """
@@ -33,23 +35,41 @@ BATCHES = {"resnet50": (1, 256), "bert": (1, 32)}
 PRECISION = {"resnet50": "fp16", "bert": "bf16"}
 
 
-def timed(torch: Any, run: Callable[[], Any], iters: int) -> tuple[float, float]:
-    """(p50 ms of single runs, mean ms over a back-to-back loop)."""
-    for _ in range(5):
-        run()
+ROUNDS = 5
+
+
+def timed(
+    torch: Any, runs: dict[str, Callable[[], Any]], iters: int
+) -> dict[str, tuple[float, float]]:
+    """Per engine: (p50 ms of single synchronised runs, mean ms per run of back-to-back
+    loops). The loops go in rounds, every engine once a round, and each engine's figure is
+    its median round: the GPU's clocks and its neighbours' load drift over a run, and
+    alternating puts every engine through the same drift instead of one engine through the
+    cool start and another through the hot end."""
+    for run in runs.values():
+        for _ in range(5):
+            run()
     torch.cuda.synchronize()
-    singles = []
-    for _ in range(max(10, iters // 4)):
-        start = time.perf_counter()
-        run()
-        torch.cuda.synchronize()
-        singles.append(time.perf_counter() - start)
-    start = time.perf_counter()
-    for _ in range(iters):
-        run()
-    torch.cuda.synchronize()
-    loop = (time.perf_counter() - start) / iters
-    return float(np.median(singles) * 1e3), loop * 1e3
+    singles: dict[str, list[float]] = {label: [] for label in runs}
+    for label, run in runs.items():
+        for _ in range(max(10, iters // 4)):
+            start = time.perf_counter()
+            run()
+            torch.cuda.synchronize()
+            singles[label].append(time.perf_counter() - start)
+    per_round = max(5, iters // ROUNDS)
+    loops: dict[str, list[float]] = {label: [] for label in runs}
+    for _ in range(ROUNDS):
+        for label, run in runs.items():
+            start = time.perf_counter()
+            for _ in range(per_round):
+                run()
+            torch.cuda.synchronize()
+            loops[label].append((time.perf_counter() - start) / per_round)
+    return {
+        label: (float(np.median(singles[label]) * 1e3), float(np.median(loops[label]) * 1e3))
+        for label in runs
+    }
 
 
 def build(model: BenchModel, precision: str, autotune: bool) -> tuple[Any, Any, float, bool]:
@@ -79,32 +99,37 @@ def build(model: BenchModel, precision: str, autotune: bool) -> tuple[Any, Any, 
     return config, engine, seconds, built.hit
 
 
-def measure_eager(
-    torch: Any, model: BenchModel, module: Any, half: Any, batch: int, iters: int
-) -> dict[str, tuple[float, float]]:
+def eager_runs(
+    torch: Any, model: BenchModel, module: Any, half: Any, batch: int
+) -> dict[str, Callable[[], Any]]:
     """Eager fp32 and eager fp16 (channels-last for the convnet) at one batch."""
     device_inputs = [torch.from_numpy(a).cuda() for a in model.inputs(batch).values()]
     half_inputs = [
         t.half().contiguous(memory_format=torch.channels_last) if t.ndim == 4 else t
         for t in device_inputs
     ]
-    with torch.inference_mode():
-        return {
-            "eager fp32": timed(torch, lambda: module(*device_inputs), iters),
-            "eager fp16": timed(torch, lambda: half(*half_inputs), iters),
-        }
+
+    def fp32() -> Any:
+        with torch.inference_mode():
+            return module(*device_inputs)
+
+    def fp16() -> Any:
+        with torch.inference_mode():
+            return half(*half_inputs)
+
+    return {"eager fp32": fp32, "eager fp16": fp16}
 
 
-def measure_ours(
-    torch: Any, model: BenchModel, engine: Any, batch: int, iters: int, precision: str
-) -> dict[str, tuple[float, float]]:
+def our_runs(
+    model: BenchModel, engine: Any, batch: int, precision: str
+) -> dict[str, Callable[[], Any]]:
     """Our graph replay and our host-to-host execution at one batch."""
     host = model.inputs(batch)
     outputs = [t.name for t in engine.config.output]
     engine.execute(host, outputs)  # fills the static buffers that replay() reads
     return {
-        f"ours {precision} replay": timed(torch, lambda: engine.replay(batch), iters),
-        f"ours {precision} host->host": timed(torch, lambda: engine.execute(host, outputs), iters),
+        f"ours {precision} replay": lambda: engine.replay(batch),
+        f"ours {precision} host->host": lambda: engine.execute(host, outputs),
     }
 
 
@@ -137,25 +162,24 @@ def main() -> None:
         half = model.module().cuda().half()
         if name == "resnet50":
             half = half.to(memory_format=torch.channels_last)
-        figures = {
-            batch: measure_eager(torch, model, module, half, batch, args.iters)
-            for batch in BATCHES[name]
-        }
-        for batch, eager in figures.items():
-            show(batch, eager)
-        del module, half
-        torch.cuda.empty_cache()
+        engines: dict[str, Any] = {}
         build_seconds: dict[str, float] = {}
         for precision in (args.precision or PRECISION[name]).split(","):
-            _, engine, build_s, hit = build(model, precision, args.autotune)
+            _, engines[precision], build_s, hit = build(model, precision, args.autotune)
             print(f"  {name} {precision}: {'cache hit' if hit else f'built in {build_s:.0f} s'}")
-            for batch in BATCHES[name]:
-                ours = measure_ours(torch, model, engine, batch, args.iters, precision)
-                figures[batch].update(ours)
-                show(batch, ours)
             build_seconds[precision] = build_s
+        # Eager and our engines measured side by side, in alternating rounds (see timed).
+        figures: dict[int, dict[str, tuple[float, float]]] = {}
+        for batch in BATCHES[name]:
+            runs = eager_runs(torch, model, module, half, batch)
+            for precision, engine in engines.items():
+                runs |= our_runs(model, engine, batch, precision)
+            figures[batch] = timed(torch, runs, args.iters)
+            show(batch, figures[batch])
+        for engine in engines.values():
             engine.close()
-            torch.cuda.empty_cache()
+        del module, half
+        torch.cuda.empty_cache()
         for batch, measured in figures.items():
             for label, (p50, loop) in measured.items():
                 precision = label.split()[1]
