@@ -15,6 +15,7 @@ only: the engine cache already builds one entry per device (the target is in its
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -73,13 +74,21 @@ def save(
     specialised to the traced shapes is refused rather than saved."""
     weights = _lifted_weights(torch, exported)
     options = {"max_autotune": True} if autotune else {}
+    # Inductor turns its layout optimisation off for convolutions with a symbolic batch
+    # (pytorch#102670). On CUDA it pays: ResNet-50 fp16 at batch 256 on an H100 ran
+    # 23,706/s with it forced against 22,922/s without (standalone, same process, same
+    # day; static shapes 24,837/s).
+    forced = _convolves_on_cuda(exported)
     # Compile against export's own fake inputs and shape environment: the batch keeps the
     # symbol and range export gave it and the weights stay static. (Fresh symbols for
     # real inputs would make every weight dim symbolic too, and by default tie equal
     # sizes, such as BERT's 2 token types and a batch traced at 2, to one symbol.)
     placeholders = [node.meta["val"] for node in exported.graph.nodes if node.op == "placeholder"]
     context = torch._guards.TracingContext(torch._guards.detect_fake_mode(placeholders))
-    with torch.no_grad(), torch._guards.tracing(context):
+    layout = (
+        torch._inductor.config.patch(force_layout_optimization=True) if forced else nullcontext()
+    )
+    with torch.no_grad(), torch._guards.tracing(context), layout:
         artifact = torch._inductor.standalone_compile(
             exported.graph_module,
             placeholders,
@@ -100,6 +109,16 @@ def save(
     artifact.save(path=str(out / ARTIFACT), format="binary")
     torch.save(weights, str(out / WEIGHTS))
     return runner
+
+
+def _convolves_on_cuda(exported: Any) -> bool:
+    """Whether the program runs a convolution on a CUDA device."""
+    for node in exported.graph.nodes:
+        if node.op == "call_function" and "conv" in getattr(node.target, "__name__", ""):
+            value = node.meta.get("val")
+            if getattr(getattr(value, "device", None), "type", None) == "cuda":
+                return True
+    return False
 
 
 def load(torch: Any, path: Path, device: str, model: str) -> ArtifactRunner:

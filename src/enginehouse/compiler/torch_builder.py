@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 ARTEFACT = "aoti.pt2"
 TORCHSCRIPT_ARTEFACT = "frozen.pt"
-BUILDER_VERSION = 3
+BUILDER_VERSION = 4
 # int8 and fp8 engines quantise the linear layers of a bf16 program (torch_quantize.py).
 _DTYPES = {
     "fp32": "float32",
