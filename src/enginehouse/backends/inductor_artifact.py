@@ -75,9 +75,9 @@ def save(
     weights = _lifted_weights(torch, exported)
     options = {"max_autotune": True} if autotune else {}
     # Inductor turns its layout optimisation off for convolutions with a symbolic batch
-    # (pytorch#102670). On CUDA it pays: ResNet-50 fp16 at batch 256 on an H100 ran
-    # 23,706/s with it forced against 22,922/s without (standalone, same process, same
-    # day; static shapes 24,837/s).
+    # (pytorch#102670). Forced on CUDA, ResNet-50 fp16 at batch 256 on an H100 ran 23,706/s
+    # against 22,922/s (standalone artifacts, one process, twice; static shapes 24,837/s).
+    # Across machines the built engine's ratio to eager varies by more than that gain.
     forced = _convolves_on_cuda(exported)
     # Compile against export's own fake inputs and shape environment: the batch keeps the
     # symbol and range export gave it and the weights stay static. (Fresh symbols for
