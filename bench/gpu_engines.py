@@ -108,16 +108,10 @@ def eager_runs(
         t.half().contiguous(memory_format=torch.channels_last) if t.ndim == 4 else t
         for t in device_inputs
     ]
-
-    def fp32() -> Any:
-        with torch.inference_mode():
-            return module(*device_inputs)
-
-    def fp16() -> Any:
-        with torch.inference_mode():
-            return half(*half_inputs)
-
-    return {"eager fp32": fp32, "eager fp16": fp16}
+    return {
+        "eager fp32": lambda: module(*device_inputs),
+        "eager fp16": lambda: half(*half_inputs),
+    }
 
 
 def our_runs(
@@ -174,7 +168,8 @@ def main() -> None:
             runs = eager_runs(torch, model, module, half, batch)
             for precision, engine in engines.items():
                 runs |= our_runs(model, engine, batch, precision)
-            figures[batch] = timed(torch, runs, args.iters)
+            with torch.inference_mode():
+                figures[batch] = timed(torch, runs, args.iters)
             show(batch, figures[batch])
         for engine in engines.values():
             engine.close()

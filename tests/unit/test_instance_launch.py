@@ -8,8 +8,9 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import pytest
@@ -87,6 +88,14 @@ def _run(instance: Instance, parts: list[np.ndarray]) -> asyncio.Future:  # type
     return instance.execute(lambda: instance.gather({"INPUT0": parts}), ["OUTPUT0"], list)
 
 
+def _on_a_loop(instance: Instance, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run ``main`` on a new event loop, then close the instance whatever happened."""
+    try:
+        asyncio.run(main())
+    finally:
+        instance.close()
+
+
 def test_launching_engines_gather_and_launch_on_the_event_loop() -> None:
     engine = DoublingEngine()
     instance = Instance("doubling", engine, Placement(0))
@@ -99,10 +108,7 @@ def test_launching_engines_gather_and_launch_on_the_event_loop() -> None:
         assert engine.threads == {"gather": loop_thread, "launch": loop_thread}
         assert execution.input_ns > 0 and execution.infer_ns > 0
 
-    try:
-        asyncio.run(main())
-    finally:
-        instance.close()
+    _on_a_loop(instance, main)
 
 
 def test_a_launch_is_not_checked_again_until_shortly_before_it_is_expected() -> None:
@@ -119,10 +125,7 @@ def test_a_launch_is_not_checked_again_until_shortly_before_it_is_expected() -> 
         assert second - first > 0.03
         assert launched.checks[-1] >= launched.expected_at - 0.002
 
-    try:
-        asyncio.run(main())
-    finally:
-        instance.close()
+    _on_a_loop(instance, main)
 
 
 def test_what_cannot_be_launched_runs_on_the_instance_thread() -> None:
@@ -136,10 +139,7 @@ def test_what_cannot_be_launched_runs_on_the_instance_thread() -> None:
         assert engine.threads["execute"] != threading.get_ident()
         assert not engine.launched
 
-    try:
-        asyncio.run(main())
-    finally:
-        instance.close()
+    _on_a_loop(instance, main)
 
 
 def test_a_failed_launch_fails_its_execution_and_the_instance_keeps_serving() -> None:
@@ -152,10 +152,7 @@ def test_a_failed_launch_fails_its_execution_and_the_instance_keeps_serving() ->
         execution = await _run(instance, [np.ones((1, 3), np.float32)])
         assert execution.outputs[0].tolist() == [[2.0, 2.0, 2.0]]
 
-    try:
-        asyncio.run(main())
-    finally:
-        instance.close()
+    _on_a_loop(instance, main)
 
 
 class _PipeWaker:
@@ -213,7 +210,4 @@ def test_a_launch_with_a_waker_is_checked_when_woken_not_polled() -> None:
             assert len(launched.checks) == 2
         assert engine.waker.received == 2
 
-    try:
-        asyncio.run(main())
-    finally:
-        instance.close()
+    _on_a_loop(instance, main)

@@ -67,18 +67,20 @@ def save(
     autotune: bool,
     out: Path,
     checks: tuple[tuple[Any, ...], ...] = (),
+    channels_last: bool = False,
 ) -> ArtifactRunner:
     """Compile ``exported`` (on its device) standalone; write ``out/inductor.art`` and
     ``out/weights.pt``; return the compiled runner. The runner must take each input tuple
     in ``checks`` (one row where the model batches, say): a graph that Inductor
-    specialised to the traced shapes is refused rather than saved."""
+    specialised to the traced shapes is refused rather than saved.
+
+    ``channels_last`` (a GPU program of convolutions, as the builder converted it) forces
+    Inductor's layout optimisation, which it turns off for convolutions with a symbolic
+    batch (pytorch#102670): ResNet-50 fp16 at batch 256 on an H100 ran 23,706/s with it
+    against 22,922/s (standalone artifacts, one process, twice; static shapes 24,837/s).
+    Across machines the built engine's ratio to eager varies by more than that gain."""
     weights = _lifted_weights(torch, exported)
     options = {"max_autotune": True} if autotune else {}
-    # Inductor turns its layout optimisation off for convolutions with a symbolic batch
-    # (pytorch#102670). Forced on CUDA, ResNet-50 fp16 at batch 256 on an H100 ran 23,706/s
-    # against 22,922/s (standalone artifacts, one process, twice; static shapes 24,837/s).
-    # Across machines the built engine's ratio to eager varies by more than that gain.
-    forced = _convolves_on_cuda(exported)
     # Compile against export's own fake inputs and shape environment: the batch keeps the
     # symbol and range export gave it and the weights stay static. (Fresh symbols for
     # real inputs would make every weight dim symbolic too, and by default tie equal
@@ -86,7 +88,9 @@ def save(
     placeholders = [node.meta["val"] for node in exported.graph.nodes if node.op == "placeholder"]
     context = torch._guards.TracingContext(torch._guards.detect_fake_mode(placeholders))
     layout = (
-        torch._inductor.config.patch(force_layout_optimization=True) if forced else nullcontext()
+        torch._inductor.config.patch(force_layout_optimization=True)
+        if channels_last
+        else nullcontext()
     )
     with torch.no_grad(), torch._guards.tracing(context), layout:
         artifact = torch._inductor.standalone_compile(
@@ -109,16 +113,6 @@ def save(
     artifact.save(path=str(out / ARTIFACT), format="binary")
     torch.save(weights, str(out / WEIGHTS))
     return runner
-
-
-def _convolves_on_cuda(exported: Any) -> bool:
-    """Whether the program runs a convolution on a CUDA device."""
-    for node in exported.graph.nodes:
-        if node.op == "call_function" and "conv" in getattr(node.target, "__name__", ""):
-            value = node.meta.get("val")
-            if getattr(getattr(value, "device", None), "type", None) == "cuda":
-                return True
-    return False
 
 
 def load(torch: Any, path: Path, device: str, model: str) -> ArtifactRunner:

@@ -177,7 +177,9 @@ def _build(
             runner = torch._inductor.aoti_load_package(path)
             artefact = ARTEFACT
         else:
-            runner, artefact = _build_compiled(torch, exported, example, config, spec, out)
+            runner, artefact = _build_compiled(
+                torch, exported, example, config, spec, out, channels_last
+            )
     except ModelLoadError:
         raise
     except Exception as exc:  # export and inductor raise many types
@@ -251,16 +253,20 @@ def _build_compiled(
     config: mc.ModelConfig,
     spec: BuildSpec,
     out: Path,
+    channels_last: bool,
 ) -> tuple[Any, str]:
     """GPU targets: a standalone Inductor artifact where the program allows one, else the
     converted program plus Inductor's kernels for torch.compile (see
-    backends/torch_compile.py). Returns the runner and the artefact's file name."""
+    backends/torch_compile.py). Returns the runner and the artefact's file name.
+    ``channels_last``: the program's convolutions were converted to channels-last."""
     if spec.precision not in QUANTIZED:
         try:
             checks = [example]
             if config.max_batch_size > 0:
                 checks.append(tuple(torch_compile.zero_inputs(torch, config, spec.target, 1)))
-            runner = inductor_artifact.save(torch, exported, spec.autotune, out, tuple(checks))
+            runner = inductor_artifact.save(
+                torch, exported, spec.autotune, out, tuple(checks), channels_last
+            )
             return runner, inductor_artifact.ARTIFACT
         except inductor_artifact.Unsupported as exc:
             log.info(

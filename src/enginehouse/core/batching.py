@@ -123,21 +123,16 @@ class BatchedExecution:
                 execution = instance.execute_sync(prepare, names, finish)
             else:
                 execution = await asyncio.shield(instance.execute(prepare, names, finish))
+            short = execution.short_output(names, total)
+            if short is not None:
+                # The model's fault, not the instance's (an EnginehouseError: it stays).
+                raise InternalError(f"model '{version.name}' version {version.version}: {short}")
         except BaseException as exc:
             error = version.execution_failed(instance, exc, [item.start_ns for item in items])
             for item in items:
                 self._settle(item, error)
             return
         version.pool.release(instance)
-        short = execution.short_output(names, total)
-        if short is not None:
-            # The model's fault, not the instance's: each request fails, the instance stays.
-            now = time.perf_counter_ns()
-            error = InternalError(f"model '{version.name}' version {version.version}: {short}")
-            for item in items:
-                version.statistics.record_failure(now - item.start_ns)
-                self._settle(item, error)
-            return
         self._split(items, sizes, names, execution, queued)
 
     def _split(
