@@ -6,7 +6,6 @@ of ``bytes``; on the wire each element is a 4-byte little-endian length and its 
 
 from __future__ import annotations
 
-import math
 import struct
 from dataclasses import dataclass
 
@@ -80,12 +79,36 @@ def config_type_name(config_type: int) -> str:
     return str(mc.DataType.Name(config_type))  # type: ignore[arg-type]
 
 
+# No tensor dimension product may pass this, not even of a tensor with a zero dim (NumPy
+# refuses such shapes with an error of its own); real tensors are far smaller.
+MAX_ELEMENTS = 1 << 48
+
+
+def element_count(shape: tuple[int, ...], name: str) -> int:
+    """The number of elements of ``shape``, or a 400 for a shape no request could fill."""
+    count = 1
+    nonzero = 1
+    for dim in shape:
+        count *= dim
+        nonzero *= max(dim, 1)
+    if nonzero > MAX_ELEMENTS:
+        raise InvalidArgumentError(f"input '{name}': shape {list(shape)} is too large")
+    return count
+
+
 def deserialize_bytes(buffer: memoryview | bytes, count: int, name: str) -> np.ndarray:
-    """Decode ``count`` length-prefixed elements; the buffer must hold exactly them."""
+    """Decode ``count`` length-prefixed elements; the buffer must hold exactly them.
+
+    Each element needs at least its 4-byte length, so a count the buffer cannot back is
+    refused before anything is allocated for it."""
     view = memoryview(buffer)
+    size = len(view)
+    if count * 4 > size:
+        raise InvalidArgumentError(
+            f"input '{name}': {count} BYTES elements need at least {count * 4} bytes, got {size}"
+        )
     out = np.empty(count, dtype=np.object_)
     offset = 0
-    size = len(view)
     for i in range(count):
         if offset + 4 > size:
             raise InvalidArgumentError(
@@ -137,7 +160,7 @@ def from_wire_bytes(
     buffer: memoryview | bytes, datatype: DataType, shape: tuple[int, ...], name: str
 ) -> np.ndarray:
     """A tensor viewed over its raw wire form without copying (BYTES are decoded)."""
-    count = math.prod(shape)
+    count = element_count(shape, name)
     if datatype.name == "BYTES":
         return deserialize_bytes(buffer, count, name).reshape(shape)
     expected = count * datatype.itemsize

@@ -16,6 +16,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from enginehouse import datatypes
 from enginehouse.compiler.spec import BuildSpec
 from enginehouse.errors import ModelLoadError
+from enginehouse.repository.paths import contained
 
 Sample = dict[str, np.ndarray]
 
@@ -55,11 +56,7 @@ def _check(config: mc.ModelConfig, sample: Sample, source: str) -> Sample:
 
 def load_calibration(config: mc.ModelConfig, model_dir: Path, folder: str) -> list[Sample]:
     """The samples in ``<model_dir>/<folder>``, checked against the config."""
-    root = (model_dir / folder).resolve()
-    if model_dir.resolve() not in root.parents and root != model_dir.resolve():
-        raise ModelLoadError(
-            f"model '{config.name}': engine_calibration must be inside the model folder"
-        )
+    root = contained(model_dir, folder, "parameter engine_calibration", config.name)
     if not root.is_dir():
         raise ModelLoadError(f"model '{config.name}': calibration folder {root} does not exist")
     samples: list[Sample] = []

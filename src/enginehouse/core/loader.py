@@ -25,6 +25,7 @@ from enginehouse.core.routing import parse_version_weights
 from enginehouse.errors import ModelLoadError
 from enginehouse.repository import ModelLocation, select_versions
 from enginehouse.repository.fingerprint import version_identity
+from enginehouse.repository.paths import check_config_paths
 from enginehouse.runtime import warmup as warmups
 from enginehouse.runtime.instance import InlinePolicy, Instance
 from enginehouse.runtime.memory import release_freed_memory
@@ -76,6 +77,7 @@ def prepare_config(
         )
     config.name = location.name
     version_dirs = location.version_dirs()
+    check_config_paths(config, location.path, version_dirs)
     if config.platform or config.backend:
         backend = backend_for(config)
     else:

@@ -10,6 +10,7 @@ ONNX Runtime's caches are initialised.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,9 +22,14 @@ from tritonclient.grpc import model_config_pb2 as mc
 from enginehouse import datatypes
 from enginehouse.config.model_config import to_engine_shapes
 from enginehouse.errors import ModelLoadError
+from enginehouse.repository.paths import WARMUP_FOLDER, contained
 from enginehouse.runtime.instance import Execution, Instance
 
 log = logging.getLogger(__name__)
+
+# The largest warm-up tensor a config may ask for: a config can come from a client, and its
+# dims alone must not make the server allocate gigabytes.
+MAX_SAMPLE_BYTES = 1 << 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,11 +55,17 @@ def _tensor(
     shape = batch + tuple(spec.dims)
     if any(d < 0 for d in shape):
         raise ModelLoadError(f"model '{model}': warm-up input '{name}' needs fixed dims")
+    size = math.prod(shape) * max(dtype.itemsize, 8)
+    if size > MAX_SAMPLE_BYTES:
+        raise ModelLoadError(
+            f"model '{model}': warm-up input '{name}' of shape {list(shape)} would take "
+            f"{size} bytes; at most {MAX_SAMPLE_BYTES} are allowed"
+        )
     kind = spec.WhichOneof("input_data_type")
     if kind == "input_data_file":
-        path = (model_dir / "warmup" / spec.input_data_file).resolve()
-        if model_dir.resolve() not in path.parents:
-            raise ModelLoadError(f"model '{model}': warm-up file must be inside the model folder")
+        path = contained(
+            model_dir, f"{WARMUP_FOLDER}/{spec.input_data_file}", "input_data_file", model
+        )
         try:
             raw = path.read_bytes()
         except OSError as exc:

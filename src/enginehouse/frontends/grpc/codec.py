@@ -53,9 +53,7 @@ def _typed_contents(
             f"input '{tensor.name}': {dtype.name} data must be sent in raw_input_contents"
         )
     values = getattr(tensor.contents, field)
-    count = 1
-    for dim in shape:
-        count *= dim
+    count = datatypes.element_count(shape, tensor.name)
     if len(values) != count:
         raise InvalidArgumentError(
             f"input '{tensor.name}': shape {list(shape)} needs {count} elements, "
@@ -93,6 +91,11 @@ def decode_infer_request(
         if tensor.parameters and "shared_memory_region" in tensor.parameters:
             raise UnsupportedError(f"input '{name}': shared memory inputs are not supported yet")
         if raw:
+            if tensor.HasField("contents"):
+                raise InvalidArgumentError(
+                    f"input '{name}': contents and raw_input_contents are both set; a request "
+                    "sends its tensors one way"
+                )
             array = datatypes.from_wire_bytes(raw[index], dtype, shape, name)
         else:
             array = _typed_contents(tensor, dtype, shape)

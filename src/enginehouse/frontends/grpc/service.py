@@ -188,7 +188,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
                 return stream_error(message, exc.message)
             return pb.ModelStreamInferResponse(infer_response=result)
 
-        async for response in answer_concurrently(request_iterator, answer):
+        async for response in answer_concurrently(request_iterator, answer, context):
             yield response
 
 

@@ -11,6 +11,8 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import grpc
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -28,11 +30,19 @@ def stream_error(message: pb.ModelInferRequest, text: str) -> pb.ModelStreamInfe
 
 
 async def answer_concurrently(
-    requests: AsyncIterator[pb.ModelInferRequest], answer: Answer
+    requests: AsyncIterator[pb.ModelInferRequest],
+    answer: Answer,
+    context: grpc.aio.ServicerContext,
 ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-    """Yield ``answer(request)`` for every request of the stream, in completion order."""
+    """Yield ``answer(request)`` for every request of the stream, in completion order.
+
+    A message that cannot be decoded ends the stream, since its framing cannot be trusted
+    past it: the answers still due for the messages before it go out first, then the stream
+    ends with INVALID_ARGUMENT (never with OK, which would tell the client that nothing was
+    lost)."""
     done: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
     tasks: set[asyncio.Task[None]] = set()
+    undecodable: list[str] = []
 
     async def one(message: pb.ModelInferRequest) -> None:
         try:
@@ -47,9 +57,11 @@ async def answer_concurrently(
                 task = asyncio.create_task(one(message))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
-            while tasks:
-                await asyncio.gather(*list(tasks))
+        except DecodeError as exc:
+            undecodable.append(str(exc))
         finally:
+            while tasks:
+                await asyncio.gather(*list(tasks), return_exceptions=True)
             done.put_nowait(None)
 
     reader = asyncio.create_task(read())
@@ -58,3 +70,9 @@ async def answer_concurrently(
             yield item
     finally:
         reader.cancel()
+    if undecodable:
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"ModelStreamInfer: a message could not be decoded ({undecodable[0]}); the stream "
+            "ends after the answers to the messages before it",
+        )

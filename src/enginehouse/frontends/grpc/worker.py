@@ -97,7 +97,7 @@ def stream(relay: RelayClient) -> Callable[..., AsyncIterator[pb.ModelStreamInfe
     async def handle(
         requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        async for response in answer_concurrently(requests, answer):
+        async for response in answer_concurrently(requests, answer, context):
             yield response
 
     return handle

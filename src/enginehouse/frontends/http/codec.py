@@ -37,26 +37,46 @@ def _shape(value: Any, name: str) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _flatten(data: Any) -> list[Any]:
+def _flatten(data: Any, rank: int, name: str) -> list[Any]:
+    """The elements of JSON ``data``: a flat list, or lists nested like the shape, at most
+    ``rank`` deep and rectangular. Walked with a stack, not recursion, so no depth a client
+    sends can exhaust the interpreter's."""
     if not isinstance(data, list):
         return [data]
-    if data and isinstance(data[0], list):
-        flat: list[Any] = []
-        for item in data:
-            flat.extend(_flatten(item))
-        return flat
-    return data
+    flat: list[Any] = []
+    ragged = InvalidArgumentError(f"input '{name}': 'data' is ragged (nested lists differ)")
+    # Every list at one depth must have one length, and every element one depth.
+    lengths: dict[int, int] = {}
+    leaf_depth = 0
+    stack: list[tuple[list[Any], int]] = [(data, 1)]
+    while stack:
+        items, depth = stack.pop()
+        if depth > max(rank, 1):
+            raise InvalidArgumentError(
+                f"input '{name}': 'data' is nested deeper than the shape's {rank} dimensions"
+            )
+        if lengths.setdefault(depth, len(items)) != len(items):
+            raise ragged
+        nested = [isinstance(item, list) for item in items]
+        if any(nested):
+            if not all(nested) or (leaf_depth and depth >= leaf_depth):
+                raise ragged
+            stack.extend((item, depth + 1) for item in reversed(items))
+        else:
+            if leaf_depth and depth != leaf_depth:
+                raise ragged
+            leaf_depth = depth
+            flat.extend(items)
+    return flat
 
 
 def _json_tensor(
     data: Any, dtype: datatypes.DataType, shape: tuple[int, ...], name: str
 ) -> np.ndarray:
-    count = 1
-    for dim in shape:
-        count *= dim
+    count = datatypes.element_count(shape, name)
     try:
         if dtype.name == "BYTES":
-            flat = _flatten(data)
+            flat = _flatten(data, len(shape), name)
             array = np.empty(len(flat), dtype=np.object_)
             for i, item in enumerate(flat):
                 if isinstance(item, str):

@@ -1,0 +1,261 @@
+"""What an attacker can send: paths out of the repository, shapes that ask for memory the
+request did not carry, deeply nested data, contradictory gRPC messages. Each gets a 400 /
+INVALID_ARGUMENT at once and the server keeps serving everyone else."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import psutil
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from tests.conftest import ServerProcess
+from tests.integration.test_errors import assert_still_serving, raw_post
+
+SIMPLE_OVERRIDE = {
+    "name": "simple",
+    "backend": "onnxruntime",
+    "max_batch_size": 8,
+    "input": [
+        {"name": "INPUT0", "data_type": "TYPE_INT32", "dims": [16]},
+        {"name": "INPUT1", "data_type": "TYPE_INT32", "dims": [16]},
+    ],
+    "output": [
+        {"name": "OUTPUT0", "data_type": "TYPE_INT32", "dims": [16]},
+        {"name": "OUTPUT1", "data_type": "TYPE_INT32", "dims": [16]},
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def outside(tmp_path_factory: pytest.TempPathFactory, example_repo: Path) -> Path:
+    """A model folder outside every repository the server serves."""
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    shutil.copytree(example_repo / "simple", elsewhere / "simple")
+    return elsewhere
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory, example_repo: Path, outside: Path) -> Path:
+    root = tmp_path_factory.mktemp("hardening") / "repo"
+    root.mkdir()
+    for name in ("simple", "identity_bytes", "identity_fp32"):
+        shutil.copytree(example_repo / name, root / name)
+    # A symlink inside the model folder that leads out of it.
+    (root / "simple" / "1" / "link.onnx").symlink_to(outside / "simple" / "1" / "model.onnx")
+    return root
+
+
+@pytest.fixture(scope="module")
+def explicit(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    proc = ServerProcess(
+        [repo],
+        "--model-control-mode",
+        "explicit",
+        "--load-model",
+        "*",
+        log_path=tmp_path_factory.mktemp("log") / "hardening.log",
+    )
+    try:
+        proc.wait_live()
+        yield proc
+    finally:
+        proc.stop()
+
+
+def _config_with(**fields: object) -> str:
+    return json.dumps({**SIMPLE_OVERRIDE, **fields})
+
+
+def _grpc_load_status(server: ServerProcess, config: str) -> tuple[grpc.StatusCode, str]:
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        client.load_model("simple", config=config)
+    except InferenceServerException as exc:
+        return grpc.StatusCode[str(exc.status()).removeprefix("StatusCode.")], exc.message()
+    return grpc.StatusCode.OK, ""
+
+
+@pytest.mark.parametrize(
+    ("fields", "field_name"),
+    [
+        ({"default_model_filename": "../../../elsewhere/1/model.onnx"}, "default_model_filename"),
+        ({"default_model_filename": "/etc/passwd"}, "default_model_filename"),
+        ({"default_model_filename": "link.onnx"}, "default_model_filename"),
+        (
+            {
+                "model_warmup": [
+                    {
+                        "name": "w",
+                        "batch_size": 1,
+                        "inputs": {
+                            "INPUT0": {
+                                "data_type": "TYPE_INT32",
+                                "dims": [16],
+                                "input_data_file": "../../../../etc/hostname",
+                            },
+                            "INPUT1": {"data_type": "TYPE_INT32", "dims": [16], "zero_data": True},
+                        },
+                    }
+                ]
+            },
+            "input_data_file",
+        ),
+        ({"parameters": {"engine_calibration": {"string_value": "../../"}}}, "engine_calibration"),
+        ({"parameters": {"engine_calibration": {"string_value": "/tmp"}}}, "engine_calibration"),
+    ],
+)
+def test_config_paths_outside_the_model_folder_are_refused(
+    explicit: ServerProcess, outside: Path, fields: dict, field_name: str
+) -> None:
+    if fields.get("default_model_filename", "").startswith("../"):
+        # Point at the real model folder outside the repository, as an attacker would.
+        relative = Path("..", "..", outside.name, "simple", "1", "model.onnx")
+        fields = {"default_model_filename": str(relative)}
+    config = _config_with(**fields)
+    status, reply = raw_post(
+        explicit,
+        "/v2/repository/models/simple/load",
+        json.dumps({"parameters": {"config": config}}).encode(),
+    )
+    assert status == 400, reply
+    assert field_name in reply["error"]
+    code, message = _grpc_load_status(explicit, config)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert field_name in message
+    assert_still_serving(explicit)
+
+
+def test_huge_declared_shapes_are_refused_before_any_allocation(explicit: ServerProcess) -> None:
+    rss_before = psutil.Process(explicit.process.pid).memory_info().rss
+    for shape in ([2**31], [2**40], [2**62, 2**62], [0, 2**62]):
+        header = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "INPUT0",
+                        "datatype": "BYTES",
+                        "shape": [1, *shape],
+                        "parameters": {"binary_data_size": 8},
+                    }
+                ]
+            }
+        ).encode()
+        started = time.perf_counter()
+        status, reply = raw_post(
+            explicit,
+            "/v2/models/identity_bytes/infer",
+            header + struct.pack("<I", 4) + b"abcd",
+            {"Inference-Header-Content-Length": str(len(header))},
+        )
+        assert time.perf_counter() - started < 1.0
+        assert status == 400, (shape, reply)
+        message = pb.ModelInferRequest(model_name="identity_bytes")
+        message.inputs.add(name="INPUT0", datatype="BYTES", shape=[1, *shape])
+        message.raw_input_contents.append(struct.pack("<I", 4) + b"abcd")
+        with grpc.insecure_channel(explicit.grpc_url) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ModelInfer(message, timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    grown = psutil.Process(explicit.process.pid).memory_info().rss - rss_before
+    assert grown < 64 * 2**20
+    assert_still_serving(explicit)
+
+
+@pytest.mark.parametrize("depth", [3, 1000, 5000])
+def test_deeply_nested_json_data_is_a_400(explicit: ServerProcess, depth: int) -> None:
+    data = "[" * depth + '"x"' + "]" * depth  # json.dumps itself recurses
+    body = (
+        '{"inputs": [{"name": "INPUT0", "datatype": "BYTES", "shape": [1, 1], "data": '
+        + data
+        + "}]}"
+    )
+    for datatype, model in (("BYTES", "identity_bytes"), ("FP32", "identity_fp32")):
+        status, reply = raw_post(
+            explicit, f"/v2/models/{model}/infer", body.replace("BYTES", datatype).encode()
+        )
+        assert status == 400, reply
+
+
+def test_ragged_json_data_is_a_400(explicit: ServerProcess) -> None:
+    body = {
+        "inputs": [
+            {
+                "name": "INPUT0",
+                "datatype": "BYTES",
+                "shape": [2, 2],
+                "data": [["a"], ["b", "c", "d"]],
+            }
+        ]
+    }
+    status, reply = raw_post(explicit, "/v2/models/identity_bytes/infer", json.dumps(body).encode())
+    assert status == 400
+    assert "INPUT0" in reply["error"]
+    body["inputs"][0]["data"] = [["a", "b"], ["c", "d"]]
+    status, reply = raw_post(explicit, "/v2/models/identity_bytes/infer", json.dumps(body).encode())
+    assert status == 200, reply
+    assert reply["outputs"][0]["data"] == ["a", "b", "c", "d"]
+
+
+def test_typed_and_raw_contents_together_are_invalid(explicit: ServerProcess) -> None:
+    message = pb.ModelInferRequest(model_name="identity_fp32")
+    tensor = message.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 1])
+    tensor.contents.fp32_contents.append(1.0)
+    message.raw_input_contents.append(np.ones(1, np.float32).tobytes())
+    with grpc.insecure_channel(explicit.grpc_url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(message, timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "contents" in info.value.details()
+
+
+def _stream_messages(good: bytes, count: int) -> Iterator[bytes]:
+    for index in range(count):
+        yield good
+        if index == count // 2:
+            yield b"\xff\xff\xff\xff not a protobuf message"
+
+
+def test_undecodable_stream_message_is_reported(explicit: ServerProcess) -> None:
+    """Every reply due before the bad message arrives, then the stream reports the error
+    (it used to end with OK and drop the replies still due)."""
+    message = pb.ModelInferRequest(model_name="identity_fp32", id="good")
+    message.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 1])
+    message.raw_input_contents.append(np.ones(1, np.float32).tobytes())
+    good = message.SerializeToString()
+    with grpc.insecure_channel(explicit.grpc_url) as channel:
+        call = channel.stream_stream(
+            "/inference.GRPCInferenceService/ModelStreamInfer",
+            request_serializer=lambda raw: raw,
+            response_deserializer=pb.ModelStreamInferResponse.FromString,
+        )(_stream_messages(good, 6), timeout=30)
+        replies = []
+        with pytest.raises(grpc.RpcError) as info:
+            for reply in call:
+                replies.append(reply)
+    errors = [r for r in replies if r.error_message]
+    answered = [r for r in replies if not r.error_message]
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
+    assert len(answered) >= 4, replies  # all those sent before the bad message
+    assert not errors
+    assert_still_serving(explicit)
+
+
+def _socket_post(port: int, raw: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(raw)
+        return sock.recv(65536)
