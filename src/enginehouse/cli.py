@@ -16,6 +16,7 @@ from pathlib import Path
 from enginehouse import __version__
 from enginehouse.compiler import cli as compiler_cli
 from enginehouse.compiler.cache import EngineCache, default_root
+from enginehouse.core.model import PendingLimits
 from enginehouse.core.server import ControlMode, ServerCore
 from enginehouse.observe.metrics import MetricsOptions
 from enginehouse.repository import ModelRepository
@@ -123,6 +124,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest request body accepted, in bytes (413 above)",
     )
     serve.add_argument(
+        "--model-max-pending-requests",
+        type=int,
+        default=PendingLimits().max_requests,
+        help="requests a model version holds queued or running; more get 503 / UNAVAILABLE at "
+        "once (0: no bound)",
+    )
+    serve.add_argument(
+        "--model-max-pending-bytes",
+        type=int,
+        default=PendingLimits().max_bytes,
+        help="input bytes a model version holds queued or running; more get 503 / UNAVAILABLE "
+        "at once (0: no bound)",
+    )
+    serve.add_argument(
         "--exit-timeout-secs",
         type=float,
         default=30.0,
@@ -167,6 +182,9 @@ async def serve(args: argparse.Namespace) -> int:
         health_check_s=args.instance_health_check_secs,
         engine_cache=EngineCache(args.engine_cache or default_root(args.model_repository)),
         poll_s=args.repository_poll_secs,
+        pending_limits=PendingLimits(
+            args.model_max_pending_requests or 2**62, args.model_max_pending_bytes or 2**62
+        ),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

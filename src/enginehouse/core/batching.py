@@ -37,6 +37,7 @@ class BatchItem:
     start_ns: int
     future: asyncio.Future[InferResponse]
     sequence: int = 0
+    nbytes: int = 0
     result: InferResponse | BaseException | None = field(default=None)
 
 
@@ -69,6 +70,7 @@ class BatchedExecution:
         batch_size: int,
         names: tuple[str, ...],
         start: int,
+        input_bytes: int = 0,
     ) -> asyncio.Future[InferResponse]:
         """Queue a checked request; the future resolves when its batch has run.
 
@@ -80,10 +82,11 @@ class BatchedExecution:
         timeout_us = _int_parameter(parameters, "timeout") if parameters else 0
         shape_key: Hashable = tuple(sorted((n, a.shape[1:]) for n, a in feeds.items()))
         future: asyncio.Future[InferResponse] = asyncio.get_running_loop().create_future()
-        item = BatchItem(request, feeds, names, start, future, self._next_sequence)
+        item = BatchItem(request, feeds, names, start, future, self._next_sequence, input_bytes)
         self.batcher.submit(item, batch_size, shape_key, start, priority, timeout_us)
         self._next_sequence += 1
         self.version.in_flight += 1
+        self.version.pending_bytes += input_bytes
         return future
 
     def _fail(self, pending: Pending[BatchItem], error: EnginehouseError) -> None:
@@ -92,6 +95,7 @@ class BatchedExecution:
 
     def _settle(self, item: BatchItem, result: InferResponse | BaseException) -> None:
         self.version.in_flight -= 1
+        self.version.pending_bytes -= item.nbytes
         if not self.policy.preserve_ordering:
             _resolve(item.future, result)
             return

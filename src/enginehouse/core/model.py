@@ -28,7 +28,12 @@ from enginehouse.core.types import (
     OutputTensor,
     TensorMetadata,
 )
-from enginehouse.errors import EnginehouseError, InternalError, InvalidArgumentError
+from enginehouse.errors import (
+    EnginehouseError,
+    InternalError,
+    InvalidArgumentError,
+    UnavailableError,
+)
 from enginehouse.runtime.instance import (
     Execution,
     FinishOutputs,
@@ -61,6 +66,17 @@ class TensorSpec:
         optional = bool(getattr(tensor, "optional", False))
         datatype = datatypes.BY_CONFIG[tensor.data_type].name
         return cls(tensor.name, datatype, tuple(tensor.dims), reshape, optional)
+
+
+@dataclass(frozen=True, slots=True)
+class PendingLimits:
+    """How much one model version holds admitted and not yet answered (queued or running);
+    past either bound a request gets 503 / UNAVAILABLE at once. A server-wide safety net
+    under each model's own ``max_queue_size``: without it a burst is admitted without limit,
+    its latency grows past every client deadline and its tensors fill the memory."""
+
+    max_requests: int = 2048
+    max_bytes: int = 1 << 30
 
 
 def _shape_matches(shape: tuple[int, ...], dims: tuple[int, ...]) -> bool:
@@ -97,6 +113,9 @@ class ModelVersion:
         self._output_reshapes = any(spec.reshape is not None for spec in self.outputs.values())
         self.statistics = ModelStatistics(self.name, self.version)
         self.in_flight = 0
+        # Bytes of the inputs of the requests counted in in_flight.
+        self.pending_bytes = 0
+        self.limits = PendingLimits()
         self.instance_factory = instance_factory
         self.replacements = 0
         # Inputs (client shapes) of a warm-up sample; the server sends a few requests through
@@ -247,13 +266,28 @@ class ModelVersion:
         except EnginehouseError:
             self.statistics.record_failure(clock() - start)
             raise
+        input_bytes = sum(a.nbytes for a in feeds.values())
+        limits = self.limits
+        if (
+            self.in_flight >= limits.max_requests
+            or self.pending_bytes + input_bytes > limits.max_bytes
+        ):
+            self.statistics.record_failure(clock() - start)
+            raise UnavailableError(
+                f"model '{self.name}' has {self.in_flight} requests ({self.pending_bytes} "
+                f"bytes) pending, the most this server holds per model "
+                f"({limits.max_requests} requests, {limits.max_bytes} bytes); retry later"
+            )
         request.admitted_ns = clock()
         if self.batched is not None:
-            return self.batched.enqueue(request, feeds, batch_size, names, start)
+            return self.batched.enqueue(request, feeds, batch_size, names, start, input_bytes)
         pool = self.pool
         instance = pool.try_acquire()
-        input_bytes = sum(a.nbytes for a in feeds.values())
         if instance is None or not instance.policy.inline(input_bytes):
+            # Counted from admission, not from when the coroutine first runs: an unload that
+            # comes in between must wait for this request, not shut its instance down.
+            self.in_flight += 1
+            self.pending_bytes += input_bytes
             return self._run_async(request, feeds, batch_size, names, instance, input_bytes, start)
         return self._run_inline(request, feeds, batch_size, names, instance, start)
 
@@ -335,8 +369,9 @@ class ModelVersion:
         input_bytes: int,
         start: int,
     ) -> InferResponse:
+        """Wait for an instance where none was free, run there; counted in ``in_flight`` by
+        :meth:`submit`, uncounted here once settled."""
         pool = self.pool
-        self.in_flight += 1
         try:
             if instance is None:
                 try:
@@ -361,6 +396,7 @@ class ModelVersion:
             return self._respond(request, names, batch_size, execution, start, queued)
         finally:
             self.in_flight -= 1
+            self.pending_bytes -= input_bytes
 
     def _respond(
         self,

@@ -21,7 +21,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from enginehouse.compiler.cache import EngineCache
 from enginehouse.core import loader, overrides
-from enginehouse.core.model import ModelVersion
+from enginehouse.core.model import ModelVersion, PendingLimits
 from enginehouse.core.routing import ServedModel
 from enginehouse.core.statistics import ModelStatistics
 from enginehouse.core.types import InferRequest, InferResponse, ModelMetadata, RepositoryEntry
@@ -100,6 +100,7 @@ class ServerCore:
         health_check_s: float = 0.0,
         engine_cache: EngineCache | None = None,
         poll_s: float = 15.0,
+        pending_limits: PendingLimits | None = None,
     ) -> None:
         from enginehouse import __version__
 
@@ -114,6 +115,7 @@ class ServerCore:
         self.health_check_s = health_check_s
         self.engine_cache = engine_cache
         self.poll_s = poll_s
+        self.pending_limits = pending_limits or PendingLimits()
         # (model, "success" | "failure") -> count of loads and reloads, for metrics.
         self.load_outcomes: Counter[tuple[str, str]] = Counter()
         self._poll_tasks: dict[str, asyncio.Task[None]] = {}
@@ -397,6 +399,7 @@ class ServerCore:
                 self._load_failed(name, record, reasons, [str(v) for v in loaded.failures])
                 raise ModelLoadError(f"model '{name}' failed to load ({outcome}): {reasons}")
             for version in fresh:
+                version.limits = self.pending_limits
                 await self._warm_request_paths(version)
                 if self.latency_window:
                     version.statistics.keep_recent(self.latency_window)

@@ -26,6 +26,7 @@ from enginehouse.frontends.grpc.codec import (
     encode_infer_response,
     parameter_value,
 )
+from enginehouse.frontends.grpc.options import server_options
 from enginehouse.frontends.grpc.streams import answer_concurrently, stream_error
 
 log = logging.getLogger(__name__)
@@ -209,13 +210,7 @@ class GrpcServer:
     def __init__(self, core: ServerCore, host: str, port: int, max_message_bytes: int) -> None:
         self.host = host
         self.port = port
-        self._server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", -1),
-                ("grpc.so_reuseport", 0),
-            ]
-        )
+        self._server = grpc.aio.server(options=server_options(max_message_bytes, reuse_port=False))
         self.service = InferenceService(core)
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.service, self._server)
 

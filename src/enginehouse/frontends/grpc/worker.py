@@ -27,6 +27,7 @@ from enginehouse.frontends.grpc.frames import (
     Coalescer,
     read_frame,
 )
+from enginehouse.frontends.grpc.options import server_options
 from enginehouse.frontends.grpc.streams import answer_concurrently, stream_error
 from enginehouse.runtime.memory import freeze_long_lived
 
@@ -115,13 +116,7 @@ async def serve(relay_path: str, host: str, port: int, max_message_bytes: int) -
         request_deserializer=pb.ModelInferRequest.FromString,
         response_serializer=pb.ModelStreamInferResponse.SerializeToString,
     )
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", -1),
-            ("grpc.so_reuseport", 1),
-        ]
-    )
+    server = grpc.aio.server(options=server_options(max_message_bytes, reuse_port=True))
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if server.add_insecure_port(address) == 0:
