@@ -110,3 +110,46 @@ def torch_convnet(width: int) -> Any:
         torch.nn.Flatten(),
         torch.nn.Linear(width, 10),
     ).eval()
+
+
+def loop_model(batch: bool = False) -> onnx.ModelProto:
+    """OUTPUT0 = 1 added COUNT times (the largest COUNT of the batch), in every row: a model
+    that runs as long as a request asks, for hung executions and for holding an instance
+    busy for a known time."""
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Add", ["x_in", "one"], ["x_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x_in", TensorProto.FLOAT, [1]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x_out", TensorProto.FLOAT, [1]),
+        ],
+        initializer=[helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])],
+    )
+    shape: list[int | str] = ["batch", 1] if batch else [1]
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMax", ["COUNT"], ["trips"], keepdims=0),
+            helper.make_node("Loop", ["trips", "cond", "zero"], ["total"], body=body),
+            helper.make_node("Cast", ["COUNT"], ["count"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", ["count", "zero"], ["rows"]),
+            helper.make_node("Add", ["rows", "total"], ["OUTPUT0"]),
+        ],
+        "loop",
+        [helper.make_tensor_value_info("COUNT", TensorProto.INT64, shape)],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, shape)],
+        initializer=[
+            helper.make_tensor("cond", TensorProto.BOOL, [], [True]),
+            helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model

@@ -24,6 +24,7 @@ from tests.models import (
     chain_config,
     first_rows,
     gather_table,
+    loop_model,
     matmul_chain,
     save,
     scale_by_two,
@@ -67,13 +68,16 @@ def batching_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server
         ),
     )
     save(
-        matmul_chain(),
+        loop_model(batch=True),
         root,
         "prioritized",
-        chain_config(
-            "dynamic_batching { max_queue_delay_microseconds: 0 priority_levels: 2 "
-            "default_priority_level: 2 }\n"
-        ),
+        'backend: "onnxruntime"\nmax_batch_size: 8\n'
+        'input [{ name: "COUNT" data_type: TYPE_INT64 dims: [1] }]\n'
+        'output [{ name: "OUTPUT0" data_type: TYPE_FP32 dims: [1] }]\n'
+        "dynamic_batching { max_queue_delay_microseconds: 0 priority_levels: 2 "
+        "default_priority_level: 2 }\n"
+        # On its thread: the block must leave the event loop free to queue the others.
+        'parameters { key: "inline_execution" value: { string_value: "never" } }\n',
     )
     save(
         matmul_chain(),
@@ -237,10 +241,12 @@ def test_request_timeout_override_expires_in_queue(batching_server: ServerProces
 def test_higher_priority_overtakes(batching_server: ServerProcess) -> None:
     client = grpcclient.InferenceServerClient(batching_server.grpc_url)
     done: queue.Queue = queue.Queue()
-    block = grpcclient.InferInput("INPUT0", [32, 1024], "FP32")
-    block.set_data_from_numpy(np.ones((32, 1024), np.float32))
-    small = grpcclient.InferInput("INPUT0", [1, 1024], "FP32")
-    small.set_data_from_numpy(np.ones((1, 1024), np.float32))
+    # The block holds the one instance for about half a second (the loop's trips), long
+    # enough that the others always queue behind it, on any machine.
+    block = grpcclient.InferInput("COUNT", [1, 1], "INT64")
+    block.set_data_from_numpy(np.array([[600_000]], np.int64))
+    small = grpcclient.InferInput("COUNT", [1, 1], "INT64")
+    small.set_data_from_numpy(np.ones((1, 1), np.int64))
 
     def callback(tag: str):  # type: ignore[no-untyped-def]
         return lambda result, error: done.put((tag, error))

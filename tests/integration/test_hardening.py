@@ -16,15 +16,18 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import onnx
 import psutil
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import ServerProcess
 from tests.integration.test_errors import assert_still_serving, raw_post
+from tests.models import loop_model
 
 SIMPLE_OVERRIDE = {
     "name": "simple",
@@ -55,9 +58,20 @@ def repo(tmp_path_factory: pytest.TempPathFactory, example_repo: Path, outside: 
     root.mkdir()
     for name in ("simple", "identity_bytes", "identity_fp32"):
         shutil.copytree(example_repo / name, root / name)
+    (root / "loop" / "1").mkdir(parents=True)
+    onnx.save(loop_model(), str(root / "loop" / "1" / "model.onnx"))
+    (root / "loop" / "config.pbtxt").write_text(LOOP_CONFIG)
     # A symlink inside the model folder that leads out of it.
     (root / "simple" / "1" / "link.onnx").symlink_to(outside / "simple" / "1" / "model.onnx")
     return root
+
+
+LOOP_CONFIG = """backend: "onnxruntime"
+max_batch_size: 0
+input [{ name: "COUNT" data_type: TYPE_INT64 dims: [1] }]
+output [{ name: "OUTPUT0" data_type: TYPE_FP32 dims: [1] }]
+parameters { key: "execution_timeout_us" value: { string_value: "300000" } }
+"""
 
 
 @pytest.fixture(scope="module")
@@ -287,3 +301,28 @@ def test_a_burst_of_grpc_calls_ends_ok_never_cancelled(explicit: ServerProcess) 
     statuses = asyncio.run(burst())
     assert set(statuses) <= {"OK", "UNAVAILABLE"}, statuses
     assert statuses["OK"] > 0
+
+
+def test_a_hung_execution_fails_its_request_and_the_instance_is_replaced(
+    explicit: ServerProcess,
+) -> None:
+    client = httpclient.InferenceServerClient(explicit.http_url, network_timeout=60)
+
+    def run(count: int) -> float:
+        item = httpclient.InferInput("COUNT", [1], "INT64")
+        item.set_data_from_numpy(np.array([count], np.int64))
+        return float(client.infer("loop", [item]).as_numpy("OUTPUT0")[0])
+
+    assert run(5) == 5.0
+    for _ in range(2):
+        started = time.perf_counter()
+        with pytest.raises(InferenceServerException, match="execution_timeout_us") as info:
+            run(2**62)
+        assert info.value.status() == "500"
+        assert time.perf_counter() - started < 10
+        # The replacement instance serves the next request (it waits for it if need be).
+        assert run(7) == 7.0
+    assert "replacing it" in explicit.log()
+    stats = client.get_inference_statistics("loop")["model_stats"][0]["inference_stats"]
+    assert stats["fail"]["count"] == 2
+    assert_still_serving(explicit)

@@ -90,6 +90,11 @@ class Engine(ABC):
             for name, arrays in parts.items()
         }
 
+    def cancel(self) -> None:  # noqa: B027 - a runtime that cannot stop a run does nothing
+        """Ask the execution in progress to stop, from another thread; best effort. Called
+        when an execution outlives the model's timeout: the instance is replaced either way,
+        and an engine that stops frees its thread and memory sooner."""
+
     def close(self) -> None:  # noqa: B027 - engines without resources need not override
         """Release what the engine holds (sessions, device memory)."""
 

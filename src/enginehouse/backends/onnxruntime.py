@@ -50,8 +50,13 @@ class OnnxRuntimeEngine(Engine):
     """An ONNX Runtime session and the knowledge of which tensors are strings."""
 
     def __init__(self, session: object, string_inputs: frozenset[str]) -> None:
+        import onnxruntime as ort
+
         self._session = session
         self._string_inputs = string_inputs
+        self._new_run_options = ort.RunOptions
+        # Set to terminate by cancel(); replaced after a terminated run.
+        self._run_options = ort.RunOptions()
 
     def execute(
         self, inputs: dict[str, np.ndarray], output_names: Sequence[str]
@@ -61,11 +66,20 @@ class OnnxRuntimeEngine(Engine):
                 name: _to_text(value, name) if name in self._string_inputs else value
                 for name, value in inputs.items()
             }
-        results = self._session.run(list(output_names), inputs)  # type: ignore[attr-defined]
+        options = self._run_options
+        try:
+            results = self._session.run(list(output_names), inputs, options)  # type: ignore[attr-defined]
+        finally:
+            if options.terminate:
+                self._run_options = self._new_run_options()
         return [
             _to_bytes(r) if isinstance(r, np.ndarray) and r.dtype == np.object_ else r
             for r in results
         ]
+
+    def cancel(self) -> None:
+        """ONNX Runtime checks the flag between kernels and in loops, and the run ends."""
+        self._run_options.terminate = True
 
     def close(self) -> None:
         self._session = None

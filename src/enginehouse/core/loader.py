@@ -166,10 +166,26 @@ def memory_fraction(config: mc.ModelConfig) -> float:
     return fraction
 
 
+def execution_timeout_s(config: mc.ModelConfig) -> float:
+    """``execution_timeout_us``: how long one execution may take before its requests fail
+    and its instance is replaced (0: no limit)."""
+    text = model_config.parameter(config, "execution_timeout_us", "0").strip() or "0"
+    if not text.isdigit():
+        raise ModelLoadError(
+            f"model '{config.name}': execution_timeout_us must be a whole number of "
+            f"microseconds, got '{text}'"
+        )
+    return int(text) / 1e6
+
+
 def inline_policy(config: mc.ModelConfig, placement: Placement) -> InlinePolicy:
-    """The instance's inline-execution policy from the ``inline_execution`` parameters."""
+    """The instance's inline-execution policy from the ``inline_execution`` parameters. A
+    model with an execution timeout never runs inline: an execution on the event loop's
+    thread cannot be timed out, and one that hung there would stop the whole server."""
     default = "never" if placement.kind == mc.ModelInstanceGroup.KIND_GPU else "auto"
     mode = model_config.parameter(config, "inline_execution", default)
+    if execution_timeout_s(config):
+        mode = "never"
     threshold = model_config.parameter(config, "inline_execution_threshold_us", "100")
     try:
         return InlinePolicy(mode, threshold_ns=int(threshold) * 1000)
@@ -219,6 +235,7 @@ def load_version(
             else compiler.Engine(model_file)
         )
     samples = warmups.samples(config, model_dir) if warmup else []
+    timeout = execution_timeout_s(config)
 
     def make_instance(name: str, placement: Placement) -> Instance:
         started = time.perf_counter()
@@ -226,7 +243,7 @@ def load_version(
         engine = backend.load(
             config, built.path, placement, bool(built.manifest.get("optimized", False))
         )
-        instance = Instance(name, engine, placement, inline_policy(config, placement))
+        instance = Instance(name, engine, placement, inline_policy(config, placement), timeout)
         loaded = time.perf_counter() - started
         try:
             instance.warmup_seconds = warmups.warm(instance, config, samples)

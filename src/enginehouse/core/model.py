@@ -246,12 +246,14 @@ class ModelVersion:
         self, instance: Instance, exc: BaseException, starts: Sequence[int]
     ) -> BaseException:
         """Account for an execution that raised: the instance goes back (or, when the backend
-        itself failed, is replaced), each request counts as failed; returns the error to raise."""
-        self.pool.release(instance)
+        itself failed or hung, is replaced, and never handed to a waiting request first), each
+        request counts as failed; returns the error to raise."""
         now = time.perf_counter_ns()
         for start in starts:
             self.statistics.record_failure(now - start)
-        if not isinstance(exc, EnginehouseError | asyncio.CancelledError):
+        if isinstance(exc, EnginehouseError | asyncio.CancelledError):
+            self.pool.release(instance)
+        else:
             self.replace_instance(instance, exc)
         return self.internal_error(exc)
 
@@ -462,7 +464,6 @@ class ModelVersion:
                 try:
                     await asyncio.shield(instance.execute(lambda: inputs, names, list))
                 except Exception as exc:
-                    self.pool.release(instance)
                     self.replace_instance(instance, exc)
                     continue
                 self.health_checks += 1

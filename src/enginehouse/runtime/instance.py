@@ -14,6 +14,7 @@ instance measures the three compute phases Triton reports.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -127,18 +128,36 @@ class InlinePolicy:
             self._average_ns += (sample - self._average_ns) * 0.05
 
 
+class ExecutionTimeout(Exception):
+    """An execution outlived the model's ``execution_timeout_us``: its requests fail and the
+    instance, whose thread may never come back, is replaced."""
+
+
 class Instance:
-    """One engine bound to one thread; used by one execution at a time."""
+    """One engine bound to one thread; used by one execution at a time.
+
+    With ``timeout_s`` an execution that has not ended by then fails with
+    :class:`ExecutionTimeout`; the engine is asked to stop (:meth:`Engine.cancel`) and the
+    instance counts as hung: closing it then does not wait for its thread, and its engine is
+    released whenever the execution does end."""
 
     def __init__(
-        self, name: str, engine: Engine, placement: Placement, policy: InlinePolicy | None = None
+        self,
+        name: str,
+        engine: Engine,
+        placement: Placement,
+        policy: InlinePolicy | None = None,
+        timeout_s: float = 0.0,
     ) -> None:
         self.name = name
         self.placement = placement
         self.policy = policy or InlinePolicy("never")
+        self.timeout_s = timeout_s
+        self.hung = False
         self.warmup_seconds = 0.0
         self._engine = engine
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._running: concurrent.futures.Future[Execution] | None = None
         # Start the thread now: ThreadPoolExecutor creates it on first use, which would be
         # the first request's cost.
         self._executor.submit(int).result()
@@ -178,8 +197,56 @@ class Instance:
         future resolves on the caller's event loop."""
         loop = asyncio.get_running_loop()
         if self._engine.launches:
-            return self._launch(loop, prepare, output_names, finish)
-        return loop.run_in_executor(self._executor, self._run, prepare, output_names, finish)
+            future = self._launch(loop, prepare, output_names, finish)
+        else:
+            future = self._in_thread(prepare, output_names, finish)
+        return self._bounded(loop, future) if self.timeout_s else future
+
+    def _in_thread(
+        self, prepare: PrepareInputs, output_names: Sequence[str], finish: FinishOutputs
+    ) -> asyncio.Future[Execution]:
+        self._running = self._executor.submit(self._run, prepare, output_names, finish)
+        return asyncio.wrap_future(self._running)
+
+    def _bounded(
+        self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[Execution]
+    ) -> asyncio.Future[Execution]:
+        """``future``, or ExecutionTimeout once the timeout has passed without it."""
+        bounded: asyncio.Future[Execution] = loop.create_future()
+
+        def expire() -> None:
+            if bounded.done():
+                return
+            self.hung = True
+            try:
+                self._engine.cancel()
+            except Exception:
+                log.exception("instance %s: cancelling the hung execution failed", self.name)
+            bounded.set_exception(
+                ExecutionTimeout(
+                    f"execution on instance {self.name} took longer than "
+                    f"{self.timeout_s * 1000:.0f} ms (execution_timeout_us); the instance "
+                    "is replaced"
+                )
+            )
+
+        timer = loop.call_later(self.timeout_s, expire)
+
+        def settle(done: asyncio.Future[Execution]) -> None:
+            timer.cancel()
+            if bounded.done():
+                if not done.cancelled():
+                    done.exception()  # retrieved: a late failure is not worth a warning
+                return
+            if done.cancelled():
+                bounded.cancel()
+            elif (exc := done.exception()) is not None:
+                bounded.set_exception(exc)
+            else:
+                bounded.set_result(done.result())
+
+        future.add_done_callback(settle)
+        return bounded
 
     def _launch(
         self,
@@ -199,14 +266,18 @@ class Instance:
             future.set_exception(exc)
             return future
         if launched is None:  # a shape no launch covers: the thread runs it as usual
-            return loop.run_in_executor(
-                self._executor, self._run, lambda: inputs, output_names, finish
-            )
+            return self._in_thread(lambda: inputs, output_names, finish)
         _LaunchWatch(loop, launched, finish, future, t0, t1).check()
         return future
 
     def close(self) -> None:
-        """Finish the running execution, then release the engine."""
+        """Finish the running execution, then release the engine; a hung instance is not
+        waited for: its engine goes when its execution ends, if ever."""
+        if self.hung and self._running is not None and not self._running.done():
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            engine = self._engine
+            self._running.add_done_callback(lambda _: engine.close())
+            return
         self._executor.shutdown(wait=True)
         self._engine.close()
 
