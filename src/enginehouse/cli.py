@@ -18,6 +18,7 @@ from enginehouse.compiler import cli as compiler_cli
 from enginehouse.compiler.cache import EngineCache, default_root
 from enginehouse.core.model import PendingLimits
 from enginehouse.core.server import ControlMode, ServerCore
+from enginehouse.frontends.security import API_GROUPS, RestrictedApis, TlsSettings
 from enginehouse.observe.metrics import MetricsOptions
 from enginehouse.repository import ModelRepository
 
@@ -143,6 +144,41 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="how long shutdown waits for in-flight requests",
     )
+    for protocol, flag in (
+        ("http", "--http-restricted-api"),
+        ("grpc", "--grpc-restricted-protocol"),
+    ):
+        serve.add_argument(
+            flag,
+            action="append",
+            default=[],
+            metavar="APIS:HEADER=VALUE",
+            help=f"{protocol.upper()} requests to these comma-separated API groups "
+            f"({', '.join(API_GROUPS)}) need this header, else 403 / PERMISSION_DENIED "
+            "(repeatable)",
+        )
+        serve.add_argument(
+            f"--{protocol}-use-ssl",
+            type=_bool,
+            nargs="?",
+            const=True,
+            default=False,
+            help=f"serve {protocol.upper()} over TLS",
+        )
+        serve.add_argument(
+            f"--{protocol}-use-ssl-mutual",
+            type=_bool,
+            nargs="?",
+            const=True,
+            default=False,
+            help=f"serve {protocol.upper()} over mutual TLS: clients present a certificate "
+            "signed by the root certificate",
+        )
+        serve.add_argument(f"--{protocol}-server-cert", type=Path, help="server certificate (PEM)")
+        serve.add_argument(f"--{protocol}-server-key", type=Path, help="server private key (PEM)")
+        serve.add_argument(
+            f"--{protocol}-root-cert", type=Path, help="root certificate for client certificates"
+        )
     serve.add_argument("--log-verbose", type=int, default=0, help="verbosity: 0 info, >0 debug")
     compiler_cli.add_commands(commands)
     return parser
@@ -162,6 +198,25 @@ def metrics_options(settings: list[str]) -> MetricsOptions:
     return MetricsOptions(summary_latencies=summary, summary_window=window)
 
 
+def access_settings(
+    args: argparse.Namespace, protocol: str
+) -> tuple[RestrictedApis, TlsSettings | None]:
+    """A protocol's restricted APIs and TLS from its flags; SystemExit names a bad one."""
+    specs = args.http_restricted_api if protocol == "http" else args.grpc_restricted_protocol
+    try:
+        restricted = RestrictedApis.parse(specs)
+        tls = TlsSettings.from_flags(
+            getattr(args, f"{protocol}_use_ssl"),
+            getattr(args, f"{protocol}_server_cert"),
+            getattr(args, f"{protocol}_server_key"),
+            getattr(args, f"{protocol}_root_cert"),
+            getattr(args, f"{protocol}_use_ssl_mutual"),
+        )
+    except ValueError as exc:
+        raise SystemExit(f"enginehouse serve: {protocol}: {exc}") from None
+    return restricted, tls
+
+
 async def serve(args: argparse.Namespace) -> int:
     """Run the server until SIGINT or SIGTERM, then drain and stop."""
     from enginehouse.frontends.grpc.relay import GrpcWorkers
@@ -170,6 +225,8 @@ async def serve(args: argparse.Namespace) -> int:
     from enginehouse.frontends.metrics import MetricsServer
 
     options = metrics_options(args.metrics_config)
+    http_access = access_settings(args, "http")
+    grpc_access = access_settings(args, "grpc")
     repository = ModelRepository(args.model_repository)
     core = ServerCore(
         repository,
@@ -193,16 +250,21 @@ async def serve(args: argparse.Namespace) -> int:
 
     servers: list[HttpServer | GrpcServer | GrpcWorkers | MetricsServer] = []
     if args.allow_http:
-        http = HttpServer(core, args.host, args.http_port, args.http_max_input_size)
+        http = HttpServer(core, args.host, args.http_port, args.http_max_input_size, *http_access)
         core.add_request_warmer(http.app.warm)
         servers.append(http)
     if args.allow_grpc:
         grpc_server: GrpcServer | GrpcWorkers = (
             GrpcWorkers(
-                core, args.host, args.grpc_port, args.http_max_input_size, args.grpc_workers
+                core,
+                args.host,
+                args.grpc_port,
+                args.http_max_input_size,
+                args.grpc_workers,
+                *grpc_access,
             )
             if args.grpc_workers > 0
-            else GrpcServer(core, args.host, args.grpc_port, args.http_max_input_size)
+            else GrpcServer(core, args.host, args.grpc_port, args.http_max_input_size, *grpc_access)
         )
         core.add_request_warmer(grpc_server.service.warm)
         if isinstance(grpc_server, GrpcWorkers):

@@ -7,6 +7,7 @@ HTTP status and gRPC status code, so that frontends translate and never guess::
     ├── InvalidArgumentError               400  INVALID_ARGUMENT
     │   └── PayloadTooLargeError           413  INVALID_ARGUMENT
     ├── NotFoundError                      404  NOT_FOUND
+    ├── PermissionDeniedError              403  PERMISSION_DENIED
     ├── UnavailableError                   503  UNAVAILABLE
     ├── UnsupportedError                   400  UNIMPLEMENTED
     ├── AlreadyExistsError                 409  ALREADY_EXISTS
@@ -48,6 +49,13 @@ class NotFoundError(EnginehouseError):
 
     http_status = 404
     grpc_code = grpc.StatusCode.NOT_FOUND
+
+
+class PermissionDeniedError(EnginehouseError):
+    """The request is for a restricted API and lacks the header that opens it."""
+
+    http_status = 403
+    grpc_code = grpc.StatusCode.PERMISSION_DENIED
 
 
 class UnavailableError(EnginehouseError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -70,7 +71,10 @@ class ServerProcess:
         http_port: int = 0,
         grpc_port: int = 0,
         metrics_port: int = 0,
+        https: ssl.SSLContext | None = None,
     ) -> None:
+        # How to reach a server whose HTTP endpoint speaks TLS (None: plain HTTP).
+        self.https = https
         self._fixed_ports = (http_port, grpc_port, metrics_port)
         self._repositories = repositories
         self._extra = extra
@@ -116,7 +120,9 @@ class ServerProcess:
 
     def _get(self, path: str) -> int:
         try:
-            with urllib.request.urlopen(f"http://{self.http_url}{path}", timeout=5) as r:
+            scheme = "https" if self.https else "http"
+            url = f"{scheme}://{self.http_url}{path}"
+            with urllib.request.urlopen(url, timeout=5, context=self.https) as r:
                 return int(r.status)
         except urllib.error.HTTPError as exc:
             return int(exc.code)

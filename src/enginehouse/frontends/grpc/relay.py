@@ -40,6 +40,7 @@ from enginehouse.frontends.grpc.codec import encode_infer_response, split_raw_co
 from enginehouse.frontends.grpc.frames import HELLO, METHODS, SERVICE, Coalescer
 from enginehouse.frontends.grpc.receive import LARGE_FRAME, FrameReceiver
 from enginehouse.frontends.grpc.service import InferenceService, warmup_request
+from enginehouse.frontends.security import RestrictedApis, TlsSettings
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +114,17 @@ class GrpcWorkers:
     """The relay socket and the worker processes that serve gRPC through it."""
 
     def __init__(
-        self, core: ServerCore, host: str, port: int, max_message_bytes: int, workers: int
+        self,
+        core: ServerCore,
+        host: str,
+        port: int,
+        max_message_bytes: int,
+        workers: int,
+        restricted: RestrictedApis | None = None,
+        tls: TlsSettings | None = None,
     ) -> None:
+        self.restricted = restricted or RestrictedApis()
+        self.tls = tls
         self.host = host
         self.port = port
         self.max_message_bytes = max_message_bytes
@@ -164,6 +174,8 @@ class GrpcWorkers:
                 self.host,
                 str(self.port),
                 str(self.max_message_bytes),
+                self.restricted.to_json(),
+                self.tls.to_json() if self.tls else "null",
             ]
         )
 
@@ -235,9 +247,10 @@ class GrpcWorkers:
                     f"127.0.0.1:{port}", options=options
                 ) as channel:
                     infer = channel.unary_unary(f"/{SERVICE}/ModelInfer")
+                    headers = self.restricted.headers_for("inference")
                     for wire in wires:
                         for _ in range(rounds):
-                            await asyncio.wait_for(infer(wire), timeout=60)
+                            await asyncio.wait_for(infer(wire, metadata=headers), timeout=60)
             except (grpc.RpcError, TimeoutError, OSError) as exc:
                 log.warning("gRPC worker on port %d: warm-up failed: %s", port, exc)
         log.info(

@@ -21,6 +21,7 @@ from enginehouse.core.model import ModelVersion
 from enginehouse.core.server import EXTENSIONS, SERVER_NAME, ServerCore
 from enginehouse.core.types import InferResponse
 from enginehouse.errors import EnginehouseError, InvalidArgumentError
+from enginehouse.frontends.grpc.access import bind, interceptors
 from enginehouse.frontends.grpc.codec import (
     decode_infer_request,
     encode_infer_response,
@@ -28,6 +29,7 @@ from enginehouse.frontends.grpc.codec import (
 )
 from enginehouse.frontends.grpc.options import server_options
 from enginehouse.frontends.grpc.streams import answer_concurrently, stream_error
+from enginehouse.frontends.security import RestrictedApis, TlsSettings
 
 log = logging.getLogger(__name__)
 
@@ -207,16 +209,28 @@ def warmup_request(version: ModelVersion) -> pb.ModelInferRequest:
 class GrpcServer:
     """grpcio's asyncio server with the inference service on one port."""
 
-    def __init__(self, core: ServerCore, host: str, port: int, max_message_bytes: int) -> None:
+    def __init__(
+        self,
+        core: ServerCore,
+        host: str,
+        port: int,
+        max_message_bytes: int,
+        restricted: RestrictedApis | None = None,
+        tls: TlsSettings | None = None,
+    ) -> None:
         self.host = host
         self.port = port
-        self._server = grpc.aio.server(options=server_options(max_message_bytes, reuse_port=False))
+        self.tls = tls
+        self._server = grpc.aio.server(
+            options=server_options(max_message_bytes, reuse_port=False),
+            interceptors=interceptors(restricted or RestrictedApis()),
+        )
         self.service = InferenceService(core)
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.service, self._server)
 
     async def start(self) -> None:
         address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-        bound = self._server.add_insecure_port(address)
+        bound = bind(self._server, address, self.tls)
         if bound == 0:
             raise OSError(f"cannot bind gRPC port {address}")
         self.port = bound

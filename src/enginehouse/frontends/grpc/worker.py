@@ -1,7 +1,9 @@
 """A gRPC frontend process: takes calls on the shared port and relays them to the core.
 
 Run by :class:`enginehouse.frontends.grpc.relay.GrpcWorkers` as
-``python -m enginehouse.frontends.grpc.worker RELAY HOST PORT MAX_MESSAGE_BYTES``. Unary
+``python -m enginehouse.frontends.grpc.worker RELAY HOST PORT MAX_MESSAGE_BYTES [RESTRICTED
+TLS]`` (the last two as JSON). The shared port speaks TLS when the server does; the private
+warm-up port is plain, on loopback only, and restricted alike. Unary
 calls travel as they arrived (no protobuf work here); a ModelStreamInfer stream is relayed
 as one ModelInfer per message, its answers sent back as they complete, errors in the
 response's ``error_message`` as Triton sends them.
@@ -19,6 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import grpc
 from tritonclient.grpc import service_pb2 as pb
 
+from enginehouse.frontends.grpc.access import bind, interceptors
 from enginehouse.frontends.grpc.frames import (
     HELLO,
     METHODS,
@@ -29,6 +32,7 @@ from enginehouse.frontends.grpc.frames import (
 )
 from enginehouse.frontends.grpc.options import server_options
 from enginehouse.frontends.grpc.streams import answer_concurrently, stream_error
+from enginehouse.frontends.security import RestrictedApis, TlsSettings
 from enginehouse.runtime.memory import freeze_long_lived
 
 log = logging.getLogger("enginehouse.grpc.worker")
@@ -104,7 +108,14 @@ def stream(relay: RelayClient) -> Callable[..., AsyncIterator[pb.ModelStreamInfe
     return handle
 
 
-async def serve(relay_path: str, host: str, port: int, max_message_bytes: int) -> None:
+async def serve(
+    relay_path: str,
+    host: str,
+    port: int,
+    max_message_bytes: int,
+    restricted: RestrictedApis,
+    tls: TlsSettings | None,
+) -> None:
     reader, writer = await asyncio.open_unix_connection(relay_path, limit=max_message_bytes + 64)
     relay = RelayClient(reader, writer)
     handlers: dict[str, grpc.RpcMethodHandler] = {
@@ -116,10 +127,13 @@ async def serve(relay_path: str, host: str, port: int, max_message_bytes: int) -
         request_deserializer=pb.ModelInferRequest.FromString,
         response_serializer=pb.ModelStreamInferResponse.SerializeToString,
     )
-    server = grpc.aio.server(options=server_options(max_message_bytes, reuse_port=True))
+    server = grpc.aio.server(
+        options=server_options(max_message_bytes, reuse_port=True),
+        interceptors=interceptors(restricted),
+    )
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    if server.add_insecure_port(address) == 0:
+    if bind(server, address, tls) == 0:
         raise OSError(f"cannot bind gRPC port {address}")
     # A loopback port of this worker alone: the shared port hands each connection to any
     # worker, so the core warms every worker's request path through these before ready.
@@ -145,10 +159,12 @@ def main() -> int:
         level=logging.INFO, format="%(asctime)s %(levelname).1s %(name)s: %(message)s"
     )
     relay_path, host, port, max_bytes = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    restricted = RestrictedApis.from_json(sys.argv[5]) if len(sys.argv) > 5 else RestrictedApis()
+    tls = TlsSettings.from_json(sys.argv[6]) if len(sys.argv) > 6 else None
     try:
         import uvloop
 
-        uvloop.run(serve(relay_path, host, port, max_bytes))
+        uvloop.run(serve(relay_path, host, port, max_bytes, restricted, tls))
     except OSError as exc:
         log.error("%s", exc)
         return 1

@@ -40,6 +40,7 @@ from enginehouse.frontends.http.protocol import (
     HttpResponse,
     error_response,
 )
+from enginehouse.frontends.security import RestrictedApis, TlsSettings
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +90,40 @@ def _infer_response(response: InferResponse, options: OutputOptions) -> HttpResp
     )
 
 
+_MODEL_ACTION_GROUPS = {
+    "infer": "inference",
+    "ready": "health",
+    "config": "model-config",
+    "stats": "statistics",
+}
+_HEAD_GROUPS = {
+    "health": "health",
+    "repository": "model-repository",
+    "systemsharedmemory": "shared-memory",
+    "cudasharedmemory": "shared-memory",
+    "trace": "trace",
+    "logging": "logging",
+}
+
+
+def api_group(rest: list[str]) -> str:
+    """The API group (Triton's restricted-API names) of a path below ``/v2``."""
+    if not rest:
+        return "metadata"
+    head = rest[0]
+    if head == "models":
+        if rest[1:] == ["stats"]:
+            return "statistics"
+        return _MODEL_ACTION_GROUPS.get(rest[-1], "metadata")
+    return _HEAD_GROUPS.get(head, "metadata")
+
+
 class HttpApp:
     """Maps HTTP requests to ServerCore calls and their results to Triton's JSON."""
 
-    def __init__(self, core: ServerCore) -> None:
+    def __init__(self, core: ServerCore, restricted: RestrictedApis | None = None) -> None:
         self.core = core
+        self.restricted = restricted or RestrictedApis()
 
     async def warm(self, version: ModelVersion) -> None:
         """Run warm-up requests through decoding, the new version and encoding, in process.
@@ -124,6 +154,8 @@ class HttpApp:
         rest = parts[2:]
         if rest and rest[-1] == "":
             rest = rest[:-1]
+        if self.restricted:
+            self.restricted.check(api_group(rest), request.headers)
         if not rest:
             self._method(method, "GET")
             return _json(
@@ -301,8 +333,17 @@ def warmup_request(version: ModelVersion) -> HttpRequest:
 class HttpServer:
     """The listening socket and its connections."""
 
-    def __init__(self, core: ServerCore, host: str, port: int, body_limit: int) -> None:
-        self.app = HttpApp(core)
+    def __init__(
+        self,
+        core: ServerCore,
+        host: str,
+        port: int,
+        body_limit: int,
+        restricted: RestrictedApis | None = None,
+        tls: TlsSettings | None = None,
+    ) -> None:
+        self.app = HttpApp(core, restricted)
+        self.tls = tls
         self.host = host
         self.port = port
         self.body_limit = body_limit
@@ -317,6 +358,7 @@ class HttpServer:
             self.port,
             reuse_address=True,
             backlog=1024,
+            ssl=self.tls.ssl_context() if self.tls else None,
         )
         sockets = self._server.sockets
         if sockets:
