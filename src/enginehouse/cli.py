@@ -18,6 +18,7 @@ from enginehouse.compiler import cli as compiler_cli
 from enginehouse.compiler.cache import EngineCache, default_root
 from enginehouse.core.model import PendingLimits
 from enginehouse.core.server import ControlMode, ServerCore
+from enginehouse.frontends.http.connections import HttpLimits
 from enginehouse.frontends.security import API_GROUPS, RestrictedApis, TlsSettings
 from enginehouse.observe.metrics import MetricsOptions
 from enginehouse.repository import ModelRepository
@@ -123,6 +124,38 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=64 * 1024 * 1024,
         help="largest request body accepted, in bytes (413 above)",
+    )
+    serve.add_argument(
+        "--http-max-header-size",
+        type=int,
+        default=HttpLimits().header_bytes,
+        help="largest request line and headers accepted, in bytes (431 above)",
+    )
+    serve.add_argument(
+        "--http-header-timeout-secs",
+        type=float,
+        default=HttpLimits().header_timeout_s,
+        help="a request's headers must arrive within this, from its first byte (408 and "
+        "close; 0: no limit)",
+    )
+    serve.add_argument(
+        "--http-body-timeout-secs",
+        type=float,
+        default=HttpLimits().body_timeout_s,
+        help="the longest pause in a request body (408 and close; 0: no limit)",
+    )
+    serve.add_argument(
+        "--http-keepalive-timeout-secs",
+        type=float,
+        default=HttpLimits().keepalive_timeout_s,
+        help="close a kept-alive connection idle this long (0: never)",
+    )
+    serve.add_argument(
+        "--http-max-connections",
+        type=int,
+        default=HttpLimits().max_connections,
+        help="open HTTP connections; new ones past it get 503 and are closed (at most what "
+        "the open-file limit allows)",
     )
     serve.add_argument(
         "--model-max-pending-requests",
@@ -250,7 +283,15 @@ async def serve(args: argparse.Namespace) -> int:
 
     servers: list[HttpServer | GrpcServer | GrpcWorkers | MetricsServer] = []
     if args.allow_http:
-        http = HttpServer(core, args.host, args.http_port, args.http_max_input_size, *http_access)
+        limits = HttpLimits(
+            body_bytes=args.http_max_input_size,
+            header_bytes=args.http_max_header_size,
+            header_timeout_s=args.http_header_timeout_secs,
+            body_timeout_s=args.http_body_timeout_secs,
+            keepalive_timeout_s=args.http_keepalive_timeout_secs,
+            max_connections=args.http_max_connections,
+        )
+        http = HttpServer(core, args.host, args.http_port, limits, *http_access)
         core.add_request_warmer(http.app.warm)
         servers.append(http)
     if args.allow_grpc:

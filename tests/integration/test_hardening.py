@@ -271,12 +271,6 @@ def test_undecodable_stream_message_is_reported(explicit: ServerProcess) -> None
     assert_still_serving(explicit)
 
 
-def _socket_post(port: int, raw: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(raw)
-        return sock.recv(65536)
-
-
 def test_a_burst_of_grpc_calls_ends_ok_never_cancelled(explicit: ServerProcess) -> None:
     """grpc-core cancelled calls it held before the server took them (a burst of 3,000
     ended 2-14% CANCELLED); every call must end OK or with an explicit overload status."""
@@ -326,3 +320,93 @@ def test_a_hung_execution_fails_its_request_and_the_instance_is_replaced(
     stats = client.get_inference_statistics("loop")["model_stats"][0]["inference_stats"]
     assert stats["fail"]["count"] == 2
     assert_still_serving(explicit)
+
+
+@pytest.fixture(scope="module")
+def limited(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A server with tight HTTP limits, so that each can be seen to act within seconds."""
+    proc = ServerProcess(
+        [repo],
+        "--http-max-header-size",
+        "8192",
+        "--http-header-timeout-secs",
+        "1",
+        "--http-body-timeout-secs",
+        "1",
+        "--http-keepalive-timeout-secs",
+        "1.5",
+        "--http-max-connections",
+        "40",
+        log_path=tmp_path_factory.mktemp("log") / "limited.log",
+    )
+    try:
+        proc.wait_live()
+        yield proc
+    finally:
+        proc.stop()
+
+
+def _read_until_closed(sock: socket.socket, timeout_s: float) -> bytes:
+    sock.settimeout(timeout_s)
+    received = b""
+    while chunk := sock.recv(65536):
+        received += chunk
+    return received
+
+
+def test_oversized_headers_get_431(limited: ServerProcess) -> None:
+    for head in (
+        b"GET /v2 HTTP/1.1\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n",  # one chunk, whole
+        b"GET /v2 HTTP/1.1\r\n" + b"X-Many: b\r\n" * 2000 + b"\r\n",
+    ):
+        with socket.create_connection(("127.0.0.1", limited.http_port), timeout=10) as sock:
+            sock.sendall(head)
+            assert _read_until_closed(sock, 10).startswith(b"HTTP/1.1 431")
+    # 16 MB of headers, sent in pieces: refused long before the end.
+    with socket.create_connection(("127.0.0.1", limited.http_port), timeout=10) as sock:
+        sock.sendall(b"GET /v2 HTTP/1.1\r\nX-Endless: ")
+        sent = 0
+        with pytest.raises(OSError):
+            while sent < 16 * 2**20:
+                sock.sendall(b"c" * 65536)
+                sent += 65536
+        assert sent < 2**20
+    assert_still_serving(limited)
+
+
+def test_slow_requests_get_408_and_idle_connections_close(limited: ServerProcess) -> None:
+    started = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", limited.http_port), timeout=10) as headers:
+        headers.sendall(b"POST /v2/models/simple/infer HTTP/1.1\r\nHost: x\r\n")
+        with socket.create_connection(("127.0.0.1", limited.http_port), timeout=10) as body:
+            body.sendall(b"POST /v2/models/simple/infer HTTP/1.1\r\nContent-Length: 1000\r\n\r\n{")
+            assert _read_until_closed(headers, 10).startswith(b"HTTP/1.1 408")
+            assert _read_until_closed(body, 10).startswith(b"HTTP/1.1 408")
+    assert time.perf_counter() - started < 5
+    with socket.create_connection(("127.0.0.1", limited.http_port), timeout=10) as idle:
+        idle.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        started = time.perf_counter()
+        reply = _read_until_closed(idle, 10)
+        assert reply.startswith(b"HTTP/1.1 200")
+        assert 1.0 < time.perf_counter() - started < 5  # closed by the keep-alive timeout
+
+
+def test_connections_past_the_cap_are_refused_and_the_others_served(
+    limited: ServerProcess,
+) -> None:
+    held = [socket.create_connection(("127.0.0.1", limited.http_port)) for _ in range(45)]
+    try:
+        refused = 0
+        for sock in held[40:]:
+            reply = _read_until_closed(sock, 10)
+            refused += reply.startswith(b"HTTP/1.1 503")
+        assert refused == 5
+        for sock in held[:3]:
+            sock.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.settimeout(10)
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    finally:
+        for sock in held:
+            sock.close()
+    time.sleep(0.5)
+    assert_still_serving(limited)

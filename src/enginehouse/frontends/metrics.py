@@ -6,6 +6,7 @@ import asyncio
 import logging
 
 from enginehouse.core.server import ServerCore
+from enginehouse.frontends.http.connections import Connections, HttpLimits
 from enginehouse.frontends.http.protocol import HttpProtocol, HttpRequest, HttpResponse
 from enginehouse.observe import metrics
 from enginehouse.observe.system import SystemMonitor
@@ -27,7 +28,7 @@ class MetricsServer:
         self.host = host
         self.port = port
         self._server: asyncio.Server | None = None
-        self._connections: set[HttpProtocol] = set()
+        self._connections = Connections(HttpLimits(body_bytes=1 << 20))
 
     def handle(self, request: HttpRequest) -> HttpResponse:
         if request.path != "/metrics":
@@ -40,7 +41,7 @@ class MetricsServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: HttpProtocol(self.handle, 1 << 20, self._connections),
+            lambda: HttpProtocol(self.handle, self._connections),
             self.host,
             self.port,
             reuse_address=True,
@@ -52,6 +53,7 @@ class MetricsServer:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-            for connection in list(self._connections):
+            for connection in self._connections:
                 connection.close()
+            self._connections.stop()
             await self._server.wait_closed()

@@ -34,6 +34,7 @@ from enginehouse.frontends.http.codec import (
     decode_infer_request,
     encode_infer_response,
 )
+from enginehouse.frontends.http.connections import Connections, HttpLimits
 from enginehouse.frontends.http.protocol import (
     HttpProtocol,
     HttpRequest,
@@ -338,7 +339,7 @@ class HttpServer:
         core: ServerCore,
         host: str,
         port: int,
-        body_limit: int,
+        limits: HttpLimits | None = None,
         restricted: RestrictedApis | None = None,
         tls: TlsSettings | None = None,
     ) -> None:
@@ -346,14 +347,13 @@ class HttpServer:
         self.tls = tls
         self.host = host
         self.port = port
-        self.body_limit = body_limit
         self._server: asyncio.Server | None = None
-        self._connections: set[HttpProtocol] = set()
+        self._connections = Connections(limits or HttpLimits())
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: HttpProtocol(self.app, self.body_limit, self._connections),
+            lambda: HttpProtocol(self.app, self._connections),
             self.host,
             self.port,
             reuse_address=True,
@@ -373,6 +373,7 @@ class HttpServer:
         deadline = time.monotonic() + grace_s
         while any(not c.idle for c in self._connections) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        for connection in list(self._connections):
+        for connection in self._connections:
             connection.close()
+        self._connections.stop()
         await self._server.wait_closed()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import zlib
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 import httptools
 
 from enginehouse.errors import InvalidArgumentError, PayloadTooLargeError
+from enginehouse.frontends.http.connections import Connections, Waiting
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +28,14 @@ _REASONS = {
     100: b"Continue",
     200: b"OK",
     400: b"Bad Request",
+    403: b"Forbidden",
     404: b"Not Found",
     405: b"Method Not Allowed",
+    408: b"Request Timeout",
     409: b"Conflict",
     413: b"Payload Too Large",
     429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
     500: b"Internal Server Error",
     503: b"Service Unavailable",
 }
@@ -67,6 +72,10 @@ class _TooLarge(Exception):
     pass
 
 
+class _HeadersTooLarge(Exception):
+    pass
+
+
 def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
     if encoding in ("", "identity"):
         return body
@@ -87,11 +96,17 @@ def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
 
 
 class HttpProtocol(asyncio.Protocol):
-    """One client connection."""
+    """One client connection. ``waiting`` and ``deadline`` tell the listener's sweep what
+    the connection waits for and until when (see :mod:`connections`)."""
 
-    def __init__(self, handler: Handler, body_limit: int, connections: set[HttpProtocol]) -> None:
+    def __init__(self, handler: Handler, connections: Connections) -> None:
         self._handler = handler
-        self._limit = body_limit
+        self._limits = connections.limits
+        self._limit = connections.limits.body_bytes
+        self.waiting = Waiting.NOTHING
+        self.deadline = 0.0
+        # Bytes of the headers of the request being read: raw while they arrive, then exact.
+        self._head_bytes = 0
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
         self._url = b""
@@ -105,17 +120,35 @@ class HttpProtocol(asyncio.Protocol):
         self._write_ready = asyncio.Event()
         self._write_ready.set()
         self._connections = connections
+        self._header_size = 0
 
     # -- asyncio.Protocol --------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
-        self._connections.add(self)
+        if not self._connections.admit(self):
+            self._fail(503, b"too many open connections; retry later")
+            return
+        self._wait_for(Waiting.IDLE)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self._write_ready.set()
         self._connections.discard(self)
+
+    def _wait_for(self, waiting: Waiting) -> None:
+        timeout = self._limits.timeout(waiting)
+        self.waiting = waiting if timeout else Waiting.NOTHING
+        self.deadline = time.monotonic() + timeout if timeout else 0.0
+
+    def expire(self) -> None:
+        """Called by the sweep once the deadline has passed."""
+        if self.waiting == Waiting.IDLE:
+            self.close()
+        elif self.waiting == Waiting.HEADERS:
+            self._fail(408, b"the request headers did not arrive in time")
+        elif self.waiting == Waiting.BODY:
+            self._fail(408, b"the request body stopped arriving")
 
     def pause_writing(self) -> None:
         self._write_ready.clear()
@@ -131,10 +164,25 @@ class HttpProtocol(asyncio.Protocol):
         except httptools.HttpParserCallbackError as exc:
             if isinstance(exc.__context__, _TooLarge):
                 self._fail(413, f"request body is larger than {self._limit} bytes".encode())
+            elif isinstance(exc.__context__, _HeadersTooLarge):
+                self._headers_too_large()
             else:
                 self._fail(400, b"malformed HTTP request")
+            return
         except httptools.HttpParserError:
             self._fail(400, b"malformed HTTP request")
+            return
+        if self.waiting == Waiting.HEADERS:
+            # Still inside a request's headers: count them as they come, before the parser
+            # has a whole header to hand over (it buffers one of any size).
+            self._head_bytes += len(data)
+            if self._head_bytes > self._limits.header_bytes:
+                self._headers_too_large()
+
+    def _headers_too_large(self) -> None:
+        self._fail(
+            431, f"request headers are larger than {self._limits.header_bytes} bytes".encode()
+        )
 
     # -- httptools callbacks -----------------------------------------------------------
 
@@ -143,11 +191,20 @@ class HttpProtocol(asyncio.Protocol):
         self._headers = {}
         self._body = []
         self._size = 0
+        self._head_bytes = 0
+        self._header_size = 0
+        self._wait_for(Waiting.HEADERS)
 
     def on_url(self, url: bytes) -> None:
         self._url += url
+        self._header_size += len(url)
+        if self._header_size > self._limits.header_bytes:
+            raise _HeadersTooLarge()
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_size += len(name) + len(value) + 4
+        if self._header_size > self._limits.header_bytes:
+            raise _HeadersTooLarge()
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
@@ -156,14 +213,21 @@ class HttpProtocol(asyncio.Protocol):
             raise _TooLarge()
         if self._headers.get("expect", "").lower() == "100-continue" and self._transport:
             self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if (length and length != "0") or "transfer-encoding" in self._headers:
+            self._wait_for(Waiting.BODY)
+        else:
+            self.waiting = Waiting.NOTHING
 
     def on_body(self, body: bytes) -> None:
         self._size += len(body)
         if self._size > self._limit:
             raise _TooLarge()
         self._body.append(body)
+        if self.waiting == Waiting.BODY:
+            self.deadline = time.monotonic() + self._limits.body_timeout_s
 
     def on_message_complete(self) -> None:
+        self.waiting = Waiting.NOTHING
         url = httptools.parse_url(self._url)
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
         request = HttpRequest(
@@ -199,6 +263,8 @@ class HttpProtocol(asyncio.Protocol):
             return
         if self._transport is not None and not self._closed:
             self._transport.resume_reading()
+            if self.waiting == Waiting.NOTHING:  # not inside the next request already
+                self._wait_for(Waiting.IDLE)
 
     def _run(self, request: HttpRequest) -> HttpResponse | Awaitable[HttpResponse]:
         encoding = request.headers.get("content-encoding", "")
