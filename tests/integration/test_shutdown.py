@@ -12,23 +12,32 @@ import tritonclient.http as httpclient
 
 from tests.conftest import ServerProcess
 from tests.integration.test_errors import raw_post
-from tests.models import chain_config, matmul_chain, save
+from tests.models import loop_model, save
 
 BATCHING = "dynamic_batching { max_queue_delay_microseconds: 1000 }\n"
+# Each request holds an instance for about half a second (the loop's trips), so that they are
+# surely still running when the signal comes, on any machine.
+SLOW = """backend: "onnxruntime"
+max_batch_size: 8
+input [{ name: "COUNT" data_type: TYPE_INT64 dims: [1] }]
+output [{ name: "OUTPUT0" data_type: TYPE_FP32 dims: [1] }]
+instance_group [{ count: 2 kind: KIND_CPU }]
+parameters { key: "inline_execution" value: { string_value: "never" } }
+"""
+TRIPS = 600_000
 
 
 @pytest.mark.parametrize("batching", [False, True], ids=["default", "dynamic"])
 def test_sigterm_finishes_admitted_requests(tmp_path: Path, batching: bool) -> None:
     repo = tmp_path / "repo"
-    save(matmul_chain(), repo, "slow", chain_config(BATCHING if batching else "", count=2))
+    save(loop_model(batch=True), repo, "slow", SLOW + (BATCHING if batching else ""))
     server = ServerProcess([repo], log_path=tmp_path / "shutdown.log")
     server.wait_live()
     client = httpclient.InferenceServerClient(server.http_url, concurrency=6, network_timeout=120)
-    data = np.ones((48, 1024), np.float32)
-    item = httpclient.InferInput("INPUT0", [48, 1024], "FP32")
-    item.set_data_from_numpy(data)
+    item = httpclient.InferInput("COUNT", [1, 1], "INT64")
+    item.set_data_from_numpy(np.array([[TRIPS]], np.int64))
     pending = [client.async_infer("slow", [item]) for _ in range(6)]
-    time.sleep(0.05)
+    time.sleep(0.2)
     server.process.send_signal(15)
     probe = httpclient.InferenceServerClient(server.http_url)
     deadline = time.monotonic() + 10
@@ -36,21 +45,17 @@ def test_sigterm_finishes_admitted_requests(tmp_path: Path, batching: bool) -> N
         assert time.monotonic() < deadline
         time.sleep(0.005)
     body = json.dumps(
-        {
-            "inputs": [
-                {"name": "INPUT0", "datatype": "FP32", "shape": [1, 1024], "data": [0.0] * 1024}
-            ]
-        }
+        {"inputs": [{"name": "COUNT", "datatype": "INT64", "shape": [1, 1], "data": [1]}]}
     ).encode()
     late_status, late_reply = raw_post(server, "/v2/models/slow/infer", body)
     results: list[object] = []
     for request in pending:
         try:
-            results.append(request.get_result().as_numpy("OUTPUT0").shape)
+            results.append(float(request.get_result().as_numpy("OUTPUT0")[0, 0]))
         except Exception as exc:  # recorded and asserted below
             results.append(exc)
     assert server.process.wait(120) == 0
     server.stop()
-    assert results == [(48, 1024)] * 6, results
+    assert results == [float(TRIPS)] * 6, results
     assert late_status == 503 and "shutting down" in late_reply["error"]
     assert "draining" in server.log()
