@@ -25,7 +25,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, free_port
 from tests.integration.test_errors import assert_still_serving, raw_post
 from tests.models import loop_model
 
@@ -226,7 +226,32 @@ def test_ragged_json_data_is_a_400(explicit: ServerProcess) -> None:
     assert reply["outputs"][0]["data"] == ["a", "b", "c", "d"]
 
 
-def test_typed_and_raw_contents_together_are_invalid(explicit: ServerProcess) -> None:
+@pytest.fixture(scope="module")
+def workers(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The same repository served through two gRPC worker processes."""
+    proc = ServerProcess(
+        [repo],
+        "--grpc-workers",
+        "2",
+        grpc_port=free_port(),
+        log_path=tmp_path_factory.mktemp("log") / "workers.log",
+    )
+    try:
+        proc.wait_live()
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(params=["in-process", "workers"])
+def grpc_server(
+    request: pytest.FixtureRequest, explicit: ServerProcess, workers: ServerProcess
+) -> ServerProcess:
+    return explicit if request.param == "in-process" else workers
+
+
+def test_typed_and_raw_contents_together_are_invalid(grpc_server: ServerProcess) -> None:
+    explicit = grpc_server
     message = pb.ModelInferRequest(model_name="identity_fp32")
     tensor = message.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 1])
     tensor.contents.fp32_contents.append(1.0)
@@ -246,9 +271,10 @@ def _stream_messages(good: bytes, count: int) -> Iterator[bytes]:
             yield b"\xff\xff\xff\xff not a protobuf message"
 
 
-def test_undecodable_stream_message_is_reported(explicit: ServerProcess) -> None:
+def test_undecodable_stream_message_is_reported(grpc_server: ServerProcess) -> None:
     """Every reply due before the bad message arrives, then the stream reports the error
     (it used to end with OK and drop the replies still due)."""
+    explicit = grpc_server
     message = pb.ModelInferRequest(model_name="identity_fp32", id="good")
     message.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 1])
     message.raw_input_contents.append(np.ones(1, np.float32).tobytes())
