@@ -5,7 +5,8 @@ HTTP status and gRPC status code, so that frontends translate and never guess::
 
     EnginehouseError                       500  INTERNAL
     ├── InvalidArgumentError               400  INVALID_ARGUMENT
-    │   └── PayloadTooLargeError           413  INVALID_ARGUMENT
+    │   ├── PayloadTooLargeError           413  INVALID_ARGUMENT
+    │   └── MethodNotAllowedError          405  (HTTP only: a known route, another method)
     ├── NotFoundError                      404  NOT_FOUND
     ├── PermissionDeniedError              403  PERMISSION_DENIED
     ├── UnavailableError                   503  UNAVAILABLE
@@ -42,6 +43,16 @@ class PayloadTooLargeError(InvalidArgumentError):
     """The request body is larger than the server accepts."""
 
     http_status = 413
+
+
+class MethodNotAllowedError(InvalidArgumentError):
+    """An HTTP route that exists, asked with a method it does not take."""
+
+    http_status = 405
+
+    def __init__(self, message: str, allow: str) -> None:
+        super().__init__(message)
+        self.allow = allow
 
 
 class NotFoundError(EnginehouseError):

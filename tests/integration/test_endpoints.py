@@ -139,3 +139,57 @@ def test_metrics_endpoint_counts_requests(server: ServerProcess) -> None:
 
 def test_request_path_warmup_succeeds(server: ServerProcess) -> None:
     assert "request-path warm-up failed" not in server.log()
+
+
+UNSUPPORTED_CALLS = [
+    ("unregister_system_shared_memory", (), "system shared memory"),
+    ("get_system_shared_memory_status", (), "system shared memory"),
+    ("register_system_shared_memory", ("r", "/key", 64), "system shared memory"),
+    ("get_cuda_shared_memory_status", (), "CUDA shared memory"),
+    ("unregister_cuda_shared_memory", (), "CUDA shared memory"),
+    ("get_trace_settings", (), "trace"),
+    ("get_log_settings", (), "logging"),
+]
+
+
+def _unimplemented_rpcs(server: ServerProcess) -> None:
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    for method, args, extension in UNSUPPORTED_CALLS:
+        with pytest.raises(InferenceServerException) as info:
+            getattr(client, method)(*args)
+        assert info.value.status() == "StatusCode.UNIMPLEMENTED", method
+        assert extension in info.value.message(), method
+    assert "Traceback" not in server.log()
+    assert "ERROR" not in server.log().upper().replace("ERRORS", "")
+
+
+def test_unsupported_extensions_answer_unimplemented_naming_them(server: ServerProcess) -> None:
+    _unimplemented_rpcs(server)
+    http = httpclient.InferenceServerClient(server.http_url)
+    for call in (http.get_system_shared_memory_status, http.get_cuda_shared_memory_status):
+        with pytest.raises(InferenceServerException, match="shared memory extension"):
+            call()
+
+
+def test_unknown_routes_are_404_and_wrong_methods_405_with_allow(server: ServerProcess) -> None:
+    import http.client
+
+    def ask(method: str, path: str) -> tuple[int, str | None]:
+        connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=10)
+        try:
+            connection.request(method, path, body=b"{}" if method == "POST" else None)
+            response = connection.getresponse()
+            response.read()
+            return response.status, response.getheader("Allow")
+        finally:
+            connection.close()
+
+    for method in ("GET", "POST", "PUT", "DELETE"):
+        assert ask(method, "/v2/nothing/here")[0] == 404
+        assert ask(method, "/v2/models/simple/nonsense")[0] == 404
+        assert ask(method, "/v3")[0] == 404
+    assert ask("GET", "/v2/models/simple/infer") == (405, "POST")
+    assert ask("POST", "/v2/models/simple") == (405, "GET")
+    assert ask("POST", "/v2/health/ready") == (405, "GET")
+    assert ask("GET", "/v2/repository/index") == (405, "POST")
+    assert ask("DELETE", "/v2/models/simple/config") == (405, "GET")

@@ -158,3 +158,9 @@ def test_malformed_message_is_invalid_argument(workers_server: ServerProcess) ->
                 call(garbage)
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, garbage[:8]
     test_inference.test_simple_add_sub(workers_server, "grpc", 1)  # still serving
+
+
+def test_unsupported_extensions_through_workers(workers_server: ServerProcess) -> None:
+    from tests.integration.test_endpoints import _unimplemented_rpcs
+
+    _unimplemented_rpcs(workers_server)

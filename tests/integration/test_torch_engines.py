@@ -60,14 +60,24 @@ def test_exported_program_built_and_served(tmp_path: Path) -> None:
         server.stop()
 
 
+# A TorchScript model as Triton's documentation writes its repository: platform
+# pytorch_libtorch, 1/model.pt, INPUT__0 / OUTPUT__0, no default_model_filename.
+TRITON_TORCHSCRIPT = """name: "scripted"
+platform: "pytorch_libtorch"
+max_batch_size: 8
+input [{ name: "INPUT__0" data_type: TYPE_FP32 dims: [3, 16, 16] }]
+output [{ name: "OUTPUT__0" data_type: TYPE_FP32 dims: [10] }]
+instance_group [{ count: 2 kind: KIND_CPU }]
+dynamic_batching { preferred_batch_size: [2, 4] max_queue_delay_microseconds: 500 }
+"""
+
+
 def test_torchscript_source_is_frozen_and_served(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     model_dir = repo / "scripted"
     (model_dir / "1").mkdir(parents=True)
     torch.jit.save(torch.jit.script(net()), str(model_dir / "1" / "model.pt"))
-    (model_dir / "config.pbtxt").write_text(
-        CONFIG.format(name="scripted", precision="fp32") + 'default_model_filename: "model.pt"\n'
-    )
+    (model_dir / "config.pbtxt").write_text(TRITON_TORCHSCRIPT)
     server = ServerProcess(
         [repo], "--engine-cache", str(tmp_path / "cache"), log_path=tmp_path / "serve.log"
     )
@@ -76,13 +86,14 @@ def test_torchscript_source_is_frozen_and_served(tmp_path: Path) -> None:
         client = httpclient.InferenceServerClient(server.http_url)
         assert client.is_model_ready("scripted"), server.log()
         image = np.random.default_rng(1).standard_normal((2, 3, 16, 16)).astype(np.float32)
-        item = httpclient.InferInput("image", list(image.shape), "FP32")
+        item = httpclient.InferInput("INPUT__0", list(image.shape), "FP32")
         item.set_data_from_numpy(image)
         with torch.no_grad():
             reference = net()(torch.from_numpy(image)).numpy()
-        logits = client.infer("scripted", [item]).as_numpy("logits")
+        logits = client.infer("scripted", [item]).as_numpy("OUTPUT__0")
         assert np.abs(logits - reference).max() / np.abs(reference).max() <= 1e-4
         assert "building pytorch fp32 engine" in server.log()
+        assert "Warning" not in server.log()
     finally:
         server.stop()
 

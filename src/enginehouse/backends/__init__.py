@@ -27,7 +27,7 @@ def backend_for(config: mc.ModelConfig) -> Backend:
 def backend_for_file(filenames: list[str]) -> Backend | None:
     """The backend whose default model file is among ``filenames`` (for auto-complete)."""
     for backend in _BACKENDS:
-        if backend.default_filename in filenames:
+        if any(name in filenames for name in backend.default_filenames):
             return backend
     return None
 

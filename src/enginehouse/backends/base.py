@@ -104,7 +104,19 @@ class Backend(ABC):
 
     name: str
     platform: str
-    default_filename: str
+    # The model file names looked for in a version folder when the config names none, in
+    # order of preference; the first is what Triton's backend of the same name uses.
+    default_filenames: tuple[str, ...]
+
+    def model_file(self, version_dir: Path, configured: str = "") -> Path:
+        """The model file of a version: the config's ``default_model_filename``, else the
+        first default name present, else the first default name (reported missing later)."""
+        if configured:
+            return version_dir / configured
+        for name in self.default_filenames:
+            if (version_dir / name).exists():
+                return version_dir / name
+        return version_dir / self.default_filenames[0]
 
     @abstractmethod
     def complete_config(

@@ -90,7 +90,7 @@ class OnnxRuntimeBackend(Backend):
 
     name = ONNX_BACKEND
     platform = ONNX_PLATFORM
-    default_filename = "model.onnx"
+    default_filenames = ("model.onnx",)
 
     def complete_config(
         self, config: mc.ModelConfig, model_file: Path, signature: object | None = None

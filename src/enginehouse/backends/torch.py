@@ -1,5 +1,5 @@
 """The PyTorch backend: torch.export programs (``model.pt2``) served as AOTInductor engines,
-and TorchScript modules (``model.pt``, via ``default_model_filename``) served frozen.
+and TorchScript modules (``model.pt``, Triton's PyTorch backend's file) served frozen.
 
 A ``torch.export`` program is the source; the engine builder compiles it ahead of time into
 an AOTInductor package for the target, which loads in milliseconds. With ``engine_build:
@@ -9,6 +9,7 @@ Inputs and outputs follow the config's order; the program takes the inputs posit
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,13 @@ def import_torch() -> Any:
         import torch
     except ImportError:
         raise ModelLoadError(
-            "the pytorch backend needs PyTorch: pip install 'enginehouse[examples]' or torch"
+            "the pytorch backend needs PyTorch: pip install 'enginehouse[torch]'"
         ) from None
+    # Request tensors are read-only views over the request body, and engines only read
+    # their inputs: torch's warning about it is nothing an operator could act on.
+    warnings.filterwarnings(
+        "ignore", message="The given NumPy array is not writable", category=UserWarning
+    )
     return torch
 
 
@@ -139,7 +145,9 @@ class TorchBackend(Backend):
 
     name = TORCH_BACKEND
     platform = TORCH_PLATFORM
-    default_filename = "model.pt2"
+    # Triton's PyTorch backend reads model.pt (TorchScript); a torch.export program is found
+    # by its own name when no model.pt is there.
+    default_filenames = ("model.pt", "model.pt2")
 
     def complete_config(
         self, config: mc.ModelConfig, model_file: Path, signature: object | None = None

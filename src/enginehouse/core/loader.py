@@ -89,14 +89,15 @@ def prepare_config(
                 f"holds a model file this server knows (found {names or 'nothing'})"
             )
         backend = found
-    filename = config.default_model_filename or backend.default_filename
     selected = select_versions(config.version_policy, list(version_dirs))
     if not selected:
         raise ModelLoadError(
             f"model '{location.name}': no version folder matches the version policy "
             f"(found versions {sorted(version_dirs) or 'none'})"
         )
-    files = {v: version_dirs[v] / filename for v in selected}
+    files = {
+        v: backend.model_file(version_dirs[v], config.default_model_filename) for v in selected
+    }
     if not strict:
         newest = files[selected[-1]]
         if newest.is_file():

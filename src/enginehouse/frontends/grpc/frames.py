@@ -22,7 +22,27 @@ METHODS = (
     "RepositoryModelLoad",
     "RepositoryModelUnload",
     "ModelInfer",
+    "SystemSharedMemoryStatus",
+    "SystemSharedMemoryRegister",
+    "SystemSharedMemoryUnregister",
+    "CudaSharedMemoryStatus",
+    "CudaSharedMemoryRegister",
+    "CudaSharedMemoryUnregister",
+    "TraceSetting",
+    "LogSettings",
 )
+# The RPCs of Triton extensions not offered yet, and the extension each belongs to: they
+# answer UNIMPLEMENTED naming it, in process and through the workers.
+UNSUPPORTED_RPCS = {
+    "SystemSharedMemoryStatus": "system shared memory",
+    "SystemSharedMemoryRegister": "system shared memory",
+    "SystemSharedMemoryUnregister": "system shared memory",
+    "CudaSharedMemoryStatus": "CUDA shared memory",
+    "CudaSharedMemoryRegister": "CUDA shared memory",
+    "CudaSharedMemoryUnregister": "CUDA shared memory",
+    "TraceSetting": "trace",
+    "LogSettings": "logging",
+}
 HELLO = 255  # worker -> core once bound; the payload is its private port, in decimal
 SERVICE = "inference.GRPCInferenceService"
 HEADER = struct.Struct("!IIB")  # length of the rest, call id, method or status

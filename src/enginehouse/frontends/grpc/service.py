@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import grpc
 from tritonclient.grpc import service_pb2 as pb
@@ -27,6 +27,7 @@ from enginehouse.frontends.grpc.codec import (
     encode_infer_response,
     parameter_value,
 )
+from enginehouse.frontends.grpc.frames import UNSUPPORTED_RPCS
 from enginehouse.frontends.grpc.options import server_options
 from enginehouse.frontends.grpc.streams import answer_concurrently, stream_error
 from enginehouse.frontends.security import RestrictedApis, TlsSettings
@@ -193,6 +194,26 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
         async for response in answer_concurrently(request_iterator, answer, context):
             yield response
+
+
+def _unsupported(extension: str) -> Callable[..., Awaitable[None]]:
+    """An RPC of a Triton extension this server does not offer yet: UNIMPLEMENTED, naming it
+    (the generated servicer's default answers a bare "Method not implemented!" and logs a
+    traceback)."""
+
+    async def method(
+        self: InferenceService, request: object, context: grpc.aio.ServicerContext
+    ) -> None:
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            f"the {extension} extension is not supported by this server yet",
+        )
+
+    return method
+
+
+for _name, _extension in UNSUPPORTED_RPCS.items():
+    setattr(InferenceService, _name, _unsupported(_extension))
 
 
 def warmup_request(version: ModelVersion) -> pb.ModelInferRequest:

@@ -27,7 +27,9 @@ from enginehouse.errors import (
     EnginehouseError,
     InternalError,
     InvalidArgumentError,
+    MethodNotAllowedError,
     NotFoundError,
+    UnsupportedError,
 )
 from enginehouse.frontends.http.codec import (
     OutputOptions,
@@ -97,6 +99,13 @@ _MODEL_ACTION_GROUPS = {
     "config": "model-config",
     "stats": "statistics",
 }
+# Triton's HTTP extensions this server does not offer yet: a clear 400, not a 404.
+_UNSUPPORTED_EXTENSIONS = {
+    "systemsharedmemory": "system shared memory",
+    "cudasharedmemory": "CUDA shared memory",
+    "trace": "trace",
+    "logging": "logging",
+}
 _HEAD_GROUPS = {
     "health": "health",
     "repository": "model-repository",
@@ -144,6 +153,10 @@ class HttpApp:
     def __call__(self, request: HttpRequest) -> HttpResponse | Awaitable[HttpResponse]:
         try:
             return self._route(request)
+        except MethodNotAllowedError as exc:
+            response = error_response(exc.http_status, exc.message)
+            response.extra_headers.append(b"Allow: " + exc.allow.encode())
+            return response
         except EnginehouseError as exc:
             return error_response(exc.http_status, exc.message)
 
@@ -165,25 +178,24 @@ class HttpApp:
         head = rest[0]
         if head == "models":
             return self._models(method, rest[1:], request)
-        if head == "health" and len(rest) == 2:
+        if head == "health" and len(rest) == 2 and rest[1] in ("live", "ready"):
             self._method(method, "GET")
-            if rest[1] == "live":
-                ok = self.core.live
-            elif rest[1] == "ready":
-                ok = self.core.ready
-            else:
-                raise NotFoundError(f"no route for {request.path}")
+            ok = self.core.live if rest[1] == "live" else self.core.ready
             return _EMPTY_OK if ok else _NOT_READY
         if head == "repository":
             return self._repository(method, rest[1:], request)
-        if head in ("systemsharedmemory", "cudasharedmemory"):
-            raise InvalidArgumentError(f"{head} is not supported yet")
+        if head in _UNSUPPORTED_EXTENSIONS:
+            raise UnsupportedError(
+                f"the {_UNSUPPORTED_EXTENSIONS[head]} extension is not supported by this server yet"
+            )
         raise NotFoundError(f"no route for {request.path}")
 
     @staticmethod
     def _method(method: str, allowed: str) -> None:
         if method != allowed:
-            raise InvalidArgumentError(f"method {method} is not allowed here, use {allowed}")
+            raise MethodNotAllowedError(
+                f"method {method} is not allowed here, use {allowed}", allowed
+            )
 
     def _models(
         self, method: str, rest: list[str], request: HttpRequest
@@ -203,7 +215,7 @@ class HttpApp:
             self._method(method, "GET")
             meta = self.core.model_metadata(name, version)
             return _json(_metadata_json(meta))
-        if len(rest) != 1:
+        if len(rest) != 1 or rest[0] not in _MODEL_ACTION_GROUPS:
             raise NotFoundError(f"no route for {request.path}")
         action = rest[0]
         if action == "infer":
@@ -254,6 +266,9 @@ class HttpApp:
     def _repository(
         self, method: str, rest: list[str], request: HttpRequest
     ) -> HttpResponse | Awaitable[HttpResponse]:
+        control = len(rest) == 3 and rest[0] == "models" and rest[2] in ("load", "unload")
+        if rest != ["index"] and not control:
+            raise NotFoundError(f"no route for {request.path}")
         self._method(method, "POST")
         if rest == ["index"]:
             body = _body_json(request)
@@ -269,16 +284,14 @@ class HttpApp:
                     item["reason"] = entry.reason
                 entries.append(item)
             return _json(entries)
-        if len(rest) == 3 and rest[0] == "models" and rest[2] in ("load", "unload"):
-            name = unquote(rest[1])
-            body = _body_json(request)
-            parameters = body.get("parameters") or {}
-            if not isinstance(parameters, dict):
-                raise InvalidArgumentError("'parameters' must be an object")
-            if rest[2] == "load":
-                return self._load(name, parameters)
-            return self._unload(name)
-        raise NotFoundError(f"no route for {request.path}")
+        name = unquote(rest[1])
+        body = _body_json(request)
+        parameters = body.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise InvalidArgumentError("'parameters' must be an object")
+        if rest[2] == "load":
+            return self._load(name, parameters)
+        return self._unload(name)
 
     async def _load(self, name: str, parameters: dict[str, Any]) -> HttpResponse:
         config = parameters.get("config")
