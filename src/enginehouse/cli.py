@@ -1,4 +1,5 @@
-"""The ``enginehouse`` command: ``serve`` a model repository (more verbs to come).
+"""The ``enginehouse`` command: ``serve`` a model repository over HTTP and gRPC, ``build``
+its engines ahead of time, and list or prune the engine ``cache``.
 
 Flag names and defaults follow tritonserver wherever both have the flag, so that
 deployment scripts carry over.
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from enginehouse import __version__
 from enginehouse.compiler import cli as compiler_cli
-from enginehouse.compiler.cache import EngineCache, default_root
+from enginehouse.compiler.cache import RESOLUTION, EngineCache, default_root
 from enginehouse.core.model import PendingLimits
 from enginehouse.core.server import ControlMode, ServerCore
 from enginehouse.frontends.http.connections import HttpLimits
@@ -36,10 +37,22 @@ def _bool(value: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="enginehouse", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="enginehouse",
+        description="An inference server for ONNX and PyTorch models over the KServe v2 / "
+        "Triton protocol.",
+        epilog="Run 'enginehouse COMMAND --help' for a command's flags.",
+    )
     parser.add_argument("--version", action="version", version=f"enginehouse {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="serve a model repository over HTTP and gRPC")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve",
+        help="serve a model repository over HTTP and gRPC",
+        description="Serve the models of Triton model repositories over HTTP/REST, gRPC and "
+        f"Prometheus metrics until SIGINT or SIGTERM. {RESOLUTION}. Exit status: 0 after a "
+        "clean shutdown, 1 when a port cannot be bound, 2 for bad arguments.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     serve.add_argument(
         "--model-repository",
         "--model-store",
@@ -49,22 +62,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="model repository folder (repeatable)",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    serve.add_argument("--http-port", type=int, default=8000)
-    serve.add_argument("--grpc-port", type=int, default=8001)
-    serve.add_argument("--metrics-port", type=int, default=8002)
-    serve.add_argument("--allow-http", type=_bool, default=True)
-    serve.add_argument("--allow-grpc", type=_bool, default=True)
+    serve.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port")
+    serve.add_argument("--grpc-port", type=int, default=8001, help="gRPC port")
+    serve.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port")
+    serve.add_argument("--allow-http", type=_bool, default=True, help="serve HTTP/REST")
+    serve.add_argument("--allow-grpc", type=_bool, default=True, help="serve gRPC")
     serve.add_argument(
         "--grpc-workers",
         type=int,
         default=0,
         help="serve gRPC from this many worker processes sharing the port (0: in process)",
     )
-    serve.add_argument("--allow-metrics", type=_bool, default=True)
+    serve.add_argument("--allow-metrics", type=_bool, default=True, help="serve Prometheus metrics")
     serve.add_argument(
         "--model-control-mode",
         choices=[m.value for m in ControlMode],
         default=ControlMode.NONE.value,
+        help="none: load everything, refuse load/unload; explicit: load --load-model and "
+        "serve the repository API; poll: load everything and follow repository changes",
     )
     serve.add_argument(
         "--repository-poll-secs",
@@ -110,8 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine-cache",
         type=Path,
         default=None,
-        help="engine cache folder (default: $ENGINEHOUSE_CACHE, else .enginehouse-cache "
-        "beside the first model repository)",
+        help="engine cache folder",
     )
     serve.add_argument(
         "--model-warmup",
@@ -341,6 +355,9 @@ async def serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "serve":
+        # Like any Unix tool: `enginehouse cache ls | head` ends quietly when head does.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     quiet = args.command != "serve"  # build and cache print tables; logs only when verbose
     logging.basicConfig(
         level=logging.DEBUG

@@ -388,7 +388,8 @@ def test_oversized_headers_get_431(limited: ServerProcess) -> None:
         with socket.create_connection(("127.0.0.1", limited.http_port), timeout=10) as sock:
             sock.sendall(head)
             assert _read_until_closed(sock, 10).startswith(b"HTTP/1.1 431")
-    # 16 MB of headers, sent in pieces: refused long before the end.
+    # 16 MB of headers, sent in pieces: refused long before the end (what the kernel's
+    # socket buffers took before the close came back is all that gets through).
     with socket.create_connection(("127.0.0.1", limited.http_port), timeout=10) as sock:
         sock.sendall(b"GET /v2 HTTP/1.1\r\nX-Endless: ")
         sent = 0
@@ -396,7 +397,7 @@ def test_oversized_headers_get_431(limited: ServerProcess) -> None:
             while sent < 16 * 2**20:
                 sock.sendall(b"c" * 65536)
                 sent += 65536
-        assert sent < 2**20
+        assert sent < 8 * 2**20
     assert_still_serving(limited)
 
 

@@ -52,6 +52,11 @@ class CacheEntry:
     path: Path
     manifest: dict[str, Any]
 
+    @property
+    def last_used(self) -> float:
+        """When a load last used it (seconds since the epoch)."""
+        return self.path.stat().st_mtime
+
     def file(self, name: str) -> Path:
         return self.path / name
 
@@ -70,8 +75,9 @@ class EngineCache:
         self.root.mkdir(parents=True, exist_ok=True)
         self.facts = SourceFacts(root)
 
-    def lookup(self, key: str, verify: bool = True) -> CacheEntry | None:
-        """The entry for ``key`` if it is complete and intact; a damaged one is removed."""
+    def lookup(self, key: str, verify: bool = True, touch: bool = True) -> CacheEntry | None:
+        """The entry for ``key`` if it is complete and intact; a damaged one is removed.
+        ``touch`` marks it used now (its folder's modification time), as a load does."""
         path = self.root / key
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
@@ -91,7 +97,8 @@ class EngineCache:
             log.warning("engine cache entry %s is damaged (%s); it will be rebuilt", key, exc)
             shutil.rmtree(path, ignore_errors=True)
             return None
-        os.utime(path)  # prune removes the least recently used
+        if touch:
+            os.utime(path)  # prune removes the least recently used
         return CacheEntry(key, path, manifest)
 
     @contextmanager
@@ -150,14 +157,14 @@ class EngineCache:
         found = []
         for path in sorted(self.root.iterdir()):
             if path.is_dir() and not path.name.startswith("."):
-                entry = self.lookup(path.name, verify=False)
+                entry = self.lookup(path.name, verify=False, touch=False)
                 if entry is not None:
                     found.append(entry)
         return found
 
     def prune(self, older_than_s: float | None = None, keep: set[str] | None = None) -> list[str]:
-        """Remove entries last used (created) over ``older_than_s`` ago, or all but ``keep``;
-        also leftovers of interrupted builds. Returns the removed keys."""
+        """Remove entries last used over ``older_than_s`` ago (None: any age) that are not in
+        ``keep``; also leftovers of interrupted builds. Returns the removed keys."""
         removed: list[str] = []
         now = time.time()
         for path in sorted(self.root.iterdir()):
@@ -173,6 +180,13 @@ class EngineCache:
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path.name)
         return removed
+
+
+# How every command finds the engine cache (stated once, shown in each command's help).
+RESOLUTION = (
+    "the engine cache is --engine-cache, else $ENGINEHOUSE_CACHE, else .enginehouse-cache "
+    "beside the first --model-repository"
+)
 
 
 def default_root(repositories: list[Path]) -> Path:

@@ -80,6 +80,10 @@ def prepare(
             )
         fields = builder.build(source, config, spec, model_dir, out)
         fields["source_sha256"] = source_hash
+        # What `enginehouse cache ls` shows of the entry.
+        fields.setdefault("model", config.name)
+        fields.setdefault("version", version)
+        fields["engine_target"] = target
         return fields
 
     entry, hit = cache.get_or_build(key, build)

@@ -252,14 +252,14 @@ def load_version(
             instance.close()
             raise
         log.info(
-            "model '%s' version %d: instance %s on %s loaded in %.3f s, warmed (%d samples) "
-            "in %.3f s",
+            "model '%s' version %d: instance %s on %s loaded in %.3f s, warmed (%d %s) in %.3f s",
             config.name,
             version,
             name,
             placement.label,
             loaded,
             len(samples),
+            "sample" if len(samples) == 1 else "samples",
             instance.warmup_seconds,
         )
         return instance
