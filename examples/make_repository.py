@@ -6,7 +6,7 @@ Models:
 - ``identity_<type>``: one batching identity model per datatype (BOOL ... FP64, BYTES).
 - ``simple_nobatch``: ``simple`` without a batch dimension (max_batch_size 0).
 - ``convnet``: a small convolution net defined in PyTorch, exported to ONNX, with no
-  config.pbtxt (the server completes it from the graph).
+  config.pbtxt (the server completes it from the graph); only where PyTorch is installed.
 
 Usage: python examples/make_repository.py DIR
 """
@@ -14,6 +14,7 @@ Usage: python examples/make_repository.py DIR
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import warnings
 from pathlib import Path
@@ -135,8 +136,11 @@ def export_convnet(path: Path) -> None:
     )
 
 
-def make_repository(root: Path, with_torch: bool = True) -> Path:
-    """Write every example model under ``root``; returns ``root``."""
+def make_repository(root: Path, with_torch: bool | None = None) -> Path:
+    """Write every example model under ``root``; returns ``root``. The PyTorch-exported
+    ``convnet`` is written when PyTorch is installed (``with_torch=None``) or asked for."""
+    if with_torch is None:
+        with_torch = importlib.util.find_spec("torch") is not None
     root.mkdir(parents=True, exist_ok=True)
     _save(simple_model(batch=True), root / "simple" / "1" / "model.onnx")
     _write(root / "simple" / "config.pbtxt", SIMPLE_CONFIG.format(name="simple", max_batch=8))
@@ -159,9 +163,13 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("directory", type=Path)
-    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch-exported model")
+    parser.add_argument(
+        "--no-torch",
+        action="store_true",
+        help="skip the PyTorch-exported model (skipped anyway without PyTorch)",
+    )
     args = parser.parse_args(argv)
-    make_repository(args.directory, with_torch=not args.no_torch)
+    make_repository(args.directory, with_torch=False if args.no_torch else None)
     print(f"example model repository written to {args.directory}")
     return 0
 

@@ -125,11 +125,12 @@ def test_gpu_engines_serve_with_graphs_and_sized_pools(tmp_path: Path) -> None:
         assert config["instance_group"][0]["count"] == count
         text = metrics(server)
         assert re.search(
-            r'enginehouse_instance_memory_bytes\{model="gpu_sized",version="1",device="gpu:0"\} [1-9]',
+            r'enginehouse_instance_memory_bytes\{device="gpu:0",model="gpu_sized",version="1"\} [1-9]',
             text,
         ), text
         assert (
-            f'enginehouse_instances{{model="gpu_sized",version="1",state="idle"}} {count}' in text
+            f'enginehouse_instances{{model="gpu_sized",state="idle",version="1"}} {float(count)}'
+            in text
         )
 
 

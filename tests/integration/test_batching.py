@@ -352,7 +352,7 @@ def test_warmup_gates_readiness(tmp_path: Path) -> None:
             time.sleep(0.05)
         assert client.is_model_ready("slow_warmup")
         log = server.log()
-        assert log.index("warmed (1 samples)") < log.index("server ready")
+        assert log.index("warmed (1 sample)") < log.index("server ready")
     finally:
         server.stop()
 
@@ -372,15 +372,15 @@ def test_metrics_move_with_batches(batching_server: ServerProcess) -> None:
     key = '{model="batched",version="1"}'
     assert values["nv_inference_exec_count" + key] < values["nv_inference_count" + key]
     assert (
-        values['nv_inference_request_summary_us{model="batched",version="1",quantile="0.99"}'] > 0
+        values['nv_inference_request_summary_us{model="batched",quantile="0.99",version="1"}'] > 0
     )
     assert values["nv_inference_queue_summary_us_count" + key] >= 8
-    assert values['enginehouse_batch_size_bucket{model="batched",version="1",le="+Inf"}'] >= 1
+    assert values['enginehouse_batch_size_bucket{le="+Inf",model="batched",version="1"}'] >= 1
     assert values["enginehouse_batch_size_sum" + key] == values["nv_inference_count" + key]
-    assert 'enginehouse_instances{model="fragile",version="1",state="failed"}' in values
-    assert values['enginehouse_instances{model="batched",version="1",state="idle"}'] == 1
+    assert 'enginehouse_instances{model="fragile",state="failed",version="1"}' in values
+    assert values['enginehouse_instances{model="batched",state="idle",version="1"}'] == 1
     assert (
-        values['enginehouse_warmup_seconds{model="batched",version="1",instance="batched_0_0_v1"}']
+        values['enginehouse_warmup_seconds{instance="batched_0_0_v1",model="batched",version="1"}']
         > 0
     )
     assert "enginehouse_queue_size" + key in values

@@ -193,3 +193,34 @@ def test_unknown_routes_are_404_and_wrong_methods_405_with_allow(server: ServerP
     assert ask("POST", "/v2/health/ready") == (405, "GET")
     assert ask("GET", "/v2/repository/index") == (405, "POST")
     assert ask("DELETE", "/v2/models/simple/config") == (405, "GET")
+
+
+# What promtool's lint says of the names Triton gives its metrics, which are kept as Triton
+# has them so that its dashboards work: nothing else may be reported.
+TRITON_NAMING = (
+    'counter metrics should have "_total" suffix',
+    "metric names should not contain abbreviated units",
+    "metric name should not include type 'summary'",
+    'non-histogram and non-summary metrics should not have "_count" suffix',
+)
+
+
+def test_metrics_pass_promtool(server: ServerProcess) -> None:
+    import shutil
+    import subprocess
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (Debian package prometheus; scripts/test.sh)")
+    http = httpclient.InferenceServerClient(server.http_url)
+    _, _, inputs = simple_inputs(httpclient, 2)
+    http.infer("simple", inputs)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics").read()
+    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True)
+    problems = [
+        line
+        for line in (result.stdout + result.stderr).decode().splitlines()
+        if line and not any(ok in line for ok in TRITON_NAMING)
+    ]
+    assert result.returncode in (0, 3), result  # 3: lint findings only
+    assert problems == []

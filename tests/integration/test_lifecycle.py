@@ -147,7 +147,7 @@ def test_broken_new_version_leaves_the_old_one_serving(
     assert "7" in states and states["7"][1], states
     for _ in range(5):
         assert infer(client, "scaled") == (1, 1.0)
-    assert 'enginehouse_model_loads_total{model="scaled",outcome="failure"} 1' in metrics(server)
+    assert 'enginehouse_model_loads_total{model="scaled",outcome="failure"} 1.0' in metrics(server)
     time.sleep(0.6)  # an unchanged broken folder is not retried on every poll
     assert 'outcome="failure"} 1' in metrics(server)
 
@@ -249,8 +249,8 @@ def test_canary_split_and_weight_change(
     assert stats["inference_stats"]["success"]["count"] == counts[1] + counts_after[1]
     text = metrics(explicit_server)
     assert (
-        f'nv_inference_request_success{{model="canary",version="2"}} {counts[2] + counts_after[2] + 1}'
-        in text
+        f'nv_inference_request_success{{model="canary",version="2"}} '
+        f"{float(counts[2] + counts_after[2] + 1)}" in text
     )
 
     write_config(explicit_repo, "canary", canary_config("2:x"))

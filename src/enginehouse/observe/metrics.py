@@ -1,17 +1,20 @@
-"""Prometheus text exposition under Triton's metric names, plus enginehouse's own.
+"""Prometheus exposition under Triton's metric names, plus enginehouse's own.
 
-Per-model figures are read at scrape time from the same statistics the statistics API
-reports, so the request path pays nothing for them. Triton's names, types and labels
-(``model``, ``version``; ``gpu_uuid`` for GPUs) are kept so existing dashboards work;
-what Triton lacks is prefixed ``enginehouse_``.
+Rendered by prometheus_client through a collector that reads, at scrape time, the same
+statistics the statistics API reports, so the request path pays nothing for them. Triton's
+names, types and labels (``model``, ``version``; ``gpu_uuid`` for GPUs) are kept so existing
+dashboards work; what Triton lacks is prefixed ``enginehouse_``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from enginehouse.core.model import ModelVersion
 from enginehouse.core.statistics import ModelStatistics
@@ -91,22 +94,41 @@ class MetricsOptions:
     summary_window: int = 1024
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+class _Families:
+    """Metric families under construction, in the order they are exposed."""
 
-
-class _Text:
     def __init__(self) -> None:
-        self.lines: list[str] = []
+        self.families: list[Metric] = []
 
-    def family(self, name: str, kind: str, help_text: str) -> None:
-        self.lines.append(f"# HELP {name} {help_text}")
-        self.lines.append(f"# TYPE {name} {kind}")
+    def family(self, name: str, kind: str, help_text: str) -> Metric:
+        # A plain Metric keeps Triton's counter names as they are (no "_total" appended).
+        metric = Metric(name, help_text, kind)
+        self.families.append(metric)
+        return metric
 
-    def sample(self, name: str, labels: dict[str, str], value: float) -> None:
-        text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
-        number = repr(value) if isinstance(value, float) else str(value)
-        self.lines.append(f"{name}{{{text}}} {number}" if text else f"{name} {number}")
+
+def _sample(metric: Metric, name: str, labels: dict[str, str], value: float) -> None:
+    metric.add_sample(name, labels, value)
+
+
+class ServerCollector(Collector):
+    """A prometheus_client collector that reads the served versions, the load outcomes and
+    the machine at scrape time: the request path updates no metric objects."""
+
+    def __init__(
+        self,
+        versions: Callable[[], Iterable[ModelVersion]],
+        monitor: SystemMonitor | None,
+        options: MetricsOptions,
+        load_outcomes: Mapping[tuple[str, str], int] | None = None,
+    ) -> None:
+        self._versions = versions
+        self._monitor = monitor
+        self._options = options
+        self._load_outcomes = load_outcomes
+
+    def collect(self) -> Iterator[Metric]:
+        yield from families(self._versions(), self._monitor, self._options, self._load_outcomes)
 
 
 def render(
@@ -115,28 +137,60 @@ def render(
     options: MetricsOptions = MetricsOptions(),
     load_outcomes: Mapping[tuple[str, str], int] | None = None,
 ) -> bytes:
-    """The exposition text for every served model version, model loads and the machine."""
+    """The exposition text (Prometheus text format 0.0.4) for every served model version,
+    model loads and the machine."""
+    registry = CollectorRegistry(auto_describe=False)
     served = list(versions)
-    out = _Text()
+    registry.register(ServerCollector(lambda: served, monitor, options, load_outcomes))
+    return _triton_counter_names(generate_latest(registry))
+
+
+# prometheus_client names every counter family "<name>_total" in its HELP and TYPE lines;
+# Triton's counters have no such suffix (their samples keep their names either way), and
+# dashboards built on Triton read them by those names: the two header lines are renamed back.
+_TRITON_COUNTER_HEADERS = tuple(
+    (
+        (f"# HELP {name}_total ".encode(), f"# HELP {name} ".encode()),
+        (f"# TYPE {name}_total counter".encode(), f"# TYPE {name} counter".encode()),
+    )
+    for name in [*(name for name, _, _ in _COUNTERS), "enginehouse_instance_wait_duration_us"]
+)
+
+
+def _triton_counter_names(text: bytes) -> bytes:
+    for help_line, type_line in _TRITON_COUNTER_HEADERS:
+        text = text.replace(*help_line, 1).replace(*type_line, 1)
+    return text
+
+
+def families(
+    versions: Iterable[ModelVersion],
+    monitor: SystemMonitor | None,
+    options: MetricsOptions = MetricsOptions(),
+    load_outcomes: Mapping[tuple[str, str], int] | None = None,
+) -> list[Metric]:
+    """The metric families for every served model version, model loads and the machine."""
+    served = list(versions)
+    out = _Families()
     labelled = [({"model": v.name, "version": v.version}, v) for v in served]
 
     for name, help_text, read in _COUNTERS:
-        out.family(name, "counter", help_text)
+        metric = out.family(name, "counter", help_text)
         for labels, version in labelled:
-            out.sample(name, labels, read(version.statistics))
+            _sample(metric, name, labels, read(version.statistics))
 
-    out.family(
+    metric = out.family(
         "nv_inference_pending_request_count",
         "gauge",
         "Instantaneous number of pending requests awaiting execution per-model.",
     )
     for labels, version in labelled:
-        out.sample("nv_inference_pending_request_count", labels, version.in_flight)
+        _sample(metric, "nv_inference_pending_request_count", labels, version.in_flight)
 
     if options.summary_latencies:
         _summaries(out, labelled)
 
-    out.family(
+    metric = out.family(
         "enginehouse_instances",
         "gauge",
         "Execution instances of a model version by state (warming, idle, busy, failed)",
@@ -149,92 +203,101 @@ def render(
             ("busy", pool.busy),
             ("failed", version.failed_instances),
         ):
-            out.sample("enginehouse_instances", labels | {"state": state}, count)
+            _sample(metric, "enginehouse_instances", labels | {"state": state}, count)
 
-    out.family("enginehouse_queue_size", "gauge", "Requests waiting in the dynamic batcher's queue")
+    metric = out.family(
+        "enginehouse_queue_size", "gauge", "Requests waiting in the dynamic batcher's queue"
+    )
     for labels, version in labelled:
         queued = version.batched.batcher.queue.size if version.batched else version.pool.waiting
-        out.sample("enginehouse_queue_size", labels, queued)
+        _sample(metric, "enginehouse_queue_size", labels, queued)
 
-    out.family(
+    metric = out.family(
         "enginehouse_instance_wait_duration_us",
         "counter",
         "Cumulative time spent waiting for a free instance, in microseconds",
     )
     for labels, version in labelled:
-        out.sample("enginehouse_instance_wait_duration_us", labels, version.pool.wait_ns // 1000)
+        _sample(
+            metric, "enginehouse_instance_wait_duration_us", labels, version.pool.wait_ns // 1000
+        )
 
-    out.family(
-        "enginehouse_health_checks_total",
+    metric = out.family(
+        "enginehouse_health_checks",
         "counter",
         "Health-check inferences that idle instances passed",
     )
     for labels, version in labelled:
-        out.sample("enginehouse_health_checks_total", labels, version.health_checks)
+        _sample(metric, "enginehouse_health_checks_total", labels, version.health_checks)
 
-    out.family(
+    metric = out.family(
         "enginehouse_warmup_seconds",
         "gauge",
         "Seconds each instance spent in warm-up before it served",
     )
     for labels, version in labelled:
         for instance in version.pool.all():
-            out.sample(
+            _sample(
+                metric,
                 "enginehouse_warmup_seconds",
                 labels | {"instance": instance.name},
                 round(instance.warmup_seconds, 6),
             )
 
-    out.family("enginehouse_batch_size", "histogram", "Batch size of each model execution")
+    metric = out.family("enginehouse_batch_size", "histogram", "Batch size of each model execution")
     for labels, version in labelled:
         batches = version.statistics.batches
-        total = 0
         for bound in BATCH_BUCKETS:
             count = sum(b.compute_infer.count for size, b in batches.items() if size <= bound)
-            out.sample("enginehouse_batch_size_bucket", labels | {"le": str(bound)}, count)
+            _sample(metric, "enginehouse_batch_size_bucket", labels | {"le": str(bound)}, count)
         total = sum(b.compute_infer.count for b in batches.values())
         elements = sum(size * b.compute_infer.count for size, b in batches.items())
-        out.sample("enginehouse_batch_size_bucket", labels | {"le": "+Inf"}, total)
-        out.sample("enginehouse_batch_size_sum", labels, elements)
-        out.sample("enginehouse_batch_size_count", labels, total)
+        _sample(metric, "enginehouse_batch_size_bucket", labels | {"le": "+Inf"}, total)
+        _sample(metric, "enginehouse_batch_size_sum", labels, elements)
+        _sample(metric, "enginehouse_batch_size_count", labels, total)
 
-    out.family(
+    metric = out.family(
         "enginehouse_instance_memory_bytes",
         "gauge",
         "Device memory one instance took when it loaded (GPU instances), per device.",
     )
     for labels, version in labelled:
         for device, size in version.instance_memory.items():
-            out.sample("enginehouse_instance_memory_bytes", labels | {"device": device}, size)
+            _sample(metric, "enginehouse_instance_memory_bytes", labels | {"device": device}, size)
 
     if load_outcomes:
-        out.family(
-            "enginehouse_model_loads_total",
+        metric = out.family(
+            "enginehouse_model_loads",
             "counter",
             "Loads and reloads of a model (incl. polling), by outcome (success, failure).",
         )
         for (model, outcome), count in sorted(load_outcomes.items()):
-            out.sample("enginehouse_model_loads_total", {"model": model, "outcome": outcome}, count)
+            _sample(
+                metric,
+                "enginehouse_model_loads_total",
+                {"model": model, "outcome": outcome},
+                count,
+            )
     if monitor is not None:
         _system(out, monitor)
-    return ("\n".join(out.lines) + "\n").encode()
+    return out.families
 
 
-def _summaries(out: _Text, labelled: list[tuple[dict[str, str], ModelVersion]]) -> None:
+def _summaries(out: _Families, labelled: list[tuple[dict[str, str], ModelVersion]]) -> None:
     arrays = {}
     for _, version in labelled:
         recent = version.statistics.recent
         if recent:
             arrays[id(version)] = np.asarray(recent, dtype=np.float64) / 1000.0
     for column, (name, help_text) in enumerate(_SUMMARIES):
-        out.family(name, "summary", help_text)
+        metric = out.family(name, "summary", help_text)
         for labels, version in labelled:
             stats = version.statistics
             data = arrays.get(id(version))
             if data is not None:
                 values = np.quantile(data[:, column], QUANTILES)
                 for q, value in zip(QUANTILES, values):
-                    out.sample(name, labels | {"quantile": str(q)}, round(float(value), 3))
+                    _sample(metric, name, labels | {"quantile": str(q)}, round(float(value), 3))
             durations = (
                 stats.success,
                 stats.queue,
@@ -242,18 +305,18 @@ def _summaries(out: _Text, labelled: list[tuple[dict[str, str], ModelVersion]]) 
                 stats.compute_infer,
                 stats.compute_output,
             )[column]
-            out.sample(f"{name}_sum", labels, durations.ns / 1000.0)
-            out.sample(f"{name}_count", labels, durations.count)
+            _sample(metric, f"{name}_sum", labels, durations.ns / 1000.0)
+            _sample(metric, f"{name}_count", labels, durations.count)
 
 
-def _system(out: _Text, monitor: SystemMonitor) -> None:
-    out.family("nv_cpu_utilization", "gauge", "CPU utilization rate [0.0 - 1.0]")
-    out.sample("nv_cpu_utilization", {}, round(monitor.cpu_utilization(), 4))
+def _system(out: _Families, monitor: SystemMonitor) -> None:
+    metric = out.family("nv_cpu_utilization", "gauge", "CPU utilization rate [0.0 - 1.0]")
+    _sample(metric, "nv_cpu_utilization", {}, round(monitor.cpu_utilization(), 4))
     total, used = monitor.memory()
-    out.family("nv_cpu_memory_total_bytes", "gauge", "CPU total memory (RAM), in bytes")
-    out.sample("nv_cpu_memory_total_bytes", {}, total)
-    out.family("nv_cpu_memory_used_bytes", "gauge", "CPU used memory (RAM), in bytes")
-    out.sample("nv_cpu_memory_used_bytes", {}, used)
+    metric = out.family("nv_cpu_memory_total_bytes", "gauge", "CPU total memory (RAM), in bytes")
+    _sample(metric, "nv_cpu_memory_total_bytes", {}, total)
+    metric = out.family("nv_cpu_memory_used_bytes", "gauge", "CPU used memory (RAM), in bytes")
+    _sample(metric, "nv_cpu_memory_used_bytes", {}, used)
     gpus = monitor.gpus()
     if not gpus:
         return
@@ -284,6 +347,6 @@ def _system(out: _Text, monitor: SystemMonitor) -> None:
             lambda g: round(g.power_limit_watts, 3),
         ),
     ):
-        out.family(name, kind, help_text)
+        metric = out.family(name, kind, help_text)
         for gpu in gpus:
-            out.sample(name, {"gpu_uuid": gpu.uuid}, read(gpu))
+            _sample(metric, name, {"gpu_uuid": gpu.uuid}, read(gpu))
