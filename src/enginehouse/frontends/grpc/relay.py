@@ -1,7 +1,7 @@
 """gRPC frontends in several processes: the core's side of the relay.
 
 grpc.aio costs a few hundred microseconds of Python per call, so one process tops out at a
-few thousand calls a second while a GPU engine can answer many more (DESIGN decision 5).
+few thousand calls a second while a GPU engine can answer many more.
 With ``--grpc-workers N`` the server starts N worker processes (worker.py) that all listen on
 the gRPC port (SO_REUSEPORT) and hand each call, still serialised, over a Unix socket to
 this process. Here a call is parsed, run by the same :class:`InferenceService` as in the
