@@ -34,6 +34,7 @@ def export_program(path: Path) -> None:
     torch.export.save(program, str(path))
 
 
+@pytest.mark.slow
 def test_exported_program_built_and_served(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     for name, precision in (("torch_fp32", "fp32"), ("torch_bf16", "bf16")):
@@ -151,6 +152,7 @@ def export_onnx(
     )
 
 
+@pytest.mark.slow
 def test_onnx_sources_convert_build_and_serve(tmp_path: Path) -> None:
     import onnx
     from onnx import helper

@@ -20,6 +20,7 @@ FUZZ = settings(
 VERSION = fuzzing.simple_version(SIMPLE_CONFIG.format(name="simple", max_batch=8))
 
 
+@pytest.mark.slow
 @settings(FUZZ, max_examples=2500)
 @given(fuzzing.http_bodies())
 def test_http_decoder_refuses_only_with_client_errors(body: tuple[bytes, int | None]) -> None:
