@@ -10,6 +10,7 @@ build it once, and nobody ever sees half an entry.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -98,7 +99,9 @@ class EngineCache:
             shutil.rmtree(path, ignore_errors=True)
             return None
         if touch:
-            os.utime(path)  # prune removes the least recently used
+            # prune removes the least recently used; a read-only (baked) cache is not pruned.
+            with contextlib.suppress(OSError):
+                os.utime(path)
         return CacheEntry(key, path, manifest)
 
     @contextmanager
@@ -143,6 +146,9 @@ class EngineCache:
                     "files": files,
                 }
                 (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+                # mkdtemp made the staging folder private; a finished entry is readable by the
+                # servers of other users (an image's non-root user reads what its build wrote).
+                os.chmod(staging, 0o755)
                 final = self.root / key
                 if final.exists():
                     shutil.rmtree(final)

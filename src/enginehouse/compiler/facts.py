@@ -66,8 +66,12 @@ class SourceFacts:
             if self._path is None:
                 return
             staging = self._path.with_name(f"{_FILE}.{os.getpid()}.{threading.get_ident()}")
-            staging.write_text(json.dumps(self._facts))
-            os.replace(staging, self._path)
+            try:
+                staging.write_text(json.dumps(self._facts))
+                os.replace(staging, self._path)
+            except OSError:
+                # A cache baked into a read-only image: the facts stay in memory.
+                self._path = None
 
     def sha256(self, path: Path) -> str:
         key, entry, _ = self._entry(path)
