@@ -1,8 +1,12 @@
-# Sourced by test.sh: the Debian packages that tests use (promtool from prometheus), installed
-# when missing and when this shell may (root, or sudo without a password). Tests that need a
-# package which could not be installed skip themselves and say which.
+# Sourced by the test scripts: installs the Debian packages whose commands the tests use, when
+# a command is missing and this shell may install (root, or sudo without a password). Set
+# NEEDED to "command:package ..." before sourcing; the default is what scripts/test.sh needs.
+# Tests whose command could not be installed say so (skip or fail, as each decides).
+NEEDED="${NEEDED:-promtool:prometheus}"
 PACKAGES=()
-command -v promtool >/dev/null 2>&1 || PACKAGES+=(prometheus)
+for pair in $NEEDED; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || PACKAGES+=("${pair#*:}")
+done
 if [ ${#PACKAGES[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ]; then
         SUDO=""
@@ -17,8 +21,8 @@ if [ ${#PACKAGES[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
             "${PACKAGES[@]}" >/dev/null \
             || { $SUDO apt-get update -q >/dev/null && $SUDO env DEBIAN_FRONTEND=noninteractive \
                 apt-get install -y -q --no-install-recommends "${PACKAGES[@]}" >/dev/null; } \
-            || echo "could not install ${PACKAGES[*]}; tests that need them skip" >&2
+            || echo "could not install ${PACKAGES[*]}" >&2
     else
-        echo "not root: ${PACKAGES[*]} not installed; tests that need them skip" >&2
+        echo "not root: ${PACKAGES[*]} not installed" >&2
     fi
 fi
