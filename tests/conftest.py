@@ -50,19 +50,15 @@ def explicit_repo(example_repo: Path, tmp_path: Path) -> Path:
 @pytest.fixture()
 def explicit_server(explicit_repo: Path, tmp_path: Path) -> Iterator[ServerProcess]:
     """A server in explicit mode that starts with only ``simple`` loaded."""
-    proc = ServerProcess(
+    with ServerProcess.live(
         [explicit_repo],
         "--model-control-mode",
         "explicit",
         "--load-model",
         "simple",
         log_path=tmp_path / "explicit.log",
-    )
-    try:
-        proc.wait_live()
+    ) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 os.environ.setdefault("PYTHONUNBUFFERED", "1")

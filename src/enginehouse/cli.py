@@ -53,14 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         "clean shutdown, 1 when a port cannot be bound, 2 for bad arguments.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    serve.add_argument(
-        "--model-repository",
-        "--model-store",
-        action="append",
-        required=True,
-        type=Path,
-        help="model repository folder (repeatable)",
-    )
+    compiler_cli.add_model_repository(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port")
     serve.add_argument("--grpc-port", type=int, default=8001, help="gRPC port")

@@ -15,9 +15,11 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Any
 
 SERVER_MODULES = (
     "enginehouse.cli",
@@ -183,6 +185,18 @@ class ServerProcess:
 
     def __enter__(self) -> ServerProcess:
         return self
+
+    @classmethod
+    @contextmanager
+    def live(cls, repositories: list[Path], *extra: str, **options: Any) -> Iterator[ServerProcess]:
+        """A server started and live (start-up loading done) for the ``with`` block, stopped
+        after it: the shape of every test fixture that needs one."""
+        server = cls(repositories, *extra, **options)
+        try:
+            server.wait_live()
+            yield server
+        finally:
+            server.stop()
 
     def __exit__(
         self,

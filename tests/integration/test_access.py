@@ -83,7 +83,7 @@ def restricted(
     request: pytest.FixtureRequest, example_repo: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
     extra = ["--grpc-workers", str(request.param)] if request.param else []
-    proc = ServerProcess(
+    with ServerProcess.live(
         [example_repo],
         "--model-control-mode",
         "explicit",
@@ -97,12 +97,8 @@ def restricted(
         "statistics,model-config:admin-key=s3cret",
         *extra,
         log_path=tmp_path_factory.mktemp("log") / "restricted.log",
-    )
-    try:
-        proc.wait_live()
+    ) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 def _status(call, *args, **kwargs) -> str:  # type: ignore[no-untyped-def]

@@ -35,6 +35,19 @@ def _repository(example_repo: Path, tmp_path: Path, extra: str) -> Path:
     return root
 
 
+async def _started(root: Path, cache: Path, limits: PendingLimits | None = None) -> ServerCore:
+    """A started in-process ServerCore in explicit mode with ``simple`` loaded."""
+    core = ServerCore(
+        ModelRepository([root]),
+        control_mode=ControlMode.EXPLICIT,
+        startup_models=["simple"],
+        engine_cache=EngineCache(cache / "cache"),
+        pending_limits=limits,
+    )
+    await core.start()
+    return core
+
+
 def _request() -> InferRequest:
     a = np.arange(16, dtype=np.int32).reshape(1, 16)
     return InferRequest(
@@ -50,13 +63,7 @@ def test_requests_admitted_before_an_unload_are_answered(
     root = _repository(example_repo, tmp_path, BATCHED if scheduling != "default" else "")
 
     async def scenario() -> None:
-        core = ServerCore(
-            ModelRepository([root]),
-            control_mode=ControlMode.EXPLICIT,
-            startup_models=["simple"],
-            engine_cache=EngineCache(tmp_path / "cache"),
-        )
-        await core.start()
+        core = await _started(root, tmp_path)
         assert core.ready
         for _ in range(3):
             admitted = [core.submit(_request()) for _ in range(4)]
@@ -90,14 +97,7 @@ def test_past_the_pending_limit_requests_are_refused_at_once(
     )
 
     async def scenario() -> None:
-        core = ServerCore(
-            ModelRepository([root]),
-            control_mode=ControlMode.EXPLICIT,
-            startup_models=["simple"],
-            engine_cache=EngineCache(tmp_path / "cache"),
-            pending_limits=limits,
-        )
-        await core.start()
+        core = await _started(root, tmp_path, limits)
         admitted = [core.submit(_request()) for _ in range(3)]
         with pytest.raises(UnavailableError, match="pending"):
             core.submit(_request())

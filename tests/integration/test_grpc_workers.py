@@ -25,17 +25,13 @@ from tests.integration import test_inference
 def workers_server(
     example_repo: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
-    proc = ServerProcess(
+    with ServerProcess.live(
         [example_repo],
         "--grpc-workers",
         "2",
         log_path=tmp_path_factory.mktemp("log") / "workers.log",
-    )
-    try:
-        proc.wait_live()
+    ) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 def workers(server: ServerProcess) -> list[psutil.Process]:

@@ -76,19 +76,15 @@ parameters { key: "execution_timeout_us" value: { string_value: "300000" } }
 
 @pytest.fixture(scope="module")
 def explicit(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = ServerProcess(
+    with ServerProcess.live(
         [repo],
         "--model-control-mode",
         "explicit",
         "--load-model",
         "*",
         log_path=tmp_path_factory.mktemp("log") / "hardening.log",
-    )
-    try:
-        proc.wait_live()
+    ) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 def _config_with(**fields: object) -> str:
@@ -229,18 +225,14 @@ def test_ragged_json_data_is_a_400(explicit: ServerProcess) -> None:
 @pytest.fixture(scope="module")
 def workers(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """The same repository served through two gRPC worker processes."""
-    proc = ServerProcess(
+    with ServerProcess.live(
         [repo],
         "--grpc-workers",
         "2",
         grpc_port=free_port(),
         log_path=tmp_path_factory.mktemp("log") / "workers.log",
-    )
-    try:
-        proc.wait_live()
+    ) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(params=["in-process", "workers"])
@@ -351,7 +343,7 @@ def test_a_hung_execution_fails_its_request_and_the_instance_is_replaced(
 @pytest.fixture(scope="module")
 def limited(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """A server with tight HTTP limits, so that each can be seen to act within seconds."""
-    proc = ServerProcess(
+    with ServerProcess.live(
         [repo],
         "--http-max-header-size",
         "8192",
@@ -364,12 +356,8 @@ def limited(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Se
         "--http-max-connections",
         "40",
         log_path=tmp_path_factory.mktemp("log") / "limited.log",
-    )
-    try:
-        proc.wait_live()
+    ) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 def _read_until_closed(sock: socket.socket, timeout_s: float) -> bytes:

@@ -143,6 +143,19 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f}s"
 
 
+def add_model_repository(parser: argparse.ArgumentParser) -> None:
+    """``--model-repository`` (alias ``--model-store``, as tritonserver), required and
+    repeatable: one definition for every command that reads a repository."""
+    parser.add_argument(
+        "--model-repository",
+        "--model-store",
+        action="append",
+        required=True,
+        type=Path,
+        help="model repository folder (repeatable)",
+    )
+
+
 EXIT_CODES = "exit status: 0 done, 1 a model failed to build, 2 bad arguments"
 
 
@@ -154,14 +167,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
         f"would, so that serving starts from a warm cache. {RESOLUTION}. {EXIT_CODES}.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    build.add_argument(
-        "--model-repository",
-        "--model-store",
-        action="append",
-        required=True,
-        type=Path,
-        help="model repository folder (repeatable)",
-    )
+    add_model_repository(build)
     build.add_argument("--model", action="append", default=[], help="only this model (repeatable)")
     build.add_argument("--target", default="cpu", help="cpu, or cuda[:N] for that GPU's kind")
     build.add_argument("--engine-cache", type=Path, default=None, help="engine cache folder")
