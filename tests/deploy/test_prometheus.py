@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from make_repository import make_repository
 
 from enginehouse.testing import ServerProcess, free_port
 from tests.deploy.conftest import DEPLOY, tool
+
+yaml = pytest.importorskip("yaml")  # the deploy extra's; skipped without it (the default run)
 
 RATE = 40.0  # requests per second the load sends
 LOAD_S = 30.0
