@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
+from tests.deploy.conftest import DEPLOY, tool
+
 # The deploy extra's validators: without them (the default test run) the module is skipped.
 jsonschema = pytest.importorskip("jsonschema")
 yaml = pytest.importorskip("yaml")
-
-from tests.deploy.conftest import DEPLOY, tool
 
 KUBERNETES = "1.32.0"
 OVERLAYS = ["cpu", "gpu", "baked", "hpa"]
