@@ -1,7 +1,5 @@
 """enginehouse: serve ONNX and PyTorch models over the KServe v2 / Triton protocol."""
 
-__version__ = "0.1.0"
-
 from enginehouse.core import (
     ControlMode,
     InferInput,
@@ -11,6 +9,7 @@ from enginehouse.core import (
     ServerCore,
 )
 from enginehouse.repository import ModelRepository
+from enginehouse.version import __version__
 
 __all__ = [
     "ControlMode",

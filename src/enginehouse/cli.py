@@ -14,8 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
-from enginehouse import __version__
-from enginehouse.compiler import cli as compiler_cli
+from enginehouse import engine_commands
 from enginehouse.compiler.cache import RESOLUTION, EngineCache, default_root
 from enginehouse.core.model import PendingLimits
 from enginehouse.core.server import ControlMode, ServerCore
@@ -23,6 +22,7 @@ from enginehouse.frontends.http.connections import HttpLimits
 from enginehouse.frontends.security import API_GROUPS, RestrictedApis, TlsSettings
 from enginehouse.observe.metrics import MetricsOptions
 from enginehouse.repository import ModelRepository
+from enginehouse.version import __version__
 
 log = logging.getLogger("enginehouse")
 
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         "clean shutdown, 1 when a port cannot be bound, 2 for bad arguments.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    compiler_cli.add_model_repository(serve)
+    engine_commands.add_model_repository(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port")
     serve.add_argument("--grpc-port", type=int, default=8001, help="gRPC port")
@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
             f"--{protocol}-root-cert", type=Path, help="root certificate for client certificates"
         )
     serve.add_argument("--log-verbose", type=int, default=0, help="verbosity: 0 info, >0 debug")
-    compiler_cli.add_commands(commands)
+    engine_commands.add_commands(commands)
     return parser
 
 
@@ -360,9 +360,9 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     if args.command == "build":
-        return compiler_cli.run_build(args)
+        return engine_commands.run_build(args)
     if args.command == "cache":
-        return compiler_cli.run_cache(args)
+        return engine_commands.run_cache(args)
     if args.command == "serve":
         if args.repository_poll_secs <= 0:
             log.error("--repository-poll-secs must be > 0")

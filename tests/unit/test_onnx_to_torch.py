@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from enginehouse.compiler.onnx_to_torch import onnx_module
+from enginehouse.backends.onnx_to_torch import onnx_module
 from enginehouse.config.autocomplete import read_signature
 from enginehouse.errors import ModelLoadError
 

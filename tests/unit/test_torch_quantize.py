@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from enginehouse.backends.torch_quantize import lift_linears
 from enginehouse.compiler import torch_builder
-from enginehouse.compiler.spec import BuildSpec
-from enginehouse.compiler.torch_quantize import lift_linears
+from enginehouse.config.build_spec import BuildSpec
 from enginehouse.errors import ModelLoadError
 
 torch = pytest.importorskip("torch")
@@ -64,7 +64,7 @@ def test_quantized_precisions_need_the_cuda_target(tmp_path: Path) -> None:
 
 
 def test_rows_at_batch_one_counts_every_leading_dim() -> None:
-    from enginehouse.compiler.torch_quantize import rows_at_batch_one
+    from enginehouse.backends.torch_quantize import rows_at_batch_one
 
     module = exported_encoder()
     lift_linears(torch, module)

@@ -9,7 +9,6 @@ Inputs and outputs follow the config's order; the program takes the inputs posit
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,98 +18,23 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from enginehouse.backends import torch_compile
 from enginehouse.backends.base import Backend, Engine, Placement
-from enginehouse.backends.cuda_graphs import SETUP_LOCK, CudaGraphEngine, default_buckets
+from enginehouse.backends.cuda_graphs import CudaGraphEngine, default_buckets
+from enginehouse.backends.torch_programs import (
+    TORCH_LOCK,
+    import_torch,
+    is_onnx,
+    is_torchscript,
+    load_program,
+    load_torchscript,
+    program_arity,
+    program_on,
+)
 from enginehouse.config import model_config
 from enginehouse.config.autocomplete import GraphSignature, read_signature
 from enginehouse.errors import ModelLoadError
 
 TORCH_BACKEND = "pytorch"
 TORCH_PLATFORM = "pytorch_libtorch"
-
-
-def import_torch() -> Any:
-    try:
-        import torch
-    except ImportError:
-        raise ModelLoadError(
-            "the pytorch backend needs PyTorch: pip install 'enginehouse[torch]'"
-        ) from None
-    # Request tensors are read-only views over the request body, and engines only read
-    # their inputs: torch's warning about it is nothing an operator could act on.
-    warnings.filterwarnings(
-        "ignore", message="The given NumPy array is not writable", category=UserWarning
-    )
-    return torch
-
-
-# torch.export's loader and Inductor keep process-wide state: one load or build at a time.
-# The same lock as CUDA-graph captures, which a compile in another thread would break.
-TORCH_LOCK = SETUP_LOCK
-
-
-def is_onnx(path: Path) -> bool:
-    """ONNX sources (``default_model_filename: "model.onnx"``) are converted by the builder."""
-    return path.suffix == ".onnx"
-
-
-def is_torchscript(path: Path) -> bool:
-    """TorchScript files are ``.pt``; torch.export programs and AOTInductor packages ``.pt2``."""
-    return path.suffix == ".pt"
-
-
-def load_torchscript(path: Path, model: str) -> Any:
-    torch = import_torch()
-    try:
-        with TORCH_LOCK:
-            return torch.jit.load(str(path), map_location="cpu").eval()
-    except Exception as exc:
-        raise ModelLoadError(
-            f"model '{model}': cannot load TorchScript {path.name}: {exc}"
-        ) from None
-
-
-def program_on(program: Any, device: str) -> Any:
-    """The program's module with everything on ``device``: parameters and buffers, lifted
-    constants (plain attributes that ``Module.to`` misses) and the devices that tracing on
-    the CPU wrote into ops such as ``arange(..., device=cpu)``."""
-    torch = import_torch()
-    if device == "cpu":
-        return program.module()
-    target = torch.device(device)
-    try:
-        from torch.export.passes import move_to_device_pass
-
-        return move_to_device_pass(program, target).module()
-    except Exception:
-        module = program.module().to(device)
-    for node in module.graph.nodes:
-        found = node.kwargs.get("device")
-        if isinstance(found, torch.device) and found.type == "cpu":
-            node.update_kwarg("device", target)
-    module.recompile()
-    for sub in module.modules():
-        for key, value in list(vars(sub).items()):
-            if isinstance(value, torch.Tensor) and value.device != target:
-                setattr(sub, key, value.to(target))
-    return module
-
-
-def program_arity(path: Path, model: str) -> list[int]:
-    """[inputs, outputs] of an exported program (loading it takes seconds for big models,
-    so the loader remembers this in the engine cache's source facts)."""
-    signature = load_program(path, model).graph_signature
-    return [len(list(signature.user_inputs)), len(list(signature.user_outputs))]
-
-
-def load_program(path: Path, model: str) -> Any:
-    torch = import_torch()
-    try:
-        with TORCH_LOCK:
-            return torch.export.load(str(path))
-    except Exception as exc:  # torch raises many types for unreadable archives
-        raise ModelLoadError(
-            f"model '{model}': cannot load ExportedProgram {path.name}: {exc}"
-        ) from None
 
 
 class TorchEngine(Engine):
@@ -295,7 +219,7 @@ def _load_runner(
     if is_torchscript(model_file):
         return load_torchscript(model_file, config.name).to(device)
     if is_onnx(model_file):  # engine_build: false — the converted graph, run eagerly
-        from enginehouse.compiler.onnx_to_torch import onnx_module
+        from enginehouse.backends.onnx_to_torch import onnx_module
 
         return onnx_module(model_file, config.name).to(device)
     return program_on(load_program(model_file, config.name), device)

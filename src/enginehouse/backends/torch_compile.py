@@ -29,9 +29,9 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from enginehouse.backends import inductor_artifact
 from enginehouse.backends.cuda_graphs import input_specs
-from enginehouse.compiler.spec import engine_precision
-from enginehouse.compiler.torch_quantize import QUANTIZED, quantize
+from enginehouse.backends.torch_quantize import QUANTIZED, quantize
 from enginehouse.config import model_config
+from enginehouse.config.build_spec import engine_precision
 from enginehouse.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def module_on(torch: Any, path: Path, config: mc.ModelConfig, device: str, preci
     """The saved program at ``path`` on ``device``, its linear layers quantised when the
     precision asks for it (the cache keeps the bf16 program): what both the build and every
     load compile."""
-    from enginehouse.backends.torch import load_program, program_on
+    from enginehouse.backends.torch_programs import load_program, program_on
 
     module = program_on(load_program(path, config.name), device)
     if precision in QUANTIZED:
@@ -103,7 +103,7 @@ def module_on(torch: Any, path: Path, config: mc.ModelConfig, device: str, preci
 
 def acquire(torch: Any, path: Path, config: mc.ModelConfig, index: int) -> Any:
     """The shared compiled module of ``path`` on GPU ``index``, compiling it if needed."""
-    from enginehouse.backends.torch import TORCH_LOCK
+    from enginehouse.backends.torch_programs import TORCH_LOCK
 
     key = (str(path), index)
     with _LOCK:

@@ -25,18 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from enginehouse.compiler.facts import SourceFacts, file_sha256
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 ENV_VAR = "ENGINEHOUSE_CACHE"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def cache_key(model_sha256: str, spec: dict[str, Any], fingerprint: dict[str, Any]) -> str:
@@ -70,8 +64,6 @@ class EngineCache:
     """Built engines under one root folder."""
 
     def __init__(self, root: Path) -> None:
-        from enginehouse.compiler.facts import SourceFacts
-
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
         self.facts = SourceFacts(root)

@@ -16,7 +16,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from enginehouse.compiler import onnx_builder, torch_builder
 from enginehouse.compiler.cache import CacheEntry, EngineCache, cache_key
-from enginehouse.compiler.spec import BuildSpec, build_spec
+from enginehouse.config.build_spec import BuildSpec, build_spec
 from enginehouse.errors import ModelLoadError
 
 log = logging.getLogger(__name__)

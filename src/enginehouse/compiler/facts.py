@@ -7,6 +7,7 @@ engine cache, keyed by path, size and modification time, so a warm start reads n
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -15,10 +16,18 @@ from pathlib import Path
 from typing import Any
 
 from enginehouse import datatypes
-from enginehouse.compiler.cache import file_sha256
 from enginehouse.config.autocomplete import GraphSignature, GraphTensor, read_signature
 
 _FILE = ".facts.json"
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file, read a megabyte at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _encode(signature: GraphSignature) -> dict[str, Any]:

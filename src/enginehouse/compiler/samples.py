@@ -14,7 +14,7 @@ import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
 from enginehouse import datatypes
-from enginehouse.compiler.spec import BuildSpec
+from enginehouse.config.build_spec import BuildSpec
 from enginehouse.errors import ModelLoadError
 from enginehouse.repository.paths import contained
 

@@ -23,6 +23,7 @@ import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
 from enginehouse.backends import inductor_artifact, torch_compile
+from enginehouse.backends.onnx_to_torch import onnx_module
 from enginehouse.backends.torch import (
     TORCH_LOCK,
     import_torch,
@@ -32,12 +33,11 @@ from enginehouse.backends.torch import (
     load_torchscript,
     program_on,
 )
+from enginehouse.backends.torch_quantize import QUANTIZED
 from enginehouse.compiler.accuracy import OutputErrors
 from enginehouse.compiler.onnx_builder import cpu_model
-from enginehouse.compiler.onnx_to_torch import onnx_module
 from enginehouse.compiler.samples import Sample, load_calibration, random_samples
-from enginehouse.compiler.spec import BuildSpec
-from enginehouse.compiler.torch_quantize import QUANTIZED
+from enginehouse.config.build_spec import BuildSpec
 from enginehouse.errors import ModelLoadError
 
 log = logging.getLogger(__name__)

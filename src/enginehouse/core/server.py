@@ -102,7 +102,7 @@ class ServerCore:
         poll_s: float = 15.0,
         pending_limits: PendingLimits | None = None,
     ) -> None:
-        from enginehouse import __version__
+        from enginehouse.version import __version__
 
         self.version = __version__
         self.repository = repository
