@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 # The largest warm-up tensor a config may ask for: a config can come from a client, and its
 # dims alone must not make the server allocate gigabytes.
-MAX_SAMPLE_BYTES = 1 << 30
+MAX_SAMPLE_BYTES = 2 << 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +55,7 @@ def _tensor(
     shape = batch + tuple(spec.dims)
     if any(d < 0 for d in shape):
         raise ModelLoadError(f"model '{model}': warm-up input '{name}' needs fixed dims")
-    size = math.prod(shape) * max(dtype.itemsize, 8)
+    size = math.prod(shape) * (dtype.itemsize or 8)  # BYTES: a reference per element
     if size > MAX_SAMPLE_BYTES:
         raise ModelLoadError(
             f"model '{model}': warm-up input '{name}' of shape {list(shape)} would take "
