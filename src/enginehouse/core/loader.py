@@ -235,7 +235,16 @@ def load_version(
             if cache is not None
             else compiler.Engine(model_file)
         )
-    samples = warmups.samples(config, model_dir) if warmup else []
+    made: list[list[warmups.WarmupSample]] = []
+
+    def samples() -> list[warmups.WarmupSample]:
+        """The warm-up samples, made when the first instance has loaded: a model that cannot
+        load (out of device memory, say) fails with that reason, before host memory goes to
+        samples it would never run."""
+        if not made:
+            made.append(warmups.samples(config, model_dir) if warmup else [])
+        return made[0]
+
     timeout = execution_timeout_s(config)
 
     def make_instance(name: str, placement: Placement) -> Instance:
@@ -247,7 +256,7 @@ def load_version(
         instance = Instance(name, engine, placement, inline_policy(config, placement), timeout)
         loaded = time.perf_counter() - started
         try:
-            instance.warmup_seconds = warmups.warm(instance, config, samples)
+            instance.warmup_seconds = warmups.warm(instance, config, samples())
         except BaseException:
             instance.close()
             raise
@@ -258,8 +267,8 @@ def load_version(
             name,
             placement.label,
             loaded,
-            len(samples),
-            "sample" if len(samples) == 1 else "samples",
+            len(samples()),
+            "sample" if len(samples()) == 1 else "samples",
             instance.warmup_seconds,
         )
         return instance
@@ -303,8 +312,8 @@ def load_version(
     model_version = ModelVersion(config, version, InstancePool(instances), make_instance)
     model_version.engine = next(iter(builds.values()))
     model_version.instance_memory = memory
-    if samples:
-        model_version.warmup_inputs = samples[0].inputs
+    if samples():
+        model_version.warmup_inputs = samples()[0].inputs
     return model_version
 
 
