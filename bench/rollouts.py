@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 
-from enginehouse.rollout import SoakResult, soak
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "src")]
+
+from tests.rollout import SoakResult, soak  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results"
 

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from enginehouse.rollout import scale_model
+from tests.rollout import scale_model
 
 
 def save(model: onnx.ModelProto, root: Path, name: str, config: str) -> None:

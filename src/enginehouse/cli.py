@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from enginehouse import engine_commands
-from enginehouse.compiler.cache import RESOLUTION, EngineCache, default_root
+from enginehouse.builder.cache import RESOLUTION, EngineCache, default_root
 from enginehouse.core.model import PendingLimits
 from enginehouse.core.server import ControlMode, ServerCore
 from enginehouse.frontends.http.connections import HttpLimits

@@ -20,8 +20,8 @@ from typing import Any
 from tritonclient.grpc import model_config_pb2 as mc
 
 from enginehouse.backends import Backend
-from enginehouse.compiler import engine as compiler
-from enginehouse.compiler.cache import ENV_VAR, RESOLUTION, CacheEntry, EngineCache, default_root
+from enginehouse.builder import artifacts
+from enginehouse.builder.cache import ENV_VAR, RESOLUTION, CacheEntry, EngineCache, default_root
 from enginehouse.core import loader
 from enginehouse.errors import EnginehouseError
 from enginehouse.repository import ModelRepository
@@ -102,7 +102,7 @@ def build_repository(
             if not path.is_file():
                 raise EnginehouseError(f"model '{name}' version {version}: {path.name} not found")
             backend.check_config(config, path)
-            built = compiler.prepare(
+            built = artifacts.prepare(
                 config, backend.name, version, path, model_dir, cache, target, ahead_of_time=True
             )
         except EnginehouseError as exc:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from make_repository import SIMPLE_CONFIG
 
-from enginehouse.compiler.cache import EngineCache
+from enginehouse.builder.cache import EngineCache
 from enginehouse.core.model import PendingLimits
 from enginehouse.core.server import ControlMode, ServerCore
 from enginehouse.core.types import InferInput, InferRequest, InferResponse

@@ -13,8 +13,8 @@ import onnxruntime as ort
 import pytest
 import tritonclient.http as httpclient
 
-from enginehouse.compiler import engine as compiler
-from enginehouse.compiler.cache import EngineCache
+from enginehouse.builder import artifacts
+from enginehouse.builder.cache import EngineCache
 from enginehouse.config.model_config import parse_config_text
 from enginehouse.errors import ModelLoadError
 from tests.conftest import ServerProcess
@@ -63,9 +63,9 @@ def write_calibration(
         np.savez(folder / f"sample{i}.npz", image=rng.standard_normal(shape).astype(dtype))
 
 
-def prepare(model_dir: Path, cache: EngineCache) -> compiler.Engine:
+def prepare(model_dir: Path, cache: EngineCache) -> artifacts.BuiltEngine:
     config = parse_config_text((model_dir / "config.pbtxt").read_text(), "config")
-    return compiler.prepare(
+    return artifacts.prepare(
         config, "onnxruntime", 1, model_dir / "1" / "model.onnx", model_dir, cache
     )
 

@@ -22,9 +22,9 @@ import tritonclient.http as httpclient
 from onnx import TensorProto, helper, numpy_helper
 from tritonclient.utils import InferenceServerException
 
-from enginehouse.rollout import WIDTH, scale_model
 from tests.conftest import ServerProcess
 from tests.integration.test_errors import raw_post
+from tests.rollout import WIDTH, scale_model
 
 SCALE_CONFIG = (
     'backend: "onnxruntime"\nmax_batch_size: 8\n'

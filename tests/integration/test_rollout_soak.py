@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from enginehouse.rollout import soak
+from tests.rollout import soak
 
 
 @pytest.mark.parametrize("mode", ["poll", "api"])

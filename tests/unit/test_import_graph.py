@@ -119,7 +119,7 @@ LAYERS = [
     "config",
     "repository",
     "backends",
-    "compiler",
+    "builder",
     "runtime",
     "scheduler",
     "core",
@@ -128,7 +128,6 @@ LAYERS = [
     "engine_commands",
     "cli",
     "testing",
-    "rollout",
 ]
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from enginehouse.backends.torch_quantize import lift_linears
-from enginehouse.compiler import torch_builder
+from enginehouse.builder import torch_builder
 from enginehouse.config.build_spec import BuildSpec
 from enginehouse.errors import ModelLoadError
 

@@ -17,8 +17,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from enginehouse.backends import Backend, Placement, backend_for, backend_for_file
 from enginehouse.backends.torch import TORCH_BACKEND, program_arity
-from enginehouse.compiler import engine as compiler
-from enginehouse.compiler.cache import EngineCache
+from enginehouse.builder import artifacts
+from enginehouse.builder.cache import EngineCache
 from enginehouse.config import model_config
 from enginehouse.core.model import ModelVersion
 from enginehouse.core.routing import parse_version_weights
@@ -227,13 +227,13 @@ def load_version(
             f"model '{config.name}' version {version}: model file {model_file.name} not found"
         )
     backend.check_config(config, model_file, known_signature(config, backend, model_file, cache))
-    builds: dict[str, compiler.Engine] = {}
+    builds: dict[str, artifacts.BuiltEngine] = {}
     targets = (target_of(p) for group in config.instance_group for p in group_placements(group))
     for target in dict.fromkeys(targets):
         builds[target] = (
-            compiler.prepare(config, backend.name, version, model_file, model_dir, cache, target)
+            artifacts.prepare(config, backend.name, version, model_file, model_dir, cache, target)
             if cache is not None
-            else compiler.Engine(model_file)
+            else artifacts.BuiltEngine(model_file)
         )
     made: list[list[warmups.WarmupSample]] = []
 

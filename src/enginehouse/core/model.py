@@ -16,7 +16,7 @@ import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
 from enginehouse import datatypes
-from enginehouse.compiler.engine import Engine as BuiltEngine
+from enginehouse.builder.artifacts import BuiltEngine
 from enginehouse.config.model_config import to_engine_shapes
 from enginehouse.core.batching import BatchedExecution
 from enginehouse.core.statistics import ModelStatistics

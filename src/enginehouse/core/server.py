@@ -19,7 +19,7 @@ from pathlib import Path
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from enginehouse.compiler.cache import EngineCache
+from enginehouse.builder.cache import EngineCache
 from enginehouse.core import loader, overrides
 from enginehouse.core.model import ModelVersion, PendingLimits
 from enginehouse.core.routing import ServedModel

@@ -14,8 +14,8 @@ from typing import Any
 
 from tritonclient.grpc import model_config_pb2 as mc
 
-from enginehouse.compiler import onnx_builder, torch_builder
-from enginehouse.compiler.cache import CacheEntry, EngineCache, cache_key
+from enginehouse.builder import onnx_builder, torch_builder
+from enginehouse.builder.cache import CacheEntry, EngineCache, cache_key
 from enginehouse.config.build_spec import BuildSpec, build_spec
 from enginehouse.errors import ModelLoadError
 
@@ -25,7 +25,7 @@ BUILDERS = {"onnxruntime": onnx_builder, "pytorch": torch_builder}
 
 
 @dataclass(frozen=True, slots=True)
-class Engine:
+class BuiltEngine:
     """The file to load and, when it was built, its cache entry and whether it was a hit."""
 
     path: Path
@@ -47,13 +47,13 @@ def prepare(
     cache: EngineCache,
     target: str = "cpu",
     ahead_of_time: bool = False,
-) -> Engine:
+) -> BuiltEngine:
     """The engine to serve for one version: the source when no build is asked for, else the
     cached artefact (built now on a miss)."""
     spec = build_spec(config, backend, target)
     builder = BUILDERS.get(backend)
     if spec is None or builder is None:
-        return Engine(source)
+        return BuiltEngine(source)
     try:
         source_hash = cache.facts.sha256(source)
     except OSError as exc:
@@ -90,7 +90,7 @@ def prepare(
     if hit:
         log.info("model '%s' version %d: engine cache hit %s", config.name, version, key[:12])
     check_accuracy(config.name, spec, entry.manifest)
-    return Engine(entry.file(entry.manifest["artefact"]), spec, entry, hit)
+    return BuiltEngine(entry.file(entry.manifest["artefact"]), spec, entry, hit)
 
 
 def check_accuracy(model: str, spec: BuildSpec, manifest: dict[str, Any]) -> None:

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
-from enginehouse.compiler.accuracy import OutputErrors
-from enginehouse.compiler.samples import Sample, load_calibration, random_samples
+from enginehouse.builder.accuracy import OutputErrors
+from enginehouse.builder.samples import Sample, load_calibration, random_samples
 from enginehouse.config.build_spec import BuildSpec
 from enginehouse.config.model_config import to_engine_shapes
 from enginehouse.errors import ModelLoadError

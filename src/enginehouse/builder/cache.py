@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from enginehouse.compiler.facts import SourceFacts, file_sha256
+from enginehouse.builder.facts import SourceFacts, file_sha256
 
 log = logging.getLogger(__name__)
 

@@ -34,9 +34,9 @@ from enginehouse.backends.torch import (
     program_on,
 )
 from enginehouse.backends.torch_quantize import QUANTIZED
-from enginehouse.compiler.accuracy import OutputErrors
-from enginehouse.compiler.onnx_builder import cpu_model
-from enginehouse.compiler.samples import Sample, load_calibration, random_samples
+from enginehouse.builder.accuracy import OutputErrors
+from enginehouse.builder.onnx_builder import cpu_model
+from enginehouse.builder.samples import Sample, load_calibration, random_samples
 from enginehouse.config.build_spec import BuildSpec
 from enginehouse.errors import ModelLoadError
 
