@@ -135,6 +135,13 @@ class ModelVersion:
         if self.batching and config.HasField("dynamic_batching"):
             self.batched = BatchedExecution(self, BatchingPolicy.from_config(config))
 
+    @property
+    def queued(self) -> int:
+        """Requests waiting for an instance: in the batcher's queue, or for a free instance."""
+        if self.batched is not None:
+            return self.batched.batcher.queue.size
+        return self.pool.waiting
+
     def metadata(self, versions: Sequence[str]) -> ModelMetadata:
         batch = (-1,) if self.batching else ()
         return ModelMetadata(

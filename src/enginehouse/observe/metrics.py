@@ -209,7 +209,7 @@ def families(
         "enginehouse_queue_size", "gauge", "Requests waiting in the dynamic batcher's queue"
     )
     for labels, version in labelled:
-        queued = version.batched.batcher.queue.size if version.batched else version.pool.waiting
+        queued = version.queued
         _sample(metric, "enginehouse_queue_size", labels, queued)
 
     metric = out.family(
