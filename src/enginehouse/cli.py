@@ -259,6 +259,11 @@ def access_settings(
 
 async def serve(args: argparse.Namespace) -> int:
     """Run the server until SIGINT or SIGTERM, then drain and stop."""
+    import numpy as np
+
+    # A client's JSON number past a float type's range becomes inf; NumPy's warning for it,
+    # printed once per such request, is nothing an operator could act on.
+    np.seterr(over="ignore", invalid="ignore")
     from enginehouse.frontends.grpc.relay import GrpcWorkers
     from enginehouse.frontends.grpc.service import GrpcServer
     from enginehouse.frontends.http.app import HttpServer

@@ -6,6 +6,7 @@ of ``bytes``; on the wire each element is a 4-byte little-endian length and its 
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 
@@ -86,12 +87,10 @@ MAX_ELEMENTS = 1 << 48
 
 def element_count(shape: tuple[int, ...], name: str) -> int:
     """The number of elements of ``shape``, or a 400 for a shape no request could fill."""
-    count = 1
-    nonzero = 1
-    for dim in shape:
-        count *= dim
-        nonzero *= max(dim, 1)
-    if nonzero > MAX_ELEMENTS:
+    count = math.prod(shape)
+    if count > MAX_ELEMENTS or (
+        count == 0 and math.prod(max(dim, 1) for dim in shape) > MAX_ELEMENTS
+    ):
         raise InvalidArgumentError(f"input '{name}': shape {list(shape)} is too large")
     return count
 

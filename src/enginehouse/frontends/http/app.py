@@ -134,6 +134,7 @@ class HttpApp:
     def __init__(self, core: ServerCore, restricted: RestrictedApis | None = None) -> None:
         self.core = core
         self.restricted = restricted or RestrictedApis()
+        self._restricted = bool(self.restricted)  # read per request: a plain attribute
 
     async def warm(self, version: ModelVersion) -> None:
         """Run warm-up requests through decoding, the new version and encoding, in process.
@@ -168,7 +169,7 @@ class HttpApp:
         rest = parts[2:]
         if rest and rest[-1] == "":
             rest = rest[:-1]
-        if self.restricted:
+        if self._restricted:
             self.restricted.check(api_group(rest), request.headers)
         if not rest:
             self._method(method, "GET")

@@ -87,6 +87,8 @@ class Connections:
 
     def __init__(self, limits: HttpLimits) -> None:
         self.limits = limits
+        # Each state's timeout, looked up per request by the connections.
+        self.timeouts = {waiting: limits.timeout(waiting) for waiting in Waiting}
         self.max_connections = usable_connections(limits.max_connections)
         self._open: set[Expirable] = set()
         self._sweeper: asyncio.Task[None] | None = None

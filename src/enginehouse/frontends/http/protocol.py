@@ -40,6 +40,10 @@ _REASONS = {
     503: b"Service Unavailable",
 }
 
+_monotonic = time.monotonic
+# The states as module globals: the request path reads them several times per request.
+_NOTHING, _IDLE, _HEADERS, _BODY = Waiting.NOTHING, Waiting.IDLE, Waiting.HEADERS, Waiting.BODY
+
 # Upper bound on pipelined requests parsed ahead of the one being answered.
 _MAX_PIPELINED = 32
 
@@ -103,7 +107,11 @@ class HttpProtocol(asyncio.Protocol):
         self._handler = handler
         self._limits = connections.limits
         self._limit = connections.limits.body_bytes
-        self.waiting = Waiting.NOTHING
+        self._header_limit = connections.limits.header_bytes
+        self._body_timeout = connections.limits.body_timeout_s
+        self._header_timeout = connections.limits.header_timeout_s
+        self._timeouts = connections.timeouts
+        self.waiting = _NOTHING
         self.deadline = 0.0
         # Bytes of the headers of the request being read: raw while they arrive, then exact.
         self._head_bytes = 0
@@ -129,7 +137,7 @@ class HttpProtocol(asyncio.Protocol):
         if not self._connections.admit(self):
             self._fail(503, b"too many open connections; retry later")
             return
-        self._wait_for(Waiting.IDLE)
+        self._wait_for(_IDLE)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
@@ -137,17 +145,20 @@ class HttpProtocol(asyncio.Protocol):
         self._connections.discard(self)
 
     def _wait_for(self, waiting: Waiting) -> None:
-        timeout = self._limits.timeout(waiting)
-        self.waiting = waiting if timeout else Waiting.NOTHING
-        self.deadline = time.monotonic() + timeout if timeout else 0.0
+        timeout = self._timeouts[waiting]
+        if timeout:
+            self.waiting = waiting
+            self.deadline = _monotonic() + timeout
+        else:
+            self.waiting = _NOTHING
 
     def expire(self) -> None:
         """Called by the sweep once the deadline has passed."""
-        if self.waiting == Waiting.IDLE:
+        if self.waiting == _IDLE:
             self.close()
-        elif self.waiting == Waiting.HEADERS:
+        elif self.waiting == _HEADERS:
             self._fail(408, b"the request headers did not arrive in time")
-        elif self.waiting == Waiting.BODY:
+        elif self.waiting == _BODY:
             self._fail(408, b"the request body stopped arriving")
 
     def pause_writing(self) -> None:
@@ -172,11 +183,11 @@ class HttpProtocol(asyncio.Protocol):
         except httptools.HttpParserError:
             self._fail(400, b"malformed HTTP request")
             return
-        if self.waiting == Waiting.HEADERS:
+        if self.waiting == _HEADERS:
             # Still inside a request's headers: count them as they come, before the parser
             # has a whole header to hand over (it buffers one of any size).
             self._head_bytes += len(data)
-            if self._head_bytes > self._limits.header_bytes:
+            if self._head_bytes > self._header_limit:
                 self._headers_too_large()
 
     def _headers_too_large(self) -> None:
@@ -193,17 +204,20 @@ class HttpProtocol(asyncio.Protocol):
         self._size = 0
         self._head_bytes = 0
         self._header_size = 0
-        self._wait_for(Waiting.HEADERS)
+        timeout = self._header_timeout
+        if timeout:
+            self.waiting = _HEADERS
+            self.deadline = _monotonic() + timeout
 
     def on_url(self, url: bytes) -> None:
         self._url += url
         self._header_size += len(url)
-        if self._header_size > self._limits.header_bytes:
+        if self._header_size > self._header_limit:
             raise _HeadersTooLarge()
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_size += len(name) + len(value) + 4
-        if self._header_size > self._limits.header_bytes:
+        if self._header_size > self._header_limit:
             raise _HeadersTooLarge()
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
@@ -214,20 +228,20 @@ class HttpProtocol(asyncio.Protocol):
         if self._headers.get("expect", "").lower() == "100-continue" and self._transport:
             self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if (length and length != "0") or "transfer-encoding" in self._headers:
-            self._wait_for(Waiting.BODY)
+            self._wait_for(_BODY)
         else:
-            self.waiting = Waiting.NOTHING
+            self.waiting = _NOTHING
 
     def on_body(self, body: bytes) -> None:
         self._size += len(body)
         if self._size > self._limit:
             raise _TooLarge()
         self._body.append(body)
-        if self.waiting == Waiting.BODY:
-            self.deadline = time.monotonic() + self._limits.body_timeout_s
+        if self.waiting == _BODY:
+            self.deadline = _monotonic() + self._body_timeout
 
     def on_message_complete(self) -> None:
-        self.waiting = Waiting.NOTHING
+        self.waiting = _NOTHING
         url = httptools.parse_url(self._url)
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
         request = HttpRequest(
@@ -263,8 +277,8 @@ class HttpProtocol(asyncio.Protocol):
             return
         if self._transport is not None and not self._closed:
             self._transport.resume_reading()
-            if self.waiting == Waiting.NOTHING:  # not inside the next request already
-                self._wait_for(Waiting.IDLE)
+            if self.waiting == _NOTHING:  # not inside the next request already
+                self._wait_for(_IDLE)
 
     def _run(self, request: HttpRequest) -> HttpResponse | Awaitable[HttpResponse]:
         encoding = request.headers.get("content-encoding", "")
