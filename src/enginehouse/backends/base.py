@@ -8,10 +8,10 @@ thread at a time; it never sees the scheduler or the frontends.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
@@ -99,6 +99,15 @@ class Engine(ABC):
         """Release what the engine holds (sessions, device memory)."""
 
 
+class SourceFacts(Protocol):
+    """What a backend may ask of the engine cache's memory of source files: facts computed
+    once per file content and remembered across starts (the builder's SourceFacts)."""
+
+    def signature(self, path: Path) -> Any: ...
+
+    def remembered(self, path: Path, name: str, compute: Callable[[Path], Any]) -> Any: ...
+
+
 class Backend(ABC):
     """A runtime that turns a model file into engines."""
 
@@ -124,6 +133,16 @@ class Backend(ABC):
     ) -> mc.ModelConfig:
         """Fill what the config leaves out from the model file (non-strict mode), whose
         signature the caller may already know."""
+
+    def remembered_signature(
+        self, config: mc.ModelConfig, model_file: Path, facts: SourceFacts
+    ) -> object | None:
+        """What :meth:`check_config` would read from the model file, from ``facts`` (reading
+        a big file takes a large share of a warm start, or seconds); None when the backend
+        reads nothing worth remembering. ONNX files are described by their graph signature."""
+        if model_file.suffix == ".onnx":
+            return facts.signature(model_file)
+        return None
 
     @abstractmethod
     def check_config(

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
-from enginehouse.backends.base import Backend, Engine, Placement
+from enginehouse.backends.base import Backend, Engine, Placement, SourceFacts
 from enginehouse.config import autocomplete
 from enginehouse.config.model_config import ONNX_BACKEND, ONNX_PLATFORM, parameter
 from enginehouse.errors import InvalidArgumentError, ModelLoadError
@@ -98,6 +98,12 @@ class OnnxRuntimeBackend(Backend):
         if not isinstance(signature, autocomplete.GraphSignature):
             signature = autocomplete.read_signature(model_file)
         return autocomplete.complete(config, signature)
+
+    def remembered_signature(
+        self, config: mc.ModelConfig, model_file: Path, facts: SourceFacts
+    ) -> object | None:
+        """Every file this backend serves is an ONNX graph, whatever its name."""
+        return facts.signature(model_file)
 
     def check_config(
         self, config: mc.ModelConfig, model_file: Path, signature: object | None = None

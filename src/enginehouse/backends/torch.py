@@ -17,7 +17,7 @@ import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
 from enginehouse.backends import torch_compile
-from enginehouse.backends.base import Backend, Engine, Placement
+from enginehouse.backends.base import Backend, Engine, Placement, SourceFacts
 from enginehouse.backends.cuda_graphs import CudaGraphEngine, default_buckets
 from enginehouse.backends.torch_programs import (
     TORCH_LOCK,
@@ -84,6 +84,17 @@ class TorchBackend(Backend):
         if not config.platform:
             config.platform = TORCH_PLATFORM
         return config
+
+    def remembered_signature(
+        self, config: mc.ModelConfig, model_file: Path, facts: SourceFacts
+    ) -> object | None:
+        """An exported program's arity (loading it takes seconds for a big model); ONNX
+        sources' graph signatures."""
+        if model_file.suffix == ".pt2":
+            return facts.remembered(
+                model_file, "program_arity", lambda path: program_arity(path, config.name)
+            )
+        return super().remembered_signature(config, model_file, facts)
 
     def check_config(
         self, config: mc.ModelConfig, model_file: Path, signature: object | None = None

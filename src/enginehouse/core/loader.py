@@ -16,7 +16,6 @@ from pathlib import Path
 from tritonclient.grpc import model_config_pb2 as mc
 
 from enginehouse.backends import Backend, Placement, backend_for, backend_for_file
-from enginehouse.backends.torch import TORCH_BACKEND, program_arity
 from enginehouse.builder import artifacts
 from enginehouse.builder.cache import EngineCache
 from enginehouse.config import model_config
@@ -198,17 +197,10 @@ def known_signature(
     config: mc.ModelConfig, backend: Backend, model_file: Path, cache: EngineCache | None
 ) -> object | None:
     """What the backend would read from the model file to check a config against it, as
-    remembered in the cache's source facts (reading a big file takes a large share of a
-    warm start, or seconds); None without a cache."""
+    remembered in the cache's source facts; None without a cache."""
     if cache is None:
         return None
-    if backend.name == model_config.ONNX_BACKEND or model_file.suffix == ".onnx":
-        return cache.facts.signature(model_file)
-    if backend.name == TORCH_BACKEND and model_file.suffix == ".pt2":
-        return cache.facts.remembered(
-            model_file, "program_arity", lambda path: program_arity(path, config.name)
-        )
-    return None
+    return backend.remembered_signature(config, model_file, cache.facts)
 
 
 def load_version(
