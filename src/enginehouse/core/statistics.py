@@ -12,8 +12,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from tritonclient.grpc import service_pb2 as pb
-
 
 @dataclass(slots=True)
 class Duration:
@@ -28,10 +26,6 @@ class Duration:
 
     def as_dict(self) -> dict[str, int]:
         return {"count": self.count, "ns": self.ns}
-
-    def to_proto(self, target: pb.StatisticDuration) -> None:
-        target.count = self.count
-        target.ns = self.ns
 
 
 @dataclass(slots=True)
@@ -146,19 +140,3 @@ class ModelStatistics:
             ],
             "memory_usage": [],
         }
-
-    def to_proto(self, target: pb.ModelStatistics) -> None:
-        """Fill one ``ModelStatistics`` message of the gRPC response."""
-        target.name = self.name
-        target.version = self.version
-        target.last_inference = self.last_inference_ms
-        target.inference_count = self.inference_count
-        target.execution_count = self.execution_count
-        for key in _INFERENCE_STATS:
-            getattr(self, key).to_proto(getattr(target.inference_stats, key))
-        for size, batch in sorted(self.batches.items()):
-            entry = target.batch_stats.add()
-            entry.batch_size = size
-            batch.compute_input.to_proto(entry.compute_input)
-            batch.compute_infer.to_proto(entry.compute_infer)
-            batch.compute_output.to_proto(entry.compute_output)

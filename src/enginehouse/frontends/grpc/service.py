@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import grpc
+from google.protobuf import json_format
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
@@ -108,7 +109,8 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             await context.abort(exc.grpc_code, exc.message)
         response = pb.ModelStatisticsResponse()
         for entry in stats:
-            entry.to_proto(response.model_stats.add())
+            # Triton's JSON shape is the message's JSON mapping: one description of both.
+            json_format.ParseDict(entry.as_dict(), response.model_stats.add())
         return response
 
     async def RepositoryIndex(
