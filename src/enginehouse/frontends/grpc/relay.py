@@ -129,6 +129,7 @@ class GrpcWorkers:
         self.port = port
         self.max_message_bytes = max_message_bytes
         self.count = workers
+        self.core = core
         self.service = InferenceService(core)
         self._folder = Path(tempfile.mkdtemp(prefix="enginehouse-relay-"))
         self.path = self._folder / "relay.sock"
@@ -235,7 +236,7 @@ class GrpcWorkers:
         the server reports ready: a worker's first call of a kind otherwise pays for
         first-time work in gRPC, the worker and the relay (a first large request took 1.8x
         the steady latency). Failures are logged; they do not stop the start."""
-        versions = [v for v in self.service.core.served_versions() if v.warmup_inputs]
+        versions = [v for v in self.core.served_versions() if v.warmup_inputs]
         if not versions:
             return
         started = time.perf_counter()
