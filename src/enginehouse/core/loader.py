@@ -7,6 +7,7 @@ It blocks (sessions take time to build), so the server calls it off the event lo
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Mapping
@@ -227,15 +228,13 @@ def load_version(
             if cache is not None
             else artifacts.BuiltEngine(model_file)
         )
-    made: list[list[warmups.WarmupSample]] = []
 
+    @functools.cache
     def samples() -> list[warmups.WarmupSample]:
         """The warm-up samples, made when the first instance has loaded: a model that cannot
         load (out of device memory, say) fails with that reason, before host memory goes to
         samples it would never run."""
-        if not made:
-            made.append(warmups.samples(config, model_dir) if warmup else [])
-        return made[0]
+        return warmups.samples(config, model_dir) if warmup else []
 
     timeout = execution_timeout_s(config)
 

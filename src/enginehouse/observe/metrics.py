@@ -107,10 +107,6 @@ class _Families:
         return metric
 
 
-def _sample(metric: Metric, name: str, labels: dict[str, str], value: float) -> None:
-    metric.add_sample(name, labels, value)
-
-
 class ServerCollector(Collector):
     """A prometheus_client collector that reads the served versions, the load outcomes and
     the machine at scrape time: the request path updates no metric objects."""
@@ -177,7 +173,7 @@ def families(
     for name, help_text, read in _COUNTERS:
         metric = out.family(name, "counter", help_text)
         for labels, version in labelled:
-            _sample(metric, name, labels, read(version.statistics))
+            metric.add_sample(name, labels, read(version.statistics))
 
     metric = out.family(
         "nv_inference_pending_request_count",
@@ -185,7 +181,7 @@ def families(
         "Instantaneous number of pending requests awaiting execution per-model.",
     )
     for labels, version in labelled:
-        _sample(metric, "nv_inference_pending_request_count", labels, version.in_flight)
+        metric.add_sample("nv_inference_pending_request_count", labels, version.in_flight)
 
     if options.summary_latencies:
         _summaries(out, labelled)
@@ -203,14 +199,14 @@ def families(
             ("busy", pool.busy),
             ("failed", version.failed_instances),
         ):
-            _sample(metric, "enginehouse_instances", labels | {"state": state}, count)
+            metric.add_sample("enginehouse_instances", labels | {"state": state}, count)
 
     metric = out.family(
         "enginehouse_queue_size", "gauge", "Requests waiting in the dynamic batcher's queue"
     )
     for labels, version in labelled:
         queued = version.queued
-        _sample(metric, "enginehouse_queue_size", labels, queued)
+        metric.add_sample("enginehouse_queue_size", labels, queued)
 
     metric = out.family(
         "enginehouse_instance_wait_duration_us",
@@ -218,8 +214,8 @@ def families(
         "Cumulative time spent waiting for a free instance, in microseconds",
     )
     for labels, version in labelled:
-        _sample(
-            metric, "enginehouse_instance_wait_duration_us", labels, version.pool.wait_ns // 1000
+        metric.add_sample(
+            "enginehouse_instance_wait_duration_us", labels, version.pool.wait_ns // 1000
         )
 
     metric = out.family(
@@ -228,7 +224,7 @@ def families(
         "Health-check inferences that idle instances passed",
     )
     for labels, version in labelled:
-        _sample(metric, "enginehouse_health_checks_total", labels, version.health_checks)
+        metric.add_sample("enginehouse_health_checks_total", labels, version.health_checks)
 
     metric = out.family(
         "enginehouse_warmup_seconds",
@@ -237,8 +233,7 @@ def families(
     )
     for labels, version in labelled:
         for instance in version.pool.all():
-            _sample(
-                metric,
+            metric.add_sample(
                 "enginehouse_warmup_seconds",
                 labels | {"instance": instance.name},
                 round(instance.warmup_seconds, 6),
@@ -249,12 +244,12 @@ def families(
         batches = version.statistics.batches
         for bound in BATCH_BUCKETS:
             count = sum(b.compute_infer.count for size, b in batches.items() if size <= bound)
-            _sample(metric, "enginehouse_batch_size_bucket", labels | {"le": str(bound)}, count)
+            metric.add_sample("enginehouse_batch_size_bucket", labels | {"le": str(bound)}, count)
         total = sum(b.compute_infer.count for b in batches.values())
         elements = sum(size * b.compute_infer.count for size, b in batches.items())
-        _sample(metric, "enginehouse_batch_size_bucket", labels | {"le": "+Inf"}, total)
-        _sample(metric, "enginehouse_batch_size_sum", labels, elements)
-        _sample(metric, "enginehouse_batch_size_count", labels, total)
+        metric.add_sample("enginehouse_batch_size_bucket", labels | {"le": "+Inf"}, total)
+        metric.add_sample("enginehouse_batch_size_sum", labels, elements)
+        metric.add_sample("enginehouse_batch_size_count", labels, total)
 
     metric = out.family(
         "enginehouse_instance_memory_bytes",
@@ -263,7 +258,9 @@ def families(
     )
     for labels, version in labelled:
         for device, size in version.instance_memory.items():
-            _sample(metric, "enginehouse_instance_memory_bytes", labels | {"device": device}, size)
+            metric.add_sample(
+                "enginehouse_instance_memory_bytes", labels | {"device": device}, size
+            )
 
     if load_outcomes:
         metric = out.family(
@@ -272,8 +269,7 @@ def families(
             "Loads and reloads of a model (incl. polling), by outcome (success, failure).",
         )
         for (model, outcome), count in sorted(load_outcomes.items()):
-            _sample(
-                metric,
+            metric.add_sample(
                 "enginehouse_model_loads_total",
                 {"model": model, "outcome": outcome},
                 count,
@@ -297,7 +293,7 @@ def _summaries(out: _Families, labelled: list[tuple[dict[str, str], ModelVersion
             if data is not None:
                 values = np.quantile(data[:, column], QUANTILES)
                 for q, value in zip(QUANTILES, values):
-                    _sample(metric, name, labels | {"quantile": str(q)}, round(float(value), 3))
+                    metric.add_sample(name, labels | {"quantile": str(q)}, round(float(value), 3))
             durations = (
                 stats.success,
                 stats.queue,
@@ -305,18 +301,18 @@ def _summaries(out: _Families, labelled: list[tuple[dict[str, str], ModelVersion
                 stats.compute_infer,
                 stats.compute_output,
             )[column]
-            _sample(metric, f"{name}_sum", labels, durations.ns / 1000.0)
-            _sample(metric, f"{name}_count", labels, durations.count)
+            metric.add_sample(f"{name}_sum", labels, durations.ns / 1000.0)
+            metric.add_sample(f"{name}_count", labels, durations.count)
 
 
 def _system(out: _Families, monitor: SystemMonitor) -> None:
     metric = out.family("nv_cpu_utilization", "gauge", "CPU utilization rate [0.0 - 1.0]")
-    _sample(metric, "nv_cpu_utilization", {}, round(monitor.cpu_utilization(), 4))
+    metric.add_sample("nv_cpu_utilization", {}, round(monitor.cpu_utilization(), 4))
     total, used = monitor.memory()
     metric = out.family("nv_cpu_memory_total_bytes", "gauge", "CPU total memory (RAM), in bytes")
-    _sample(metric, "nv_cpu_memory_total_bytes", {}, total)
+    metric.add_sample("nv_cpu_memory_total_bytes", {}, total)
     metric = out.family("nv_cpu_memory_used_bytes", "gauge", "CPU used memory (RAM), in bytes")
-    _sample(metric, "nv_cpu_memory_used_bytes", {}, used)
+    metric.add_sample("nv_cpu_memory_used_bytes", {}, used)
     gpus = monitor.gpus()
     if not gpus:
         return
@@ -349,4 +345,4 @@ def _system(out: _Families, monitor: SystemMonitor) -> None:
     ):
         metric = out.family(name, kind, help_text)
         for gpu in gpus:
-            _sample(metric, name, {"gpu_uuid": gpu.uuid}, read(gpu))
+            metric.add_sample(name, {"gpu_uuid": gpu.uuid}, read(gpu))

@@ -10,7 +10,7 @@ import struct
 
 import grpc
 
-METHODS = (
+METHODS: tuple[str, ...] = (
     "ServerLive",
     "ServerReady",
     "ModelReady",
@@ -22,14 +22,6 @@ METHODS = (
     "RepositoryModelLoad",
     "RepositoryModelUnload",
     "ModelInfer",
-    "SystemSharedMemoryStatus",
-    "SystemSharedMemoryRegister",
-    "SystemSharedMemoryUnregister",
-    "CudaSharedMemoryStatus",
-    "CudaSharedMemoryRegister",
-    "CudaSharedMemoryUnregister",
-    "TraceSetting",
-    "LogSettings",
 )
 # The RPCs of Triton extensions not offered yet, and the extension each belongs to: they
 # answer UNIMPLEMENTED naming it, in process and through the workers.
@@ -43,6 +35,7 @@ UNSUPPORTED_RPCS = {
     "TraceSetting": "trace",
     "LogSettings": "logging",
 }
+METHODS += tuple(UNSUPPORTED_RPCS)
 HELLO = 255  # worker -> core once bound; the payload is its private port, in decimal
 SERVICE = "inference.GRPCInferenceService"
 HEADER = struct.Struct("!IIB")  # length of the rest, call id, method or status

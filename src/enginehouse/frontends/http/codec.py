@@ -37,6 +37,10 @@ def _shape(value: Any, name: str) -> tuple[int, ...]:
     return tuple(value)
 
 
+def _ragged(name: str) -> InvalidArgumentError:
+    return InvalidArgumentError(f"input '{name}': 'data' is ragged (nested lists differ)")
+
+
 def _flatten(data: Any, rank: int, name: str) -> list[Any]:
     """The elements of JSON ``data``: a flat list, or lists nested like the shape, at most
     ``rank`` deep and rectangular. Walked with a stack, not recursion, so no depth a client
@@ -44,7 +48,6 @@ def _flatten(data: Any, rank: int, name: str) -> list[Any]:
     if not isinstance(data, list):
         return [data]
     flat: list[Any] = []
-    ragged = InvalidArgumentError(f"input '{name}': 'data' is ragged (nested lists differ)")
     # Every list at one depth must have one length, and every element one depth.
     lengths: dict[int, int] = {}
     leaf_depth = 0
@@ -56,15 +59,15 @@ def _flatten(data: Any, rank: int, name: str) -> list[Any]:
                 f"input '{name}': 'data' is nested deeper than the shape's {rank} dimensions"
             )
         if lengths.setdefault(depth, len(items)) != len(items):
-            raise ragged
+            raise _ragged(name)
         nested = [isinstance(item, list) for item in items]
         if any(nested):
             if not all(nested) or (leaf_depth and depth >= leaf_depth):
-                raise ragged
+                raise _ragged(name)
             stack.extend((item, depth + 1) for item in reversed(items))
         else:
             if leaf_depth and depth != leaf_depth:
-                raise ragged
+                raise _ragged(name)
             leaf_depth = depth
             flat.extend(items)
     return flat

@@ -92,8 +92,6 @@ class Connections:
         self.max_connections = usable_connections(limits.max_connections)
         self._open: set[Expirable] = set()
         self._sweeper: asyncio.Task[None] | None = None
-        self.refused = 0
-        self.expired = 0
 
     def __len__(self) -> int:
         return len(self._open)
@@ -104,7 +102,6 @@ class Connections:
     def admit(self, connection: Expirable) -> bool:
         """Count a new connection in, or refuse it (False) when the cap is reached."""
         if len(self._open) >= self.max_connections:
-            self.refused += 1
             return False
         self._open.add(connection)
         if self._sweeper is None:
@@ -120,7 +117,6 @@ class Connections:
             now = time.monotonic()
             for connection in list(self._open):
                 if connection.waiting and connection.deadline and now > connection.deadline:
-                    self.expired += 1
                     connection.expire()
 
     def stop(self) -> None:

@@ -105,7 +105,6 @@ class HttpProtocol(asyncio.Protocol):
 
     def __init__(self, handler: Handler, connections: Connections) -> None:
         self._handler = handler
-        self._limits = connections.limits
         self._limit = connections.limits.body_bytes
         self._header_limit = connections.limits.header_bytes
         self._body_timeout = connections.limits.body_timeout_s
@@ -191,9 +190,7 @@ class HttpProtocol(asyncio.Protocol):
                 self._headers_too_large()
 
     def _headers_too_large(self) -> None:
-        self._fail(
-            431, f"request headers are larger than {self._limits.header_bytes} bytes".encode()
-        )
+        self._fail(431, f"request headers are larger than {self._header_limit} bytes".encode())
 
     # -- httptools callbacks -----------------------------------------------------------
 
