@@ -20,12 +20,12 @@ from tritonclient.grpc import service_pb2 as pb
 
 from enginehouse.core import loader
 from enginehouse.core.model import ModelVersion
-from enginehouse.core.types import InferRequest
 from enginehouse.errors import EnginehouseError
 from enginehouse.frontends.grpc import codec as grpc_codec
 from enginehouse.frontends.http import codec as http_codec
+from enginehouse.messages import InferRequest
 from enginehouse.repository import ModelLocation
-from enginehouse.scheduler.pool import InstancePool
+from enginehouse.scheduler import InstanceSupervisor, scheduler_for
 
 DATATYPES = ["BOOL", "UINT8", "INT8", "INT32", "INT64", "UINT64", "FP16", "FP32", "FP64", "BYTES"]
 NAMES = ["INPUT0", "INPUT1", "OUTPUT0", "x", ""]
@@ -343,7 +343,7 @@ def simple_version(config_text: str) -> ModelVersion:
     from google.protobuf import text_format
 
     config = text_format.Parse(config_text, mc.ModelConfig())
-    return ModelVersion(config, 1, InstancePool([]))
+    return ModelVersion(config, 1, scheduler_for(config, "1", InstanceSupervisor("simple", [])))
 
 
 def decode_http(version: ModelVersion, body: bytes, header_length: int | None) -> None:

@@ -16,12 +16,12 @@ from pathlib import Path
 
 from enginehouse import engine_commands
 from enginehouse.builder.cache import RESOLUTION, EngineCache, default_root
-from enginehouse.core.model import PendingLimits
 from enginehouse.core.server import ControlMode, ServerCore
 from enginehouse.frontends.http.connections import HttpLimits
 from enginehouse.frontends.security import API_GROUPS, RestrictedApis, TlsSettings
 from enginehouse.observe.metrics import MetricsOptions
 from enginehouse.repository import ModelRepository
+from enginehouse.scheduler.base import PendingLimits
 from enginehouse.version import __version__
 
 log = logging.getLogger("enginehouse")

@@ -16,11 +16,11 @@ import pytest
 from make_repository import SIMPLE_CONFIG
 
 from enginehouse.builder.cache import EngineCache
-from enginehouse.core.model import PendingLimits
 from enginehouse.core.server import ControlMode, ServerCore
-from enginehouse.core.types import InferInput, InferRequest, InferResponse
 from enginehouse.errors import UnavailableError
+from enginehouse.messages import InferInput, InferRequest, InferResponse
 from enginehouse.repository import ModelRepository
+from enginehouse.scheduler.base import PendingLimits
 
 NEVER_INLINE = 'parameters { key: "inline_execution" value: { string_value: "never" } }\n'
 BATCHED = "dynamic_batching { max_queue_delay_microseconds: 0 }\n"
@@ -105,7 +105,7 @@ def test_past_the_pending_limit_requests_are_refused_at_once(
             if not isinstance(result, InferResponse):
                 await result
         version = core.resolve("simple")
-        assert (version.in_flight, version.pending_bytes) == (0, 0)
+        assert (version.scheduler.in_flight, version.scheduler.pending_bytes) == (0, 0)
         await core.infer(_request())  # served again once the others are answered
         await core.stop(5.0)
 

@@ -6,13 +6,13 @@ import numpy as np
 import orjson
 import pytest
 
-from enginehouse.core.types import InferResponse, OutputTensor
 from enginehouse.errors import InvalidArgumentError, UnsupportedError
 from enginehouse.frontends.http.codec import (
     OutputOptions,
     decode_infer_request,
     encode_infer_response,
 )
+from enginehouse.messages import InferResponse, OutputTensor
 
 
 def test_json_and_binary_inputs_mixed() -> None:

@@ -115,6 +115,7 @@ def test_no_import_cycle_between_packages() -> None:
 LAYERS = [
     "errors",
     "datatypes",
+    "messages",
     "version",
     "config",
     "repository",

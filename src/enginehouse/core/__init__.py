@@ -1,7 +1,7 @@
 """The in-process server: registry, request path, request and response types."""
 
 from enginehouse.core.server import ControlMode, ServerCore
-from enginehouse.core.types import InferInput, InferRequest, InferResponse, OutputTensor
+from enginehouse.messages import InferInput, InferRequest, InferResponse, OutputTensor
 
 __all__ = [
     "ControlMode",

@@ -29,7 +29,7 @@ from enginehouse.repository.paths import check_config_paths
 from enginehouse.runtime import warmup as warmups
 from enginehouse.runtime.instance import InlinePolicy, Instance
 from enginehouse.runtime.memory import release_freed_memory
-from enginehouse.scheduler.pool import InstancePool
+from enginehouse.scheduler import InstanceSupervisor, scheduler_for
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +300,10 @@ def load_version(
             instance.close()
         release_freed_memory()
         raise
-    model_version = ModelVersion(config, version, InstancePool(instances), make_instance)
+    supervisor = InstanceSupervisor(
+        f"model '{config.name}' version {version}", instances, make_instance
+    )
+    model_version = ModelVersion(config, version, scheduler_for(config, str(version), supervisor))
     model_version.engine = next(iter(builds.values()))
     model_version.instance_memory = memory
     if samples():

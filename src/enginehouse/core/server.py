@@ -21,10 +21,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from enginehouse.builder.cache import EngineCache
 from enginehouse.core import loader, overrides
-from enginehouse.core.model import ModelVersion, PendingLimits
+from enginehouse.core.model import ModelVersion
 from enginehouse.core.routing import ServedModel
-from enginehouse.core.statistics import ModelStatistics
-from enginehouse.core.types import InferRequest, InferResponse, ModelMetadata, RepositoryEntry
 from enginehouse.errors import (
     EnginehouseError,
     InvalidArgumentError,
@@ -33,9 +31,12 @@ from enginehouse.errors import (
     UnavailableError,
     UnsupportedError,
 )
+from enginehouse.messages import InferRequest, InferResponse, ModelMetadata, RepositoryEntry
 from enginehouse.repository import ModelLocation, ModelRepository, check_model_name
 from enginehouse.repository.fingerprint import model_fingerprint
 from enginehouse.runtime.memory import freeze_long_lived, release_freed_memory
+from enginehouse.scheduler.base import PendingLimits
+from enginehouse.scheduler.statistics import ModelStatistics
 
 log = logging.getLogger(__name__)
 
@@ -399,7 +400,7 @@ class ServerCore:
                 self._load_failed(name, record, reasons, [str(v) for v in loaded.failures])
                 raise ModelLoadError(f"model '{name}' failed to load ({outcome}): {reasons}")
             for version in fresh:
-                version.limits = self.pending_limits
+                version.scheduler.limits = self.pending_limits
                 await self._warm_request_paths(version)
                 if self.latency_window:
                     version.statistics.keep_recent(self.latency_window)

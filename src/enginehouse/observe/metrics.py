@@ -17,8 +17,8 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from enginehouse.core.model import ModelVersion
-from enginehouse.core.statistics import ModelStatistics
 from enginehouse.observe.system import SystemMonitor
+from enginehouse.scheduler.statistics import ModelStatistics
 
 QUANTILES = (0.5, 0.9, 0.95, 0.99)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -181,7 +181,7 @@ def families(
         "Instantaneous number of pending requests awaiting execution per-model.",
     )
     for labels, version in labelled:
-        metric.add_sample("nv_inference_pending_request_count", labels, version.in_flight)
+        metric.add_sample("nv_inference_pending_request_count", labels, version.scheduler.in_flight)
 
     if options.summary_latencies:
         _summaries(out, labelled)
@@ -192,12 +192,12 @@ def families(
         "Execution instances of a model version by state (warming, idle, busy, failed)",
     )
     for labels, version in labelled:
-        pool = version.pool
+        instances = version.scheduler.instances
         for state, count in (
-            ("warming", version.warming_instances),
-            ("idle", pool.idle),
-            ("busy", pool.busy),
-            ("failed", version.failed_instances),
+            ("warming", instances.warming),
+            ("idle", instances.pool.idle),
+            ("busy", instances.pool.busy),
+            ("failed", instances.failed),
         ):
             metric.add_sample("enginehouse_instances", labels | {"state": state}, count)
 
@@ -205,8 +205,7 @@ def families(
         "enginehouse_queue_size", "gauge", "Requests waiting in the dynamic batcher's queue"
     )
     for labels, version in labelled:
-        queued = version.queued
-        metric.add_sample("enginehouse_queue_size", labels, queued)
+        metric.add_sample("enginehouse_queue_size", labels, version.scheduler.queued)
 
     metric = out.family(
         "enginehouse_instance_wait_duration_us",
@@ -215,7 +214,9 @@ def families(
     )
     for labels, version in labelled:
         metric.add_sample(
-            "enginehouse_instance_wait_duration_us", labels, version.pool.wait_ns // 1000
+            "enginehouse_instance_wait_duration_us",
+            labels,
+            version.scheduler.instances.pool.wait_ns // 1000,
         )
 
     metric = out.family(
@@ -224,7 +225,9 @@ def families(
         "Health-check inferences that idle instances passed",
     )
     for labels, version in labelled:
-        metric.add_sample("enginehouse_health_checks_total", labels, version.health_checks)
+        metric.add_sample(
+            "enginehouse_health_checks_total", labels, version.scheduler.instances.health_checks
+        )
 
     metric = out.family(
         "enginehouse_warmup_seconds",
@@ -232,7 +235,7 @@ def families(
         "Seconds each instance spent in warm-up before it served",
     )
     for labels, version in labelled:
-        for instance in version.pool.all():
+        for instance in version.scheduler.instances.all():
             metric.add_sample(
                 "enginehouse_warmup_seconds",
                 labels | {"instance": instance.name},

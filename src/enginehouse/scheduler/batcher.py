@@ -16,7 +16,7 @@ from typing import Any, Generic, TypeVar
 
 from enginehouse.errors import EnginehouseError, UnavailableError
 from enginehouse.runtime.instance import Instance
-from enginehouse.scheduler.pool import InstancePool
+from enginehouse.scheduler.instances import InstanceSupervisor
 from enginehouse.scheduler.queue import BatchingPolicy, BatchQueue, Pending
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ class DynamicBatcher(Generic[T]):
         self,
         name: str,
         policy: BatchingPolicy,
-        pool: InstancePool,
+        pool: InstanceSupervisor,
         run_batch: RunBatch[T],
         fail: FailItem[T],
         clock: Callable[[], int] = time.perf_counter_ns,

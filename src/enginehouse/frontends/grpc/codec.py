@@ -14,8 +14,8 @@ from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 
 from enginehouse import datatypes
-from enginehouse.core.types import InferInput, InferRequest, InferResponse
 from enginehouse.errors import InvalidArgumentError, UnsupportedError
+from enginehouse.messages import InferInput, InferRequest, InferResponse
 
 _RAW_INPUT_CONTENTS = pb.ModelInferRequest.RAW_INPUT_CONTENTS_FIELD_NUMBER
 _LENGTH_DELIMITED = 2

@@ -34,13 +34,13 @@ from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 
 from enginehouse.core.server import ServerCore
-from enginehouse.core.types import InferResponse
 from enginehouse.errors import EnginehouseError
 from enginehouse.frontends.grpc.codec import encode_infer_response, split_raw_contents
 from enginehouse.frontends.grpc.frames import HELLO, METHODS, SERVICE, Coalescer
 from enginehouse.frontends.grpc.receive import LARGE_FRAME, FrameReceiver
 from enginehouse.frontends.grpc.service import InferenceService, warmup_request
 from enginehouse.frontends.security import RestrictedApis, TlsSettings
+from enginehouse.messages import InferResponse
 
 log = logging.getLogger(__name__)
 

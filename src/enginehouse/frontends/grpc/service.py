@@ -20,7 +20,6 @@ from tritonclient.grpc import service_pb2_grpc
 from enginehouse import datatypes
 from enginehouse.core.model import ModelVersion
 from enginehouse.core.server import EXTENSIONS, SERVER_NAME, ServerCore
-from enginehouse.core.types import InferResponse
 from enginehouse.errors import EnginehouseError, InvalidArgumentError
 from enginehouse.frontends.grpc.access import bind, interceptors
 from enginehouse.frontends.grpc.codec import (
@@ -32,6 +31,7 @@ from enginehouse.frontends.grpc.frames import UNSUPPORTED_RPCS
 from enginehouse.frontends.grpc.options import server_options
 from enginehouse.frontends.grpc.streams import answer_concurrently, stream_error
 from enginehouse.frontends.security import RestrictedApis, TlsSettings
+from enginehouse.messages import InferResponse
 
 log = logging.getLogger(__name__)
 

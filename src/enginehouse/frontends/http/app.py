@@ -22,7 +22,6 @@ from enginehouse import datatypes
 from enginehouse.config.protojson import message_to_json_dict
 from enginehouse.core.model import ModelVersion
 from enginehouse.core.server import EXTENSIONS, SERVER_NAME, ServerCore
-from enginehouse.core.types import InferResponse, ModelMetadata
 from enginehouse.errors import (
     EnginehouseError,
     InternalError,
@@ -44,6 +43,7 @@ from enginehouse.frontends.http.protocol import (
     error_response,
 )
 from enginehouse.frontends.security import RestrictedApis, TlsSettings
+from enginehouse.messages import InferResponse, ModelMetadata
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ import numpy as np
 import orjson
 
 from enginehouse import datatypes
-from enginehouse.core.types import InferInput, InferRequest, InferResponse
 from enginehouse.errors import InvalidArgumentError, UnsupportedError
+from enginehouse.messages import InferInput, InferRequest, InferResponse
 
 
 @dataclass(slots=True)

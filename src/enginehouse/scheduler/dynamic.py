@@ -1,10 +1,11 @@
-"""Dynamic batching of one model version: merging requests, executing, splitting back.
+"""The dynamic batcher as a scheduler: merging requests, executing, splitting back.
 
 Requests join a batch only when every input has the same non-batch shape (and the same
 optional inputs are present); their inputs are concatenated along the batch dimension on
 the instance thread, the union of their requested outputs is computed once, and each
 request gets its slice. With ``preserve_ordering`` responses are released in arrival order
-even when several instances finish out of order.
+even when several instances finish out of order. When batches form is the batcher's
+business (``scheduler/batcher.py``), which batch is next the queue's (``scheduler/queue.py``).
 """
 
 from __future__ import annotations
@@ -13,31 +14,26 @@ import asyncio
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from enginehouse.core.types import InferRequest, InferResponse, OutputTensor
 from enginehouse.errors import EnginehouseError, InternalError, InvalidArgumentError
+from enginehouse.messages import InferResponse, OutputTensor
 from enginehouse.runtime.instance import Execution, Instance
+from enginehouse.scheduler.base import PendingLimits, Responses, Scheduler, Work
 from enginehouse.scheduler.batcher import DynamicBatcher
+from enginehouse.scheduler.instances import InstanceSupervisor
 from enginehouse.scheduler.queue import BatchingPolicy, Pending
-
-if TYPE_CHECKING:
-    from enginehouse.core.model import ModelVersion
 
 
 @dataclass(slots=True)
 class BatchItem:
-    """One request in the queue: its checked inputs, outputs, and the future to resolve."""
+    """One request in the queue: its work, and the future to resolve."""
 
-    request: InferRequest
-    feeds: dict[str, np.ndarray]
-    names: tuple[str, ...]
-    start_ns: int
+    work: Work
     future: asyncio.Future[InferResponse]
     sequence: int = 0
-    nbytes: int = 0
     result: InferResponse | BaseException | None = field(default=None)
 
 
@@ -50,52 +46,59 @@ def _int_parameter(parameters: dict[str, Any], key: str) -> int:
     return value
 
 
-class BatchedExecution:
+class DynamicBatchScheduler(Scheduler):
     """Owns the batcher of a version and the merge/split around each execution."""
 
-    def __init__(self, version: ModelVersion, policy: BatchingPolicy) -> None:
-        self.version = version
+    def __init__(
+        self,
+        responses: Responses,
+        instances: InstanceSupervisor,
+        limits: PendingLimits,
+        policy: BatchingPolicy,
+    ) -> None:
+        super().__init__(responses, instances, limits)
         self.policy = policy
         self.batcher: DynamicBatcher[BatchItem] = DynamicBatcher(
-            f"{version.name}:{version.version}", policy, version.pool, self._run, self._fail
+            f"{responses.model}:{responses.version}", policy, instances, self._run, self._fail
         )
         self._next_sequence = 0
         self._next_release = 0
         self._finished: dict[int, BatchItem] = {}
 
-    def enqueue(
-        self,
-        request: InferRequest,
-        feeds: dict[str, np.ndarray],
-        batch_size: int,
-        names: tuple[str, ...],
-        start: int,
-        input_bytes: int = 0,
-    ) -> asyncio.Future[InferResponse]:
+    @property
+    def queued(self) -> int:
+        return self.batcher.queue.size
+
+    def submit(self, work: Work) -> asyncio.Future[InferResponse]:
         """Queue a checked request; the future resolves when its batch has run.
 
         A plain future rather than a coroutine: at thousands of requests a second, a task and
-        its coroutine frames per request are a measurable share of the core's CPU. The
-        version counts the request as in flight until it is settled."""
-        parameters = request.parameters
+        its coroutine frames per request are a measurable share of the core's CPU."""
+        parameters = work.request.parameters
         priority = _int_parameter(parameters, "priority") if parameters else 0
         timeout_us = _int_parameter(parameters, "timeout") if parameters else 0
+        self.admit(work)
+        feeds = work.feeds
         shape_key: Hashable = tuple(sorted((n, a.shape[1:]) for n, a in feeds.items()))
         future: asyncio.Future[InferResponse] = asyncio.get_running_loop().create_future()
-        item = BatchItem(request, feeds, names, start, future, self._next_sequence, input_bytes)
-        self.batcher.submit(item, batch_size, shape_key, start, priority, timeout_us)
+        item = BatchItem(work, future, self._next_sequence)
+        try:
+            self.batcher.submit(
+                item, work.batch_size, shape_key, work.start_ns, priority, timeout_us
+            )
+        except BaseException:
+            self.settled(work)
+            raise
         self._next_sequence += 1
-        self.version.in_flight += 1
-        self.version.pending_bytes += input_bytes
         return future
 
     def _fail(self, pending: Pending[BatchItem], error: EnginehouseError) -> None:
-        self.version.statistics.record_failure(time.perf_counter_ns() - pending.item.start_ns)
-        self._settle(pending.item, error)
+        item = pending.item
+        self.statistics.record_failure(time.perf_counter_ns() - item.work.start_ns)
+        self._settle(item, error)
 
     def _settle(self, item: BatchItem, result: InferResponse | BaseException) -> None:
-        self.version.in_flight -= 1
-        self.version.pending_bytes -= item.nbytes
+        self.settled(item.work)
         if not self.policy.preserve_ordering:
             _resolve(item.future, result)
             return
@@ -108,20 +111,20 @@ class BatchedExecution:
             self._next_release += 1
 
     async def _run(self, instance: Instance, batch: list[Pending[BatchItem]]) -> None:
-        version = self.version
         items = [p.item for p in batch]
+        works = [item.work for item in items]
         sizes = [p.batch_size for p in batch]
         total = sum(sizes)
-        names = tuple(dict.fromkeys(n for item in items for n in item.names))
+        names = tuple(dict.fromkeys(n for work in works for n in work.names))
         queued = time.perf_counter_ns()
 
         def prepare() -> dict[str, np.ndarray]:
             return instance.gather(
-                {name: [item.feeds[name] for item in items] for name in items[0].feeds}
+                {name: [work.feeds[name] for work in works] for name in works[0].feeds}
             )
 
-        finish = version.finisher(names, total)
-        input_bytes = sum(a.nbytes for item in items for a in item.feeds.values())
+        finish = self.responses.finisher(names, total)
+        input_bytes = sum(work.nbytes for work in works)
         try:
             if instance.policy.inline(input_bytes):
                 execution = instance.execute_sync(prepare, names, finish)
@@ -130,13 +133,16 @@ class BatchedExecution:
             short = execution.short_output(names, total)
             if short is not None:
                 # The model's fault, not the instance's (an EnginehouseError: it stays).
-                raise InternalError(f"model '{version.name}' version {version.version}: {short}")
+                responses = self.responses
+                raise InternalError(
+                    f"model '{responses.model}' version {responses.version}: {short}"
+                )
         except BaseException as exc:
-            error = version.execution_failed(instance, exc, [item.start_ns for item in items])
+            error = self.failed(instance, exc, [work.start_ns for work in works])
             for item in items:
                 self._settle(item, error)
             return
-        version.pool.release(instance)
+        self.instances.release(instance)
         self._split(items, sizes, names, execution, queued)
 
     def _split(
@@ -147,37 +153,40 @@ class BatchedExecution:
         execution: Execution,
         queued: int,
     ) -> None:
-        version = self.version
-        version.statistics.record_execution(
+        statistics = self.statistics
+        statistics.record_execution(
             sum(sizes), execution.input_ns, execution.infer_ns, execution.output_ns
         )
-        specs = version.outputs
+        datatypes = self.responses.datatypes
+        model, version = self.responses.model, self.responses.version
         results = execution.outputs
-        columns = {name: (specs[name].datatype, results[i]) for i, name in enumerate(names)}
+        columns = {name: (datatypes[name], results[i]) for i, name in enumerate(names)}
         offset = 0
         now = time.perf_counter_ns()
         totals: list[int] = []
         queues: list[int] = []
-        responses: list[InferResponse] = []
+        answers: list[InferResponse] = []
         for item, size in zip(items, sizes):
+            work = item.work
             end = offset + size
             outputs = []
-            for name in item.names:
+            for name in work.names:
                 datatype, whole = columns[name]
                 array = whole[offset:end]
                 outputs.append(OutputTensor(name, datatype, array.shape, array))
             offset = end
-            totals.append(now - item.start_ns)
-            queues.append(queued - item.request.admitted_ns)
-            responses.append(InferResponse(version.name, version.version, item.request.id, outputs))
-        version.statistics.record_successes(
+            totals.append(now - work.start_ns)
+            queues.append(queued - work.request.admitted_ns)
+            answers.append(InferResponse(model, version, work.request.id, outputs))
+        statistics.record_successes(
             totals, queues, execution.input_ns, execution.infer_ns, execution.output_ns
         )
-        for item, response in zip(items, responses):
+        for item, response in zip(items, answers):
             self._settle(item, response)
 
     async def close(self) -> None:
         await self.batcher.close()
+        self.instances.stop_background()
 
 
 def _resolve(future: asyncio.Future[InferResponse], result: InferResponse | BaseException) -> None:

@@ -1,4 +1,4 @@
-"""The typed messages that cross the frontend/core boundary.
+"""The typed messages that cross the frontend/core boundary and reach the scheduler.
 
 A frontend turns wire bytes into an :class:`InferRequest` and an :class:`InferResponse`
 back into bytes; nothing else crosses. Tensors travel by reference as NumPy arrays, views

@@ -1,0 +1,174 @@
+"""The interface between a model version and its instances, as Triton's core draws it.
+
+A model version checks a request and hands the :class:`Work` to its :class:`Scheduler`;
+the scheduler decides when and on which instance it runs (alone, or merged into a batch),
+measures it, and answers with the response. Two implementations: the default scheduler
+(``scheduler/default.py``) and the dynamic batcher (``scheduler/dynamic.py``). What every
+scheduler shares lives here: admission against the pending limits, the in-flight counts
+that unload and metrics read, failure accounting and draining.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from enginehouse.config.tensors import TensorSpec
+from enginehouse.errors import EnginehouseError, InternalError, UnavailableError
+from enginehouse.messages import InferRequest, InferResponse, OutputTensor
+from enginehouse.runtime.instance import FinishOutputs, Instance
+from enginehouse.scheduler.instances import InstanceSupervisor
+from enginehouse.scheduler.statistics import ModelStatistics
+
+
+@dataclass(frozen=True, slots=True)
+class PendingLimits:
+    """How much one model version holds admitted and not yet answered (queued or running);
+    past either bound a request gets 503 / UNAVAILABLE at once. A server-wide safety net
+    under each model's own ``max_queue_size``: without it a burst is admitted without limit,
+    its latency grows past every client deadline and its tensors fill the memory."""
+
+    max_requests: int = 2048
+    max_bytes: int = 1 << 30
+
+
+@dataclass(slots=True)
+class Work:
+    """A checked request as a scheduler takes it: the engine feeds, the outputs to return,
+    its batch size, when it arrived (perf_counter_ns) and its input bytes."""
+
+    request: InferRequest
+    feeds: dict[str, np.ndarray]
+    names: tuple[str, ...]
+    batch_size: int
+    start_ns: int
+    nbytes: int
+
+
+def _unchanged(outputs: list[np.ndarray]) -> list[np.ndarray]:
+    return outputs
+
+
+class Responses:
+    """How the outputs of an execution become a version's responses: the outputs'
+    datatypes, and the reshape back to client dims where the config asks for one."""
+
+    def __init__(
+        self, model: str, version: str, outputs: Mapping[str, TensorSpec], batching: bool
+    ) -> None:
+        self.model = model
+        self.version = version
+        self.datatypes = {name: spec.datatype for name, spec in outputs.items()}
+        self._reshaped = {
+            name: spec.dims for name, spec in outputs.items() if spec.reshape is not None
+        }
+        self.batching = batching
+
+    def finisher(self, names: Sequence[str], batch_size: int) -> FinishOutputs:
+        """What turns the engine's outputs into the client's shapes: nothing to do unless an
+        output has a ``reshape`` (decided once at load)."""
+        if not self._reshaped:
+            return _unchanged
+        shapes = [self._reshaped.get(n) for n in names]
+        batching = self.batching
+
+        def finish(results: list[np.ndarray]) -> list[np.ndarray]:
+            finished = []
+            for dims, result in zip(shapes, results):
+                array = np.asarray(result)
+                if dims is not None:
+                    array = array.reshape((batch_size, *dims) if batching else dims)
+                finished.append(array)
+            return finished
+
+        return finish
+
+    def response(
+        self, request: InferRequest, names: Sequence[str], arrays: Sequence[np.ndarray]
+    ) -> InferResponse:
+        datatypes = self.datatypes
+        outputs = [
+            OutputTensor(name, datatypes[name], array.shape, array)
+            for name, array in zip(names, arrays)
+        ]
+        return InferResponse(self.model, self.version, request.id, outputs)
+
+
+class Scheduler(ABC):
+    """Runs a model version's checked requests on its instances.
+
+    ``in_flight`` counts requests admitted and not yet answered, queued or running (unload
+    waits for it to reach zero); ``pending_bytes`` their input bytes; :attr:`queued` those
+    still waiting for an instance. The statistics are the version's: every figure in them
+    is measured here."""
+
+    def __init__(
+        self, responses: Responses, instances: InstanceSupervisor, limits: PendingLimits
+    ) -> None:
+        self.responses = responses
+        self.instances = instances
+        self.limits = limits
+        self.statistics = ModelStatistics(responses.model, responses.version)
+        self.in_flight = 0
+        self.pending_bytes = 0
+
+    @abstractmethod
+    def submit(self, work: Work) -> InferResponse | Awaitable[InferResponse]:
+        """The response at once where the work ran inline on this thread, else an
+        awaitable of it; 503 / UNAVAILABLE at once when the version holds too much."""
+
+    @property
+    @abstractmethod
+    def queued(self) -> int:
+        """Requests waiting for an instance."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Fail what is queued, let running executions finish, stop background work."""
+
+    def admit(self, work: Work) -> None:
+        """Refuse work past the pending limits; otherwise count it until it settles."""
+        limits = self.limits
+        if (
+            self.in_flight >= limits.max_requests
+            or self.pending_bytes + work.nbytes > limits.max_bytes
+        ):
+            self.statistics.record_failure(time.perf_counter_ns() - work.start_ns)
+            raise UnavailableError(
+                f"model '{self.responses.model}' has {self.in_flight} requests "
+                f"({self.pending_bytes} bytes) pending, the most this server holds per model "
+                f"({limits.max_requests} requests, {limits.max_bytes} bytes); retry later"
+            )
+        work.request.admitted_ns = time.perf_counter_ns()
+        # Counted from admission, not from when a coroutine first runs: an unload that comes
+        # in between must wait for this request, not shut its instance down.
+        self.in_flight += 1
+        self.pending_bytes += work.nbytes
+
+    def settled(self, work: Work) -> None:
+        self.in_flight -= 1
+        self.pending_bytes -= work.nbytes
+
+    async def drain(self) -> None:
+        """Until every admitted request has been answered."""
+        while self.in_flight:
+            await asyncio.sleep(0.005)
+
+    def failed(
+        self, instance: Instance, exc: BaseException, starts: Sequence[int]
+    ) -> BaseException:
+        """Account for an execution that raised: the instance goes back or is replaced,
+        each request counts as failed; returns the error to raise."""
+        now = time.perf_counter_ns()
+        for start in starts:
+            self.statistics.record_failure(now - start)
+        self.instances.release_after(instance, exc)
+        if isinstance(exc, EnginehouseError | asyncio.CancelledError):
+            return exc
+        responses = self.responses
+        return InternalError(f"model '{responses.model}' version {responses.version} failed: {exc}")
