@@ -1,0 +1,61 @@
+"""The data plane: inference requests and what a client may ask of a served model.
+
+It routes each request through the registry to a model version, and refuses new ones
+once the server drains. Nothing here loads or unloads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+
+from tritonclient.grpc import model_config_pb2 as mc
+
+from enginehouse.core.registry import ModelRegistry
+from enginehouse.errors import InvalidArgumentError, UnavailableError
+from enginehouse.messages import InferRequest, InferResponse, ModelMetadata
+from enginehouse.scheduler.statistics import ModelStatistics
+
+
+class DataPlane:
+    """Requests, model metadata, configs and statistics over the registry's served models."""
+
+    def __init__(self, registry: ModelRegistry) -> None:
+        self.registry = registry
+        self.draining = False
+
+    def submit(self, request: InferRequest) -> InferResponse | Awaitable[InferResponse]:
+        """The response at once when the model ran inline, else an awaitable of it.
+
+        Frontends use this to skip a task switch for small models; :meth:`infer` is the
+        plain form.
+        """
+        if self.draining:
+            raise UnavailableError("server is shutting down")
+        return self.registry.resolve(request.model_name, request.model_version).submit(request)
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        """Run one request on the version it addresses."""
+        result = self.submit(request)
+        return result if isinstance(result, InferResponse) else await result
+
+    def model_metadata(self, name: str, version: str = "") -> ModelMetadata:
+        target = self.registry.resolve(name, version)
+        return target.metadata(list(self.registry.served[name].versions))
+
+    def model_config(self, name: str, version: str = "") -> mc.ModelConfig:
+        return self.registry.resolve(name, version).config
+
+    def model_statistics(self, name: str = "", version: str = "") -> list[ModelStatistics]:
+        """Statistics of one version, all versions of a model, or every ready version."""
+        registry = self.registry
+        if not name:
+            if version:
+                raise InvalidArgumentError("a version needs a model name")
+            return [v.statistics for v in registry.served_versions()]
+        if version:
+            return [registry.resolve(name, version).statistics]
+        model = registry.served.get(name)
+        if model is None:
+            registry.resolve(name)
+            return []
+        return [v.statistics for v in model.versions.values()]
