@@ -1,4 +1,5 @@
-"""Shared fixtures: example repositories on disk and real servers on free loopback ports."""
+"""Shared fixtures: example repositories on disk and real servers on loopback ports, in this
+process (the default) or in a child process (tests of the process itself)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,25 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 from make_repository import make_repository  # noqa: E402
 
-from enginehouse.testing import ServerProcess, free_port  # noqa: E402
+from enginehouse.testing import (  # noqa: E402
+    InProcessServer,
+    ServerProcess,
+    fake_backend,
+    free_port,
+)
 
-__all__ = ["ServerProcess", "free_port"]
+__all__ = ["InProcessServer", "ServerProcess", "free_port"]
+
+fake_backend.install()
+# The servers run on threads of this process beside the clients: hand the GIL over sooner
+# than every 5 ms, as separate processes would not have to.
+sys.setswitchinterval(0.0005)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_fake_controls() -> Iterator[None]:
+    yield
+    fake_backend.reset()
 
 
 @pytest.fixture(scope="session")
@@ -27,9 +44,11 @@ def example_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def server(example_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def server(
+    example_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[InProcessServer]:
     """A server in the default control mode (none) over the example repository."""
-    proc = ServerProcess([example_repo], log_path=tmp_path_factory.mktemp("log") / "server.log")
+    proc = InProcessServer([example_repo], log_path=tmp_path_factory.mktemp("log") / "server.log")
     try:
         proc.wait_live()
         yield proc
@@ -48,9 +67,9 @@ def explicit_repo(example_repo: Path, tmp_path: Path) -> Path:
 
 
 @pytest.fixture()
-def explicit_server(explicit_repo: Path, tmp_path: Path) -> Iterator[ServerProcess]:
+def explicit_server(explicit_repo: Path, tmp_path: Path) -> Iterator[InProcessServer]:
     """A server in explicit mode that starts with only ``simple`` loaded."""
-    with ServerProcess.live(
+    with InProcessServer.live(
         [explicit_repo],
         "--model-control-mode",
         "explicit",

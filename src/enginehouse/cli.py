@@ -13,6 +13,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from enginehouse import engine_commands
 from enginehouse.builder.cache import RESOLUTION, EngineCache, default_root
@@ -23,6 +24,9 @@ from enginehouse.observe.metrics import MetricsOptions
 from enginehouse.repository import ModelRepository
 from enginehouse.scheduler.base import PendingLimits
 from enginehouse.version import __version__
+
+if TYPE_CHECKING:
+    from enginehouse.serving import Server
 
 log = logging.getLogger("enginehouse")
 
@@ -257,24 +261,19 @@ def access_settings(
     return restricted, tls
 
 
-async def serve(args: argparse.Namespace) -> int:
-    """Run the server until SIGINT or SIGTERM, then drain and stop."""
-    import numpy as np
-
-    # A client's JSON number past a float type's range becomes inf; NumPy's warning for it,
-    # printed once per such request, is nothing an operator could act on.
-    np.seterr(over="ignore", invalid="ignore")
+def assemble(args: argparse.Namespace) -> Server:
+    """The server ``serve``'s flags describe: the core and the frontends they allow."""
     from enginehouse.frontends.grpc.relay import GrpcWorkers
     from enginehouse.frontends.grpc.service import GrpcServer
     from enginehouse.frontends.http.app import HttpServer
     from enginehouse.frontends.metrics import MetricsServer
+    from enginehouse.serving import Frontend, Server
 
     options = metrics_options(args.metrics_config)
     http_access = access_settings(args, "http")
     grpc_access = access_settings(args, "grpc")
-    repository = ModelRepository(args.model_repository)
     core = ServerCore(
-        repository,
+        ModelRepository(args.model_repository),
         control_mode=ControlMode(args.model_control_mode),
         startup_models=args.load_model,
         strict_model_config=args.strict_model_config,
@@ -288,12 +287,7 @@ async def serve(args: argparse.Namespace) -> int:
             args.model_max_pending_requests or 2**62, args.model_max_pending_bytes or 2**62
         ),
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-
-    servers: list[HttpServer | GrpcServer | GrpcWorkers | MetricsServer] = []
+    frontends: list[Frontend] = []
     if args.allow_http:
         limits = HttpLimits(
             body_bytes=args.http_max_input_size,
@@ -305,7 +299,7 @@ async def serve(args: argparse.Namespace) -> int:
         )
         http = HttpServer(core, args.host, args.http_port, limits, *http_access)
         core.add_request_warmer(http.app.warm)
-        servers.append(http)
+        frontends.append(http)
     if args.allow_grpc:
         grpc_server: GrpcServer | GrpcWorkers = (
             GrpcWorkers(
@@ -322,32 +316,37 @@ async def serve(args: argparse.Namespace) -> int:
         core.add_request_warmer(grpc_server.service.warm)
         if isinstance(grpc_server, GrpcWorkers):
             core.add_ready_gate(grpc_server.warm_workers)
-        servers.append(grpc_server)
+        frontends.append(grpc_server)
     if args.allow_metrics:
-        servers.append(MetricsServer(core, args.host, args.metrics_port, options))
-    started: list[HttpServer | GrpcServer | GrpcWorkers | MetricsServer] = []
-    try:
-        for server in servers:
-            await server.start()
-            started.append(server)
-    except OSError:
-        for server in started:
-            await server.stop()
-        raise
-    load = asyncio.create_task(core.start())
+        frontends.append(MetricsServer(core, args.host, args.metrics_port, options))
+    return Server(core, frontends, args.exit_timeout_secs)
+
+
+def quiet_numpy() -> None:
+    """A client's JSON number past a float type's range becomes inf; NumPy's warning for it,
+    printed once per such request, is nothing an operator could act on."""
+    import numpy as np
+
+    np.seterr(over="ignore", invalid="ignore")
+
+
+async def serve(args: argparse.Namespace) -> int:
+    """Run the server until SIGINT or SIGTERM, then drain and stop."""
+    quiet_numpy()
+    server = assemble(args)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await server.listen()
+    load = asyncio.create_task(server.load())
     await asyncio.wait(
         [load, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED
     )
-    if load.done() and load.exception() is None:
-        log.info("server ready: %s", "yes" if core.ready else "no (a model failed to load)")
     await stop.wait()
-    log.info("shutting down: draining requests in flight")
     if not load.done():
         load.cancel()
-    await core.stop(args.exit_timeout_secs)
-    for server in servers:
-        await server.stop()
-    log.info("stopped")
+    await server.stop()
     return 0
 
 

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import ServerProcess
+from tests.conftest import InProcessServer, ServerProcess
 from tests.integration.test_inference import simple_inputs
 
 ADMIN = {"admin-key": "s3cret"}
@@ -81,9 +81,9 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module", params=[0, 2], ids=["grpc-in-process", "grpc-workers"])
 def restricted(
     request: pytest.FixtureRequest, example_repo: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServerProcess]:
+) -> Iterator[InProcessServer]:
     extra = ["--grpc-workers", str(request.param)] if request.param else []
-    with ServerProcess.live(
+    with InProcessServer.live(
         [example_repo],
         "--model-control-mode",
         "explicit",
@@ -109,7 +109,7 @@ def _status(call, *args, **kwargs) -> str:  # type: ignore[no-untyped-def]
     return "OK"
 
 
-def test_restricted_apis_need_the_header(restricted: ServerProcess) -> None:
+def test_restricted_apis_need_the_header(restricted: InProcessServer) -> None:
     http = httpclient.InferenceServerClient(restricted.http_url)
     grpc = grpcclient.InferenceServerClient(restricted.grpc_url)
     # Inference, health and metadata stay open.
@@ -178,7 +178,7 @@ def test_tls_on_both_protocols(
         ]
     if workers:
         flags += ["--grpc-workers", str(workers)]
-    server = ServerProcess(
+    server = InProcessServer(
         [example_repo],
         *flags,
         log_path=tmp_path / "tls.log",

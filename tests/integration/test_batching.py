@@ -18,7 +18,7 @@ import tritonclient.grpc.aio as grpcaio
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import ServerProcess
+from tests.conftest import InProcessServer
 from tests.integration.test_errors import raw_post
 from tests.models import (
     chain_config,
@@ -40,7 +40,7 @@ dynamic_batching { max_queue_delay_microseconds: 20000 }
 
 
 @pytest.fixture(scope="module")
-def batching_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def batching_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessServer]:
     root = tmp_path_factory.mktemp("batching")
     save(scale_by_two(), root, "batched", BATCHED)
     save(
@@ -110,7 +110,7 @@ def batching_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server
         "total_sum",
         BATCHED.replace("dims: [4] }]\ndynamic", "dims: [1] }]\ndynamic"),
     )
-    server = ServerProcess(
+    server = InProcessServer(
         [root],
         "--metrics-config",
         "summary_latencies=true",
@@ -125,13 +125,13 @@ def batching_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server
         server.stop()
 
 
-def stats(server: ServerProcess, model: str) -> dict:
+def stats(server: InProcessServer, model: str) -> dict:
     client = httpclient.InferenceServerClient(server.http_url)
     return client.get_inference_statistics(model)["model_stats"][0]  # type: ignore[no-any-return]
 
 
 def concurrent_grpc(
-    server: ServerProcess, model: str, rows: list[np.ndarray], **kwargs: object
+    server: InProcessServer, model: str, rows: list[np.ndarray], **kwargs: object
 ) -> list[object]:
     async def run() -> list[object]:
         client = grpcaio.InferenceServerClient(server.grpc_url)
@@ -148,7 +148,7 @@ def concurrent_grpc(
     return asyncio.run(run())
 
 
-def test_concurrent_requests_are_merged(batching_server: ServerProcess) -> None:
+def test_concurrent_requests_are_merged(batching_server: InProcessServer) -> None:
     before = stats(batching_server, "batched")
     rows = [np.full((1, 4), i, np.float32) for i in range(32)]
     results = concurrent_grpc(batching_server, "batched", rows)
@@ -162,21 +162,23 @@ def test_concurrent_requests_are_merged(batching_server: ServerProcess) -> None:
     assert any(b["batch_size"] > 1 for b in after["batch_stats"])
 
 
-def test_requests_with_their_own_batch_are_merged_and_split(batching_server: ServerProcess) -> None:
+def test_requests_with_their_own_batch_are_merged_and_split(
+    batching_server: InProcessServer,
+) -> None:
     rows = [np.arange(4 * n, dtype=np.float32).reshape(n, 4) + 100 * n for n in (1, 3, 5, 2)]
     results = concurrent_grpc(batching_server, "batched", rows)
     for row, result in zip(rows, results):
         np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), row * 2)  # type: ignore[union-attr]
 
 
-def test_without_dynamic_batching_each_request_runs_alone(batching_server: ServerProcess) -> None:
+def test_without_dynamic_batching_each_request_runs_alone(batching_server: InProcessServer) -> None:
     before = stats(batching_server, "unbatched")
     concurrent_grpc(batching_server, "unbatched", [np.ones((1, 4), np.float32)] * 16)
     after = stats(batching_server, "unbatched")
     assert after["execution_count"] - before["execution_count"] == 16
 
 
-def test_full_queue_answers_unavailable(batching_server: ServerProcess) -> None:
+def test_full_queue_answers_unavailable(batching_server: InProcessServer) -> None:
     rows = [np.ones((8, 1024), np.float32)] * 12
     results = concurrent_grpc(batching_server, "queue_small", rows)
     rejected = [r for r in results if isinstance(r, InferenceServerException)]
@@ -212,7 +214,7 @@ def test_full_queue_answers_unavailable(batching_server: ServerProcess) -> None:
     assert 503 in outcomes and 200 in outcomes
 
 
-def test_request_timeout_override_expires_in_queue(batching_server: ServerProcess) -> None:
+def test_request_timeout_override_expires_in_queue(batching_server: InProcessServer) -> None:
     block = np.ones((64, 1024), np.float32)
     rows = [block] + [np.ones((1, 1024), np.float32)] * 3
 
@@ -238,7 +240,7 @@ def test_request_timeout_override_expires_in_queue(batching_server: ServerProces
     assert stats(batching_server, "timeouts")["inference_stats"]["fail"]["count"] >= len(timed_out)
 
 
-def test_higher_priority_overtakes(batching_server: ServerProcess) -> None:
+def test_higher_priority_overtakes(batching_server: InProcessServer) -> None:
     client = grpcclient.InferenceServerClient(batching_server.grpc_url)
     done: queue.Queue = queue.Queue()
     # The block holds the one instance for about half a second (the loop's trips), long
@@ -265,7 +267,7 @@ def test_higher_priority_overtakes(batching_server: ServerProcess) -> None:
         client.infer("prioritized", [small], priority=7)
 
 
-def test_preserve_ordering_across_instances(batching_server: ServerProcess) -> None:
+def test_preserve_ordering_across_instances(batching_server: InProcessServer) -> None:
     client = grpcclient.InferenceServerClient(batching_server.grpc_url)
     responses: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
@@ -285,7 +287,7 @@ def test_preserve_ordering_across_instances(batching_server: ServerProcess) -> N
         client.stop_stream()
 
 
-def test_failed_instance_is_replaced(batching_server: ServerProcess) -> None:
+def test_failed_instance_is_replaced(batching_server: InProcessServer) -> None:
     client = httpclient.InferenceServerClient(batching_server.http_url)
     good = httpclient.InferInput("INDEX", [1, 1], "INT64")
     good.set_data_from_numpy(np.array([[2]], np.int64))
@@ -304,7 +306,7 @@ def test_failed_instance_is_replaced(batching_server: ServerProcess) -> None:
     assert client.is_model_ready("fragile")
 
 
-def test_outputs_without_the_batch_rows_fail_clearly(batching_server: ServerProcess) -> None:
+def test_outputs_without_the_batch_rows_fail_clearly(batching_server: InProcessServer) -> None:
     """A model that returns fewer rows than its batch: the load fails where warm-up sees it,
     and otherwise each request of such a batch fails with the reason (not a hang), while
     smaller batches and other models go on being served."""
@@ -340,7 +342,7 @@ def test_warmup_gates_readiness(tmp_path: Path) -> None:
             'inputs { key: "INPUT0" value: { data_type: TYPE_FP32 dims: [1024] random_data: true } } }]\n'
         ),
     )
-    server = ServerProcess([root], log_path=tmp_path / "warm.log")
+    server = InProcessServer([root], log_path=tmp_path / "warm.log")
     try:
         server.wait_live(ready_log=False)
         client = httpclient.InferenceServerClient(server.http_url)
@@ -357,7 +359,7 @@ def test_warmup_gates_readiness(tmp_path: Path) -> None:
         server.stop()
 
 
-def test_metrics_move_with_batches(batching_server: ServerProcess) -> None:
+def test_metrics_move_with_batches(batching_server: InProcessServer) -> None:
     concurrent_grpc(batching_server, "batched", [np.ones((1, 4), np.float32)] * 8)
     text = (
         urllib.request.urlopen(f"http://127.0.0.1:{batching_server.metrics_port}/metrics")
@@ -389,7 +391,7 @@ def test_metrics_move_with_batches(batching_server: ServerProcess) -> None:
     assert "# TYPE nv_inference_request_summary_us summary" in text
 
 
-def test_idle_instances_pass_health_checks(batching_server: ServerProcess) -> None:
+def test_idle_instances_pass_health_checks(batching_server: InProcessServer) -> None:
     def checks() -> float:
         text = (
             urllib.request.urlopen(f"http://127.0.0.1:{batching_server.metrics_port}/metrics")

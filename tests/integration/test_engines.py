@@ -17,7 +17,7 @@ from enginehouse.builder import artifacts
 from enginehouse.builder.cache import EngineCache
 from enginehouse.config.model_config import parse_config_text
 from enginehouse.errors import ModelLoadError
-from tests.conftest import ServerProcess
+from tests.conftest import InProcessServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 from make_repository import export_convnet
@@ -111,7 +111,7 @@ def test_build_then_serve_every_precision(engine_repo: Path, tmp_path: Path) -> 
     again = build_command(engine_repo, cache)
     assert again.stdout.count(" hit ") == 3
 
-    server = ServerProcess(
+    server = InProcessServer(
         [engine_repo], "--engine-cache", str(cache), log_path=tmp_path / "serve.log"
     )
     try:
@@ -284,7 +284,7 @@ def test_a_failed_build_leaves_other_models_serving(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     write_net(repo, "good")
     write_net(repo, "bad", engine_precision="int8")
-    server = ServerProcess(
+    server = InProcessServer(
         [repo],
         "--engine-cache",
         str(tmp_path / "cache"),

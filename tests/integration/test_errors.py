@@ -11,12 +11,12 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import ServerProcess
+from tests.conftest import InProcessServer
 from tests.integration.test_inference import simple_inputs
 
 
 def raw_post(
-    server: ServerProcess, path: str, body: bytes, headers: dict[str, str] | None = None
+    server: InProcessServer, path: str, body: bytes, headers: dict[str, str] | None = None
 ) -> tuple[int, dict]:
     conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
     try:
@@ -39,7 +39,7 @@ def simple_json(**overrides: object) -> dict:
     return body
 
 
-def assert_still_serving(server: ServerProcess) -> None:
+def assert_still_serving(server: InProcessServer) -> None:
     client = httpclient.InferenceServerClient(server.http_url)
     a, b, inputs = simple_inputs(httpclient)
     np.testing.assert_array_equal(client.infer("simple", inputs).as_numpy("OUTPUT0"), a + b)
@@ -52,13 +52,13 @@ def assert_still_serving(server: ServerProcess) -> None:
         ("/v2/models/simple/versions/9/infer", "version '9'"),
     ],
 )
-def test_unknown_model_or_version_is_404(server: ServerProcess, path: str, message: str) -> None:
+def test_unknown_model_or_version_is_404(server: InProcessServer, path: str, message: str) -> None:
     status, body = raw_post(server, path, json.dumps(simple_json()).encode())
     assert status == 404
     assert message in body["error"]
 
 
-def test_grpc_unknown_model_is_not_found(server: ServerProcess) -> None:
+def test_grpc_unknown_model_is_not_found(server: InProcessServer) -> None:
     client = grpcclient.InferenceServerClient(server.grpc_url)
     _, _, inputs = simple_inputs(grpcclient)
     with pytest.raises(InferenceServerException) as info:
@@ -174,7 +174,7 @@ BAD_REQUESTS = [
     ("case", "body", "message"), BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS]
 )
 def test_bad_json_requests_are_400(
-    server: ServerProcess, case: str, body: dict, message: str
+    server: InProcessServer, case: str, body: dict, message: str
 ) -> None:
     status, reply = raw_post(server, "/v2/models/simple/infer", json.dumps(body).encode())
     assert status == 400, reply
@@ -182,14 +182,14 @@ def test_bad_json_requests_are_400(
     assert_still_serving(server)
 
 
-def test_malformed_json_is_400(server: ServerProcess) -> None:
+def test_malformed_json_is_400(server: InProcessServer) -> None:
     status, reply = raw_post(server, "/v2/models/simple/infer", b'{"inputs": [')
     assert status == 400 and "JSON" in reply["error"]
     status, reply = raw_post(server, "/v2/models/simple/infer", b"[1, 2]")
     assert status == 400
 
 
-def test_binary_framing_errors_are_400(server: ServerProcess) -> None:
+def test_binary_framing_errors_are_400(server: InProcessServer) -> None:
     header = json.dumps(
         {
             "inputs": [
@@ -238,7 +238,7 @@ def test_binary_framing_errors_are_400(server: ServerProcess) -> None:
     assert_still_serving(server)
 
 
-def test_body_over_limit_is_413_before_it_is_read(server: ServerProcess) -> None:
+def test_body_over_limit_is_413_before_it_is_read(server: InProcessServer) -> None:
     import socket
 
     with socket.create_connection(("127.0.0.1", server.http_port), timeout=30) as sock:
@@ -251,7 +251,7 @@ def test_body_over_limit_is_413_before_it_is_read(server: ServerProcess) -> None
     assert_still_serving(server)
 
 
-def test_grpc_bad_requests_are_invalid_argument(server: ServerProcess) -> None:
+def test_grpc_bad_requests_are_invalid_argument(server: InProcessServer) -> None:
     client = grpcclient.InferenceServerClient(server.grpc_url)
     bad = grpcclient.InferInput("INPUT0", [1, 16], "FP32")
     bad.set_data_from_numpy(np.zeros((1, 16), np.float32))
@@ -270,7 +270,7 @@ def test_grpc_bad_requests_are_invalid_argument(server: ServerProcess) -> None:
     assert "64 bytes" in info.value.message()
 
 
-def test_bad_bytes_framing(server: ServerProcess) -> None:
+def test_bad_bytes_framing(server: InProcessServer) -> None:
     header = json.dumps(
         {
             "inputs": [
@@ -294,13 +294,13 @@ def test_bad_bytes_framing(server: ServerProcess) -> None:
 
 
 @pytest.mark.parametrize("name", ["..", "%2E%2E", "..%2Fsimple", "%2Fetc", ".hidden"])
-def test_model_names_cannot_leave_the_repository(server: ServerProcess, name: str) -> None:
+def test_model_names_cannot_leave_the_repository(server: InProcessServer, name: str) -> None:
     status, reply = raw_post(server, f"/v2/models/{name}/infer", json.dumps(simple_json()).encode())
     assert status in (400, 404)
     assert "error" in reply
 
 
-def test_unknown_routes_and_methods(server: ServerProcess) -> None:
+def test_unknown_routes_and_methods(server: InProcessServer) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
     conn.request("GET", "/v3/nothing")
     response = conn.getresponse()
@@ -312,7 +312,7 @@ def test_unknown_routes_and_methods(server: ServerProcess) -> None:
     conn.close()
 
 
-def test_garbage_on_the_socket(server: ServerProcess) -> None:
+def test_garbage_on_the_socket(server: InProcessServer) -> None:
     import socket
 
     with socket.create_connection(("127.0.0.1", server.http_port), timeout=30) as sock:

@@ -25,7 +25,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import ServerProcess, free_port
+from tests.conftest import InProcessServer, free_port
 from tests.integration.test_errors import assert_still_serving, raw_post
 from tests.models import loop_model
 
@@ -75,8 +75,8 @@ parameters { key: "execution_timeout_us" value: { string_value: "300000" } }
 
 
 @pytest.fixture(scope="module")
-def explicit(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    with ServerProcess.live(
+def explicit(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessServer]:
+    with InProcessServer.live(
         [repo],
         "--model-control-mode",
         "explicit",
@@ -91,7 +91,7 @@ def _config_with(**fields: object) -> str:
     return json.dumps({**SIMPLE_OVERRIDE, **fields})
 
 
-def _grpc_load_status(server: ServerProcess, config: str) -> tuple[grpc.StatusCode, str]:
+def _grpc_load_status(server: InProcessServer, config: str) -> tuple[grpc.StatusCode, str]:
     client = grpcclient.InferenceServerClient(server.grpc_url)
     try:
         client.load_model("simple", config=config)
@@ -130,7 +130,7 @@ def _grpc_load_status(server: ServerProcess, config: str) -> tuple[grpc.StatusCo
     ],
 )
 def test_config_paths_outside_the_model_folder_are_refused(
-    explicit: ServerProcess, outside: Path, fields: dict, field_name: str
+    explicit: InProcessServer, outside: Path, fields: dict, field_name: str
 ) -> None:
     if fields.get("default_model_filename", "").startswith("../"):
         # Point at the real model folder outside the repository, as an attacker would.
@@ -150,8 +150,8 @@ def test_config_paths_outside_the_model_folder_are_refused(
     assert_still_serving(explicit)
 
 
-def test_huge_declared_shapes_are_refused_before_any_allocation(explicit: ServerProcess) -> None:
-    rss_before = psutil.Process(explicit.process.pid).memory_info().rss
+def test_huge_declared_shapes_are_refused_before_any_allocation(explicit: InProcessServer) -> None:
+    rss_before = psutil.Process().memory_info().rss  # the server runs in this process
     for shape in ([2**31], [2**40], [2**62, 2**62], [0, 2**62]):
         header = json.dumps(
             {
@@ -182,13 +182,13 @@ def test_huge_declared_shapes_are_refused_before_any_allocation(explicit: Server
             with pytest.raises(grpc.RpcError) as info:
                 stub.ModelInfer(message, timeout=10)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
-    grown = psutil.Process(explicit.process.pid).memory_info().rss - rss_before
+    grown = psutil.Process().memory_info().rss - rss_before
     assert grown < 64 * 2**20
     assert_still_serving(explicit)
 
 
 @pytest.mark.parametrize("depth", [3, 1000, 5000])
-def test_deeply_nested_json_data_is_a_400(explicit: ServerProcess, depth: int) -> None:
+def test_deeply_nested_json_data_is_a_400(explicit: InProcessServer, depth: int) -> None:
     data = "[" * depth + '"x"' + "]" * depth  # json.dumps itself recurses
     body = (
         '{"inputs": [{"name": "INPUT0", "datatype": "BYTES", "shape": [1, 1], "data": '
@@ -202,7 +202,7 @@ def test_deeply_nested_json_data_is_a_400(explicit: ServerProcess, depth: int) -
         assert status == 400, reply
 
 
-def test_ragged_json_data_is_a_400(explicit: ServerProcess) -> None:
+def test_ragged_json_data_is_a_400(explicit: InProcessServer) -> None:
     body = {
         "inputs": [
             {
@@ -223,9 +223,9 @@ def test_ragged_json_data_is_a_400(explicit: ServerProcess) -> None:
 
 
 @pytest.fixture(scope="module")
-def workers(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def workers(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessServer]:
     """The same repository served through two gRPC worker processes."""
-    with ServerProcess.live(
+    with InProcessServer.live(
         [repo],
         "--grpc-workers",
         "2",
@@ -237,12 +237,12 @@ def workers(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Se
 
 @pytest.fixture(params=["in-process", "workers"])
 def grpc_server(
-    request: pytest.FixtureRequest, explicit: ServerProcess, workers: ServerProcess
-) -> ServerProcess:
+    request: pytest.FixtureRequest, explicit: InProcessServer, workers: InProcessServer
+) -> InProcessServer:
     return explicit if request.param == "in-process" else workers
 
 
-def test_typed_and_raw_contents_together_are_invalid(grpc_server: ServerProcess) -> None:
+def test_typed_and_raw_contents_together_are_invalid(grpc_server: InProcessServer) -> None:
     explicit = grpc_server
     message = pb.ModelInferRequest(model_name="identity_fp32")
     tensor = message.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 1])
@@ -263,7 +263,7 @@ def _stream_messages(good: bytes, count: int) -> Iterator[bytes]:
             yield b"\xff\xff\xff\xff not a protobuf message"
 
 
-def test_undecodable_stream_message_is_reported(grpc_server: ServerProcess) -> None:
+def test_undecodable_stream_message_is_reported(grpc_server: InProcessServer) -> None:
     """Every reply due before the bad message arrives, then the stream reports the error
     (it used to end with OK and drop the replies still due)."""
     explicit = grpc_server
@@ -289,7 +289,7 @@ def test_undecodable_stream_message_is_reported(grpc_server: ServerProcess) -> N
     assert_still_serving(explicit)
 
 
-def test_a_burst_of_grpc_calls_ends_ok_never_cancelled(explicit: ServerProcess) -> None:
+def test_a_burst_of_grpc_calls_ends_ok_never_cancelled(explicit: InProcessServer) -> None:
     """grpc-core cancelled calls it held before the server took them (a burst of 3,000
     ended 2-14% CANCELLED); every call must end OK or with an explicit overload status."""
     message = pb.ModelInferRequest(model_name="identity_fp32")
@@ -316,7 +316,7 @@ def test_a_burst_of_grpc_calls_ends_ok_never_cancelled(explicit: ServerProcess) 
 
 
 def test_a_hung_execution_fails_its_request_and_the_instance_is_replaced(
-    explicit: ServerProcess,
+    explicit: InProcessServer,
 ) -> None:
     client = httpclient.InferenceServerClient(explicit.http_url, network_timeout=60)
 
@@ -341,9 +341,9 @@ def test_a_hung_execution_fails_its_request_and_the_instance_is_replaced(
 
 
 @pytest.fixture(scope="module")
-def limited(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def limited(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessServer]:
     """A server with tight HTTP limits, so that each can be seen to act within seconds."""
-    with ServerProcess.live(
+    with InProcessServer.live(
         [repo],
         "--http-max-header-size",
         "8192",
@@ -368,7 +368,7 @@ def _read_until_closed(sock: socket.socket, timeout_s: float) -> bytes:
     return received
 
 
-def test_oversized_headers_get_431(limited: ServerProcess) -> None:
+def test_oversized_headers_get_431(limited: InProcessServer) -> None:
     for head in (
         b"GET /v2 HTTP/1.1\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n",  # one chunk, whole
         b"GET /v2 HTTP/1.1\r\n" + b"X-Many: b\r\n" * 2000 + b"\r\n",
@@ -389,7 +389,7 @@ def test_oversized_headers_get_431(limited: ServerProcess) -> None:
     assert_still_serving(limited)
 
 
-def test_slow_requests_get_408_and_idle_connections_close(limited: ServerProcess) -> None:
+def test_slow_requests_get_408_and_idle_connections_close(limited: InProcessServer) -> None:
     started = time.perf_counter()
     with socket.create_connection(("127.0.0.1", limited.http_port), timeout=10) as headers:
         headers.sendall(b"POST /v2/models/simple/infer HTTP/1.1\r\nHost: x\r\n")
@@ -407,7 +407,7 @@ def test_slow_requests_get_408_and_idle_connections_close(limited: ServerProcess
 
 
 def test_connections_past_the_cap_are_refused_and_the_others_served(
-    limited: ServerProcess,
+    limited: InProcessServer,
 ) -> None:
     held = [socket.create_connection(("127.0.0.1", limited.http_port)) for _ in range(45)]
     try:

@@ -22,7 +22,7 @@ import tritonclient.http as httpclient
 from onnx import TensorProto, helper, numpy_helper
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import ServerProcess
+from tests.conftest import InProcessServer, ServerProcess
 from tests.integration.test_errors import raw_post
 from tests.rollout import WIDTH, scale_model
 
@@ -75,18 +75,18 @@ def index_of(client: httpclient.InferenceServerClient, name: str) -> dict[str, t
     }
 
 
-def metrics(server: ServerProcess) -> str:
+def metrics(server: InProcessServer) -> str:
     url = f"http://127.0.0.1:{server.metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=10) as reply:
         return str(reply.read().decode())
 
 
 @pytest.fixture()
-def poll_server(tmp_path: Path) -> Iterator[tuple[ServerProcess, Path]]:
+def poll_server(tmp_path: Path) -> Iterator[tuple[InProcessServer, Path]]:
     root = tmp_path / "repo"
     write_version(root, "scaled", 1)
     write_config(root, "scaled", SCALE_CONFIG)
-    proc = ServerProcess(
+    proc = InProcessServer(
         [root],
         "--model-control-mode",
         "poll",
@@ -101,7 +101,7 @@ def poll_server(tmp_path: Path) -> Iterator[tuple[ServerProcess, Path]]:
         proc.stop()
 
 
-def test_poll_mode_applies_repository_changes(poll_server: tuple[ServerProcess, Path]) -> None:
+def test_poll_mode_applies_repository_changes(poll_server: tuple[InProcessServer, Path]) -> None:
     server, root = poll_server
     client = httpclient.InferenceServerClient(server.http_url)
     assert infer(client, "scaled") == (1, 1.0)
@@ -131,11 +131,11 @@ def test_poll_mode_applies_repository_changes(poll_server: tuple[ServerProcess, 
         client.load_model("scaled")
     with pytest.raises(InferenceServerException, match="poll"):
         client.unload_model("scaled")
-    assert server.process.poll() is None
+    assert not server.exited()
 
 
 def test_broken_new_version_leaves_the_old_one_serving(
-    poll_server: tuple[ServerProcess, Path],
+    poll_server: tuple[InProcessServer, Path],
 ) -> None:
     server, root = poll_server
     client = httpclient.InferenceServerClient(server.http_url)
@@ -157,7 +157,7 @@ def test_broken_new_version_leaves_the_old_one_serving(
 
 
 def test_failed_reload_by_api_keeps_serving(
-    explicit_server: ServerProcess, explicit_repo: Path
+    explicit_server: InProcessServer, explicit_repo: Path
 ) -> None:
     client = httpclient.InferenceServerClient(explicit_server.http_url)
     (explicit_repo / "simple" / "2").mkdir()
@@ -172,7 +172,7 @@ def test_failed_reload_by_api_keeps_serving(
     assert client.is_model_ready("simple", "1")
 
 
-def test_load_with_file_override(explicit_server: ServerProcess) -> None:
+def test_load_with_file_override(explicit_server: InProcessServer) -> None:
     http = httpclient.InferenceServerClient(explicit_server.http_url)
     grpc = grpcclient.InferenceServerClient(explicit_server.grpc_url)
     config = {
@@ -218,7 +218,7 @@ def canary_config(weights: str) -> str:
 
 
 def test_canary_split_and_weight_change(
-    explicit_server: ServerProcess, explicit_repo: Path
+    explicit_server: InProcessServer, explicit_repo: Path
 ) -> None:
     write_version(explicit_repo, "canary", 1)
     write_version(explicit_repo, "canary", 2)
@@ -277,12 +277,21 @@ def ballast_model(megabytes: int) -> onnx.ModelProto:
     return model
 
 
-def test_unload_returns_memory(explicit_server: ServerProcess, explicit_repo: Path) -> None:
+@pytest.fixture()
+def explicit_process(explicit_repo: Path, tmp_path: Path) -> Iterator[ServerProcess]:
+    """The explicit-mode server in a process of its own, whose memory the test reads."""
+    with ServerProcess.live(
+        [explicit_repo], "--model-control-mode", "explicit", "--load-model", "simple"
+    ) as proc:
+        yield proc
+
+
+def test_unload_returns_memory(explicit_process: ServerProcess, explicit_repo: Path) -> None:
     megabytes = 128
     (explicit_repo / "ballast" / "1").mkdir(parents=True)
     onnx.save(ballast_model(megabytes), str(explicit_repo / "ballast" / "1" / "model.onnx"))
-    client = httpclient.InferenceServerClient(explicit_server.http_url)
-    process = psutil.Process(explicit_server.process.pid)
+    client = httpclient.InferenceServerClient(explicit_process.http_url)
+    process = psutil.Process(explicit_process.process.pid)
 
     def cycle() -> int:
         client.load_model("ballast")
@@ -304,7 +313,7 @@ def test_unload_returns_memory(explicit_server: ServerProcess, explicit_repo: Pa
 
 
 def test_racing_control_requests_and_traffic(
-    explicit_server: ServerProcess, explicit_repo: Path
+    explicit_server: InProcessServer, explicit_repo: Path
 ) -> None:
     """Loads, reloads and unloads of one model from many threads while others infer:
     no deadlock, no crash, every request either answered right or refused cleanly."""

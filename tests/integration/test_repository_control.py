@@ -12,11 +12,11 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import ServerProcess
+from tests.conftest import InProcessServer
 from tests.integration.test_errors import raw_post
 
 
-def test_explicit_mode_loads_only_what_is_asked(explicit_server: ServerProcess) -> None:
+def test_explicit_mode_loads_only_what_is_asked(explicit_server: InProcessServer) -> None:
     client = httpclient.InferenceServerClient(explicit_server.http_url)
     assert client.is_model_ready("simple")
     assert not client.is_model_ready("identity_fp32")
@@ -28,7 +28,7 @@ def test_explicit_mode_loads_only_what_is_asked(explicit_server: ServerProcess) 
     assert [e["name"] for e in ready] == ["simple"]
 
 
-def test_load_and_unload_http_and_grpc(explicit_server: ServerProcess) -> None:
+def test_load_and_unload_http_and_grpc(explicit_server: InProcessServer) -> None:
     http = httpclient.InferenceServerClient(explicit_server.http_url)
     grpc = grpcclient.InferenceServerClient(explicit_server.grpc_url)
     http.load_model("identity_fp32")
@@ -51,7 +51,7 @@ def test_load_and_unload_http_and_grpc(explicit_server: ServerProcess) -> None:
     assert http.get_model_config("convnet")["max_batch_size"] == 4
 
 
-def test_load_with_config_override(explicit_server: ServerProcess) -> None:
+def test_load_with_config_override(explicit_server: InProcessServer) -> None:
     http = httpclient.InferenceServerClient(explicit_server.http_url)
     override = {
         "name": "identity_fp32",
@@ -68,7 +68,7 @@ def test_load_with_config_override(explicit_server: ServerProcess) -> None:
         http.infer("identity_fp32", [item])
 
 
-def test_load_errors(explicit_server: ServerProcess, explicit_repo: Path) -> None:
+def test_load_errors(explicit_server: InProcessServer, explicit_repo: Path) -> None:
     http = httpclient.InferenceServerClient(explicit_server.http_url)
     with pytest.raises(InferenceServerException) as info:
         http.load_model("not_there")
@@ -89,7 +89,7 @@ def test_load_errors(explicit_server: ServerProcess, explicit_repo: Path) -> Non
         http.load_model("simple", config="{not json")
 
 
-def test_version_policies(explicit_server: ServerProcess, explicit_repo: Path) -> None:
+def test_version_policies(explicit_server: InProcessServer, explicit_repo: Path) -> None:
     http = httpclient.InferenceServerClient(explicit_server.http_url)
     model = explicit_repo / "versions"
     for version in (1, 2, 3):
@@ -125,7 +125,7 @@ def test_version_policies(explicit_server: ServerProcess, explicit_repo: Path) -
 
 
 def test_config_mismatch_with_graph_fails_clearly(
-    explicit_server: ServerProcess, explicit_repo: Path
+    explicit_server: InProcessServer, explicit_repo: Path
 ) -> None:
     http = httpclient.InferenceServerClient(explicit_server.http_url)
     config = explicit_repo / "identity_fp32" / "config.pbtxt"
@@ -135,7 +135,7 @@ def test_config_mismatch_with_graph_fails_clearly(
 
 
 def test_strict_model_config_requires_config(explicit_repo: Path, tmp_path: Path) -> None:
-    server = ServerProcess(
+    server = InProcessServer(
         [explicit_repo],
         "--strict-model-config",
         "true",
@@ -156,7 +156,7 @@ def test_strict_model_config_requires_config(explicit_repo: Path, tmp_path: Path
 def test_unsupported_fields_are_logged_once(explicit_repo: Path, tmp_path: Path) -> None:
     config = explicit_repo / "simple" / "config.pbtxt"
     config.write_text(config.read_text() + "response_cache { enable: true }\n")
-    server = ServerProcess([explicit_repo], log_path=tmp_path / "fields.log")
+    server = InProcessServer([explicit_repo], log_path=tmp_path / "fields.log")
     try:
         server.wait_live()
         assert httpclient.InferenceServerClient(server.http_url).is_model_ready("simple")
@@ -169,7 +169,7 @@ def test_readiness_false_while_a_startup_model_failed(explicit_repo: Path, tmp_p
     broken = explicit_repo / "broken"
     (broken / "1").mkdir(parents=True)
     (broken / "1" / "model.onnx").write_bytes(b"junk")
-    server = ServerProcess([explicit_repo], log_path=tmp_path / "ready.log")
+    server = InProcessServer([explicit_repo], log_path=tmp_path / "ready.log")
     try:
         server.wait_live()
         client = httpclient.InferenceServerClient(server.http_url)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
-from tests.conftest import ServerProcess
+from tests.conftest import InProcessServer
 from tests.models import torch_convnet
 
 torch = pytest.importorskip("torch")
@@ -40,7 +40,7 @@ def test_exported_program_built_and_served(tmp_path: Path) -> None:
     for name, precision in (("torch_fp32", "fp32"), ("torch_bf16", "bf16")):
         export_program(repo / name / "1" / "model.pt2")
         (repo / name / "config.pbtxt").write_text(CONFIG.format(name=name, precision=precision))
-    server = ServerProcess(
+    server = InProcessServer(
         [repo], "--engine-cache", str(tmp_path / "cache"), log_path=tmp_path / "serve.log"
     )
     try:
@@ -79,7 +79,7 @@ def test_torchscript_source_is_frozen_and_served(tmp_path: Path) -> None:
     (model_dir / "1").mkdir(parents=True)
     torch.jit.save(torch.jit.script(net()), str(model_dir / "1" / "model.pt"))
     (model_dir / "config.pbtxt").write_text(TRITON_TORCHSCRIPT)
-    server = ServerProcess(
+    server = InProcessServer(
         [repo], "--engine-cache", str(tmp_path / "cache"), log_path=tmp_path / "serve.log"
     )
     try:
@@ -213,7 +213,7 @@ def test_onnx_sources_convert_build_and_serve(tmp_path: Path) -> None:
             name="onnx_unsupported", input="x", output="y", dims="[4]", width=4, precision="fp32"
         )
     )
-    server = ServerProcess(
+    server = InProcessServer(
         [repo], "--engine-cache", str(tmp_path / "cache"), log_path=tmp_path / "serve.log"
     )
     try:

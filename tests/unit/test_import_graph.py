@@ -127,6 +127,7 @@ LAYERS = [
     "observe",
     "frontends",
     "engine_commands",
+    "serving",
     "cli",
     "testing",
 ]

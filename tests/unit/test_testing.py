@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from enginehouse import testing
+from enginehouse.testing import process
 
 
 @pytest.mark.parametrize("which", [0, 1], ids=["http", "grpc"])
@@ -18,11 +19,11 @@ def test_port_taken_between_choice_and_bind(
     taken.bind(("127.0.0.1", 0))
     taken.listen()
     busy = taken.getsockname()[1]
-    real = testing.free_ports
+    real = process.free_ports
     ports = real(3)
     ports[which] = busy
     first = iter([ports])
-    monkeypatch.setattr(testing, "free_ports", lambda count: next(first, None) or real(count))
+    monkeypatch.setattr(process, "free_ports", lambda count: next(first, None) or real(count))
     server = testing.ServerProcess([example_repo], log_path=tmp_path / "log")
     try:
         server.wait_live()

@@ -9,7 +9,14 @@ from enginehouse.backends.onnxruntime import OnnxRuntimeBackend
 from enginehouse.backends.torch import TorchBackend
 from enginehouse.errors import ModelLoadError
 
-_BACKENDS: tuple[Backend, ...] = (OnnxRuntimeBackend(), TorchBackend())
+_BACKENDS: list[Backend] = [OnnxRuntimeBackend(), TorchBackend()]
+
+
+def register_backend(backend: Backend) -> None:
+    """Serve models whose config names ``backend.name`` (or its platform) with ``backend``,
+    in this process: how a runtime outside this package (the testing API's fake) plugs in."""
+    if all(known.name != backend.name for known in _BACKENDS):
+        _BACKENDS.append(backend)
 
 
 def backend_for(config: mc.ModelConfig) -> Backend:
@@ -32,4 +39,11 @@ def backend_for_file(filenames: list[str]) -> Backend | None:
     return None
 
 
-__all__ = ["Backend", "Engine", "Placement", "backend_for", "backend_for_file"]
+__all__ = [
+    "Backend",
+    "Engine",
+    "Placement",
+    "backend_for",
+    "backend_for_file",
+    "register_backend",
+]

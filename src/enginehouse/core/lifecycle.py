@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 RequestWarmer = Callable[[ModelVersion], Awaitable[None]]
 
 
+# How long loads and unloads must pause before what they left behind is frozen.
+FREEZE_AFTER_S = 0.2
+
+
 class ControlMode(enum.StrEnum):
     """Triton's --model-control-mode values."""
 
@@ -80,6 +84,7 @@ class Lifecycle:
         self.load_outcomes: Counter[tuple[str, str]] = Counter()
         self.started = False
         self._warmers: list[RequestWarmer] = []
+        self._freeze: asyncio.TimerHandle | None = None
         self._ready_gates: list[Callable[[], Awaitable[None]]] = []
 
     async def load_startup_models(self, names: Iterable[str]) -> None:
@@ -100,6 +105,19 @@ class Lifecycle:
             elif isinstance(result, BaseException):
                 raise result
 
+    def _freeze_when_settled(self) -> None:
+        """Freeze what loads left behind once loads and unloads pause for a moment: a full
+        collection walks the whole heap (0.1 s and more), and a start-up that loads twenty
+        models should pay for it once, not twenty times."""
+        if self._freeze is not None:
+            self._freeze.cancel()
+
+        def freeze() -> None:
+            self._freeze = None
+            freeze_long_lived(idle=self.registry.in_flight == 0)
+
+        self._freeze = asyncio.get_running_loop().call_later(FREEZE_AFTER_S, freeze)
+
     def add_ready_gate(self, gate: Callable[[], Awaitable[None]]) -> None:
         """Run ``gate`` once the start-up loads are done and before the server reports ready
         (frontends in other processes warm their request paths through it)."""
@@ -115,6 +133,8 @@ class Lifecycle:
 
     async def unload_all(self) -> None:
         """Free every served version at once (shutdown, after the drain)."""
+        if self._freeze is not None:
+            self._freeze.cancel()
         registry = self.registry
         for name in list(registry.served):
             model = registry.withdraw(name)
@@ -248,7 +268,7 @@ class Lifecycle:
                     [v for v in current.versions.values() if id(v) not in kept],
                     current.staging if current.staging != staging else None,
                 )
-            freeze_long_lived(idle=self.registry.in_flight == 0)
+            self._freeze_when_settled()
 
     def _load_failed(
         self, name: str, record: ModelRecord, reason: str, versions: list[str]
@@ -307,7 +327,7 @@ class Lifecycle:
             await self.retire(list(old.versions.values()), old.staging)
             for version in old.versions:
                 record.states[version] = (VersionState.UNAVAILABLE, reason)
-            freeze_long_lived(idle=self.registry.in_flight == 0)
+            self._freeze_when_settled()
             log.info("model '%s' unloaded", name)
 
     async def retire(self, versions: list[ModelVersion], staging: Path | None = None) -> None:

@@ -1,8 +1,9 @@
 """A real ``enginehouse serve`` in a child process on free loopback ports.
 
-For tests and benchmarks (ours and users'): the server is the command a user runs, not an
-in-process stand-in. Readiness is polled over plain HTTP so that this module needs no
-client library.
+For tests and benchmarks (ours and users') of the process itself: start-up, signals, exit
+codes, memory, gRPC worker processes. Everything else runs faster on
+:class:`~enginehouse.testing.in_process.InProcessServer`, the same server without the
+process around it.
 """
 
 from __future__ import annotations
@@ -14,12 +15,10 @@ import ssl
 import subprocess
 import sys
 import time
-import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Any
+from typing import IO
+
+from enginehouse.testing.running import RunningServer
 
 SERVER_MODULES = (
     "enginehouse.cli",
@@ -62,7 +61,7 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-class ServerProcess:
+class ServerProcess(RunningServer):
     """``enginehouse serve`` over some repositories, its output kept in ``log_path``."""
 
     def __init__(
@@ -110,65 +109,25 @@ class ServerProcess:
         self.process = subprocess.Popen(args, stdout=output, stderr=subprocess.STDOUT)
 
     @property
-    def http_url(self) -> str:
-        return f"127.0.0.1:{self.http_port}"
-
-    @property
-    def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
+    def keeps_log(self) -> bool:
+        return self.log_path is not None
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path else ""
+        if not self.log_path:
+            return ""
+        return self.log_path.read_text(errors="replace")
 
-    def _get(self, path: str) -> int:
-        try:
-            scheme = "https" if self.https else "http"
-            url = f"{scheme}://{self.http_url}{path}"
-            with urllib.request.urlopen(url, timeout=5, context=self.https) as r:
-                return int(r.status)
-        except urllib.error.HTTPError as exc:
-            return int(exc.code)
-        except OSError:
-            return 0
-
-    def wait_live(self, timeout_s: float = 120.0, ready_log: bool = True) -> None:
-        """Until the HTTP endpoint answers (and, by default, start-up loading finished)."""
-        self._wait(
-            timeout_s,
-            lambda: (
-                self._get("/v2/health/live") == 200
-                and (not ready_log or "server ready" in self.log() or not self.log_path)
-            ),
-        )
-
-    def wait_ready(self, timeout_s: float = 120.0, fail_fast: bool = False) -> None:
-        """Until ``/v2/health/ready`` answers 200. With ``fail_fast``, raise as soon as the
-        log says that start-up loading failed (rather than waiting for a later load)."""
-
-        def ready() -> bool:
-            if self._get("/v2/health/ready") == 200:
-                return True
-            if fail_fast and "server ready: no" in self.log():
-                raise RuntimeError(f"a model failed to load at start-up:\n{self.log()}")
+    def exited(self) -> bool:
+        if self.process.poll() is None:
             return False
-
-        self._wait(timeout_s, ready)
-
-    def _wait(self, timeout_s: float, done) -> None:  # type: ignore[no-untyped-def]
-        deadline = time.monotonic() + timeout_s
-        while not done():
-            if self.process.poll() is not None:
-                # A free port can be taken by another process between choosing and binding.
-                chosen = not any(self._fixed_ports)
-                taken = "address already in use" in self.log().lower()
-                if chosen and taken and self._restarts < 3:
-                    self._restarts += 1
-                    self._launch()
-                    continue
-                raise RuntimeError(f"server exited early:\n{self.log()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"server did not start:\n{self.log()}")
-            time.sleep(0.02)
+        # A free port can be taken by another process between choosing and binding.
+        chosen = not any(self._fixed_ports)
+        taken = "address already in use" in self.log().lower()
+        if chosen and taken and self._restarts < 3:
+            self._restarts += 1
+            self._launch()
+            return False
+        return True
 
     def stop(self, timeout_s: float = 60.0) -> int:
         """SIGTERM, wait (kill after ``timeout_s``), and return the exit code."""
@@ -182,26 +141,3 @@ class ServerProcess:
         if self._log:
             self._log.close()
         return int(self.process.returncode)
-
-    def __enter__(self) -> ServerProcess:
-        return self
-
-    @classmethod
-    @contextmanager
-    def live(cls, repositories: list[Path], *extra: str, **options: Any) -> Iterator[ServerProcess]:
-        """A server started and live (start-up loading done) for the ``with`` block, stopped
-        after it: the shape of every test fixture that needs one."""
-        server = cls(repositories, *extra, **options)
-        try:
-            server.wait_live()
-            yield server
-        finally:
-            server.stop()
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
