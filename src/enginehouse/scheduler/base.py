@@ -132,7 +132,8 @@ class Scheduler(ABC):
         """Fail what is queued, let running executions finish, stop background work."""
 
     def admit(self, work: Work) -> None:
-        """Refuse work past the pending limits; otherwise count it until it settles."""
+        """Refuse work past the pending limits; otherwise note when it was admitted (queue
+        time counts from here)."""
         limits = self.limits
         if (
             self.in_flight >= limits.max_requests
@@ -145,8 +146,12 @@ class Scheduler(ABC):
                 f"({limits.max_requests} requests, {limits.max_bytes} bytes); retry later"
             )
         work.request.admitted_ns = time.perf_counter_ns()
-        # Counted from admission, not from when a coroutine first runs: an unload that comes
-        # in between must wait for this request, not shut its instance down.
+
+    def pending(self, work: Work) -> None:
+        """Count admitted work that will be answered later, until :meth:`settled`. Counted
+        from admission, not from when a coroutine first runs: an unload that comes in
+        between must wait for this request, not shut its instance down. (Work answered
+        inline, before control returns to the event loop, is never seen pending.)"""
         self.in_flight += 1
         self.pending_bytes += work.nbytes
 

@@ -27,11 +27,9 @@ class DefaultScheduler(Scheduler):
         self.admit(work)
         instance = self.instances.try_acquire()
         if instance is None or not instance.policy.inline(work.nbytes):
+            self.pending(work)
             return self._run_async(work, instance)
-        try:
-            return self._run_inline(work, instance)
-        finally:
-            self.settled(work)
+        return self._run_inline(work, instance)
 
     def _run_inline(self, work: Work, instance: Instance) -> InferResponse:
         """Execute on this thread with an instance already taken from the pool."""

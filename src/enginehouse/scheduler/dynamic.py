@@ -78,6 +78,7 @@ class DynamicBatchScheduler(Scheduler):
         priority = _int_parameter(parameters, "priority") if parameters else 0
         timeout_us = _int_parameter(parameters, "timeout") if parameters else 0
         self.admit(work)
+        self.pending(work)
         feeds = work.feeds
         shape_key: Hashable = tuple(sorted((n, a.shape[1:]) for n, a in feeds.items()))
         future: asyncio.Future[InferResponse] = asyncio.get_running_loop().create_future()
