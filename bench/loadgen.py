@@ -15,6 +15,7 @@ in protobuf, and several processes share the concurrency.
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing
 import re
 import shutil
@@ -54,9 +55,15 @@ def _ms(text: str) -> float:
 
 
 def wrk(
-    url: str, body: bytes, headers: dict[str, str], connections: int, seconds: float
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    connections: int,
+    seconds: float,
+    expect: str | None = None,
 ) -> LoadResult:
-    """POST ``body`` to ``url`` over ``connections`` keep-alive connections from one thread."""
+    """POST ``body`` to ``url`` over ``connections`` keep-alive connections from one thread;
+    with ``expect``, an answer whose body lacks that text counts as an error."""
     if shutil.which("wrk") is None:
         raise RuntimeError("wrk is not installed: apt-get install wrk")
     with tempfile.TemporaryDirectory() as tmp:
@@ -69,10 +76,19 @@ def wrk(
             "f:close()",
         ]
         lines += [f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items()]
-        lines.append(
-            "function response(status, headers, body) "
-            "if status ~= 200 then errors = (errors or 0) + 1 end end"
-        )
+        if expect is not None:
+            lines += [
+                f"expect = {json.dumps(expect)}",
+                "local threads = {}",
+                "function setup(thread) table.insert(threads, thread) end",
+                "function init(args) wrong = 0 end",
+                "function response(status, headers, body) "
+                "if status ~= 200 or not string.find(body, expect, 1, true) then "
+                "wrong = wrong + 1 end end",
+                "function done(summary, latency, requests) local n = 0 "
+                "for _, t in ipairs(threads) do n = n + t:get('wrong') end "
+                "io.write('wrong answers: ' .. n .. '\\n') end",
+            ]
         script = Path(tmp) / "post.lua"
         script.write_text("\n".join(lines) + "\n")
         out = subprocess.run(
@@ -99,6 +115,10 @@ def wrk(
         r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out
     )
     errors = int(non2xx.group(1)) if non2xx else 0
+    wrong = re.search(r"wrong answers: (\d+)", out)
+    if expect is not None:
+        assert wrong is not None, out
+        errors = max(errors, int(wrong.group(1)))
     if socket_errors:
         errors += sum(int(x) for x in socket_errors.groups())
     p50 = re.search(r"50%\s+(\S+)", out)
