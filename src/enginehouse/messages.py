@@ -25,12 +25,25 @@ class InferInput:
 
 @dataclass(slots=True)
 class OutputTensor:
-    """One output tensor of a response."""
+    """One output tensor of a response. An output written into a shared-memory region has
+    the region's parameters (``shared_memory_region``, ``shared_memory_byte_size``) and no
+    data for the wire."""
 
     name: str
     datatype: str
     shape: tuple[int, ...]
     data: np.ndarray
+    parameters: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SharedMemoryTarget:
+    """Where a requested output goes instead of the response: bytes of a registered
+    system shared-memory region, from ``offset`` (within the region) for ``byte_size``."""
+
+    region: str
+    offset: int
+    byte_size: int
 
 
 @dataclass(slots=True)
@@ -48,6 +61,8 @@ class InferRequest:
     arrival_ns: int = 0
     # perf_counter_ns when the core accepted it (validated); queue time counts from here.
     admitted_ns: int = 0
+    # Outputs to write into shared-memory regions rather than send, by output name.
+    output_regions: dict[str, SharedMemoryTarget] | None = None
 
 
 @dataclass(slots=True)

@@ -150,9 +150,6 @@ def test_request_path_warmup_succeeds(server: ServerProcess) -> None:
 
 
 UNSUPPORTED_CALLS = [
-    ("unregister_system_shared_memory", (), "system shared memory"),
-    ("get_system_shared_memory_status", (), "system shared memory"),
-    ("register_system_shared_memory", ("r", "/key", 64), "system shared memory"),
     ("get_cuda_shared_memory_status", (), "CUDA shared memory"),
     ("unregister_cuda_shared_memory", (), "CUDA shared memory"),
     ("get_trace_settings", (), "trace"),
@@ -174,9 +171,8 @@ def _unimplemented_rpcs(server: ServerProcess) -> None:
 def test_unsupported_extensions_answer_unimplemented_naming_them(server: ServerProcess) -> None:
     _unimplemented_rpcs(server)
     http = httpclient.InferenceServerClient(server.http_url)
-    for call in (http.get_system_shared_memory_status, http.get_cuda_shared_memory_status):
-        with pytest.raises(InferenceServerException, match="shared memory extension"):
-            call()
+    with pytest.raises(InferenceServerException, match="shared memory extension"):
+        http.get_cuda_shared_memory_status()
 
 
 def test_unknown_routes_are_404_and_wrong_methods_405_with_allow(server: ServerProcess) -> None:

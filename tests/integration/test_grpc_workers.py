@@ -160,3 +160,29 @@ def test_unsupported_extensions_through_workers(workers_server: ServerProcess) -
     from tests.integration.test_endpoints import _unimplemented_rpcs
 
     _unimplemented_rpcs(workers_server)
+
+
+def test_shared_memory_through_workers(workers_server: ServerProcess) -> None:
+    """Registration and shared-memory tensors reach the core from the worker processes."""
+    import tritonclient.utils.shared_memory as shm
+
+    client = grpcclient.InferenceServerClient(workers_server.grpc_url)
+    a = np.arange(16, dtype=np.int32).reshape(1, 16)
+    handle = shm.create_shared_memory_region("w_in", "/eh_workers_in", 64)
+    out = shm.create_shared_memory_region("w_out", "/eh_workers_out", 64)
+    try:
+        shm.set_shared_memory_region(handle, [a])
+        client.register_system_shared_memory("w_in", "/eh_workers_in", 64)
+        client.register_system_shared_memory("w_out", "/eh_workers_out", 64)
+        inputs = [grpcclient.InferInput(n, [1, 16], "INT32") for n in ("INPUT0", "INPUT1")]
+        for item in inputs:
+            item.set_shared_memory("w_in", 64)
+        requested = grpcclient.InferRequestedOutput("OUTPUT0")
+        requested.set_shared_memory("w_out", 64)
+        client.infer("simple", inputs, outputs=[requested])
+        np.testing.assert_array_equal(shm.get_contents_as_numpy(out, np.int32, [1, 16]), a + a)
+        assert "w_in" in client.get_system_shared_memory_status().regions
+    finally:
+        client.unregister_system_shared_memory()
+        shm.destroy_shared_memory_region(handle)
+        shm.destroy_shared_memory_region(out)

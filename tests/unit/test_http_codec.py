@@ -62,7 +62,7 @@ def test_malformed_inputs(document: dict) -> None:
         decode_infer_request("m", "", json.dumps(document).encode(), None)
 
 
-def test_shared_memory_is_refused_clearly() -> None:
+def test_shared_memory_tensors_need_the_server_regions() -> None:
     document = {
         "inputs": [
             {
@@ -73,7 +73,7 @@ def test_shared_memory_is_refused_clearly() -> None:
             }
         ]
     }
-    with pytest.raises(UnsupportedError, match="shared memory"):
+    with pytest.raises(UnsupportedError, match="shared-memory"):
         decode_infer_request("m", "", json.dumps(document).encode(), None)
 
 

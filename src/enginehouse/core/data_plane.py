@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Awaitable
 
+import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
 from enginehouse.core.registry import ModelRegistry
+from enginehouse.core.shared_memory import SystemSharedMemory
 from enginehouse.errors import InvalidArgumentError, UnavailableError
-from enginehouse.messages import InferRequest, InferResponse, ModelMetadata
+from enginehouse.messages import InferRequest, InferResponse, ModelMetadata, OutputTensor
 from enginehouse.scheduler.statistics import ModelStatistics
+
+_NO_DATA = np.empty(0, np.uint8)
 
 
 class DataPlane:
@@ -22,6 +26,8 @@ class DataPlane:
     def __init__(self, registry: ModelRegistry) -> None:
         self.registry = registry
         self.draining = False
+        # The system shared-memory regions clients registered (both protocols share them).
+        self.shared_memory = SystemSharedMemory()
 
     def submit(self, request: InferRequest) -> InferResponse | Awaitable[InferResponse]:
         """The response at once when the model ran inline, else an awaitable of it.
@@ -31,7 +37,40 @@ class DataPlane:
         """
         if self.draining:
             raise UnavailableError("server is shutting down")
-        return self.registry.resolve(request.model_name, request.model_version).submit(request)
+        result = self.registry.resolve(request.model_name, request.model_version).submit(request)
+        if request.output_regions is None:
+            return result
+        if isinstance(result, InferResponse):
+            return self._into_regions(request, result)
+        return self._await_into_regions(request, result)
+
+    def _into_regions(self, request: InferRequest, response: InferResponse) -> InferResponse:
+        """Write the outputs bound for shared memory into their regions; the response then
+        names the region of each instead of carrying its data."""
+        targets = request.output_regions or {}
+        outputs = []
+        for tensor in response.outputs:
+            target = targets.get(tensor.name)
+            if target is None:
+                outputs.append(tensor)
+                continue
+            written = self.shared_memory.write(target, tensor.data, tensor.name)
+            parameters: dict[str, object] = {
+                "shared_memory_region": target.region,
+                "shared_memory_byte_size": written,
+            }
+            if target.offset:
+                parameters["shared_memory_offset"] = target.offset
+            outputs.append(
+                OutputTensor(tensor.name, tensor.datatype, tensor.shape, _NO_DATA, parameters)
+            )
+        response.outputs = outputs
+        return response
+
+    async def _await_into_regions(
+        self, request: InferRequest, pending: Awaitable[InferResponse]
+    ) -> InferResponse:
+        return self._into_regions(request, await pending)
 
     async def infer(self, request: InferRequest) -> InferResponse:
         """Run one request on the version it addresses."""

@@ -35,6 +35,7 @@ EXTENSIONS = (
     "statistics",
     "binary_tensor_data",
     "parameters",
+    "system_shared_memory",
 )
 
 __all__ = ["EXTENSIONS", "SERVER_NAME", "ControlMode", "ServerCore", "VersionState"]
@@ -90,6 +91,7 @@ class ServerCore:
         self.load_model = self.lifecycle.load_model
         self.unload_model = self.lifecycle.unload_model
         self.load_outcomes = self.lifecycle.load_outcomes
+        self.shared_memory = self.data.shared_memory
 
     async def start(self) -> None:
         """Load what the control mode asks for at start (failures are logged), pass the
@@ -124,6 +126,7 @@ class ServerCore:
                 "%d requests still in flight after %.1f s; stopping", self.in_flight, timeout_s
             )
         await self.lifecycle.unload_all()
+        self.shared_memory.close()
 
     @property
     def in_flight(self) -> int:

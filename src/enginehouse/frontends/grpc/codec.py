@@ -14,8 +14,9 @@ from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 
 from enginehouse import datatypes
+from enginehouse.core.shared_memory import SystemSharedMemory
 from enginehouse.errors import InvalidArgumentError, UnsupportedError
-from enginehouse.messages import InferInput, InferRequest, InferResponse
+from enginehouse.messages import InferInput, InferRequest, InferResponse, SharedMemoryTarget
 
 _RAW_INPUT_CONTENTS = pb.ModelInferRequest.RAW_INPUT_CONTENTS_FIELD_NUMBER
 _LENGTH_DELIMITED = 2
@@ -69,55 +70,71 @@ def _typed_contents(
         raise InvalidArgumentError(f"input '{tensor.name}': {exc}") from None
 
 
+def _parameters(parameters: Any) -> dict[str, Any]:
+    return {key: parameter_value(value) for key, value in parameters.items()}
+
+
 def decode_infer_request(
-    message: pb.ModelInferRequest, raw_contents: Sequence[memoryview] | None = None
+    message: pb.ModelInferRequest,
+    raw_contents: Sequence[memoryview] | None = None,
+    regions: SystemSharedMemory | None = None,
 ) -> InferRequest:
     """The core request for a ModelInferRequest, or a 400-class error. ``raw_contents``
-    stands in for the message's raw_input_contents when they were cut out of it."""
+    stands in for the message's raw_input_contents when they were cut out of it. Inputs
+    in shared memory are read from ``regions`` and have no raw_input_contents entry."""
     raw: Sequence[bytes | memoryview] = (
         message.raw_input_contents if raw_contents is None else raw_contents
     )
-    if raw and len(raw) != len(message.inputs):
+    shared = sum(
+        1 for t in message.inputs if t.parameters and "shared_memory_region" in t.parameters
+    )
+    if raw and len(raw) != len(message.inputs) - shared:
         raise InvalidArgumentError(
-            f"raw_input_contents has {len(raw)} entries for {len(message.inputs)} inputs"
+            f"raw_input_contents has {len(raw)} entries for "
+            f"{len(message.inputs) - shared} inputs not in shared memory"
         )
     inputs: list[InferInput] = []
-    for index, tensor in enumerate(message.inputs):
+    index = 0
+    for tensor in message.inputs:
         name = tensor.name
         dtype = datatypes.from_name(tensor.datatype)
         shape = tuple(tensor.shape[:])  # a slice first: iterating the field is slower
         if shape and min(shape) < 0:
             raise InvalidArgumentError(f"input '{name}': shape {list(shape)} has a negative dim")
         if tensor.parameters and "shared_memory_region" in tensor.parameters:
-            raise UnsupportedError(f"input '{name}': shared memory inputs are not supported yet")
-        if raw:
+            if tensor.HasField("contents"):
+                raise InvalidArgumentError(
+                    f"input '{name}' names a shared-memory region and carries contents as well"
+                )
+            array = _shared(regions).read_input(_parameters(tensor.parameters), dtype, shape, name)
+        elif raw:
             if tensor.HasField("contents"):
                 raise InvalidArgumentError(
                     f"input '{name}': contents and raw_input_contents are both set; a request "
                     "sends its tensors one way"
                 )
             array = datatypes.from_wire_bytes(raw[index], dtype, shape, name)
+            index += 1
         else:
             array = _typed_contents(tensor, dtype, shape)
         inputs.append(InferInput(name, tensor.datatype, shape, array))
     outputs: list[str] | None = None
+    output_regions: dict[str, SharedMemoryTarget] | None = None
     if message.outputs:
         outputs = []
         for requested in message.outputs:
             if "shared_memory_region" in requested.parameters:
-                raise UnsupportedError(
-                    f"output '{requested.name}': shared memory outputs are not supported yet"
+                if output_regions is None:
+                    output_regions = {}
+                output_regions[requested.name] = _shared(regions).target(
+                    _parameters(requested.parameters), requested.name
                 )
             if "classification" in requested.parameters:
                 raise UnsupportedError(
                     f"output '{requested.name}': the classification extension is not supported yet"
                 )
             outputs.append(requested.name)
-    parameters = (
-        {key: parameter_value(value) for key, value in message.parameters.items()}
-        if message.parameters
-        else {}
-    )
+    parameters = _parameters(message.parameters) if message.parameters else {}
     return InferRequest(
         model_name=message.model_name,
         inputs=inputs,
@@ -125,7 +142,14 @@ def decode_infer_request(
         id=message.id,
         outputs=outputs,
         parameters=parameters,
+        output_regions=output_regions,
     )
+
+
+def _shared(regions: SystemSharedMemory | None) -> SystemSharedMemory:
+    if regions is None:
+        raise UnsupportedError("shared-memory tensors are not served on this endpoint")
+    return regions
 
 
 def _varint(view: memoryview, position: int) -> tuple[int, int]:
@@ -197,5 +221,15 @@ def encode_infer_response(response: InferResponse) -> pb.ModelInferResponse:
         out.name = tensor.name
         out.datatype = tensor.datatype
         out.shape.extend(tensor.shape)
+        if tensor.parameters is not None:  # written into a shared-memory region
+            for key, value in tensor.parameters.items():
+                if isinstance(value, str):
+                    out.parameters[key].string_param = value
+                else:
+                    out.parameters[key].int64_param = value
+            # An empty entry keeps raw_output_contents aligned with the outputs, which is
+            # how clients find each output's bytes.
+            raw.append(b"")
+            continue
         raw.append(datatypes.to_wire_bytes(tensor.data))
     return message

@@ -22,13 +22,13 @@ METHODS: tuple[str, ...] = (
     "RepositoryModelLoad",
     "RepositoryModelUnload",
     "ModelInfer",
+    "SystemSharedMemoryStatus",
+    "SystemSharedMemoryRegister",
+    "SystemSharedMemoryUnregister",
 )
 # The RPCs of Triton extensions not offered yet, and the extension each belongs to: they
 # answer UNIMPLEMENTED naming it, in process and through the workers.
 UNSUPPORTED_RPCS = {
-    "SystemSharedMemoryStatus": "system shared memory",
-    "SystemSharedMemoryRegister": "system shared memory",
-    "SystemSharedMemoryUnregister": "system shared memory",
     "CudaSharedMemoryStatus": "CUDA shared memory",
     "CudaSharedMemoryRegister": "CUDA shared memory",
     "CudaSharedMemoryUnregister": "CUDA shared memory",

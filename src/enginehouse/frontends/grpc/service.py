@@ -158,7 +158,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         core's response (the caller encodes it); errors raise :class:`EnginehouseError`.
         ModelInfer and the worker relay both use it; ``raw`` is the request's raw input
         contents when the relay cut them out of the message itself."""
-        infer_request = decode_infer_request(request, raw)
+        infer_request = decode_infer_request(request, raw, self.core.shared_memory)
         infer_request.arrival_ns = arrival
         result = self.core.submit(infer_request)
         if isinstance(result, InferResponse):
@@ -179,6 +179,37 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         except EnginehouseError as exc:
             await context.abort(exc.grpc_code, exc.message)
             raise  # abort raises; this keeps type checkers sure of it
+
+    async def SystemSharedMemoryStatus(
+        self, request: pb.SystemSharedMemoryStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SystemSharedMemoryStatusResponse:
+        try:
+            regions = self.core.shared_memory.status(request.name)
+        except EnginehouseError as exc:
+            await context.abort(exc.grpc_code, exc.message)
+        response = pb.SystemSharedMemoryStatusResponse()
+        for region in regions:
+            status = response.regions[region.name]
+            status.name, status.key = region.name, region.key
+            status.offset, status.byte_size = region.offset, region.byte_size
+        return response
+
+    async def SystemSharedMemoryRegister(
+        self, request: pb.SystemSharedMemoryRegisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SystemSharedMemoryRegisterResponse:
+        try:
+            self.core.shared_memory.register(
+                request.name, request.key, request.offset, request.byte_size
+            )
+        except EnginehouseError as exc:
+            await context.abort(exc.grpc_code, exc.message)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    async def SystemSharedMemoryUnregister(
+        self, request: pb.SystemSharedMemoryUnregisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        self.core.shared_memory.unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
 
     async def ModelStreamInfer(
         self,

@@ -101,7 +101,6 @@ _MODEL_ACTION_GROUPS = {
 }
 # Triton's HTTP extensions this server does not offer yet: a clear 400, not a 404.
 _UNSUPPORTED_EXTENSIONS = {
-    "systemsharedmemory": "system shared memory",
     "cudasharedmemory": "CUDA shared memory",
     "trace": "trace",
     "logging": "logging",
@@ -185,6 +184,8 @@ class HttpApp:
             return _EMPTY_OK if ok else _NOT_READY
         if head == "repository":
             return self._repository(method, rest[1:], request)
+        if head == "systemsharedmemory":
+            return self._system_shared_memory(method, rest[1:], request)
         if head in _UNSUPPORTED_EXTENSIONS:
             raise UnsupportedError(
                 f"the {_UNSUPPORTED_EXTENSIONS[head]} extension is not supported by this server yet"
@@ -248,7 +249,9 @@ class HttpApp:
                 raise InvalidArgumentError(
                     f"Inference-Header-Content-Length '{raw_length}' is not an integer"
                 ) from None
-        infer_request, options = decode_infer_request(name, version, request.body, header_length)
+        infer_request, options = decode_infer_request(
+            name, version, request.body, header_length, self.core.shared_memory
+        )
         infer_request.arrival_ns = arrival
         result = self.core.submit(infer_request)
         if isinstance(result, InferResponse):
@@ -263,6 +266,35 @@ class HttpApp:
         except EnginehouseError as exc:
             return error_response(exc.http_status, exc.message)
         return _infer_response(response, options)
+
+    def _system_shared_memory(
+        self, method: str, rest: list[str], request: HttpRequest
+    ) -> HttpResponse:
+        """``[region/<name>/]status``, ``region/<name>/register`` and
+        ``[region/<name>/]unregister`` of the system shared-memory extension."""
+        name = ""
+        if len(rest) == 3 and rest[0] == "region":
+            name, rest = unquote(rest[1]), rest[2:]
+        if rest == ["status"]:
+            self._method(method, "GET")
+            return _json(
+                [
+                    {"name": r.name, "key": r.key, "offset": r.offset, "byte_size": r.byte_size}
+                    for r in self.core.shared_memory.status(name)
+                ]
+            )
+        if rest == ["register"] and name:
+            self._method(method, "POST")
+            body = _body_json(request)
+            self.core.shared_memory.register(
+                name, body.get("key"), body.get("offset", 0), body.get("byte_size")
+            )
+            return _EMPTY_OK
+        if rest == ["unregister"]:
+            self._method(method, "POST")
+            self.core.shared_memory.unregister(name)
+            return _EMPTY_OK
+        raise NotFoundError(f"no route for {request.path}")
 
     def _repository(
         self, method: str, rest: list[str], request: HttpRequest

@@ -15,8 +15,9 @@ import numpy as np
 import orjson
 
 from enginehouse import datatypes
+from enginehouse.core.shared_memory import SystemSharedMemory
 from enginehouse.errors import InvalidArgumentError, UnsupportedError
-from enginehouse.messages import InferInput, InferRequest, InferResponse
+from enginehouse.messages import InferInput, InferRequest, InferResponse, SharedMemoryTarget
 
 
 @dataclass(slots=True)
@@ -108,9 +109,14 @@ def _json_tensor(
 
 
 def decode_infer_request(
-    model_name: str, model_version: str, body: bytes, header_length: int | None
+    model_name: str,
+    model_version: str,
+    body: bytes,
+    header_length: int | None,
+    regions: SystemSharedMemory | None = None,
 ) -> tuple[InferRequest, OutputOptions]:
-    """The request a body holds, or a 400 naming the first thing that is wrong."""
+    """The request a body holds, or a 400 naming the first thing that is wrong. Tensors
+    that name a shared-memory region are read from ``regions``."""
     view = memoryview(body)
     if header_length is None:
         header, binary = view, view[len(view) :]
@@ -151,10 +157,14 @@ def decode_infer_request(
         input_parameters = raw.get("parameters") or {}
         if not isinstance(input_parameters, dict):
             raise InvalidArgumentError(f"input '{name}': 'parameters' must be an object")
-        if "shared_memory_region" in input_parameters:
-            raise UnsupportedError(f"input '{name}': shared memory inputs are not supported yet")
         size = input_parameters.get("binary_data_size")
-        if size is not None:
+        if "shared_memory_region" in input_parameters:
+            if "data" in raw or size is not None:
+                raise InvalidArgumentError(
+                    f"input '{name}' names a shared-memory region and carries data as well"
+                )
+            array = _shared(regions).read_input(input_parameters, dtype, shape, name)
+        elif size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise InvalidArgumentError(f"input '{name}': invalid binary_data_size {size!r}")
             if "data" in raw:
@@ -178,6 +188,7 @@ def decode_infer_request(
 
     binary_default = bool(parameters.get("binary_data_output", False))
     binary_outputs: dict[str, bool] = {}
+    output_regions: dict[str, SharedMemoryTarget] | None = None
     names: list[str] | None = None
     raw_outputs = document.get("outputs")
     if raw_outputs is not None:
@@ -193,8 +204,10 @@ def decode_infer_request(
                     f"output '{raw['name']}': 'parameters' must be an object"
                 )
             if "shared_memory_region" in output_parameters:
-                raise UnsupportedError(
-                    f"output '{raw['name']}': shared memory outputs are not supported yet"
+                if output_regions is None:
+                    output_regions = {}
+                output_regions[raw["name"]] = _shared(regions).target(
+                    output_parameters, raw["name"]
                 )
             if output_parameters.get("classification"):
                 raise UnsupportedError(
@@ -210,8 +223,15 @@ def decode_infer_request(
         id=request_id,
         outputs=names,
         parameters=parameters,
+        output_regions=output_regions,
     )
     return request, OutputOptions(binary_default, binary_outputs)
+
+
+def _shared(regions: SystemSharedMemory | None) -> SystemSharedMemory:
+    if regions is None:
+        raise UnsupportedError("shared-memory tensors are not served on this endpoint")
+    return regions
 
 
 def _json_data(array: np.ndarray) -> Any:
@@ -238,7 +258,9 @@ def encode_infer_response(
             "datatype": tensor.datatype,
             "shape": list(tensor.shape),
         }
-        if options.binary.get(tensor.name, options.binary_default):
+        if tensor.parameters is not None:  # written into a shared-memory region
+            entry["parameters"] = tensor.parameters
+        elif options.binary.get(tensor.name, options.binary_default):
             raw = datatypes.wire_view(tensor.data)
             buffers.append(raw)
             entry["parameters"] = {"binary_data_size": len(raw)}

@@ -1,0 +1,249 @@
+"""Triton's system shared-memory extension, driven by tritonclient's own shared-memory
+utilities over both protocols: tensors in regions, outputs written back, and every bad
+region, offset, size or name answered 400 / INVALID_ARGUMENT while the server keeps serving."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+import tritonclient.utils.shared_memory as shm
+from tritonclient.utils import InferenceServerException
+
+from tests.conftest import InProcessServer
+from tests.integration.test_inference import simple_inputs
+
+PROTOCOLS = [
+    pytest.param((httpclient, "http"), id="http"),
+    pytest.param((grpcclient, "grpc"), id="grpc"),
+]
+INPUT_BYTES = 16 * 4  # INT32 [1, 16]
+
+
+@pytest.fixture(scope="module")
+def served(
+    example_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[InProcessServer]:
+    with InProcessServer.live(
+        [example_repo],
+        "--model-control-mode",
+        "explicit",
+        "--load-model",
+        "simple",
+        log_path=tmp_path_factory.mktemp("log") / "shm.log",
+    ) as server:
+        yield server
+
+
+class Regions:
+    """Shared-memory objects a test made, unregistered and destroyed after it."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.handles: list[Any] = []
+
+    def make(self, byte_size: int, register: bool = True, name: str = "") -> tuple[str, str, Any]:
+        name = name or f"r{uuid.uuid4().hex[:8]}"
+        key = f"/eh_{name}"
+        handle = shm.create_shared_memory_region(name, key, byte_size)
+        self.handles.append(handle)
+        if register:
+            self.client.register_system_shared_memory(name, key, byte_size)
+        return name, key, handle
+
+    def close(self) -> None:
+        self.client.unregister_system_shared_memory()
+        for handle in self.handles:
+            shm.destroy_shared_memory_region(handle)
+
+
+@pytest.fixture(params=PROTOCOLS)
+def client(
+    request: pytest.FixtureRequest, served: InProcessServer
+) -> Iterator[tuple[Any, Any, Regions]]:
+    module, protocol = request.param
+    url = served.http_url if protocol == "http" else served.grpc_url
+    connection = module.InferenceServerClient(url)
+    regions = Regions(connection)
+    try:
+        yield module, connection, regions
+    finally:
+        regions.close()
+
+
+def _shm_inputs(module: Any, regions: Regions, a: np.ndarray, b: np.ndarray) -> list[Any]:
+    inputs = []
+    for name, data in (("INPUT0", a), ("INPUT1", b)):
+        region, _, handle = regions.make(INPUT_BYTES)
+        shm.set_shared_memory_region(handle, [data])
+        item = module.InferInput(name, [1, 16], "INT32")
+        item.set_shared_memory(region, INPUT_BYTES)
+        inputs.append(item)
+    return inputs
+
+
+def test_inputs_and_outputs_in_shared_memory(client: tuple[Any, Any, Regions]) -> None:
+    module, connection, regions = client
+    a = np.arange(16, dtype=np.int32).reshape(1, 16)
+    b = np.full((1, 16), 3, dtype=np.int32)
+    inputs = _shm_inputs(module, regions, a, b)
+    # Both outputs in one region, the second at an offset.
+    out_region, _, out_handle = regions.make(2 * INPUT_BYTES)
+    outputs = []
+    for index, name in enumerate(("OUTPUT0", "OUTPUT1")):
+        requested = module.InferRequestedOutput(name)
+        requested.set_shared_memory(out_region, INPUT_BYTES, offset=index * INPUT_BYTES)
+        outputs.append(requested)
+    result = connection.infer("simple", inputs, outputs=outputs)
+    total = shm.get_contents_as_numpy(out_handle, np.int32, [1, 16])
+    difference = shm.get_contents_as_numpy(out_handle, np.int32, [1, 16], offset=INPUT_BYTES)
+    np.testing.assert_array_equal(total, a + b)
+    np.testing.assert_array_equal(difference, a - b)
+    output = result.get_output("OUTPUT0")
+    parameters = output["parameters"] if isinstance(output, dict) else output.parameters
+    region = parameters["shared_memory_region"]
+    assert (region if isinstance(region, str) else region.string_param) == out_region
+    # Nothing of the outputs travelled in the response.
+    if module is httpclient:
+        assert "data" not in output and "binary_data_size" not in parameters
+    else:
+        assert not any(result.get_response().raw_output_contents)
+
+
+def test_shared_and_sent_tensors_mix(client: tuple[Any, Any, Regions]) -> None:
+    module, connection, regions = client
+    a = np.arange(16, dtype=np.int32).reshape(1, 16)
+    b = np.arange(16, 32, dtype=np.int32).reshape(1, 16)
+    region, _, handle = regions.make(INPUT_BYTES)
+    shm.set_shared_memory_region(handle, [a])
+    first = module.InferInput("INPUT0", [1, 16], "INT32")
+    first.set_shared_memory(region, INPUT_BYTES)
+    second = module.InferInput("INPUT1", [1, 16], "INT32")
+    second.set_data_from_numpy(b)
+    out_region, _, out_handle = regions.make(INPUT_BYTES)
+    shared_out = module.InferRequestedOutput("OUTPUT0")
+    shared_out.set_shared_memory(out_region, INPUT_BYTES)
+    sent_out = module.InferRequestedOutput("OUTPUT1")
+    result = connection.infer("simple", [first, second], outputs=[shared_out, sent_out])
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), a - b)
+    np.testing.assert_array_equal(shm.get_contents_as_numpy(out_handle, np.int32, [1, 16]), a + b)
+
+
+def test_status_lists_registered_regions_and_unregister_forgets_them(
+    client: tuple[Any, Any, Regions],
+) -> None:
+    module, connection, regions = client
+    name, key, _ = regions.make(128)
+    status = connection.get_system_shared_memory_status()
+    if module is httpclient:
+        listed = {entry["name"]: entry for entry in status}
+        assert listed[name]["key"] == key and int(listed[name]["byte_size"]) == 128
+    else:
+        assert status.regions[name].key == key and status.regions[name].byte_size == 128
+    connection.unregister_system_shared_memory(name)
+    with pytest.raises(InferenceServerException):
+        connection.get_system_shared_memory_status(name)
+    metadata = connection.get_server_metadata()
+    extensions = metadata["extensions"] if module is httpclient else metadata.extensions
+    assert "system_shared_memory" in extensions
+
+
+def _bad(status: str) -> bool:
+    return status in ("400", "StatusCode.INVALID_ARGUMENT")
+
+
+def _refused(call: Any, *args: Any, **kwargs: Any) -> str:
+    with pytest.raises(InferenceServerException) as info:
+        call(*args, **kwargs)
+    assert _bad(str(info.value.status())), (info.value.status(), info.value.message())
+    return str(info.value.message())
+
+
+def test_bad_registrations_are_refused(client: tuple[Any, Any, Regions]) -> None:
+    _, connection, regions = client
+    name, key, _ = regions.make(64)
+    assert "already registered" in _refused(connection.register_system_shared_memory, name, key, 64)
+    other = f"o{uuid.uuid4().hex[:6]}"
+    assert "fewer than" in _refused(connection.register_system_shared_memory, other, key, 128)
+    assert "fewer than" in _refused(
+        connection.register_system_shared_memory, other, key, 32, offset=48
+    )
+    for outside in ("/../etc/passwd", "/a/b", "..", "/nope_" + uuid.uuid4().hex):
+        _refused(connection.register_system_shared_memory, other, outside, 8)
+
+
+def test_bad_tensor_references_are_refused_and_serving_goes_on(
+    client: tuple[Any, Any, Regions],
+) -> None:
+    module, connection, regions = client
+    a = np.arange(16, dtype=np.int32).reshape(1, 16)
+    region, _, handle = regions.make(INPUT_BYTES)
+    shm.set_shared_memory_region(handle, [a])
+
+    def infer_with(region_name: str, size: int, offset: int = 0, out: Any = None) -> str:
+        first = module.InferInput("INPUT0", [1, 16], "INT32")
+        first.set_shared_memory(region_name, size, offset=offset)
+        second = module.InferInput("INPUT1", [1, 16], "INT32")
+        second.set_data_from_numpy(a)
+        return _refused(connection.infer, "simple", [first, second], outputs=out)
+
+    assert "unable to find" in infer_with("never_registered", INPUT_BYTES)
+    assert "runs past" in infer_with(region, INPUT_BYTES, offset=8)
+    assert "bytes" in infer_with(region, INPUT_BYTES - 4)
+    small, _, _ = regions.make(8)
+    too_small = module.InferRequestedOutput("OUTPUT0")
+    too_small.set_shared_memory(small, 8)
+    assert "more than the 8 bytes" in infer_with(region, INPUT_BYTES, out=[too_small])
+    result = connection.infer("simple", simple_inputs(module)[2])
+    assert result.as_numpy("OUTPUT0") is not None
+
+
+def test_a_region_the_client_removed_or_truncated(client: tuple[Any, Any, Regions]) -> None:
+    module, connection, regions = client
+    a = np.arange(16, dtype=np.int32).reshape(1, 16)
+    region, key, handle = regions.make(INPUT_BYTES)
+    shm.set_shared_memory_region(handle, [a])
+
+    def infer() -> Any:
+        first = module.InferInput("INPUT0", [1, 16], "INT32")
+        first.set_shared_memory(region, INPUT_BYTES)
+        second = module.InferInput("INPUT1", [1, 16], "INT32")
+        second.set_data_from_numpy(a)
+        return connection.infer("simple", [first, second])
+
+    np.testing.assert_array_equal(infer().as_numpy("OUTPUT0"), a + a)
+    regions.handles.remove(handle)
+    shm.destroy_shared_memory_region(handle)  # unmapped and unlinked by the client
+    assert not os.path.exists(f"/dev/shm/{key.lstrip('/')}")
+    # The server's descriptor keeps the object: the region still reads what it held.
+    np.testing.assert_array_equal(infer().as_numpy("OUTPUT0"), a + a)
+    truncated, key2, _ = regions.make(INPUT_BYTES)
+    os.truncate(f"/dev/shm/{key2.lstrip('/')}", 8)
+    first = module.InferInput("INPUT0", [1, 16], "INT32")
+    first.set_shared_memory(truncated, INPUT_BYTES)
+    second = module.InferInput("INPUT1", [1, 16], "INT32")
+    second.set_data_from_numpy(a)
+    assert "truncated" in _refused(connection.infer, "simple", [first, second])
+    assert connection.is_server_live()
+
+
+def test_registration_is_a_restricted_api(example_repo: Path) -> None:
+    with InProcessServer.live(
+        [example_repo],
+        "--model-control-mode",
+        "explicit",
+        "--http-restricted-api",
+        "shared-memory:admin-key=secret",
+    ) as server:
+        client = httpclient.InferenceServerClient(server.http_url)
+        with pytest.raises(InferenceServerException) as info:
+            client.get_system_shared_memory_status()
+        assert info.value.status() == "403"
+        assert client.get_system_shared_memory_status(headers={"admin-key": "secret"}) == []
