@@ -19,7 +19,7 @@ import re
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -164,14 +164,15 @@ class SystemSharedMemory:
                     f"input '{tensor}': shape {list(shape)} of {dtype.name} is {needed} bytes, "
                     f"shared_memory_byte_size says {size}"
                 )
-        buffer = bytearray(size)
-        read = os.preadv(region.fd, [buffer], region.offset + offset) if size else 0
+        buffer = np.empty(size, np.uint8)  # not zero-filled: the read fills it
+        view = memoryview(cast(Any, buffer))
+        read = os.preadv(region.fd, [view], region.offset + offset) if size else 0
         if read != size:
             raise InvalidArgumentError(
                 f"input '{tensor}': shared-memory region '{region.name}' gave {read} of "
                 f"{size} bytes (its object was truncated)"
             )
-        return datatypes.from_wire_bytes(memoryview(buffer), dtype, shape, tensor)
+        return datatypes.from_wire_bytes(view, dtype, shape, tensor)
 
     def target(self, parameters: Mapping[str, Any], tensor: str) -> SharedMemoryTarget:
         """Where a requested output goes, checked now (an unknown region fails the request

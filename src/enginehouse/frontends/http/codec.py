@@ -258,8 +258,10 @@ def encode_infer_response(
             "datatype": tensor.datatype,
             "shape": list(tensor.shape),
         }
-        if tensor.parameters is not None:  # written into a shared-memory region
-            entry["parameters"] = tensor.parameters
+        if tensor.parameters is not None:
+            # Written into a shared-memory region: as with Triton, the entry then has no data
+            # and no parameters (NVIDIA's C++ client reads any output parameters as binary).
+            pass
         elif options.binary.get(tensor.name, options.binary_default):
             raw = datatypes.wire_view(tensor.data)
             buffers.append(raw)
