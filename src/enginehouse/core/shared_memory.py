@@ -121,9 +121,7 @@ class SystemSharedMemory:
     def close(self) -> None:
         self.unregister()
 
-    def _region(
-        self, name: Any, missing: type[EnginehouseError] = InvalidArgumentError
-    ) -> Region:
+    def _region(self, name: Any, missing: type[EnginehouseError] = InvalidArgumentError) -> Region:
         """The region registered as ``name``; a request naming an unknown one is a bad
         request (400), a status asked of one is a 404."""
         region = self._regions.get(name) if isinstance(name, str) else None

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from enginehouse import cli
 from enginehouse.testing.process import free_port
-from enginehouse.testing.running import RunningServer
+from enginehouse.testing.running import RunningServer, serve_arguments
 
 if TYPE_CHECKING:
     import argparse
@@ -78,12 +78,8 @@ class InProcessServer(RunningServer):
     ) -> None:
         self.https = https
         self.log_path = log_path
-        argv = ["serve"]
-        for repository in repositories:
-            argv += ["--model-repository", str(repository)]
-        argv += ["--http-port", str(http_port), "--grpc-port", str(grpc_port)]
-        argv += ["--metrics-port", str(metrics_port), *extra]
-        args = cli.build_parser().parse_args(argv)
+        ports = (http_port, grpc_port, metrics_port)
+        args = cli.build_parser().parse_args(serve_arguments(repositories, ports, extra))
         if args.grpc_workers > 0 and not args.grpc_port:
             args.grpc_port = free_port()  # worker processes share one port they all bind
         self.number = next(_NUMBERS)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-from enginehouse.testing.running import RunningServer
+from enginehouse.testing.running import RunningServer, serve_arguments
 
 SERVER_MODULES = (
     "enginehouse.cli",
@@ -89,17 +89,12 @@ class ServerProcess(RunningServer):
         self.http_port, self.grpc_port, self.metrics_port = (
             fixed or next(chosen) for fixed in self._fixed_ports
         )
-        args = [sys.executable, "-m", "enginehouse.cli", "serve"]
-        for repository in self._repositories:
-            args += ["--model-repository", str(repository)]
-        args += [
-            "--http-port",
-            str(self.http_port),
-            "--grpc-port",
-            str(self.grpc_port),
-            "--metrics-port",
-            str(self.metrics_port),
-            *self._extra,
+        ports = (self.http_port, self.grpc_port, self.metrics_port)
+        args = [
+            sys.executable,
+            "-m",
+            "enginehouse.cli",
+            *serve_arguments(self._repositories, ports, self._extra),
         ]
         if self._log:
             self._log.close()

@@ -17,6 +17,22 @@ from typing import Any, TypeVar
 Self = TypeVar("Self", bound="RunningServer")
 
 
+def serve_arguments(
+    repositories: list[Path], ports: tuple[int, int, int], extra: tuple[str, ...]
+) -> list[str]:
+    """``enginehouse serve``'s arguments for these repositories, (HTTP, gRPC, metrics) ports
+    and further flags."""
+    argv = ["serve"]
+    for repository in repositories:
+        argv += ["--model-repository", str(repository)]
+    http, grpc, metrics = ports
+    return [
+        *argv,
+        *("--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)),
+        *extra,
+    ]
+
+
 class RunningServer(ABC):
     """A server on loopback ports. Readiness is polled over plain HTTP, so that no client
     library is needed to wait for it."""
