@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -117,13 +118,24 @@ def eager_runs(
 def our_runs(
     model: BenchModel, engine: Any, batch: int, precision: str
 ) -> dict[str, Callable[[], Any]]:
-    """Our graph replay and our host-to-host execution at one batch."""
+    """Our graph replay and our host-to-host execution at one batch, the latter also with
+    its host copies on one thread (``ENGINEHOUSE_HOST_COPY_THREADS=1``), as before they were
+    split over threads."""
     host = model.inputs(batch)
     outputs = [t.name for t in engine.config.output]
     engine.execute(host, outputs)  # fills the static buffers that replay() reads
+
+    def one_copy_thread() -> Any:
+        os.environ["ENGINEHOUSE_HOST_COPY_THREADS"] = "1"
+        try:
+            return engine.execute(host, outputs)
+        finally:
+            os.environ.pop("ENGINEHOUSE_HOST_COPY_THREADS", None)
+
     return {
         f"ours {precision} replay": lambda: engine.replay(batch),
         f"ours {precision} host->host": lambda: engine.execute(host, outputs),
+        f"ours {precision} host->host, 1 copy thread": one_copy_thread,
     }
 
 

@@ -41,6 +41,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from enginehouse import datatypes
 from enginehouse.backends.base import Engine, Launched
+from enginehouse.backends.host_copies import copied, copy_rows
 from enginehouse.backends.stream_wake import StreamWaker, stream_waker
 
 log = logging.getLogger(__name__)
@@ -246,7 +247,7 @@ class CudaGraphEngine(Engine):
             offset = 0
             for array in arrays:
                 end = offset + array.shape[0]
-                np.copyto(host[offset:end], array, casting="no")
+                copy_rows(host[offset:end], array)
                 offset = end
             staged[name] = host[:rows]
         return staged
@@ -292,7 +293,7 @@ class CudaGraphEngine(Engine):
         torch = self._torch
         for array, host in zip(arrays, self._host_in):
             if not np.may_share_memory(array, host):  # gather() did not stage it already
-                np.copyto(host[:rows], array, casting="no")
+                copy_rows(host[:rows], array)
         started = time.perf_counter()
         with torch.cuda.stream(self.stream):
             self._graphs[size].replay()
@@ -397,4 +398,4 @@ class GraphLaunch(Launched):
         engine.took[self._size] = took
         if not engine._host_out:
             raise RuntimeError(f"model '{engine.config.name}': the engine was closed")
-        return [engine._host_out[i][: self._rows].copy() for i in self._picks]
+        return [copied(engine._host_out[i][: self._rows]) for i in self._picks]
