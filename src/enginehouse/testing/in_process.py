@@ -13,7 +13,6 @@ import asyncio
 import contextvars
 import itertools
 import logging
-import ssl
 import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -66,24 +65,14 @@ class _ServerLog(logging.Handler):
 class InProcessServer(RunningServer):
     """``enginehouse serve <flags>`` on a thread of this process, on loopback ports."""
 
-    def __init__(
-        self,
-        repositories: list[Path],
-        *extra: str,
-        log_path: Path | None = None,
-        http_port: int = 0,
-        grpc_port: int = 0,
-        metrics_port: int = 0,
-        https: ssl.SSLContext | None = None,
-    ) -> None:
-        self.https = https
-        self.log_path = log_path
-        ports = (http_port, grpc_port, metrics_port)
-        args = cli.build_parser().parse_args(serve_arguments(repositories, ports, extra))
+    def _start(self) -> None:
+        args = cli.build_parser().parse_args(
+            serve_arguments(self.repositories, self.fixed_ports, self.extra)
+        )
         if args.grpc_workers > 0 and not args.grpc_port:
             args.grpc_port = free_port()  # worker processes share one port they all bind
         self.number = next(_NUMBERS)
-        self._log = _ServerLog(self.number, log_path)
+        self._log = _ServerLog(self.number, self.log_path)
         logger = logging.getLogger("enginehouse")
         if logger.getEffectiveLevel() > logging.INFO:
             logger.setLevel(logging.INFO)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import time
@@ -64,22 +63,7 @@ def free_ports(count: int) -> list[int]:
 class ServerProcess(RunningServer):
     """``enginehouse serve`` over some repositories, its output kept in ``log_path``."""
 
-    def __init__(
-        self,
-        repositories: list[Path],
-        *extra: str,
-        log_path: Path | None = None,
-        http_port: int = 0,
-        grpc_port: int = 0,
-        metrics_port: int = 0,
-        https: ssl.SSLContext | None = None,
-    ) -> None:
-        # How to reach a server whose HTTP endpoint speaks TLS (None: plain HTTP).
-        self.https = https
-        self._fixed_ports = (http_port, grpc_port, metrics_port)
-        self._repositories = repositories
-        self._extra = extra
-        self.log_path = log_path
+    def _start(self) -> None:
         self._log: IO[bytes] | None = None
         self._restarts = 0
         self._launch()
@@ -87,14 +71,14 @@ class ServerProcess(RunningServer):
     def _launch(self) -> None:
         chosen = iter(free_ports(3))
         self.http_port, self.grpc_port, self.metrics_port = (
-            fixed or next(chosen) for fixed in self._fixed_ports
+            fixed or next(chosen) for fixed in self.fixed_ports
         )
         ports = (self.http_port, self.grpc_port, self.metrics_port)
         args = [
             sys.executable,
             "-m",
             "enginehouse.cli",
-            *serve_arguments(self._repositories, ports, self._extra),
+            *serve_arguments(self.repositories, ports, self.extra),
         ]
         if self._log:
             self._log.close()
@@ -116,7 +100,7 @@ class ServerProcess(RunningServer):
         if self.process.poll() is None:
             return False
         # A free port can be taken by another process between choosing and binding.
-        chosen = not any(self._fixed_ports)
+        chosen = not any(self.fixed_ports)
         taken = "address already in use" in self.log().lower()
         if chosen and taken and self._restarts < 3:
             self._restarts += 1

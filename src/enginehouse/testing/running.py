@@ -34,15 +34,35 @@ def serve_arguments(
 
 
 class RunningServer(ABC):
-    """A server on loopback ports. Readiness is polled over plain HTTP, so that no client
-    library is needed to wait for it."""
+    """A server on loopback ports, started as it is made: ``enginehouse serve`` over
+    ``repositories`` with the flags ``extra``; a port of 0 is one chosen for it. Readiness
+    is polled over plain HTTP, so that no client library is needed to wait for it."""
 
     http_port: int
     grpc_port: int
     metrics_port: int
-    # How to reach a server whose HTTP endpoint speaks TLS (None: plain HTTP).
-    https: ssl.SSLContext | None = None
-    log_path: Path | None = None
+
+    def __init__(
+        self,
+        repositories: list[Path],
+        *extra: str,
+        log_path: Path | None = None,
+        http_port: int = 0,
+        grpc_port: int = 0,
+        metrics_port: int = 0,
+        https: ssl.SSLContext | None = None,
+    ) -> None:
+        self.repositories = repositories
+        self.extra = extra
+        self.log_path = log_path
+        self.fixed_ports = (http_port, grpc_port, metrics_port)
+        # How to reach a server whose HTTP endpoint speaks TLS (None: plain HTTP).
+        self.https = https
+        self._start()
+
+    @abstractmethod
+    def _start(self) -> None:
+        """Start the server (the constructor's last step)."""
 
     @property
     def http_url(self) -> str:
@@ -120,7 +140,7 @@ class RunningServer(ABC):
     ) -> Iterator[Self]:
         """A server started and live (start-up loading done) for the ``with`` block, stopped
         after it: the shape of every test fixture that needs one."""
-        server = cls(repositories, *extra, **options)  # type: ignore[call-arg]
+        server = cls(repositories, *extra, **options)
         try:
             server.wait_live()
             yield server
