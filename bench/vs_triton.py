@@ -432,6 +432,11 @@ def main() -> int:
     parser.add_argument("--loads", default="", help="comma-separated row names (default all)")
     parser.add_argument("--quick", action="store_true", help="one round, 1.5 s windows")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    parser.add_argument(
+        "--serve-flags",
+        default="",
+        help="further `enginehouse serve` flags, e.g. '--grpc-frontend native'",
+    )
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.seconds = 1, 1.5
@@ -449,7 +454,7 @@ def main() -> int:
         work = Path(tmp)
         repo = write_repository(work / "repo")
         data = input_data(work)
-        ours = ServerProcess([repo], log_path=work / "enginehouse.log")
+        ours = ServerProcess([repo], *args.serve_flags.split(), log_path=work / "enginehouse.log")
         ours.wait_ready()
         theirs = Triton(args.tritonserver, backends, repo, work / "triton.log")
         servers: dict[str, tuple[int, int, int]] = {

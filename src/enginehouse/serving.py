@@ -11,6 +11,7 @@ import logging
 from collections.abc import Sequence
 
 from enginehouse.core.server import ServerCore
+from enginehouse.frontends.grpc.native import NativeGrpcServer
 from enginehouse.frontends.grpc.relay import GrpcWorkers
 from enginehouse.frontends.grpc.service import GrpcServer
 from enginehouse.frontends.http.app import HttpServer
@@ -18,7 +19,7 @@ from enginehouse.frontends.metrics import MetricsServer
 
 log = logging.getLogger("enginehouse")
 
-Frontend = HttpServer | GrpcServer | GrpcWorkers | MetricsServer
+Frontend = HttpServer | GrpcServer | NativeGrpcServer | GrpcWorkers | MetricsServer
 
 
 class Server:

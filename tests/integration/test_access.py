@@ -78,11 +78,21 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return files
 
 
-@pytest.fixture(scope="module", params=[0, 2], ids=["grpc-in-process", "grpc-workers"])
+@pytest.fixture(
+    scope="module",
+    params=[0, 2, "native"],
+    ids=["grpc-in-process", "grpc-workers", "grpc-native"],
+)
 def restricted(
     request: pytest.FixtureRequest, example_repo: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[InProcessServer]:
-    extra = ["--grpc-workers", str(request.param)] if request.param else []
+    extra = (
+        ["--grpc-frontend", "native"]
+        if request.param == "native"
+        else ["--grpc-workers", str(request.param)]
+        if request.param
+        else []
+    )
     with InProcessServer.live(
         [example_repo],
         "--model-control-mode",
@@ -160,10 +170,12 @@ def _http_tls_context(certs: dict[str, Path], client_cert: bool) -> ssl.SSLConte
     return context
 
 
-@pytest.mark.parametrize("workers", [0, 2], ids=["grpc-in-process", "grpc-workers"])
+@pytest.mark.parametrize(
+    "workers", [0, 2, "native"], ids=["grpc-in-process", "grpc-workers", "grpc-native"]
+)
 @pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mutual-tls"])
 def test_tls_on_both_protocols(
-    certs: dict[str, Path], example_repo: Path, tmp_path: Path, mutual: bool, workers: int
+    certs: dict[str, Path], example_repo: Path, tmp_path: Path, mutual: bool, workers: int | str
 ) -> None:
     flags: list[str] = []
     for protocol in ("http", "grpc"):
@@ -176,7 +188,9 @@ def test_tls_on_both_protocols(
             f"--{protocol}-root-cert",
             str(certs["ca"]),
         ]
-    if workers:
+    if workers == "native":
+        flags += ["--grpc-frontend", "native"]
+    elif workers:
         flags += ["--grpc-workers", str(workers)]
     server = InProcessServer(
         [example_repo],

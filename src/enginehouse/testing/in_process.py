@@ -122,6 +122,7 @@ class InProcessServer(RunningServer):
             self._error = exc
             self._bound.set()
             return
+        from enginehouse.frontends.grpc.native import NativeGrpcServer
         from enginehouse.frontends.grpc.relay import GrpcWorkers
         from enginehouse.frontends.grpc.service import GrpcServer
         from enginehouse.frontends.http.app import HttpServer
@@ -130,6 +131,7 @@ class InProcessServer(RunningServer):
         for kind, attribute in (
             (HttpServer, "http_port"),
             (GrpcServer, "grpc_port"),
+            (NativeGrpcServer, "grpc_port"),
             (GrpcWorkers, "grpc_port"),
             (MetricsServer, "metrics_port"),
         ):

@@ -67,7 +67,9 @@ class _RelayProtocol(FrameReceiver):
         self._owner.dispatch(self._out, call, code, payload)
 
 
-class _Abort(Exception):
+class CallAborted(Exception):
+    """What RelayContext.abort raises: the status a call ends with."""
+
     def __init__(self, code: grpc.StatusCode, details: str) -> None:
         super().__init__(details)
         self.code = code
@@ -76,7 +78,7 @@ class _Abort(Exception):
 
 def _failure(exc: Exception, method: int) -> tuple[int, bytes]:
     """The status code and details a relayed call that raised ``exc`` answers with."""
-    if isinstance(exc, _Abort):
+    if isinstance(exc, CallAborted):
         return exc.code.value[0], exc.details.encode()
     if isinstance(exc, EnginehouseError):
         return exc.grpc_code.value[0], exc.message.encode()
@@ -107,7 +109,7 @@ class RelayContext:
     """What the service's methods use of a ServicerContext: abort."""
 
     async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
-        raise _Abort(code, details)
+        raise CallAborted(code, details)
 
 
 class GrpcWorkers:
