@@ -99,3 +99,32 @@ def test_restricted_apis_and_unknown_methods(example_repo: Path) -> None:
             client.get_trace_settings()
         assert info.value.status() == "StatusCode.UNIMPLEMENTED"
         assert client.is_server_live()
+
+
+def test_stopping_finishes_the_calls_under_way(tmp_path: Path) -> None:
+    from enginehouse.testing import fake_backend
+
+    fake_backend.write_model(tmp_path, "slow", count=2)
+    server = InProcessServer([tmp_path], *NATIVE)
+    server.wait_live()
+    fake_backend.controls("slow").latency_s = 0.3
+
+    async def run() -> list[object]:
+        client = aioclient.InferenceServerClient(server.grpc_url)
+        try:
+            calls = []
+            for i in range(6):
+                item = aioclient.InferInput("INPUT0", [1, 4], "FP32")
+                item.set_data_from_numpy(np.full((1, 4), i, np.float32))
+                calls.append(asyncio.ensure_future(client.infer("slow", [item])))
+            await asyncio.sleep(0.1)
+            stopping = asyncio.get_running_loop().run_in_executor(None, server.stop)
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            await stopping
+            return [r if isinstance(r, Exception) else r.as_numpy("OUTPUT0")[0, 0] for r in results]
+        finally:
+            await client.close()
+
+    answers = asyncio.run(run())
+    assert answers == [float(i) for i in range(6)], [str(a) for a in answers]
+    assert server.exited()
