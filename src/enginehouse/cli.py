@@ -72,10 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--grpc-frontend",
-        choices=("grpcio", "native"),
-        default="grpcio",
-        help="gRPC in process on grpcio's asyncio server, or on enginehouse's own HTTP/2 layer "
-        "(native: a fraction of grpcio's CPU per call; not with --grpc-workers)",
+        choices=("native", "grpcio"),
+        default="native",
+        help="gRPC in process on enginehouse's own HTTP/2 layer (a third of grpcio's CPU per "
+        "call), or on grpcio's asyncio server (the gRPC workers always use grpcio)",
     )
     serve.add_argument("--allow-metrics", type=_bool, default=True, help="serve Prometheus metrics")
     serve.add_argument(

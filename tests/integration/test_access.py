@@ -80,15 +80,15 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(
     scope="module",
-    params=[0, 2, "native"],
-    ids=["grpc-in-process", "grpc-workers", "grpc-native"],
+    params=[0, 2, "grpcio"],
+    ids=["grpc-in-process", "grpc-workers", "grpcio-in-process"],
 )
 def restricted(
     request: pytest.FixtureRequest, example_repo: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[InProcessServer]:
     extra = (
-        ["--grpc-frontend", "native"]
-        if request.param == "native"
+        ["--grpc-frontend", "grpcio"]
+        if request.param == "grpcio"
         else ["--grpc-workers", str(request.param)]
         if request.param
         else []
@@ -171,7 +171,7 @@ def _http_tls_context(certs: dict[str, Path], client_cert: bool) -> ssl.SSLConte
 
 
 @pytest.mark.parametrize(
-    "workers", [0, 2, "native"], ids=["grpc-in-process", "grpc-workers", "grpc-native"]
+    "workers", [0, 2, "grpcio"], ids=["grpc-in-process", "grpc-workers", "grpcio-in-process"]
 )
 @pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mutual-tls"])
 def test_tls_on_both_protocols(
@@ -188,8 +188,8 @@ def test_tls_on_both_protocols(
             f"--{protocol}-root-cert",
             str(certs["ca"]),
         ]
-    if workers == "native":
-        flags += ["--grpc-frontend", "native"]
+    if workers == "grpcio":
+        flags += ["--grpc-frontend", "grpcio"]
     elif workers:
         flags += ["--grpc-workers", str(workers)]
     server = InProcessServer(

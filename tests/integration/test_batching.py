@@ -18,6 +18,7 @@ import tritonclient.grpc.aio as grpcaio
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from enginehouse.testing import fake_backend
 from tests.conftest import InProcessServer
 from tests.integration.test_errors import raw_post
 from tests.models import (
@@ -58,14 +59,14 @@ def batching_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProc
             "default_queue_policy { max_queue_size: 2 } }\n"
         ),
     )
-    save(
-        matmul_chain(),
+    # A fake model: the test sets how long its first execution holds the one instance.
+    fake_backend.write_model(
         root,
         "timeouts",
-        chain_config(
-            "dynamic_batching { max_queue_delay_microseconds: 0 default_queue_policy { "
-            "default_timeout_microseconds: 100000000 allow_timeout_override: true } }\n"
-        ),
+        max_batch_size=64,
+        dims="1024",
+        extra="dynamic_batching { max_queue_delay_microseconds: 0 default_queue_policy { "
+        "default_timeout_microseconds: 100000000 allow_timeout_override: true } }",
     )
     save(
         loop_model(batch=True),
@@ -215,6 +216,7 @@ def test_full_queue_answers_unavailable(batching_server: InProcessServer) -> Non
 
 
 def test_request_timeout_override_expires_in_queue(batching_server: InProcessServer) -> None:
+    fake_backend.controls("timeouts").latency_s = 0.5  # the first request holds the instance
     block = np.ones((64, 1024), np.float32)
     rows = [block] + [np.ones((1, 1024), np.float32)] * 3
 

@@ -1,10 +1,7 @@
-"""The gRPC tests once more, on enginehouse's own HTTP/2 layer (``--grpc-frontend native``).
-
-The inference, error and shared-memory tests run here unchanged against a server whose gRPC
-frontend is the native one (the HTTP cases run again alongside: they share the server); the
-tests below cover what only this frontend has to get right: flow control for messages larger
-than the client's windows, many calls on one connection, the message size limit, the
-restricted APIs, TLS and shutdown."""
+"""What the native gRPC frontend (enginehouse's own HTTP/2 layer, the default) has to get
+right beyond the protocol tests every frontend passes: flow control for messages larger than
+the client's windows, many calls on one connection, the message size limit, restricted APIs
+and unknown methods, and the calls under way when the server stops."""
 
 from __future__ import annotations
 
@@ -19,10 +16,7 @@ import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import InProcessServer
-from tests.integration.test_errors import *  # noqa: F403
-from tests.integration.test_inference import *  # noqa: F403
 from tests.integration.test_inference import simple_inputs
-from tests.integration.test_shared_memory import *  # noqa: F403
 
 NATIVE = ("--grpc-frontend", "native")
 
@@ -31,17 +25,11 @@ NATIVE = ("--grpc-frontend", "native")
 def server(
     example_repo: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[InProcessServer]:
-    """The example repository behind the native gRPC frontend (overrides the shared one)."""
+    """The example repository behind the native gRPC frontend."""
     with InProcessServer.live(
         [example_repo], *NATIVE, log_path=tmp_path_factory.mktemp("log") / "native.log"
     ) as proc:
         yield proc
-
-
-@pytest.fixture(scope="module")
-def served(server: InProcessServer) -> InProcessServer:
-    """The shared-memory tests' server: the same native one."""
-    return server
 
 
 def test_tensors_larger_than_every_window(server: InProcessServer) -> None:

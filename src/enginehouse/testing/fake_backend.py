@@ -48,6 +48,15 @@ class FakeControls:
     cancels: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def reset(self) -> None:
+        """Back to the defaults, in place: engines already loaded hold this object."""
+        self.latency_s = 0.0
+        self.fail_next = 0
+        self.hang.clear()
+        self.load_error = ""
+        self.batches.clear()
+        self.loads = self.closes = self.cancels = 0
+
     def take_failure(self) -> bool:
         with self._lock:
             if self.fail_next > 0:
@@ -68,8 +77,10 @@ def controls(model: str) -> FakeControls:
 
 
 def reset() -> None:
-    """Forget every model's controls (a test's fixture calls it between tests)."""
-    _CONTROLS.clear()
+    """Every model's controls back to the defaults (a test's fixture calls it between
+    tests; engines that stay loaded keep following them)."""
+    for model in _CONTROLS.values():
+        model.reset()
 
 
 class FakeEngine(Engine):

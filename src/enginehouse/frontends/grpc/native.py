@@ -53,9 +53,12 @@ HEADER = struct.Struct(">BHBBI")  # length as one byte and two, type, flags, str
 MAX_WINDOW = (1 << 31) - 1
 # What this side advertises: frames up to 1 MiB, every stream's window as large as allowed.
 OUR_MAX_FRAME = 1 << 20
-OUR_SETTINGS = struct.pack(">HIHIHI", 3, 4096, 4, MAX_WINDOW, 5, OUR_MAX_FRAME)
+OUR_SETTINGS = struct.pack(">HIHIHI", 3, 4096, 4, MAX_WINDOW, 5, 1 << 20)
 # Received bytes acknowledged with WINDOW_UPDATE once this many have been consumed.
 REPLENISH = 1 << 24
+MAX_STREAMS = 4096  # open calls per connection (advertised as SETTINGS_MAX_CONCURRENT_STREAMS)
+MAX_HEADER_BLOCK = 64 * 1024
+REFUSED_STREAM, ENHANCE_YOUR_CALM = 7, 11
 PREFIX = "/" + SERVICE + "/"
 _INFER = "ModelInfer"
 _STREAM = "ModelStreamInfer"
@@ -138,6 +141,7 @@ class NativeGrpcProtocol(asyncio.Protocol):
         self._peer_window = 65535  # the peer's initial stream window (its SETTINGS)
         self._peer_max_frame = 16384
         self._consumed = 0
+        self._buffered = 0  # request bytes held in streams' buffers, not yet whole messages
         self._last_stream = 0
         self._closing = False
         self._out: list[bytes] = []
@@ -235,6 +239,9 @@ class NativeGrpcProtocol(asyncio.Protocol):
                 self._fail(PROTOCOL_ERROR, "CONTINUATION without a header block")
                 return
             self._block += payload
+            if len(self._block) > MAX_HEADER_BLOCK:
+                self._fail(ENHANCE_YOUR_CALM, "a header block over 64 KiB")
+                return
             if flags & END_HEADERS:
                 block, self._block = bytes(self._block), None
                 self._headers_done(self._block_stream, block, self._block_end)
@@ -250,6 +257,7 @@ class NativeGrpcProtocol(asyncio.Protocol):
             found = self._streams.pop(stream, None)
             if found is not None:
                 found.reset = True
+                self._release(found)
         elif kind == GOAWAY:
             self._closing = True
         elif kind == PUSH_PROMISE:
@@ -325,6 +333,9 @@ class NativeGrpcProtocol(asyncio.Protocol):
             self._fail(PROTOCOL_ERROR, f"stream {number} opened out of order")
             return
         self._last_stream = number
+        if len(self._streams) >= MAX_STREAMS:
+            self._send(_frame(RST_STREAM, 0, number, struct.pack(">I", REFUSED_STREAM)))
+            return
         headers = {str(name): str(value) for name, value in fields}
         path = headers.get(":path", "")
         stream = _Stream(number, path[len(PREFIX) :], headers, send_window=self._peer_window)
@@ -357,7 +368,13 @@ class NativeGrpcProtocol(asyncio.Protocol):
         if stream.trailers is not None:
             return  # answered already (refused): the rest of its request is not read
         stream.data += data
+        self._buffered += len(data)
+        before = len(stream.data)
         self._messages(stream)
+        self._buffered -= before - len(stream.data)
+        if self._buffered > max(4 * self._frontend.max_message_bytes, 1 << 26):
+            self._fail(ENHANCE_YOUR_CALM, "more request data buffered than four whole messages")
+            return
         if flags & END_STREAM:
             self._remote_end(stream)
 
@@ -556,8 +573,13 @@ class NativeGrpcProtocol(asyncio.Protocol):
             if stream.pending or stream.trailers:
                 self._drain(stream)
 
+    def _release(self, stream: _Stream) -> None:
+        self._buffered -= len(stream.data)
+        stream.data.clear()
+
     def _close_stream(self, stream: _Stream) -> None:
         self._streams.pop(stream.number, None)
+        self._release(stream)
         if not stream.remote_closed:
             # The call is over for the server: the client's remaining half is not wanted.
             self._send(_frame(RST_STREAM, 0, stream.number, struct.pack(">I", NO_ERROR)))
