@@ -369,9 +369,7 @@ class NativeGrpcProtocol(asyncio.Protocol):
             return  # answered already (refused): the rest of its request is not read
         stream.data += data
         self._buffered += len(data)
-        before = len(stream.data)
         self._messages(stream)
-        self._buffered -= before - len(stream.data)
         if self._buffered > max(4 * self._frontend.max_message_bytes, 1 << 26):
             self._fail(ENHANCE_YOUR_CALM, "more request data buffered than four whole messages")
             return
@@ -399,6 +397,7 @@ class NativeGrpcProtocol(asyncio.Protocol):
                 return
             message = bytes(data[5 : 5 + length])
             del data[: 5 + length]
+            self._buffered -= 5 + length
             if stream.method == _STREAM:
                 self._stream_message(stream, message)
             else:
