@@ -270,7 +270,7 @@ def access_settings(
 
 def assemble(args: argparse.Namespace) -> Server:
     """The server ``serve``'s flags describe: the core and the frontends they allow."""
-    from enginehouse.frontends.grpc.native import NativeGrpcServer
+    from enginehouse.frontends.grpc.native_server import NativeGrpcServer
     from enginehouse.frontends.grpc.relay import GrpcWorkers
     from enginehouse.frontends.grpc.service import GrpcServer
     from enginehouse.frontends.http.app import HttpServer

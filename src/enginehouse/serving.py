@@ -11,7 +11,7 @@ import logging
 from collections.abc import Sequence
 
 from enginehouse.core.server import ServerCore
-from enginehouse.frontends.grpc.native import NativeGrpcServer
+from enginehouse.frontends.grpc.native_server import NativeGrpcServer
 from enginehouse.frontends.grpc.relay import GrpcWorkers
 from enginehouse.frontends.grpc.service import GrpcServer
 from enginehouse.frontends.http.app import HttpServer

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2 as pb
 
 from enginehouse.core.server import ServerCore
-from enginehouse.frontends.grpc import native
+from enginehouse.frontends.grpc import http2, native
+from enginehouse.frontends.grpc.native_server import NativeGrpcServer
 from enginehouse.repository import ModelRepository
 
 
@@ -34,7 +35,7 @@ class _Transport:
 
 
 def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
-    return native._frame(kind, flags, stream, payload)
+    return http2.frame(kind, flags, stream, payload)
 
 
 def _headers(path: str) -> bytes:
@@ -68,31 +69,31 @@ _FRAMES = st.one_of(
         st.integers(0, 12), st.integers(0, 255), st.integers(0, 9), st.binary(max_size=48)
     ).map(lambda t: _frame(*t)),
     st.tuples(st.sampled_from([1, 3, 5, 7]), _PATHS, st.integers(0, 255)).map(
-        lambda t: _frame(native.HEADERS, t[2] | native.END_HEADERS, t[0], _headers(t[1]))
+        lambda t: _frame(http2.HEADERS, t[2] | http2.END_HEADERS, t[0], _headers(t[1]))
     ),
     st.tuples(st.sampled_from([1, 3, 5, 7]), st.binary(max_size=64), st.booleans()).map(
-        lambda t: _frame(native.DATA, int(t[2]), t[0], _message(t[1]))
+        lambda t: _frame(http2.DATA, int(t[2]), t[0], _message(t[1]))
     ),
     st.binary(max_size=32),
 )
 
 
-def _server(tmp: Path) -> native.NativeGrpcServer:
-    return native.NativeGrpcServer(ServerCore(ModelRepository([tmp])), "127.0.0.1", 0, 1 << 20)
+def _server(tmp: Path) -> NativeGrpcServer:
+    return NativeGrpcServer(ServerCore(ModelRepository([tmp])), "127.0.0.1", 0, 1 << 20)
 
 
-def _connection(server: native.NativeGrpcServer) -> tuple[native.NativeGrpcProtocol, _Transport]:
+def _connection(server: NativeGrpcServer) -> tuple[native.NativeGrpcProtocol, _Transport]:
     protocol = native.NativeGrpcProtocol(server)
     transport = _Transport()
     protocol.connection_made(transport)  # type: ignore[arg-type]
-    protocol.data_received(native.PREFACE + _frame(native.SETTINGS, 0, 0, b""))
+    protocol.data_received(http2.PREFACE + _frame(http2.SETTINGS, 0, 0, b""))
     return protocol, transport
 
 
 def _frames_out(written: bytes) -> list[tuple[int, int, int, bytes]]:
     frames, position = [], 0
     while position + 9 <= len(written):
-        high, low, kind, flags, stream = native.HEADER.unpack_from(written, position)
+        high, low, kind, flags, stream = http2.HEADER.unpack_from(written, position)
         length = (high << 16) | low
         frames.append((kind, flags, stream, written[position + 9 : position + 9 + length]))
         position += 9 + length
@@ -131,10 +132,10 @@ def test_a_call_is_answered_with_a_status(tmp_path: Path) -> None:
         infer = "/inference.GRPCInferenceService/ModelInfer"
         request = pb.ModelInferRequest(model_name="absent").SerializeToString()
         protocol.data_received(
-            _frame(native.HEADERS, native.END_HEADERS, 1, _headers(live))
-            + _frame(native.DATA, native.END_STREAM, 1, _message(b""))
-            + _frame(native.HEADERS, native.END_HEADERS, 3, _headers(infer))
-            + _frame(native.DATA, native.END_STREAM, 3, _message(request))
+            _frame(http2.HEADERS, http2.END_HEADERS, 1, _headers(live))
+            + _frame(http2.DATA, http2.END_STREAM, 1, _message(b""))
+            + _frame(http2.HEADERS, http2.END_HEADERS, 3, _headers(infer))
+            + _frame(http2.DATA, http2.END_STREAM, 3, _message(request))
         )
         await asyncio.sleep(0.05)
         return _frames_out(bytes(transport.written))
@@ -144,9 +145,9 @@ def test_a_call_is_answered_with_a_status(tmp_path: Path) -> None:
     statuses: dict[int, dict[str, Any]] = {}
     bodies: dict[int, bytes] = {}
     for kind, _, stream, payload in frames:
-        if kind == native.HEADERS:
+        if kind == http2.HEADERS:
             statuses.setdefault(stream, {}).update(dict(decoder.decode(payload)))
-        elif kind == native.DATA:
+        elif kind == http2.DATA:
             bodies[stream] = bodies.get(stream, b"") + payload
     assert statuses[1]["grpc-status"] == "0"
     assert pb.ServerLiveResponse.FromString(bodies[1][5:]).live

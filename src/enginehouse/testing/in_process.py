@@ -122,7 +122,7 @@ class InProcessServer(RunningServer):
             self._error = exc
             self._bound.set()
             return
-        from enginehouse.frontends.grpc.native import NativeGrpcServer
+        from enginehouse.frontends.grpc.native_server import NativeGrpcServer
         from enginehouse.frontends.grpc.relay import GrpcWorkers
         from enginehouse.frontends.grpc.service import GrpcServer
         from enginehouse.frontends.http.app import HttpServer

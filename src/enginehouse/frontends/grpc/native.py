@@ -19,89 +19,66 @@ import asyncio
 import logging
 import struct
 import time
-import urllib.parse
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING
 
 import grpc
 import hpack
 from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 
-from enginehouse.core.server import ServerCore
 from enginehouse.errors import EnginehouseError, PermissionDeniedError
 from enginehouse.frontends.grpc.access import METHOD_GROUPS
 from enginehouse.frontends.grpc.codec import encode_infer_response, split_raw_contents
-from enginehouse.frontends.grpc.frames import SERVICE
+from enginehouse.frontends.grpc.http2 import (
+    ACK,
+    CONTINUATION,
+    DATA,
+    END_HEADERS,
+    END_STREAM,
+    ENHANCE_YOUR_CALM,
+    FLOW_CONTROL_ERROR,
+    FRAME_SIZE_ERROR,
+    GOAWAY,
+    HEADER,
+    HEADERS,
+    MAX_HEADER_BLOCK,
+    MAX_STREAMS,
+    MAX_WINDOW,
+    NO_ERROR,
+    OK_TRAILERS,
+    OUR_MAX_FRAME,
+    OUR_SETTINGS,
+    PADDED,
+    PING,
+    PREFACE,
+    PREFIX,
+    PRIORITY_FLAG,
+    PROTOCOL_ERROR,
+    PUSH_PROMISE,
+    REFUSED_STREAM,
+    REPLENISH,
+    RESPONSE_HEADERS,
+    RST_STREAM,
+    SETTINGS,
+    WINDOW_UPDATE,
+    frame,
+    status_block,
+)
 from enginehouse.frontends.grpc.receive import LARGE_FRAME
 from enginehouse.frontends.grpc.relay import REQUESTS, CallAborted, RelayContext
-from enginehouse.frontends.grpc.service import InferenceService
 from enginehouse.frontends.grpc.streams import stream_error
-from enginehouse.frontends.security import RestrictedApis, TlsSettings
 from enginehouse.messages import InferResponse
+
+if TYPE_CHECKING:
+    from enginehouse.frontends.grpc.native_server import NativeGrpcServer
 
 log = logging.getLogger(__name__)
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY = range(8)
-WINDOW_UPDATE, CONTINUATION = 8, 9
-END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
-NO_ERROR, PROTOCOL_ERROR, FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR = 0, 1, 3, 6
-HEADER = struct.Struct(">BHBBI")  # length as one byte and two, type, flags, stream id
-MAX_WINDOW = (1 << 31) - 1
-# What this side advertises: frames up to 1 MiB, every stream's window as large as allowed.
-OUR_MAX_FRAME = 1 << 20
-OUR_SETTINGS = struct.pack(">HIHIHI", 3, 4096, 4, MAX_WINDOW, 5, 1 << 20)
-# Received bytes acknowledged with WINDOW_UPDATE once this many have been consumed.
-REPLENISH = 1 << 24
-MAX_STREAMS = 4096  # open calls per connection (advertised as SETTINGS_MAX_CONCURRENT_STREAMS)
-MAX_HEADER_BLOCK = 64 * 1024
-REFUSED_STREAM, ENHANCE_YOUR_CALM = 7, 11
-PREFIX = "/" + SERVICE + "/"
-_INFER = "ModelInfer"
-_STREAM = "ModelStreamInfer"
-
-
-def _string(value: bytes) -> bytes:
-    """An HPACK string literal, not Huffman-coded."""
-    return _integer(len(value), 7, 0) + value
-
-
-def _integer(value: int, prefix: int, first: int) -> bytes:
-    limit = (1 << prefix) - 1
-    if value < limit:
-        return bytes([first | value])
-    out = [first | limit]
-    value -= limit
-    while value >= 128:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _literal(name: bytes, value: bytes) -> bytes:
-    """A header field literal without indexing, with a new name: no table state changes."""
-    return b"\x00" + _string(name) + _string(value)
-
-
-# ":status: 200" is static entry 8; content-type (static name 31) as a literal.
-RESPONSE_HEADERS = b"\x88" + _integer(31, 4, 0) + _string(b"application/grpc")
-OK_TRAILERS = _literal(b"grpc-status", b"0")
-
-
-def _frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
-    length = len(payload)
-    return HEADER.pack(length >> 16, length & 0xFFFF, kind, flags, stream) + payload
-
-
-def _status_block(code: grpc.StatusCode, message: str) -> bytes:
-    details = urllib.parse.quote(message, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
-    return _literal(b"grpc-status", str(code.value[0]).encode()) + _literal(
-        b"grpc-message", details.encode()
-    )
+INFER_METHOD = "ModelInfer"
+STREAM_METHOD = "ModelStreamInfer"
 
 
 @dataclass(slots=True)
@@ -152,8 +129,8 @@ class NativeGrpcProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
         self._frontend.connections.add(self)
-        self._send(_frame(SETTINGS, 0, 0, OUR_SETTINGS))
-        self._send(_frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", MAX_WINDOW - 65535)))
+        self._send(frame(SETTINGS, 0, 0, OUR_SETTINGS))
+        self._send(frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", MAX_WINDOW - 65535)))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._frontend.connections.discard(self)
@@ -178,7 +155,7 @@ class NativeGrpcProtocol(asyncio.Protocol):
     def _fail(self, code: int, reason: str) -> None:
         log.info("gRPC connection closed: %s", reason)
         self._send(
-            _frame(GOAWAY, 0, 0, struct.pack(">II", self._last_stream, code) + reason.encode())
+            frame(GOAWAY, 0, 0, struct.pack(">II", self._last_stream, code) + reason.encode())
         )
         self._flush()
         if self._transport is not None:
@@ -187,7 +164,7 @@ class NativeGrpcProtocol(asyncio.Protocol):
     def goaway(self) -> None:
         """Refuse new calls (shutdown); calls under way finish."""
         self._closing = True
-        self._send(_frame(GOAWAY, 0, 0, struct.pack(">II", self._last_stream, NO_ERROR)))
+        self._send(frame(GOAWAY, 0, 0, struct.pack(">II", self._last_stream, NO_ERROR)))
 
     @property
     def busy(self) -> bool:
@@ -219,14 +196,14 @@ class NativeGrpcProtocol(asyncio.Protocol):
                 break
             payload = view[position + 9 : position + 9 + length]
             position += 9 + length
-            self._frame(kind, flags, stream & 0x7FFFFFFF, payload)
+            self._on_frame(kind, flags, stream & 0x7FFFFFFF, payload)
             if self._transport is None:
                 return
         if position:
             # A new buffer for the rest: views of this one (frames being handled) may live on.
             self._buffer = buffer[position:]
 
-    def _frame(self, kind: int, flags: int, stream: int, payload: memoryview) -> None:
+    def _on_frame(self, kind: int, flags: int, stream: int, payload: memoryview) -> None:
         if self._block is not None and kind != CONTINUATION:
             self._fail(PROTOCOL_ERROR, "a header block was interrupted")
             return
@@ -252,7 +229,7 @@ class NativeGrpcProtocol(asyncio.Protocol):
             self._window_update(stream, payload)
         elif kind == PING:
             if not flags & ACK:
-                self._send(_frame(PING, ACK, 0, bytes(payload)))
+                self._send(frame(PING, ACK, 0, bytes(payload)))
         elif kind == RST_STREAM:
             found = self._streams.pop(stream, None)
             if found is not None:
@@ -277,7 +254,7 @@ class NativeGrpcProtocol(asyncio.Protocol):
                     stream.send_window += delta
             elif key == 5:
                 self._peer_max_frame = max(16384, min(value, (1 << 24) - 1))
-        self._send(_frame(SETTINGS, ACK, 0))
+        self._send(frame(SETTINGS, ACK, 0))
         self._drain_all()
 
     def _window_update(self, stream: int, payload: memoryview) -> None:
@@ -334,7 +311,7 @@ class NativeGrpcProtocol(asyncio.Protocol):
             return
         self._last_stream = number
         if len(self._streams) >= MAX_STREAMS:
-            self._send(_frame(RST_STREAM, 0, number, struct.pack(">I", REFUSED_STREAM)))
+            self._send(frame(RST_STREAM, 0, number, struct.pack(">I", REFUSED_STREAM)))
             return
         headers = {str(name): str(value) for name, value in fields}
         path = headers.get(":path", "")
@@ -359,7 +336,7 @@ class NativeGrpcProtocol(asyncio.Protocol):
     def _data(self, flags: int, number: int, payload: memoryview) -> None:
         self._consumed += len(payload)
         if self._consumed >= REPLENISH:
-            self._send(_frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", self._consumed)))
+            self._send(frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", self._consumed)))
             self._consumed = 0
         stream = self._streams.get(number)
         data = self._unpad(flags, payload)
@@ -398,7 +375,7 @@ class NativeGrpcProtocol(asyncio.Protocol):
             message = bytes(data[5 : 5 + length])
             del data[: 5 + length]
             self._buffered -= 5 + length
-            if stream.method == _STREAM:
+            if stream.method == STREAM_METHOD:
                 self._stream_message(stream, message)
             else:
                 stream.messages.append(message)
@@ -410,7 +387,7 @@ class NativeGrpcProtocol(asyncio.Protocol):
         if stream.data:
             self._finish(stream, grpc.StatusCode.INTERNAL, "a truncated message")
             return
-        if stream.method == _STREAM:
+        if stream.method == STREAM_METHOD:
             if not stream.answering:
                 self._finish(stream, grpc.StatusCode.OK, "")
             return
@@ -426,7 +403,7 @@ class NativeGrpcProtocol(asyncio.Protocol):
     # -- calls -------------------------------------------------------------------------
 
     def _unary(self, stream: _Stream, payload: bytes) -> None:
-        if stream.method != _INFER:
+        if stream.method != INFER_METHOD:
             task = asyncio.ensure_future(self._other(stream, payload))
             self._frontend.keep(task)
             return
@@ -470,7 +447,7 @@ class NativeGrpcProtocol(asyncio.Protocol):
         if message is None:
             if body is None:
                 assert error is not None
-                self._finish(stream, *_status(error, _INFER))
+                self._finish(stream, *_status(error, INFER_METHOD))
             else:
                 self._answer(stream, body.SerializeToString(), end=True)
             return
@@ -528,7 +505,7 @@ class NativeGrpcProtocol(asyncio.Protocol):
             return
         if not stream.headers_sent:
             stream.headers_sent = True
-            self._send(_frame(HEADERS, END_HEADERS, stream.number, RESPONSE_HEADERS))
+            self._send(frame(HEADERS, END_HEADERS, stream.number, RESPONSE_HEADERS))
         stream.pending += b"\x00" + len(body).to_bytes(4, "big")
         stream.pending += body
         if end:
@@ -539,12 +516,12 @@ class NativeGrpcProtocol(asyncio.Protocol):
         """End the call with a status: trailers after what is pending, or trailers only."""
         if stream.reset or stream.trailers is not None:
             return
-        block = OK_TRAILERS if code == grpc.StatusCode.OK else _status_block(code, message)
+        block = OK_TRAILERS if code == grpc.StatusCode.OK else status_block(code, message)
         if not stream.headers_sent:
             stream.headers_sent = True
             stream.trailers = b""
             self._send(
-                _frame(HEADERS, END_HEADERS | END_STREAM, stream.number, RESPONSE_HEADERS + block)
+                frame(HEADERS, END_HEADERS | END_STREAM, stream.number, RESPONSE_HEADERS + block)
             )
             self._close_stream(stream)
             return
@@ -558,12 +535,12 @@ class NativeGrpcProtocol(asyncio.Protocol):
             allowed = min(len(pending), stream.send_window, self._send_window, self._peer_max_frame)
             if allowed <= 0:
                 return
-            self._send(_frame(DATA, 0, stream.number, bytes(pending[:allowed])))
+            self._send(frame(DATA, 0, stream.number, bytes(pending[:allowed])))
             del pending[:allowed]
             stream.send_window -= allowed
             self._send_window -= allowed
         if stream.trailers:
-            self._send(_frame(HEADERS, END_HEADERS | END_STREAM, stream.number, stream.trailers))
+            self._send(frame(HEADERS, END_HEADERS | END_STREAM, stream.number, stream.trailers))
             stream.trailers = b""
             self._close_stream(stream)
 
@@ -581,7 +558,7 @@ class NativeGrpcProtocol(asyncio.Protocol):
         self._release(stream)
         if not stream.remote_closed:
             # The call is over for the server: the client's remaining half is not wanted.
-            self._send(_frame(RST_STREAM, 0, stream.number, struct.pack(">I", NO_ERROR)))
+            self._send(frame(RST_STREAM, 0, stream.number, struct.pack(">I", NO_ERROR)))
 
 
 def _status(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
@@ -595,61 +572,3 @@ def _status(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.CANCELLED, "the request was cancelled"
     log.error("gRPC call %s failed", method, exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal error: {exc}"
-
-
-class NativeGrpcServer:
-    """The gRPC frontend on the HTTP/2 layer above, in the core's process."""
-
-    def __init__(
-        self,
-        core: ServerCore,
-        host: str,
-        port: int,
-        max_message_bytes: int,
-        restricted: RestrictedApis | None = None,
-        tls: TlsSettings | None = None,
-    ) -> None:
-        self.core = core
-        self.host = host
-        self.port = port
-        self.max_message_bytes = max_message_bytes
-        self.restricted = restricted or RestrictedApis()
-        self.tls = tls
-        self.service = InferenceService(core)
-        self.connections: set[NativeGrpcProtocol] = set()
-        self._calls: set[asyncio.Future[Any]] = set()
-        self._server: asyncio.Server | None = None
-
-    def keep(self, task: asyncio.Future[Any]) -> None:
-        """Hold a task until it is done (the event loop keeps only weak references)."""
-        self._calls.add(task)
-        task.add_done_callback(self._calls.discard)
-
-    async def start(self) -> None:
-        context = None
-        if self.tls is not None:
-            context = self.tls.ssl_context()
-            context.set_alpn_protocols(["h2"])
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: NativeGrpcProtocol(self), self.host, self.port, ssl=context, backlog=1024
-        )
-        if self.port == 0:
-            self.port = self._server.sockets[0].getsockname()[1]
-        log.info("gRPC service (native HTTP/2) listening on %s:%d", self.host, self.port)
-
-    async def stop(self, grace_s: float = 5.0) -> None:
-        if self._server is None:
-            return
-        self._server.close()
-        for connection in list(self.connections):
-            connection.goaway()
-        deadline = asyncio.get_running_loop().time() + grace_s
-        while any(c.busy for c in self.connections):
-            if asyncio.get_running_loop().time() > deadline:
-                break
-            await asyncio.sleep(0.01)
-        for connection in list(self.connections):
-            if connection._transport is not None:
-                connection._transport.close()
-        await self._server.wait_closed()
