@@ -74,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--grpc-frontend",
         choices=("native", "grpcio"),
         default="native",
-        help="gRPC in process on enginehouse's own HTTP/2 layer (a third of grpcio's CPU per "
-        "call), or on grpcio's asyncio server (the gRPC workers always use grpcio)",
+        help="gRPC on enginehouse's own HTTP/2 layer (a third of grpcio's CPU per call), or on "
+        "grpcio's asyncio server; in process and in the --grpc-workers alike",
     )
     serve.add_argument("--allow-metrics", type=_bool, default=True, help="serve Prometheus metrics")
     serve.add_argument(
@@ -270,9 +270,10 @@ def access_settings(
 
 def assemble(args: argparse.Namespace) -> Server:
     """The server ``serve``'s flags describe: the core and the frontends they allow."""
+    from enginehouse.frontends.grpc.native_calls import ServiceCalls
     from enginehouse.frontends.grpc.native_server import NativeGrpcServer
     from enginehouse.frontends.grpc.relay import GrpcWorkers
-    from enginehouse.frontends.grpc.service import GrpcServer
+    from enginehouse.frontends.grpc.service import GrpcServer, InferenceService
     from enginehouse.frontends.http.app import HttpServer
     from enginehouse.frontends.metrics import MetricsServer
     from enginehouse.serving import Frontend, Server
@@ -311,25 +312,33 @@ def assemble(args: argparse.Namespace) -> Server:
     if args.allow_grpc:
         grpc_server: GrpcServer | GrpcWorkers | NativeGrpcServer
         if args.grpc_workers > 0:
-            grpc_server = GrpcWorkers(
+            workers = GrpcWorkers(
                 core,
                 args.host,
                 args.grpc_port,
                 args.http_max_input_size,
                 args.grpc_workers,
                 *grpc_access,
+                frontend=args.grpc_frontend,
             )
+            core.add_request_warmer(workers.service.warm)
+            core.add_ready_gate(workers.warm_workers)
+            grpc_server = workers
         elif args.grpc_frontend == "native":
+            service = InferenceService(core)
+            core.add_request_warmer(service.warm)
             grpc_server = NativeGrpcServer(
-                core, args.host, args.grpc_port, args.http_max_input_size, *grpc_access
+                ServiceCalls(service),
+                args.host,
+                args.grpc_port,
+                args.http_max_input_size,
+                *grpc_access,
             )
         else:
             grpc_server = GrpcServer(
                 core, args.host, args.grpc_port, args.http_max_input_size, *grpc_access
             )
-        core.add_request_warmer(grpc_server.service.warm)
-        if isinstance(grpc_server, GrpcWorkers):
-            core.add_ready_gate(grpc_server.warm_workers)
+            core.add_request_warmer(grpc_server.service.warm)
         frontends.append(grpc_server)
     if args.allow_metrics:
         frontends.append(MetricsServer(core, args.host, args.metrics_port, options))

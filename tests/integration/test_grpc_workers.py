@@ -21,14 +21,17 @@ from tests.conftest import ServerProcess
 from tests.integration import test_inference
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["native", "grpcio"])
 def workers_server(
-    example_repo: Path, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest, example_repo: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
+    """Two workers, on each of the gRPC frontends."""
     with ServerProcess.live(
         [example_repo],
         "--grpc-workers",
         "2",
+        "--grpc-frontend",
+        request.param,
         log_path=tmp_path_factory.mktemp("log") / "workers.log",
     ) as proc:
         yield proc

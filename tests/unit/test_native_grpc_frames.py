@@ -15,7 +15,9 @@ from tritonclient.grpc import service_pb2 as pb
 
 from enginehouse.core.server import ServerCore
 from enginehouse.frontends.grpc import http2, native
+from enginehouse.frontends.grpc.native_calls import ServiceCalls
 from enginehouse.frontends.grpc.native_server import NativeGrpcServer
+from enginehouse.frontends.grpc.service import InferenceService
 from enginehouse.repository import ModelRepository
 
 
@@ -79,7 +81,8 @@ _FRAMES = st.one_of(
 
 
 def _server(tmp: Path) -> NativeGrpcServer:
-    return NativeGrpcServer(ServerCore(ModelRepository([tmp])), "127.0.0.1", 0, 1 << 20)
+    calls = ServiceCalls(InferenceService(ServerCore(ModelRepository([tmp]))))
+    return NativeGrpcServer(calls, "127.0.0.1", 0, 1 << 20)
 
 
 def _connection(server: NativeGrpcServer) -> tuple[native.NativeGrpcProtocol, _Transport]:

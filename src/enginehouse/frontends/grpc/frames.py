@@ -36,6 +36,17 @@ UNSUPPORTED_RPCS = {
     "LogSettings": "logging",
 }
 METHODS += tuple(UNSUPPORTED_RPCS)
+
+
+class CallAborted(Exception):
+    """A call ended with a status (what a servicer context's abort raises here)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
 HELLO = 255  # worker -> core once bound; the payload is its private port, in decimal
 SERVICE = "inference.GRPCInferenceService"
 HEADER = struct.Struct("!IIB")  # length of the rest, call id, method or status

@@ -18,20 +18,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 import hpack
 from google.protobuf.message import DecodeError
-from tritonclient.grpc import service_pb2 as pb
 
 from enginehouse.errors import EnginehouseError, PermissionDeniedError
 from enginehouse.frontends.grpc.access import METHOD_GROUPS
-from enginehouse.frontends.grpc.codec import encode_infer_response, split_raw_contents
+from enginehouse.frontends.grpc.frames import CallAborted
 from enginehouse.frontends.grpc.http2 import (
     ACK,
     CONTINUATION,
@@ -67,10 +65,6 @@ from enginehouse.frontends.grpc.http2 import (
     frame,
     status_block,
 )
-from enginehouse.frontends.grpc.receive import LARGE_FRAME
-from enginehouse.frontends.grpc.relay import REQUESTS, CallAborted, RelayContext
-from enginehouse.frontends.grpc.streams import stream_error
-from enginehouse.messages import InferResponse
 
 if TYPE_CHECKING:
     from enginehouse.frontends.grpc.native_server import NativeGrpcServer
@@ -79,6 +73,22 @@ log = logging.getLogger(__name__)
 
 INFER_METHOD = "ModelInfer"
 STREAM_METHOD = "ModelStreamInfer"
+
+# What a call answers with: its response message's bytes, now or later.
+Answer = bytes | Awaitable[bytes]
+
+
+class Calls(Protocol):
+    """What a connection hands its calls to: the service in the core's process, or the relay
+    to the core in a gRPC worker process. Errors raise (CallAborted, EnginehouseError,
+    DecodeError) and end the call with their status."""
+
+    def unary(self, method: str, payload: bytes) -> Answer:
+        """The response of a unary method (by name) to its request message's bytes."""
+
+    def stream_message(self, payload: bytes) -> Answer:
+        """A ModelStreamInferResponse's bytes for one ModelStreamInfer message: an inference
+        that fails is the message's error, not the stream's."""
 
 
 @dataclass(slots=True)
@@ -105,7 +115,7 @@ class NativeGrpcProtocol(asyncio.Protocol):
 
     def __init__(self, frontend: NativeGrpcServer) -> None:
         self._frontend = frontend
-        self._service = frontend.service
+        self._calls = frontend.calls
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._preface = False
@@ -403,97 +413,54 @@ class NativeGrpcProtocol(asyncio.Protocol):
     # -- calls -------------------------------------------------------------------------
 
     def _unary(self, stream: _Stream, payload: bytes) -> None:
-        if stream.method != INFER_METHOD:
-            task = asyncio.ensure_future(self._other(stream, payload))
-            self._frontend.keep(task)
-            return
         try:
-            result = self._infer(payload)
+            result = self._calls.unary(stream.method, payload)
         except Exception as exc:  # answered with the status it maps to
-            self._finish(stream, *_status(exc, stream.method))
+            self._finish(stream, *status_of(exc, stream.method))
             return
-        if isinstance(result, pb.ModelInferResponse):
-            self._answer(stream, result.SerializeToString(), end=True)
+        if isinstance(result, bytes):
+            self._answer(stream, result, end=True)
             return
         pending = asyncio.ensure_future(result)
-        if pending is not result:
-            self._frontend.keep(pending)
-        pending.add_done_callback(partial(self._infer_done, stream, None))
+        self._frontend.keep(pending)
+        pending.add_done_callback(partial(self._unary_done, stream))
 
-    def _infer(self, payload: bytes) -> pb.ModelInferResponse | Awaitable[InferResponse]:
-        arrival = time.perf_counter_ns()
-        if len(payload) >= LARGE_FRAME:
-            # Tensors become views of the payload rather than copies made by protobuf.
-            rest, raw = split_raw_contents(payload)
-            return self._service.infer_message(pb.ModelInferRequest.FromString(rest), arrival, raw)
-        return self._service.infer_message(pb.ModelInferRequest.FromString(payload), arrival)
-
-    def _infer_done(
-        self,
-        stream: _Stream,
-        message: pb.ModelInferRequest | None,
-        future: asyncio.Future[InferResponse],
-    ) -> None:
-        """Send an inference's answer once it has run: the call's response (unary), or one
-        message of the stream (ModelStreamInfer, where an error is the message's, not the
-        call's)."""
-        error: BaseException | None = (
-            asyncio.CancelledError() if future.cancelled() else future.exception()
-        )
-        try:
-            body = None if error else encode_infer_response(future.result())
-        except Exception as exc:  # a broken response fails this call only
-            body, error = None, exc
-        if message is None:
-            if body is None:
-                assert error is not None
-                self._finish(stream, *_status(error, INFER_METHOD))
-            else:
-                self._answer(stream, body.SerializeToString(), end=True)
+    def _unary_done(self, stream: _Stream, future: asyncio.Future[bytes]) -> None:
+        if future.cancelled():
+            self._finish(stream, grpc.StatusCode.CANCELLED, "the request was cancelled")
             return
-        if body is None:
-            assert error is not None
-            text = error.message if isinstance(error, EnginehouseError) else str(error)
-            answer = stream_error(message, text)
-        else:
-            answer = pb.ModelStreamInferResponse(infer_response=body)
-        self._stream_answered(stream, answer)
-
-    async def _other(self, stream: _Stream, payload: bytes) -> None:
-        name = stream.method
-        try:
-            request = REQUESTS[name].FromString(payload)
-            response = await getattr(self._service, name)(request, RelayContext())
-            body = response.SerializeToString()
-        except Exception as exc:  # answered with the status it maps to
-            self._finish(stream, *_status(exc, name))
+        error = future.exception()
+        if error is not None:
+            self._finish(stream, *status_of(error, stream.method))
             return
-        self._answer(stream, body, end=True)
+        self._answer(stream, future.result(), end=True)
 
     def _stream_message(self, stream: _Stream, payload: bytes) -> None:
         stream.answering += 1
         try:
-            message = pb.ModelInferRequest.FromString(payload)
-        except DecodeError as exc:
+            result = self._calls.stream_message(payload)
+        except Exception as exc:  # the stream ends with the status it maps to
             stream.answering -= 1
-            self._finish(stream, grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {exc}")
+            self._finish(stream, *status_of(exc, INFER_METHOD))
             return
-        try:
-            result = self._service.infer_message(message, time.perf_counter_ns())
-        except EnginehouseError as exc:
-            self._stream_answered(stream, stream_error(message, exc.message))
-            return
-        if isinstance(result, pb.ModelInferResponse):
-            self._stream_answered(stream, pb.ModelStreamInferResponse(infer_response=result))
+        if isinstance(result, bytes):
+            self._stream_answered(stream, result)
             return
         pending = asyncio.ensure_future(result)
-        if pending is not result:
-            self._frontend.keep(pending)
-        pending.add_done_callback(partial(self._infer_done, stream, message))
+        self._frontend.keep(pending)
+        pending.add_done_callback(partial(self._stream_done, stream))
 
-    def _stream_answered(self, stream: _Stream, answer: pb.ModelStreamInferResponse) -> None:
+    def _stream_done(self, stream: _Stream, future: asyncio.Future[bytes]) -> None:
+        error = asyncio.CancelledError() if future.cancelled() else future.exception()
+        if error is not None:
+            stream.answering -= 1
+            self._finish(stream, *status_of(error, INFER_METHOD))
+            return
+        self._stream_answered(stream, future.result())
+
+    def _stream_answered(self, stream: _Stream, answer: bytes) -> None:
         stream.answering -= 1
-        self._answer(stream, answer.SerializeToString(), end=False)
+        self._answer(stream, answer, end=False)
         if stream.remote_closed and not stream.answering:
             self._finish(stream, grpc.StatusCode.OK, "")
 
@@ -561,7 +528,8 @@ class NativeGrpcProtocol(asyncio.Protocol):
             self._send(frame(RST_STREAM, 0, stream.number, struct.pack(">I", NO_ERROR)))
 
 
-def _status(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
+def status_of(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
+    """The status a call that raised ``exc`` ends with."""
     if isinstance(exc, CallAborted):
         return exc.code, exc.details
     if isinstance(exc, EnginehouseError):

@@ -36,7 +36,7 @@ from tritonclient.grpc import service_pb2 as pb
 from enginehouse.core.server import ServerCore
 from enginehouse.errors import EnginehouseError
 from enginehouse.frontends.grpc.codec import encode_infer_response, split_raw_contents
-from enginehouse.frontends.grpc.frames import HELLO, METHODS, SERVICE, Coalescer
+from enginehouse.frontends.grpc.frames import HELLO, METHODS, SERVICE, CallAborted, Coalescer
 from enginehouse.frontends.grpc.receive import LARGE_FRAME, FrameReceiver
 from enginehouse.frontends.grpc.service import InferenceService, warmup_request
 from enginehouse.frontends.security import RestrictedApis, TlsSettings
@@ -65,15 +65,6 @@ class _RelayProtocol(FrameReceiver):
     def frame(self, call: int, code: int, payload: bytes | memoryview) -> None:
         assert self._out is not None
         self._owner.dispatch(self._out, call, code, payload)
-
-
-class CallAborted(Exception):
-    """What RelayContext.abort raises: the status a call ends with."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code = code
-        self.details = details
 
 
 def _failure(exc: Exception, method: int) -> tuple[int, bytes]:
@@ -124,7 +115,10 @@ class GrpcWorkers:
         workers: int,
         restricted: RestrictedApis | None = None,
         tls: TlsSettings | None = None,
+        frontend: str = "grpcio",
     ) -> None:
+        # What serves gRPC in each worker: "native" (the HTTP/2 layer) or "grpcio".
+        self.frontend = frontend
         self.restricted = restricted or RestrictedApis()
         self.tls = tls
         self.host = host
@@ -179,6 +173,7 @@ class GrpcWorkers:
                 str(self.max_message_bytes),
                 self.restricted.to_json(),
                 self.tls.to_json() if self.tls else "null",
+                self.frontend,
             ]
         )
 

@@ -2,7 +2,8 @@
 
 Run by :class:`enginehouse.frontends.grpc.relay.GrpcWorkers` as
 ``python -m enginehouse.frontends.grpc.worker RELAY HOST PORT MAX_MESSAGE_BYTES [RESTRICTED
-TLS]`` (the last two as JSON). The shared port speaks TLS when the server does; the private
+TLS [FRONTEND]]`` (the restrictions and TLS as JSON; FRONTEND ``native``, the HTTP/2 layer of
+``native.py``, or ``grpcio``). The shared port speaks TLS when the server does; the private
 warm-up port is plain, on loopback only, and restricted alike. Unary
 calls travel as they arrived (no protobuf work here); a ModelStreamInfer stream is relayed
 as one ModelInfer per message, its answers sent back as they complete, errors in the
@@ -27,6 +28,7 @@ from enginehouse.frontends.grpc.frames import (
     METHODS,
     SERVICE,
     STATUS,
+    CallAborted,
     Coalescer,
     read_frame,
 )
@@ -115,9 +117,13 @@ async def serve(
     max_message_bytes: int,
     restricted: RestrictedApis,
     tls: TlsSettings | None,
+    frontend: str = "grpcio",
 ) -> None:
     reader, writer = await asyncio.open_unix_connection(relay_path, limit=max_message_bytes + 64)
     relay = RelayClient(reader, writer)
+    if frontend == "native":
+        await serve_native(relay, host, port, max_message_bytes, restricted, tls)
+        return
     handlers: dict[str, grpc.RpcMethodHandler] = {
         name: grpc.unary_unary_rpc_method_handler(unary(relay, index))
         for index, name in enumerate(METHODS)
@@ -143,6 +149,74 @@ async def serve(
     freeze_long_lived(idle=True)
     await server.start()
     relay.send(0, HELLO, str(private).encode())
+    gone = await _until_stopped(relay)
+    await server.stop(0 if gone else 5.0)
+
+
+class RelayCalls:
+    """The native frontend's calls, relayed to the core as they arrived (no protobuf work
+    here but an error's message id)."""
+
+    def __init__(self, relay: RelayClient) -> None:
+        self._relay = relay
+
+    def unary(self, method: str, payload: bytes) -> Awaitable[bytes]:
+        return self._call(METHODS.index(method), payload)
+
+    async def _call(self, method: int, payload: bytes) -> bytes:
+        status, body = await self._relay.call(method, payload)
+        if status:
+            raise CallAborted(STATUS[status], body.decode("utf-8", "replace"))
+        return body
+
+    def stream_message(self, payload: bytes) -> Awaitable[bytes]:
+        return self._stream(payload)
+
+    async def _stream(self, payload: bytes) -> bytes:
+        status, body = await self._relay.call(_INFER, payload)
+        if status:
+            message = pb.ModelInferRequest.FromString(payload)
+            return bytes(stream_error(message, body.decode("utf-8", "replace")).SerializeToString())
+        # ModelStreamInferResponse { infer_response (field 2) = the core's ModelInferResponse }
+        return b"\x12" + _varint(len(body)) + body
+
+
+_INFER = METHODS.index("ModelInfer")
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+async def serve_native(
+    relay: RelayClient,
+    host: str,
+    port: int,
+    max_message_bytes: int,
+    restricted: RestrictedApis,
+    tls: TlsSettings | None,
+) -> None:
+    """The worker's gRPC on the native HTTP/2 layer, its calls relayed to the core."""
+    from enginehouse.frontends.grpc.native_server import NativeGrpcServer
+
+    server = NativeGrpcServer(
+        RelayCalls(relay), host, port, max_message_bytes, restricted, tls, reuse_port=True
+    )
+    await server.start()
+    private = await server.listen_privately()
+    freeze_long_lived(idle=True)
+    relay.send(0, HELLO, str(private).encode())
+    await _until_stopped(relay)
+    await server.stop(5.0)
+
+
+async def _until_stopped(relay: RelayClient) -> bool:
+    """Until SIGINT or SIGTERM, or the relay to the core closes (then True)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -151,7 +225,7 @@ async def serve(
     await asyncio.wait(
         [asyncio.create_task(stop.wait()), gone], return_when=asyncio.FIRST_COMPLETED
     )
-    await server.stop(0 if gone.done() else 5.0)
+    return gone.done()
 
 
 def main() -> int:
@@ -161,10 +235,11 @@ def main() -> int:
     relay_path, host, port, max_bytes = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     restricted = RestrictedApis.from_json(sys.argv[5]) if len(sys.argv) > 5 else RestrictedApis()
     tls = TlsSettings.from_json(sys.argv[6]) if len(sys.argv) > 6 else None
+    frontend = sys.argv[7] if len(sys.argv) > 7 else "grpcio"
     try:
         import uvloop
 
-        uvloop.run(serve(relay_path, host, port, max_bytes, restricted, tls))
+        uvloop.run(serve(relay_path, host, port, max_bytes, restricted, tls, frontend))
     except OSError as exc:
         log.error("%s", exc)
         return 1
