@@ -169,6 +169,8 @@ def serve(model: BenchModel, args: argparse.Namespace) -> list[dict[str, Any]]:
             "explicit",
             "--grpc-workers",
             str(args.grpc_workers),
+            "--grpc-frontend",
+            args.grpc_frontend,
             log_path=OUT / f"serve-{model.name}-{attempt}.log",
         )
         try:
@@ -262,6 +264,9 @@ def main() -> None:
     )
     parser.add_argument("--processes", type=int, default=8)
     parser.add_argument("--grpc-workers", type=int, default=8, help="frontend processes")
+    parser.add_argument(
+        "--grpc-frontend", choices=("native", "grpcio"), default="native", help="in the workers"
+    )
     parser.add_argument(
         "--instances", type=int, default=None, help=f"GPU instances (default: {INSTANCES})"
     )
