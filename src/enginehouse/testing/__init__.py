@@ -8,10 +8,17 @@
 """
 
 from enginehouse.testing.in_process import InProcessServer
-from enginehouse.testing.process import ServerProcess, free_port, free_ports, keep_bytecode
+from enginehouse.testing.process import (
+    SERVER_MODULES,
+    ServerProcess,
+    free_port,
+    free_ports,
+    keep_bytecode,
+)
 from enginehouse.testing.running import RunningServer
 
 __all__ = [
+    "SERVER_MODULES",
     "InProcessServer",
     "RunningServer",
     "ServerProcess",
