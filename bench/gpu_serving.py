@@ -265,7 +265,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=8)
     parser.add_argument("--grpc-workers", type=int, default=8, help="frontend processes")
     parser.add_argument(
-        "--grpc-frontend", choices=("native", "grpcio"), default="native", help="in the workers"
+        "--grpc-frontend", choices=("native", "grpcio"), default="grpcio", help="in the workers"
     )
     parser.add_argument(
         "--instances", type=int, default=None, help=f"GPU instances (default: {INSTANCES})"

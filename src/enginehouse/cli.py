@@ -72,10 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--grpc-frontend",
-        choices=("native", "grpcio"),
-        default="native",
-        help="gRPC on enginehouse's own HTTP/2 layer (a third of grpcio's CPU per call), or on "
-        "grpcio's asyncio server; in process and in the --grpc-workers alike",
+        choices=("auto", "native", "grpcio"),
+        default="auto",
+        help="what serves gRPC: enginehouse's own HTTP/2 layer (native: a third of grpcio's CPU "
+        "per call) or grpcio's asyncio server; auto: native in process, grpcio in the "
+        "--grpc-workers (native workers had a higher p99 for large tensors at the core's limit)",
     )
     serve.add_argument("--allow-metrics", type=_bool, default=True, help="serve Prometheus metrics")
     serve.add_argument(
@@ -319,12 +320,12 @@ def assemble(args: argparse.Namespace) -> Server:
                 args.http_max_input_size,
                 args.grpc_workers,
                 *grpc_access,
-                frontend=args.grpc_frontend,
+                frontend="native" if args.grpc_frontend == "native" else "grpcio",
             )
             core.add_request_warmer(workers.service.warm)
             core.add_ready_gate(workers.warm_workers)
             grpc_server = workers
-        elif args.grpc_frontend == "native":
+        elif args.grpc_frontend in ("auto", "native"):
             service = InferenceService(core)
             core.add_request_warmer(service.warm)
             grpc_server = NativeGrpcServer(

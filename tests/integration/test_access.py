@@ -171,7 +171,9 @@ def _http_tls_context(certs: dict[str, Path], client_cert: bool) -> ssl.SSLConte
 
 
 @pytest.mark.parametrize(
-    "workers", [0, 2, "grpcio"], ids=["grpc-in-process", "grpc-workers", "grpcio-in-process"]
+    "workers",
+    [0, 2, "grpcio", "native-workers"],
+    ids=["grpc-in-process", "grpc-workers", "grpcio-in-process", "native-grpc-workers"],
 )
 @pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mutual-tls"])
 def test_tls_on_both_protocols(
@@ -190,6 +192,8 @@ def test_tls_on_both_protocols(
         ]
     if workers == "grpcio":
         flags += ["--grpc-frontend", "grpcio"]
+    elif workers == "native-workers":
+        flags += ["--grpc-workers", "2", "--grpc-frontend", "native"]
     elif workers:
         flags += ["--grpc-workers", str(workers)]
     server = InProcessServer(

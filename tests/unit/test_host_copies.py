@@ -36,3 +36,14 @@ def test_a_copy_into_a_slice_of_a_larger_buffer(monkeypatch: pytest.MonkeyPatch)
 def test_mismatched_dtypes_are_refused_as_np_copyto_refuses_them() -> None:
     with pytest.raises(TypeError):
         host_copies.copy_rows(np.zeros((8, 1 << 20), np.float32), np.zeros((8, 1 << 20)))
+
+
+def test_many_small_copies_spread_over_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(host_copies, "_threads", lambda: 4)
+    staging = np.zeros((16, 3, 224, 224), np.float32)
+    images = [np.full((1, 3, 224, 224), i, np.float32) for i in range(12)]
+    pairs = [(staging[i : i + 1], image) for i, image in enumerate(images)]
+    host_copies.copy_all(pairs)
+    for i in range(12):
+        assert staging[i].min() == staging[i].max() == i
+    assert not staging[12:].any()

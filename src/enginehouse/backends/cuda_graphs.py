@@ -41,7 +41,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from enginehouse import datatypes
 from enginehouse.backends.base import Engine, Launched
-from enginehouse.backends.host_copies import copied, copy_rows
+from enginehouse.backends.host_copies import copied, copy_all, copy_rows
 from enginehouse.backends.stream_wake import StreamWaker, stream_waker
 
 log = logging.getLogger(__name__)
@@ -243,13 +243,15 @@ class CudaGraphEngine(Engine):
         if not rows:
             return super().gather(parts)
         staged = {}
+        copies: list[tuple[np.ndarray, np.ndarray]] = []
         for name, arrays, host in zip(self._inputs, lists, self._host_in):
             offset = 0
             for array in arrays:
                 end = offset + array.shape[0]
-                copy_rows(host[offset:end], array)
+                copies.append((host[offset:end], array))
                 offset = end
             staged[name] = host[:rows]
+        copy_all(copies)
         return staged
 
     def _stageable_rows(self, lists: list[list[np.ndarray]]) -> int:

@@ -67,6 +67,37 @@ def copy_rows(destination: np.ndarray, source: np.ndarray) -> None:
             future.result()
 
 
+def copy_all(pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    """Many copies at once (a batch's requests into their rows of a staging buffer), spread
+    over the threads by bytes when together they are large: each part may be small (one
+    image is 588 KB) while the batch is megabytes, copied on the event loop's thread
+    otherwise."""
+    total = sum(destination.nbytes for destination, _ in pairs)
+    threads = _threads()
+    if total < PARALLEL_BYTES or threads < 2 or len(pairs) < 2:
+        for destination, source in pairs:
+            copy_rows(destination, source)
+        return
+    groups: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(threads)]
+    loads = [0] * threads
+    for destination, source in sorted(pairs, key=lambda pair: -pair[0].nbytes):
+        lightest = loads.index(min(loads))
+        groups[lightest].append((destination, source))
+        loads[lightest] += destination.nbytes
+    pool = _executor()
+    futures = [pool.submit(_copy_group, group) for group in groups[1:] if group]
+    try:
+        _copy_group(groups[0])
+    finally:
+        for future in futures:
+            future.result()
+
+
+def _copy_group(group: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    for destination, source in group:
+        np.copyto(destination, source, casting="no")
+
+
 def copied(source: np.ndarray) -> np.ndarray:
     """A copy of ``source`` of its own (``source.copy()``), made by :func:`copy_rows`."""
     out = np.empty_like(source)
