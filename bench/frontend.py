@@ -10,7 +10,7 @@ one inference worker process, gave 617 req/s against 1,177 at 8 connections).
 
     python bench/frontend.py [--seconds 5] [--mlserver-venv .venv-mlserver]
 
-Prints a table and ends with one line of figures; the goal (issue 2) is HTTP JSON at 8
+Prints a table and ends with one line of figures; the goal is HTTP JSON at 8
 connections >= 3x MLServer's requests/s with a lower p99.
 """
 
