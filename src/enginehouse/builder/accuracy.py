@@ -7,9 +7,13 @@ magnitude of the reference, over every sample. Non-float outputs must match exac
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from enginehouse.config.build_spec import BuildSpec
 
 
 class OutputErrors:
@@ -39,3 +43,28 @@ class OutputErrors:
     @property
     def max_relative(self) -> float:
         return max((e["max_rel"] for e in self.errors.values()), default=0.0)
+
+
+def build_manifest(
+    source: Path,
+    spec: BuildSpec,
+    artefact: str,
+    accuracy: Mapping[str, dict[str, float]],
+    target: dict[str, Any],
+    optimized: bool,
+) -> dict[str, Any]:
+    """What every engine build records beside its artefact: what it was built from and for,
+    and how far its outputs are from the source's (``target``: the builder's fingerprint of
+    the machine it built for)."""
+    return {
+        "backend": spec.backend,
+        "precision": spec.precision,
+        "artefact": artefact,
+        "source": source.name,
+        "source_size": source.stat().st_size,
+        "spec": spec.key_parts(),
+        "target": target,
+        "accuracy": dict(accuracy),
+        "optimized": optimized,
+        "max_relative_error": max((a["max_rel"] for a in accuracy.values()), default=0.0),
+    }

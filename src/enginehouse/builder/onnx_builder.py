@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
-from enginehouse.builder.accuracy import OutputErrors
+from enginehouse.builder.accuracy import OutputErrors, build_manifest
 from enginehouse.builder.samples import Sample, load_calibration, random_samples
 from enginehouse.config.build_spec import BuildSpec
 from enginehouse.config.model_config import to_engine_shapes
@@ -204,18 +204,7 @@ def build(
         if leftover.name != ARTEFACT and leftover.is_file():
             leftover.unlink()
     accuracy = measure_accuracy(source, artefact, config, samples[:8])
-    return {
-        "backend": spec.backend,
-        "precision": spec.precision,
-        "artefact": ARTEFACT,
-        "source": source.name,
-        "source_size": source.stat().st_size,
-        "spec": spec.key_parts(),
-        "target": fingerprint(spec.target),
-        "accuracy": accuracy,
-        "optimized": optimized,
-        "max_relative_error": max((a["max_rel"] for a in accuracy.values()), default=0.0),
-    }
+    return build_manifest(source, spec, ARTEFACT, accuracy, fingerprint(spec.target), optimized)
 
 
 def measure_accuracy(

@@ -24,7 +24,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from enginehouse.backends import inductor_artifact, torch_compile
 from enginehouse.backends.onnx_to_torch import onnx_module
-from enginehouse.backends.torch import (
+from enginehouse.backends.torch_programs import (
     TORCH_LOCK,
     import_torch,
     is_onnx,
@@ -34,7 +34,7 @@ from enginehouse.backends.torch import (
     program_on,
 )
 from enginehouse.backends.torch_quantize import QUANTIZED
-from enginehouse.builder.accuracy import OutputErrors
+from enginehouse.builder.accuracy import OutputErrors, build_manifest
 from enginehouse.builder.onnx_builder import cpu_model
 from enginehouse.builder.samples import Sample, load_calibration, random_samples
 from enginehouse.config.build_spec import BuildSpec
@@ -311,15 +311,4 @@ def _accuracy(
 def _manifest(
     source: Path, spec: BuildSpec, artefact: str, errors: dict[str, dict[str, float]]
 ) -> dict[str, Any]:
-    return {
-        "backend": spec.backend,
-        "precision": spec.precision,
-        "artefact": artefact,
-        "source": source.name,
-        "source_size": source.stat().st_size,
-        "spec": spec.key_parts(),
-        "target": fingerprint(spec.target),
-        "accuracy": errors,
-        "optimized": True,
-        "max_relative_error": max((e["max_rel"] for e in errors.values()), default=0.0),
-    }
+    return build_manifest(source, spec, artefact, errors, fingerprint(spec.target), True)

@@ -24,7 +24,12 @@ from typing import Any, cast
 import numpy as np
 
 from enginehouse import datatypes
-from enginehouse.errors import EnginehouseError, InvalidArgumentError, NotFoundError
+from enginehouse.errors import (
+    EnginehouseError,
+    InvalidArgumentError,
+    NotFoundError,
+    UnsupportedError,
+)
 from enginehouse.messages import SharedMemoryTarget
 
 SHM_ROOT = "/dev/shm"
@@ -199,3 +204,11 @@ class SystemSharedMemory:
                 f"shared-memory region '{target.region}'"
             )
         return written
+
+
+def served_regions(regions: SystemSharedMemory | None) -> SystemSharedMemory:
+    """The regions a decoder reads shared-memory tensors from; a decoder given none (a
+    warm-up, a fuzz run) refuses such tensors."""
+    if regions is None:
+        raise UnsupportedError("shared-memory tensors are not served on this endpoint")
+    return regions

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from enginehouse.errors import EnginehouseError, InternalError, InvalidArgumentError
-from enginehouse.messages import InferResponse, OutputTensor
+from enginehouse.messages import InferResponse
 from enginehouse.runtime.instance import Execution, Instance
 from enginehouse.scheduler.base import PendingLimits, Responses, Scheduler, Work
 from enginehouse.scheduler.batcher import DynamicBatcher
@@ -158,10 +158,9 @@ class DynamicBatchScheduler(Scheduler):
         statistics.record_execution(
             sum(sizes), execution.input_ns, execution.infer_ns, execution.output_ns
         )
-        datatypes = self.responses.datatypes
-        model, version = self.responses.model, self.responses.version
+        respond = self.responses.response
         results = execution.outputs
-        columns = {name: (datatypes[name], results[i]) for i, name in enumerate(names)}
+        columns = {name: results[i] for i, name in enumerate(names)}
         offset = 0
         now = time.perf_counter_ns()
         totals: list[int] = []
@@ -170,15 +169,11 @@ class DynamicBatchScheduler(Scheduler):
         for item, size in zip(items, sizes):
             work = item.work
             end = offset + size
-            outputs = []
-            for name in work.names:
-                datatype, whole = columns[name]
-                array = whole[offset:end]
-                outputs.append(OutputTensor(name, datatype, array.shape, array))
+            rows = [columns[name][offset:end] for name in work.names]
+            answers.append(respond(work.request, work.names, rows))
             offset = end
             totals.append(now - work.start_ns)
             queues.append(queued - work.request.admitted_ns)
-            answers.append(InferResponse(model, version, work.request.id, outputs))
         statistics.record_successes(
             totals, queues, execution.input_ns, execution.infer_ns, execution.output_ns
         )

@@ -14,10 +14,9 @@ import contextvars
 import itertools
 import logging
 import threading
-from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 from enginehouse import cli
 from enginehouse.testing.process import free_port
@@ -26,10 +25,8 @@ from enginehouse.testing.running import RunningServer, serve_arguments
 if TYPE_CHECKING:
     import argparse
 
-    from enginehouse.core.server import ServerCore
     from enginehouse.serving import Server
 
-T = TypeVar("T")
 
 # Which in-process server the running code belongs to; log records are filed by it.
 _SERVER = contextvars.ContextVar[int]("enginehouse_in_process_server", default=0)
@@ -144,21 +141,6 @@ class InProcessServer(RunningServer):
         if not load.done():
             load.cancel()
         await server.stop()
-
-    @property
-    def core(self) -> ServerCore:
-        """The core this server runs (touch it only from its loop: :meth:`call`)."""
-        return self._server.core
-
-    def call(self, work: Callable[[], Awaitable[T]], timeout_s: float = 60.0) -> T:
-        """Run ``work`` on the server's event loop and return its result (for tests that
-        reach into the core, which lives on that loop)."""
-        assert self._loop is not None
-
-        async def run() -> T:
-            return await work()
-
-        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout_s)
 
     def log(self) -> str:
         return "\n".join(self._log.lines)

@@ -14,7 +14,7 @@ from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 
 from enginehouse import datatypes
-from enginehouse.core.shared_memory import SystemSharedMemory
+from enginehouse.core.shared_memory import SystemSharedMemory, served_regions
 from enginehouse.errors import InvalidArgumentError, UnsupportedError
 from enginehouse.messages import InferInput, InferRequest, InferResponse, SharedMemoryTarget
 
@@ -106,7 +106,9 @@ def decode_infer_request(
                 raise InvalidArgumentError(
                     f"input '{name}' names a shared-memory region and carries contents as well"
                 )
-            array = _shared(regions).read_input(_parameters(tensor.parameters), dtype, shape, name)
+            array = served_regions(regions).read_input(
+                _parameters(tensor.parameters), dtype, shape, name
+            )
         elif raw:
             if tensor.HasField("contents"):
                 raise InvalidArgumentError(
@@ -126,7 +128,7 @@ def decode_infer_request(
             if "shared_memory_region" in requested.parameters:
                 if output_regions is None:
                     output_regions = {}
-                output_regions[requested.name] = _shared(regions).target(
+                output_regions[requested.name] = served_regions(regions).target(
                     _parameters(requested.parameters), requested.name
                 )
             if "classification" in requested.parameters:
@@ -144,12 +146,6 @@ def decode_infer_request(
         parameters=parameters,
         output_regions=output_regions,
     )
-
-
-def _shared(regions: SystemSharedMemory | None) -> SystemSharedMemory:
-    if regions is None:
-        raise UnsupportedError("shared-memory tensors are not served on this endpoint")
-    return regions
 
 
 def _varint(view: memoryview, position: int) -> tuple[int, int]:

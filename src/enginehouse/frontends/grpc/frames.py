@@ -65,9 +65,9 @@ class Coalescer:
 
     def __init__(self, writer: asyncio.StreamWriter | asyncio.WriteTransport) -> None:
         self._writer = writer
-        self._pending: list[bytes] = []
+        self._pending: list[bytes | memoryview] = []
 
-    def send(self, call: int, code: int, payload: bytes) -> None:
+    def send(self, call: int, code: int, payload: bytes | memoryview) -> None:
         """Queue one frame (header and payload, not joined: the payload is not copied)."""
         if not self._pending:
             asyncio.get_running_loop().call_soon(self._flush)

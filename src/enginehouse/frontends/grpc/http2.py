@@ -18,12 +18,13 @@ END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
 NO_ERROR, PROTOCOL_ERROR, FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR = 0, 1, 3, 6
 HEADER = struct.Struct(">BHBBI")  # length as one byte and two, type, flags, stream id
 MAX_WINDOW = (1 << 31) - 1
-# What this side advertises: frames up to 1 MiB, every stream's window as large as allowed.
+MAX_STREAMS = 4096  # open calls per connection
 OUR_MAX_FRAME = 1 << 20
-OUR_SETTINGS = struct.pack(">HIHIHI", 3, 4096, 4, MAX_WINDOW, 5, 1 << 20)
+# What this side advertises (MAX_CONCURRENT_STREAMS, INITIAL_WINDOW_SIZE, MAX_FRAME_SIZE):
+# frames up to 1 MiB, every stream's window as large as allowed.
+OUR_SETTINGS = struct.pack(">HIHIHI", 3, MAX_STREAMS, 4, MAX_WINDOW, 5, OUR_MAX_FRAME)
 # Received bytes acknowledged with WINDOW_UPDATE once this many have been consumed.
 REPLENISH = 1 << 24
-MAX_STREAMS = 4096  # open calls per connection (advertised as SETTINGS_MAX_CONCURRENT_STREAMS)
 MAX_HEADER_BLOCK = 64 * 1024
 REFUSED_STREAM, ENHANCE_YOUR_CALM = 7, 11
 PREFIX = "/" + SERVICE + "/"

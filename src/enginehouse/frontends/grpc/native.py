@@ -83,10 +83,10 @@ class Calls(Protocol):
     to the core in a gRPC worker process. Errors raise (CallAborted, EnginehouseError,
     DecodeError) and end the call with their status."""
 
-    def unary(self, method: str, payload: bytes) -> Answer:
+    def unary(self, method: str, payload: bytes | memoryview) -> Answer:
         """The response of a unary method (by name) to its request message's bytes."""
 
-    def stream_message(self, payload: bytes) -> Answer:
+    def stream_message(self, payload: bytes | memoryview) -> Answer:
         """A ModelStreamInferResponse's bytes for one ModelStreamInfer message: an inference
         that fails is the message's error, not the stream's."""
 
@@ -99,7 +99,7 @@ class _Stream:
     method: str
     headers: dict[str, str]
     data: bytearray = field(default_factory=bytearray)
-    messages: list[bytes] = field(default_factory=list)
+    messages: list[bytes | memoryview] = field(default_factory=list)
     send_window: int = 65535
     pending: bytearray = field(default_factory=bytearray)
     # Sent after the pending data: the trailers' header block, once the call has ended.
@@ -382,9 +382,15 @@ class NativeGrpcProtocol(asyncio.Protocol):
                 return
             if len(data) < 5 + length:
                 return
-            message = bytes(data[5 : 5 + length])
-            del data[: 5 + length]
             self._buffered -= 5 + length
+            if len(data) == 5 + length:
+                # The whole buffer is this message (a unary call's, usually): hand it over as
+                # a view rather than copying its tensors out once more.
+                message: bytes | memoryview = memoryview(data)[5:]
+                data = stream.data = bytearray()
+            else:
+                message = bytes(data[5 : 5 + length])
+                del data[: 5 + length]
             if stream.method == STREAM_METHOD:
                 self._stream_message(stream, message)
             else:
@@ -412,7 +418,7 @@ class NativeGrpcProtocol(asyncio.Protocol):
 
     # -- calls -------------------------------------------------------------------------
 
-    def _unary(self, stream: _Stream, payload: bytes) -> None:
+    def _unary(self, stream: _Stream, payload: bytes | memoryview) -> None:
         try:
             result = self._calls.unary(stream.method, payload)
         except Exception as exc:  # answered with the status it maps to
@@ -435,7 +441,7 @@ class NativeGrpcProtocol(asyncio.Protocol):
             return
         self._answer(stream, future.result(), end=True)
 
-    def _stream_message(self, stream: _Stream, payload: bytes) -> None:
+    def _stream_message(self, stream: _Stream, payload: bytes | memoryview) -> None:
         stream.answering += 1
         try:
             result = self._calls.stream_message(payload)

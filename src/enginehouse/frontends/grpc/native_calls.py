@@ -16,9 +16,8 @@ from typing import Any
 from tritonclient.grpc import service_pb2 as pb
 
 from enginehouse.errors import EnginehouseError
-from enginehouse.frontends.grpc.codec import encode_infer_response, split_raw_contents
+from enginehouse.frontends.grpc.codec import encode_infer_response
 from enginehouse.frontends.grpc.native import Answer
-from enginehouse.frontends.grpc.receive import LARGE_FRAME
 from enginehouse.frontends.grpc.relay import REQUESTS, RelayContext
 from enginehouse.frontends.grpc.service import InferenceService
 from enginehouse.frontends.grpc.streams import stream_error
@@ -67,26 +66,20 @@ class ServiceCalls:
     def __init__(self, service: InferenceService) -> None:
         self.service = service
 
-    def unary(self, method: str, payload: bytes) -> Answer:
+    def unary(self, method: str, payload: bytes | memoryview) -> Answer:
         if method != "ModelInfer":
             return self._other(method, payload)
-        arrival = time.perf_counter_ns()
-        if len(payload) >= LARGE_FRAME:
-            # Tensors become views of the payload rather than copies made by protobuf.
-            rest, raw = split_raw_contents(payload)
-            result = self.service.infer_message(pb.ModelInferRequest.FromString(rest), arrival, raw)
-        else:
-            result = self.service.infer_message(pb.ModelInferRequest.FromString(payload), arrival)
+        result = self.service.infer_wire(payload, time.perf_counter_ns())
         if isinstance(result, pb.ModelInferResponse):
             return result.SerializeToString()
         return _converted(result, _encoded)
 
-    async def _other(self, method: str, payload: bytes) -> bytes:
+    async def _other(self, method: str, payload: bytes | memoryview) -> bytes:
         request = REQUESTS[method].FromString(payload)
         response = await getattr(self.service, method)(request, RelayContext())
         return bytes(response.SerializeToString())
 
-    def stream_message(self, payload: bytes) -> Answer:
+    def stream_message(self, payload: bytes | memoryview) -> Answer:
         message = pb.ModelInferRequest.FromString(payload)
         try:
             result = self.service.infer_message(message, time.perf_counter_ns())

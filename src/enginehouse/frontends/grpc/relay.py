@@ -35,9 +35,9 @@ from tritonclient.grpc import service_pb2 as pb
 
 from enginehouse.core.server import ServerCore
 from enginehouse.errors import EnginehouseError
-from enginehouse.frontends.grpc.codec import encode_infer_response, split_raw_contents
+from enginehouse.frontends.grpc.codec import encode_infer_response
 from enginehouse.frontends.grpc.frames import HELLO, METHODS, SERVICE, CallAborted, Coalescer
-from enginehouse.frontends.grpc.receive import LARGE_FRAME, FrameReceiver
+from enginehouse.frontends.grpc.receive import FrameReceiver
 from enginehouse.frontends.grpc.service import InferenceService, warmup_request
 from enginehouse.frontends.security import RestrictedApis, TlsSettings
 from enginehouse.messages import InferResponse
@@ -200,13 +200,7 @@ class GrpcWorkers:
         if method == INFER:
             arrival = time.perf_counter_ns()
             try:
-                if len(payload) >= LARGE_FRAME:
-                    # Tensors become views of the frame rather than copies made by protobuf.
-                    rest, raw = split_raw_contents(payload)
-                    message = pb.ModelInferRequest.FromString(rest)
-                else:
-                    message, raw = pb.ModelInferRequest.FromString(payload), None
-                result = self.service.infer_message(message, arrival, raw)
+                result = self.service.infer_wire(payload, arrival)
             except Exception as exc:  # reported to the client (and logged when unexpected)
                 out.send(call, *_failure(exc, method))
                 return

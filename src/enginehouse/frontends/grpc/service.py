@@ -26,9 +26,11 @@ from enginehouse.frontends.grpc.codec import (
     decode_infer_request,
     encode_infer_response,
     parameter_value,
+    split_raw_contents,
 )
 from enginehouse.frontends.grpc.frames import UNSUPPORTED_RPCS
 from enginehouse.frontends.grpc.options import server_options
+from enginehouse.frontends.grpc.receive import LARGE_FRAME
 from enginehouse.frontends.grpc.streams import answer_concurrently, stream_error
 from enginehouse.frontends.security import RestrictedApis, TlsSettings
 from enginehouse.messages import InferResponse
@@ -164,6 +166,17 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         if isinstance(result, InferResponse):
             return encode_infer_response(result)
         return result
+
+    def infer_wire(
+        self, payload: bytes | memoryview, arrival: int
+    ) -> pb.ModelInferResponse | Awaitable[InferResponse]:
+        """:meth:`infer_message` for a serialized ModelInferRequest (a relayed frame, a native
+        call's message): a large one has its tensors cut out first, so that they stay views of
+        the payload rather than copies made by protobuf."""
+        if len(payload) >= LARGE_FRAME:
+            rest, raw = split_raw_contents(payload)
+            return self.infer_message(pb.ModelInferRequest.FromString(rest), arrival, raw)
+        return self.infer_message(pb.ModelInferRequest.FromString(payload), arrival)
 
     async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         result = self.infer_message(request, time.perf_counter_ns())

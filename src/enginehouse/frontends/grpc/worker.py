@@ -67,10 +67,10 @@ class RelayClient:
             if not future.done():
                 future.set_result(_GONE)
 
-    def send(self, call: int, method: int, payload: bytes) -> None:
+    def send(self, call: int, method: int, payload: bytes | memoryview) -> None:
         self._out.send(call, method, payload)
 
-    async def call(self, method: int, payload: bytes) -> tuple[int, bytes]:
+    async def call(self, method: int, payload: bytes | memoryview) -> tuple[int, bytes]:
         if self.closed.is_set():
             return _GONE
         call = next(self._ids)
@@ -160,19 +160,19 @@ class RelayCalls:
     def __init__(self, relay: RelayClient) -> None:
         self._relay = relay
 
-    def unary(self, method: str, payload: bytes) -> Awaitable[bytes]:
+    def unary(self, method: str, payload: bytes | memoryview) -> Awaitable[bytes]:
         return self._call(METHODS.index(method), payload)
 
-    async def _call(self, method: int, payload: bytes) -> bytes:
+    async def _call(self, method: int, payload: bytes | memoryview) -> bytes:
         status, body = await self._relay.call(method, payload)
         if status:
             raise CallAborted(STATUS[status], body.decode("utf-8", "replace"))
         return body
 
-    def stream_message(self, payload: bytes) -> Awaitable[bytes]:
+    def stream_message(self, payload: bytes | memoryview) -> Awaitable[bytes]:
         return self._stream(payload)
 
-    async def _stream(self, payload: bytes) -> bytes:
+    async def _stream(self, payload: bytes | memoryview) -> bytes:
         status, body = await self._relay.call(_INFER, payload)
         if status:
             message = pb.ModelInferRequest.FromString(payload)

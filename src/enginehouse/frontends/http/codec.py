@@ -15,7 +15,7 @@ import numpy as np
 import orjson
 
 from enginehouse import datatypes
-from enginehouse.core.shared_memory import SystemSharedMemory
+from enginehouse.core.shared_memory import SystemSharedMemory, served_regions
 from enginehouse.errors import InvalidArgumentError, UnsupportedError
 from enginehouse.messages import InferInput, InferRequest, InferResponse, SharedMemoryTarget
 
@@ -163,7 +163,7 @@ def decode_infer_request(
                 raise InvalidArgumentError(
                     f"input '{name}' names a shared-memory region and carries data as well"
                 )
-            array = _shared(regions).read_input(input_parameters, dtype, shape, name)
+            array = served_regions(regions).read_input(input_parameters, dtype, shape, name)
         elif size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise InvalidArgumentError(f"input '{name}': invalid binary_data_size {size!r}")
@@ -206,7 +206,7 @@ def decode_infer_request(
             if "shared_memory_region" in output_parameters:
                 if output_regions is None:
                     output_regions = {}
-                output_regions[raw["name"]] = _shared(regions).target(
+                output_regions[raw["name"]] = served_regions(regions).target(
                     output_parameters, raw["name"]
                 )
             if output_parameters.get("classification"):
@@ -226,12 +226,6 @@ def decode_infer_request(
         output_regions=output_regions,
     )
     return request, OutputOptions(binary_default, binary_outputs)
-
-
-def _shared(regions: SystemSharedMemory | None) -> SystemSharedMemory:
-    if regions is None:
-        raise UnsupportedError("shared-memory tensors are not served on this endpoint")
-    return regions
 
 
 def _json_data(array: np.ndarray) -> Any:
