@@ -81,3 +81,9 @@ def explicit_server(explicit_repo: Path, tmp_path: Path) -> Iterator[InProcessSe
 
 
 os.environ.setdefault("PYTHONUNBUFFERED", "1")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow tests (engine builds) first: spread over pytest-xdist's workers, a long test
+    that starts last would keep one worker busy after the others have finished."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -150,8 +150,6 @@ def test_request_path_warmup_succeeds(server: ServerProcess) -> None:
 
 
 UNSUPPORTED_CALLS = [
-    ("get_cuda_shared_memory_status", (), "CUDA shared memory"),
-    ("unregister_cuda_shared_memory", (), "CUDA shared memory"),
     ("get_trace_settings", (), "trace"),
     ("get_log_settings", (), "logging"),
 ]
@@ -171,8 +169,8 @@ def _unimplemented_rpcs(server: ServerProcess) -> None:
 def test_unsupported_extensions_answer_unimplemented_naming_them(server: ServerProcess) -> None:
     _unimplemented_rpcs(server)
     http = httpclient.InferenceServerClient(server.http_url)
-    with pytest.raises(InferenceServerException, match="shared memory extension"):
-        http.get_cuda_shared_memory_status()
+    with pytest.raises(InferenceServerException, match="trace extension"):
+        http.get_trace_settings()
 
 
 def test_unknown_routes_are_404_and_wrong_methods_405_with_allow(server: ServerProcess) -> None:

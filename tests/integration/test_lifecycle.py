@@ -260,11 +260,11 @@ def test_canary_split_and_weight_change(
 
 
 def ballast_model(megabytes: int) -> onnx.ModelProto:
-    """OUTPUT0 = INPUT0 @ W with W of ``megabytes`` MB."""
+    """OUTPUT0 = INPUT0 @ W with W of ``megabytes`` MB (a repeating ramp: cheap to make,
+    as costly to hold as random weights)."""
     columns = megabytes * 1024 * 1024 // (4 * 256)
-    weight = numpy_helper.from_array(
-        np.random.default_rng(0).standard_normal((256, columns)).astype(np.float32), "W"
-    )
+    ramp = np.linspace(-1.0, 1.0, columns, dtype=np.float32)
+    weight = numpy_helper.from_array(np.tile(ramp, (256, 1)), "W")
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["INPUT0", "W"], ["OUTPUT0"])],
         "ballast",

@@ -4,6 +4,7 @@ region, offset, size or name answered 400 / INVALID_ARGUMENT while the server ke
 
 from __future__ import annotations
 
+import base64
 import os
 import uuid
 from collections.abc import Iterator
@@ -231,6 +232,53 @@ def test_a_region_the_client_removed_or_truncated(client: tuple[Any, Any, Region
     second.set_data_from_numpy(a)
     assert "truncated" in _refused(connection.infer, "simple", [first, second])
     assert connection.is_server_live()
+
+
+def test_cuda_registrations_that_cannot_be_opened_are_refused(
+    client: tuple[Any, Any, Regions],
+) -> None:
+    """A handle the driver cannot open (here no driver, or a handle of no allocation): a
+    400 naming why, nothing registered, serving goes on. tests/gpu opens real ones."""
+    module, connection, regions = client
+    handle = base64.b64encode(bytes(64))
+    message = _refused(connection.register_cuda_shared_memory, "nowhere", handle, 0, 64)
+    assert "cannot open the IPC handle" in message
+    short = _refused(connection.register_cuda_shared_memory, "short", base64.b64encode(b"x"), 0, 8)
+    assert "64 bytes" in short or "no CUDA driver" in short
+    status = connection.get_cuda_shared_memory_status()
+    assert (list(status) if module is httpclient else list(status.regions)) == []
+    connection.unregister_cuda_shared_memory()
+    with pytest.raises(InferenceServerException):
+        connection.get_cuda_shared_memory_status("nowhere")
+    # A CUDA region name that is a system region is not a CUDA region.
+    name, _, _ = regions.make(64)
+    with pytest.raises(InferenceServerException):
+        connection.get_cuda_shared_memory_status(name)
+    assert connection.is_server_live()
+
+
+def test_cuda_registration_body_is_checked(served: InProcessServer) -> None:
+    import http.client
+
+    def post(body: bytes) -> tuple[int, bytes]:
+        connection = http.client.HTTPConnection("127.0.0.1", served.http_port, timeout=10)
+        try:
+            connection.request("POST", "/v2/cudasharedmemory/region/r/register", body=body)
+            response = connection.getresponse()
+            return response.status, response.read()
+        finally:
+            connection.close()
+
+    for body in (
+        b"{}",
+        b'{"raw_handle": "AAAA", "device_id": 0, "byte_size": 8}',
+        b'{"raw_handle": {"b64": "not base64!"}, "device_id": 0, "byte_size": 8}',
+        b'{"raw_handle": {"b64": "AAAA"}, "device_id": -1, "byte_size": 8}',
+        b'{"raw_handle": {"b64": "AAAA"}, "device_id": 0, "byte_size": 0}',
+    ):
+        status, text = post(body)
+        assert status == 400, (body, text)
+        assert b"error" in text
 
 
 def test_registration_is_a_restricted_api(example_repo: Path) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
 from enginehouse.core.registry import ModelRegistry
-from enginehouse.core.shared_memory import SystemSharedMemory
+from enginehouse.core.shared_memory import SharedMemoryRegions
 from enginehouse.errors import InvalidArgumentError, UnavailableError
 from enginehouse.messages import InferRequest, InferResponse, ModelMetadata, OutputTensor
 from enginehouse.scheduler.statistics import ModelStatistics
@@ -27,7 +27,7 @@ class DataPlane:
         self.registry = registry
         self.draining = False
         # The system shared-memory regions clients registered (both protocols share them).
-        self.shared_memory = SystemSharedMemory()
+        self.shared_memory = SharedMemoryRegions()
 
     def submit(self, request: InferRequest) -> InferResponse | Awaitable[InferResponse]:
         """The response at once when the model ran inline, else an awaitable of it.

@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 
 from enginehouse.builder.cache import EngineCache
+from enginehouse.core import cuda_ipc
 from enginehouse.core.data_plane import DataPlane
 from enginehouse.core.lifecycle import ControlMode, Lifecycle, LoadSettings, RequestWarmer
 from enginehouse.core.polling import RepositoryPoller
@@ -37,8 +38,17 @@ EXTENSIONS = (
     "parameters",
     "system_shared_memory",
 )
+# Listed where a CUDA driver and a device are there to open clients' regions with.
+CUDA_SHARED_MEMORY = "cuda_shared_memory"
 
-__all__ = ["EXTENSIONS", "SERVER_NAME", "ControlMode", "ServerCore", "VersionState"]
+__all__ = [
+    "CUDA_SHARED_MEMORY",
+    "EXTENSIONS",
+    "SERVER_NAME",
+    "ControlMode",
+    "ServerCore",
+    "VersionState",
+]
 
 
 class ServerCore:
@@ -92,6 +102,15 @@ class ServerCore:
         self.unload_model = self.lifecycle.unload_model
         self.load_outcomes = self.lifecycle.load_outcomes
         self.shared_memory = self.data.shared_memory
+        self._extensions: tuple[str, ...] | None = None
+
+    @property
+    def extensions(self) -> tuple[str, ...]:
+        """The Triton protocol extensions this server offers (server metadata lists them)."""
+        if self._extensions is None:
+            cuda = (CUDA_SHARED_MEMORY,) if cuda_ipc.available() else ()
+            self._extensions = EXTENSIONS + cuda
+        return self._extensions
 
     async def start(self) -> None:
         """Load what the control mode asks for at start (failures are logged), pass the

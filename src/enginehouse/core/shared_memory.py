@@ -1,19 +1,28 @@
-"""Triton's system shared-memory extension: regions a client registers, tensors read from
-and written to them instead of travelling in the request and the response.
+"""Triton's system and CUDA shared-memory extensions: regions a client registers, tensors
+read from and written to them instead of travelling in the request and the response.
 
-A client makes a POSIX shared-memory object (``shm_open``: a file under /dev/shm), and
-registers a part of it (key, offset, byte size) under a name; requests then name the region,
-an offset into it and a byte size for an input or a requested output. The server opens the
-object once, at registration, and keeps the descriptor; it never maps it. Inputs are read
-with ``preadv`` straight into the array the engine reads, outputs written with ``pwrite``:
-one copy each way, and no access that a client could turn into a fault (a mapping read after
-the client truncated its object would kill the server with SIGBUS; a read of a truncated
-file just comes back short, which is a 400 for that request). Only names under /dev/shm are
+System regions: a client makes a POSIX shared-memory object (``shm_open``: a file under
+/dev/shm) and registers a part of it (key, offset, byte size) under a name. The server opens
+the object once, at registration, and keeps the descriptor; it never maps it. Inputs are read
+with ``preadv`` straight into the array the engine reads, outputs written with ``pwrite``: one
+copy each way, and no access that a client could turn into a fault (a mapping read after the
+client truncated its object would kill the server with SIGBUS; a read of a truncated file
+just comes back short, which is a 400 for that request). Only names under /dev/shm are
 opened, without following links: a key is one path component.
+
+CUDA regions: a client registers the IPC handle of a device allocation (``cudaMalloc``) and
+its device; the server opens it through the driver (core/cuda_ipc.py), bounds every copy by
+the size the driver reports for the allocation, and copies inputs out of it and outputs into
+it with the driver's copies.
+
+Requests name a region, an offset into it and a byte size for an input or a requested
+output; names are one namespace over both kinds, as in Triton.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import re
 import stat
@@ -24,6 +33,7 @@ from typing import Any, cast
 import numpy as np
 
 from enginehouse import datatypes
+from enginehouse.core import cuda_ipc
 from enginehouse.errors import (
     EnginehouseError,
     InvalidArgumentError,
@@ -33,20 +43,55 @@ from enginehouse.errors import (
 from enginehouse.messages import SharedMemoryTarget
 
 SHM_ROOT = "/dev/shm"
-# At most this many regions at once: each holds an open descriptor.
+# At most this many regions at once: each holds an open descriptor or a device mapping.
 MAX_REGIONS = 1024
 _KEY = re.compile(r"/?[A-Za-z0-9_.\-]{1,255}")
+SYSTEM = "system"
+CUDA = "cuda"
 
 
 @dataclass(slots=True)
 class Region:
-    """A registered region: its object's descriptor and the part of it the name covers."""
+    """A registered system region: its object's descriptor and the part of it the name
+    covers."""
 
     name: str
     key: str
     offset: int
     byte_size: int
     fd: int
+    kind = SYSTEM
+
+    def read(self, offset: int, destination: memoryview) -> int:
+        return os.preadv(self.fd, [destination], self.offset + offset) if destination.nbytes else 0
+
+    def write(self, offset: int, source: memoryview) -> int:
+        return os.pwrite(self.fd, source, self.offset + offset)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+@dataclass(slots=True)
+class CudaRegion:
+    """A registered CUDA region: a client's device allocation opened from its IPC handle."""
+
+    name: str
+    device_id: int
+    byte_size: int
+    allocation: cuda_ipc.ImportedAllocation
+    kind = CUDA
+
+    def read(self, offset: int, destination: memoryview) -> int:
+        self.allocation.read(offset, destination)
+        return destination.nbytes
+
+    def write(self, offset: int, source: memoryview) -> int:
+        self.allocation.write(offset, source)
+        return source.nbytes
+
+    def close(self) -> None:
+        self.allocation.close()
 
 
 def _integer(value: Any, what: str, minimum: int = 0) -> int:
@@ -55,28 +100,18 @@ def _integer(value: Any, what: str, minimum: int = 0) -> int:
     return value
 
 
-class SystemSharedMemory:
-    """The system shared-memory regions registered with this server, by name."""
+class SharedMemoryRegions:
+    """The system and CUDA shared-memory regions registered with this server, by name."""
 
     def __init__(self) -> None:
-        self._regions: dict[str, Region] = {}
+        self._regions: dict[str, Region | CudaRegion] = {}
 
     def __len__(self) -> int:
         return len(self._regions)
 
-    def register(self, name: str, key: Any, offset: Any, byte_size: Any) -> None:
-        """Open ``key`` (a shm_open name) and register ``byte_size`` bytes of it from
-        ``offset`` as ``name``; a 400 naming the problem otherwise (the values come from a
-        client as they are and are checked here)."""
+    def _check_new(self, name: Any) -> None:
         if not isinstance(name, str) or not name:
             raise InvalidArgumentError("a shared-memory region needs a name")
-        if not isinstance(key, str) or not _KEY.fullmatch(key) or key.strip("/") in (".", ".."):
-            raise InvalidArgumentError(
-                f"shared-memory key {key!r} is not a shared-memory object name "
-                "(one path component, as shm_open takes it: '/name')"
-            )
-        offset = _integer(offset, "offset")
-        byte_size = _integer(byte_size, "byte_size", 1)
         if name in self._regions:
             raise InvalidArgumentError(f"shared-memory region '{name}' is already registered")
         if len(self._regions) >= MAX_REGIONS:
@@ -84,6 +119,19 @@ class SystemSharedMemory:
                 f"{MAX_REGIONS} shared-memory regions are registered, the most this server "
                 "holds; unregister some first"
             )
+
+    def register(self, name: str, key: Any, offset: Any, byte_size: Any) -> None:
+        """Open ``key`` (a shm_open name) and register ``byte_size`` bytes of it from
+        ``offset`` as ``name``; a 400 naming the problem otherwise (the values come from a
+        client as they are and are checked here)."""
+        self._check_new(name)
+        if not isinstance(key, str) or not _KEY.fullmatch(key) or key.strip("/") in (".", ".."):
+            raise InvalidArgumentError(
+                f"shared-memory key {key!r} is not a shared-memory object name "
+                "(one path component, as shm_open takes it: '/name')"
+            )
+        offset = _integer(offset, "offset")
+        byte_size = _integer(byte_size, "byte_size", 1)
         path = os.path.join(SHM_ROOT, key.lstrip("/"))
         try:
             fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -107,34 +155,68 @@ class SystemSharedMemory:
             raise
         self._regions[name] = Region(name, key, offset, byte_size, fd)
 
-    def unregister(self, name: str = "") -> None:
-        """Forget one region, or every region when ``name`` is empty. Requests already
-        decoded have their inputs; an output bound for a region unregistered meanwhile
-        fails that request."""
-        names = [name] if name else list(self._regions)
-        for each in names:
-            region = self._regions.pop(each, None)
-            if region is not None:
-                os.close(region.fd)
+    def register_cuda(self, name: str, raw_handle: Any, device_id: Any, byte_size: Any) -> None:
+        """Open a client's device allocation from its IPC handle (the 64 bytes of
+        ``cudaIpcMemHandle_t``) on ``device_id`` and register ``byte_size`` bytes of it as
+        ``name``; a 400 naming the problem otherwise."""
+        self._check_new(name)
+        if not isinstance(raw_handle, bytes):
+            raise InvalidArgumentError(f"CUDA shared-memory region '{name}' needs a raw_handle")
+        device_id = _integer(device_id, "device_id")
+        byte_size = _integer(byte_size, "byte_size", 1)
+        try:
+            allocation = cuda_ipc.ImportedAllocation(raw_handle, device_id)
+        except cuda_ipc.CudaIpcError as exc:
+            raise InvalidArgumentError(
+                f"CUDA shared-memory region '{name}': cannot open the IPC handle on device "
+                f"{device_id}: {exc}"
+            ) from None
+        if byte_size > allocation.size:
+            allocation.close()
+            raise InvalidArgumentError(
+                f"CUDA shared-memory region '{name}': byte_size {byte_size} is more than the "
+                f"{allocation.size} bytes of the allocation"
+            )
+        self._regions[name] = CudaRegion(name, device_id, byte_size, allocation)
 
-    def status(self, name: str = "") -> list[Region]:
-        """One region (404 when unknown) or every region."""
+    def unregister(self, name: str = "", kind: str = SYSTEM) -> None:
+        """Forget one region of ``kind``, or every region of that kind when ``name`` is
+        empty. Requests already decoded have their inputs; an output bound for a region
+        unregistered meanwhile fails that request."""
+        names = [name] if name else [n for n, r in self._regions.items() if r.kind == kind]
+        for each in names:
+            region = self._regions.get(each)
+            if region is not None and region.kind == kind:
+                del self._regions[each]
+                region.close()
+
+    def status(self, name: str = "", kind: str = SYSTEM) -> list[Any]:
+        """One region of ``kind`` (404 when unknown) or every region of that kind."""
         if not name:
-            return list(self._regions.values())
-        return [self._region(name, NotFoundError)]
+            return [r for r in self._regions.values() if r.kind == kind]
+        region = self._region(name, NotFoundError)
+        if region.kind != kind:
+            raise NotFoundError(f"unable to find {kind} shared memory region: '{name}'")
+        return [region]
 
     def close(self) -> None:
-        self.unregister()
+        for region in self._regions.values():
+            region.close()
+        self._regions.clear()
 
-    def _region(self, name: Any, missing: type[EnginehouseError] = InvalidArgumentError) -> Region:
+    def _region(
+        self, name: Any, missing: type[EnginehouseError] = InvalidArgumentError
+    ) -> Region | CudaRegion:
         """The region registered as ``name``; a request naming an unknown one is a bad
         request (400), a status asked of one is a 404."""
         region = self._regions.get(name) if isinstance(name, str) else None
         if region is None:
-            raise missing(f"unable to find system shared memory region: '{name}'")
+            raise missing(f"unable to find shared memory region: '{name}'")
         return region
 
-    def _slice(self, parameters: Mapping[str, Any], tensor: str) -> tuple[Region, int, int]:
+    def _slice(
+        self, parameters: Mapping[str, Any], tensor: str
+    ) -> tuple[Region | CudaRegion, int, int]:
         """The region, offset and byte size a tensor's parameters name, checked against the
         region's bounds."""
         if "shared_memory_byte_size" not in parameters:
@@ -169,7 +251,7 @@ class SystemSharedMemory:
                 )
         buffer = np.empty(size, np.uint8)  # not zero-filled: the read fills it
         view = memoryview(cast(Any, buffer))
-        read = os.preadv(region.fd, [view], region.offset + offset) if size else 0
+        read = self._copy(region, region.read, offset, view, tensor)
         if read != size:
             raise InvalidArgumentError(
                 f"input '{tensor}': shared-memory region '{region.name}' gave {read} of "
@@ -191,13 +273,13 @@ class SystemSharedMemory:
                 f"output '{tensor}': shared-memory region '{target.region}' was unregistered "
                 "while the request ran"
             )
-        data = datatypes.wire_view(array)
+        data = memoryview(datatypes.wire_view(array))
         if len(data) > target.byte_size:
             raise InvalidArgumentError(
                 f"output '{tensor}' is {len(data)} bytes, more than the {target.byte_size} "
                 f"bytes given in shared-memory region '{target.region}'"
             )
-        written = os.pwrite(region.fd, data, region.offset + target.offset)
+        written = self._copy(region, region.write, target.offset, data, tensor)
         if written != len(data):
             raise InvalidArgumentError(
                 f"output '{tensor}': only {written} of {len(data)} bytes reached "
@@ -205,8 +287,30 @@ class SystemSharedMemory:
             )
         return written
 
+    @staticmethod
+    def _copy(
+        region: Region | CudaRegion, copy: Any, offset: int, buffer: memoryview, tensor: str
+    ) -> int:
+        try:
+            return int(copy(offset, buffer))
+        except cuda_ipc.CudaIpcError as exc:
+            raise InvalidArgumentError(
+                f"'{tensor}': CUDA shared-memory region '{region.name}': {exc}"
+            ) from None
 
-def served_regions(regions: SystemSharedMemory | None) -> SystemSharedMemory:
+
+def decode_raw_handle(value: Any) -> bytes:
+    """The handle bytes of an HTTP registration's ``raw_handle`` (``{"b64": ...}``)."""
+    encoded = value.get("b64") if isinstance(value, dict) else None
+    if not isinstance(encoded, str):
+        raise InvalidArgumentError('raw_handle must be an object {"b64": "<base64>"}')
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidArgumentError("raw_handle.b64 is not base64") from None
+
+
+def served_regions(regions: SharedMemoryRegions | None) -> SharedMemoryRegions:
     """The regions a decoder reads shared-memory tensors from; a decoder given none (a
     warm-up, a fuzz run) refuses such tensors."""
     if regions is None:

@@ -91,10 +91,12 @@ class RunningServer(ABC):
         """Drain and stop; the exit code (0: a clean stop)."""
 
     def _get(self, path: str) -> int:
+        # A short timeout: a port that someone else holds (the server lost the race for it and
+        # is restarting on another) accepts the connection and never answers.
         try:
             scheme = "https" if self.https else "http"
             url = f"{scheme}://{self.http_url}{path}"
-            with urllib.request.urlopen(url, timeout=5, context=self.https) as r:
+            with urllib.request.urlopen(url, timeout=1, context=self.https) as r:
                 return int(r.status)
         except urllib.error.HTTPError as exc:
             return int(exc.code)

@@ -14,7 +14,7 @@ from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 
 from enginehouse import datatypes
-from enginehouse.core.shared_memory import SystemSharedMemory, served_regions
+from enginehouse.core.shared_memory import SharedMemoryRegions, served_regions
 from enginehouse.errors import InvalidArgumentError, UnsupportedError
 from enginehouse.messages import InferInput, InferRequest, InferResponse, SharedMemoryTarget
 
@@ -77,7 +77,7 @@ def _parameters(parameters: Any) -> dict[str, Any]:
 def decode_infer_request(
     message: pb.ModelInferRequest,
     raw_contents: Sequence[memoryview] | None = None,
-    regions: SystemSharedMemory | None = None,
+    regions: SharedMemoryRegions | None = None,
 ) -> InferRequest:
     """The core request for a ModelInferRequest, or a 400-class error. ``raw_contents``
     stands in for the message's raw_input_contents when they were cut out of it. Inputs

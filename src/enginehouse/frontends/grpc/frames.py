@@ -25,13 +25,13 @@ METHODS: tuple[str, ...] = (
     "SystemSharedMemoryStatus",
     "SystemSharedMemoryRegister",
     "SystemSharedMemoryUnregister",
+    "CudaSharedMemoryStatus",
+    "CudaSharedMemoryRegister",
+    "CudaSharedMemoryUnregister",
 )
 # The RPCs of Triton extensions not offered yet, and the extension each belongs to: they
 # answer UNIMPLEMENTED naming it, in process and through the workers.
 UNSUPPORTED_RPCS = {
-    "CudaSharedMemoryStatus": "CUDA shared memory",
-    "CudaSharedMemoryRegister": "CUDA shared memory",
-    "CudaSharedMemoryUnregister": "CUDA shared memory",
     "TraceSetting": "trace",
     "LogSettings": "logging",
 }

@@ -19,7 +19,8 @@ from tritonclient.grpc import service_pb2_grpc
 
 from enginehouse import datatypes
 from enginehouse.core.model import ModelVersion
-from enginehouse.core.server import EXTENSIONS, SERVER_NAME, ServerCore
+from enginehouse.core.server import SERVER_NAME, ServerCore
+from enginehouse.core.shared_memory import CUDA, SYSTEM
 from enginehouse.errors import EnginehouseError, InvalidArgumentError
 from enginehouse.frontends.grpc.access import bind, interceptors
 from enginehouse.frontends.grpc.codec import (
@@ -73,7 +74,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(
-            name=SERVER_NAME, version=self.core.version, extensions=list(EXTENSIONS)
+            name=SERVER_NAME, version=self.core.version, extensions=list(self.core.extensions)
         )
 
     async def ModelMetadata(
@@ -197,7 +198,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self, request: pb.SystemSharedMemoryStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.SystemSharedMemoryStatusResponse:
         try:
-            regions = self.core.shared_memory.status(request.name)
+            regions = self.core.shared_memory.status(request.name, SYSTEM)
         except EnginehouseError as exc:
             await context.abort(exc.grpc_code, exc.message)
         response = pb.SystemSharedMemoryStatusResponse()
@@ -221,8 +222,39 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def SystemSharedMemoryUnregister(
         self, request: pb.SystemSharedMemoryUnregisterRequest, context: grpc.aio.ServicerContext
     ) -> pb.SystemSharedMemoryUnregisterResponse:
-        self.core.shared_memory.unregister(request.name)
+        self.core.shared_memory.unregister(request.name, SYSTEM)
         return pb.SystemSharedMemoryUnregisterResponse()
+
+    async def CudaSharedMemoryStatus(
+        self, request: pb.CudaSharedMemoryStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CudaSharedMemoryStatusResponse:
+        try:
+            regions = self.core.shared_memory.status(request.name, CUDA)
+        except EnginehouseError as exc:
+            await context.abort(exc.grpc_code, exc.message)
+        response = pb.CudaSharedMemoryStatusResponse()
+        for region in regions:
+            status = response.regions[region.name]
+            status.name, status.device_id = region.name, region.device_id
+            status.byte_size = region.byte_size
+        return response
+
+    async def CudaSharedMemoryRegister(
+        self, request: pb.CudaSharedMemoryRegisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CudaSharedMemoryRegisterResponse:
+        try:
+            self.core.shared_memory.register_cuda(
+                request.name, request.raw_handle, request.device_id, request.byte_size
+            )
+        except EnginehouseError as exc:
+            await context.abort(exc.grpc_code, exc.message)
+        return pb.CudaSharedMemoryRegisterResponse()
+
+    async def CudaSharedMemoryUnregister(
+        self, request: pb.CudaSharedMemoryUnregisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CudaSharedMemoryUnregisterResponse:
+        self.core.shared_memory.unregister(request.name, CUDA)
+        return pb.CudaSharedMemoryUnregisterResponse()
 
     async def ModelStreamInfer(
         self,

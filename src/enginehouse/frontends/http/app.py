@@ -21,7 +21,8 @@ import orjson
 from enginehouse import datatypes
 from enginehouse.config.protojson import message_to_json_dict
 from enginehouse.core.model import ModelVersion
-from enginehouse.core.server import EXTENSIONS, SERVER_NAME, ServerCore
+from enginehouse.core.server import SERVER_NAME, ServerCore
+from enginehouse.core.shared_memory import CUDA, SYSTEM, CudaRegion, Region, decode_raw_handle
 from enginehouse.errors import (
     EnginehouseError,
     InternalError,
@@ -49,6 +50,18 @@ log = logging.getLogger(__name__)
 
 _EMPTY_OK = HttpResponse(200, [])
 _NOT_READY = HttpResponse(400, [])
+
+
+def _region_status(region: Region | CudaRegion) -> dict[str, Any]:
+    """A region as the extension's status lists it."""
+    if isinstance(region, CudaRegion):
+        return {"name": region.name, "device_id": region.device_id, "byte_size": region.byte_size}
+    return {
+        "name": region.name,
+        "key": region.key,
+        "offset": region.offset,
+        "byte_size": region.byte_size,
+    }
 
 
 def _json(value: Any, status: int = 200) -> HttpResponse:
@@ -101,7 +114,6 @@ _MODEL_ACTION_GROUPS = {
 }
 # Triton's HTTP extensions this server does not offer yet: a clear 400, not a 404.
 _UNSUPPORTED_EXTENSIONS = {
-    "cudasharedmemory": "CUDA shared memory",
     "trace": "trace",
     "logging": "logging",
 }
@@ -173,7 +185,11 @@ class HttpApp:
         if not rest:
             self._method(method, "GET")
             return _json(
-                {"name": SERVER_NAME, "version": self.core.version, "extensions": list(EXTENSIONS)}
+                {
+                    "name": SERVER_NAME,
+                    "version": self.core.version,
+                    "extensions": list(self.core.extensions),
+                }
             )
         head = rest[0]
         if head == "models":
@@ -185,7 +201,9 @@ class HttpApp:
         if head == "repository":
             return self._repository(method, rest[1:], request)
         if head == "systemsharedmemory":
-            return self._system_shared_memory(method, rest[1:], request)
+            return self._shared_memory(SYSTEM, method, rest[1:], request)
+        if head == "cudasharedmemory":
+            return self._shared_memory(CUDA, method, rest[1:], request)
         if head in _UNSUPPORTED_EXTENSIONS:
             raise UnsupportedError(
                 f"the {_UNSUPPORTED_EXTENSIONS[head]} extension is not supported by this server yet"
@@ -267,32 +285,32 @@ class HttpApp:
             return error_response(exc.http_status, exc.message)
         return _infer_response(response, options)
 
-    def _system_shared_memory(
-        self, method: str, rest: list[str], request: HttpRequest
+    def _shared_memory(
+        self, kind: str, method: str, rest: list[str], request: HttpRequest
     ) -> HttpResponse:
         """``[region/<name>/]status``, ``region/<name>/register`` and
-        ``[region/<name>/]unregister`` of the system shared-memory extension."""
+        ``[region/<name>/]unregister`` of the system or CUDA shared-memory extension."""
+        regions = self.core.shared_memory
         name = ""
         if len(rest) == 3 and rest[0] == "region":
             name, rest = unquote(rest[1]), rest[2:]
         if rest == ["status"]:
             self._method(method, "GET")
-            return _json(
-                [
-                    {"name": r.name, "key": r.key, "offset": r.offset, "byte_size": r.byte_size}
-                    for r in self.core.shared_memory.status(name)
-                ]
-            )
+            return _json([_region_status(r) for r in regions.status(name, kind)])
         if rest == ["register"] and name:
             self._method(method, "POST")
             body = _body_json(request)
-            self.core.shared_memory.register(
-                name, body.get("key"), body.get("offset", 0), body.get("byte_size")
-            )
+            if kind == CUDA:
+                handle = decode_raw_handle(body.get("raw_handle"))
+                regions.register_cuda(name, handle, body.get("device_id"), body.get("byte_size"))
+            else:
+                regions.register(
+                    name, body.get("key"), body.get("offset", 0), body.get("byte_size")
+                )
             return _EMPTY_OK
         if rest == ["unregister"]:
             self._method(method, "POST")
-            self.core.shared_memory.unregister(name)
+            regions.unregister(name, kind)
             return _EMPTY_OK
         raise NotFoundError(f"no route for {request.path}")
 

@@ -15,7 +15,7 @@ import numpy as np
 import orjson
 
 from enginehouse import datatypes
-from enginehouse.core.shared_memory import SystemSharedMemory, served_regions
+from enginehouse.core.shared_memory import SharedMemoryRegions, served_regions
 from enginehouse.errors import InvalidArgumentError, UnsupportedError
 from enginehouse.messages import InferInput, InferRequest, InferResponse, SharedMemoryTarget
 
@@ -113,7 +113,7 @@ def decode_infer_request(
     model_version: str,
     body: bytes,
     header_length: int | None,
-    regions: SystemSharedMemory | None = None,
+    regions: SharedMemoryRegions | None = None,
 ) -> tuple[InferRequest, OutputOptions]:
     """The request a body holds, or a 400 naming the first thing that is wrong. Tensors
     that name a shared-memory region are read from ``regions``."""

@@ -1,0 +1,203 @@
+"""Device memory that another process exported with ``cudaIpcGetMemHandle``, opened here
+through the CUDA driver API.
+
+Triton's CUDA shared-memory extension hands the server a 64-byte IPC handle of a client's
+``cudaMalloc`` allocation. The driver library (``libcuda.so.1``, present wherever an NVIDIA
+driver is) is called through ctypes, so serving such regions needs no CUDA Python package
+and works beside PyTorch: both use the device's primary context, which each call here makes
+current on its thread and releases again. Every copy is bounds-checked by the caller against
+the size the driver reports for the allocation; nothing here touches memory past it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from typing import Any
+
+import numpy as np
+
+IPC_HANDLE_SIZE = 64
+_LAZY_ENABLE_PEER_ACCESS = 1
+
+
+class CudaIpcError(Exception):
+    """The driver refused (no driver, a bad handle, a device that does not exist)."""
+
+
+class _Handle(ctypes.Structure):
+    _fields_ = [("reserved", ctypes.c_char * IPC_HANDLE_SIZE)]
+
+
+class _Driver:
+    """The few driver entry points used here, resolved once."""
+
+    def __init__(self) -> None:
+        try:
+            lib = ctypes.CDLL("libcuda.so.1")
+        except OSError as exc:
+            raise CudaIpcError(f"no CUDA driver on this machine ({exc})") from None
+        self._lib = lib
+        self.init = self._entry("cuInit")
+        self.device_count = self._entry("cuDeviceGetCount")
+        self.device_get = self._entry("cuDeviceGet")
+        self.retain = self._entry("cuDevicePrimaryCtxRetain")
+        self.release = self._entry("cuDevicePrimaryCtxRelease_v2", "cuDevicePrimaryCtxRelease")
+        self.push = self._entry("cuCtxPushCurrent_v2", "cuCtxPushCurrent")
+        self.pop = self._entry("cuCtxPopCurrent_v2", "cuCtxPopCurrent")
+        self.open = self._entry("cuIpcOpenMemHandle_v2", "cuIpcOpenMemHandle")
+        self.open.argtypes = [ctypes.POINTER(ctypes.c_uint64), _Handle, ctypes.c_uint]
+        self.close = self._entry("cuIpcCloseMemHandle")
+        self.close.argtypes = [ctypes.c_uint64]
+        self.address_range = self._entry("cuMemGetAddressRange_v2", "cuMemGetAddressRange")
+        self.address_range.argtypes = [
+            ctypes.POINTER(ctypes.c_uint64),
+            ctypes.POINTER(ctypes.c_size_t),
+            ctypes.c_uint64,
+        ]
+        self.to_host = self._entry("cuMemcpyDtoH_v2", "cuMemcpyDtoH")
+        self.to_host.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t]
+        self.to_device = self._entry("cuMemcpyHtoD_v2", "cuMemcpyHtoD")
+        self.to_device.argtypes = [ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t]
+        self._error_name = self._entry("cuGetErrorName")
+        self.check(self.init(0), "cuInit")
+
+    def _entry(self, *names: str) -> Any:
+        for name in names:
+            try:
+                return getattr(self._lib, name)
+            except AttributeError:
+                continue
+        raise CudaIpcError(f"the CUDA driver has no {names[0]}")
+
+    def check(self, status: int, call: str) -> None:
+        if status != 0:
+            name = ctypes.c_char_p()
+            self._error_name(status, ctypes.byref(name))
+            label = name.value.decode() if name.value else f"error {status}"
+            raise CudaIpcError(f"{call} failed: {label}")
+
+
+_driver: _Driver | None = None
+_driver_lock = threading.Lock()
+
+
+def driver() -> _Driver:
+    """The driver, loaded and initialised on first use (CudaIpcError without one)."""
+    global _driver
+    with _driver_lock:
+        if _driver is None:
+            _driver = _Driver()
+        return _driver
+
+
+def available() -> bool:
+    """Whether a CUDA driver with at least one device is here."""
+    try:
+        return device_count() > 0
+    except CudaIpcError:
+        return False
+
+
+def device_count() -> int:
+    cuda = driver()
+    count = ctypes.c_int()
+    cuda.check(cuda.device_count(ctypes.byref(count)), "cuDeviceGetCount")
+    return count.value
+
+
+class _Current:
+    """The device's primary context made current on this thread for a block of calls."""
+
+    def __init__(self, device_id: int) -> None:
+        self.cuda = driver()
+        self.device = ctypes.c_int()
+        self.cuda.check(self.cuda.device_get(ctypes.byref(self.device), device_id), "cuDeviceGet")
+
+    def __enter__(self) -> _Driver:
+        context = ctypes.c_void_p()
+        self.cuda.check(
+            self.cuda.retain(ctypes.byref(context), self.device), "cuDevicePrimaryCtxRetain"
+        )
+        status = self.cuda.push(context)
+        if status != 0:
+            self.cuda.release(self.device)
+            self.cuda.check(status, "cuCtxPushCurrent")
+        return self.cuda
+
+    def __exit__(self, *_: object) -> None:
+        self.cuda.pop(ctypes.byref(ctypes.c_void_p()))
+        self.cuda.release(self.device)
+
+
+def _address(buffer: memoryview) -> int:
+    """Where a contiguous host buffer's bytes start (read-only ones too)."""
+    return int(np.frombuffer(buffer, np.uint8).ctypes.data)
+
+
+class ImportedAllocation:
+    """A client's device allocation opened from its IPC handle; closed by :meth:`close`."""
+
+    def __init__(self, handle: bytes, device_id: int) -> None:
+        if len(handle) != IPC_HANDLE_SIZE:
+            raise CudaIpcError(
+                f"a CUDA IPC handle is {IPC_HANDLE_SIZE} bytes, this one is {len(handle)}"
+            )
+        count = device_count()
+        if not 0 <= device_id < count:
+            raise CudaIpcError(f"device {device_id} does not exist here ({count} devices)")
+        self.device_id = device_id
+        raw = _Handle()
+        ctypes.memmove(ctypes.addressof(raw), handle, IPC_HANDLE_SIZE)
+        pointer = ctypes.c_uint64()
+        with _Current(device_id) as cuda:
+            cuda.check(
+                cuda.open(ctypes.byref(pointer), raw, _LAZY_ENABLE_PEER_ACCESS),
+                "cuIpcOpenMemHandle",
+            )
+            base, size = ctypes.c_uint64(), ctypes.c_size_t()
+            status = cuda.address_range(ctypes.byref(base), ctypes.byref(size), pointer.value)
+            if status != 0:
+                cuda.close(pointer.value)
+                cuda.check(status, "cuMemGetAddressRange")
+        self.pointer = pointer.value
+        # What the allocation holds from the opened pointer on: the most any copy may touch.
+        self.size = int(size.value) - (self.pointer - int(base.value))
+        self._closed = False
+
+    def read(self, offset: int, destination: memoryview) -> None:
+        """Fill ``destination`` (contiguous host memory) from ``offset``."""
+        self._bounds(offset, destination.nbytes)
+        if not destination.nbytes:
+            return
+        with _Current(self.device_id) as cuda:
+            cuda.check(
+                cuda.to_host(_address(destination), self.pointer + offset, destination.nbytes),
+                "cuMemcpyDtoH",
+            )
+
+    def write(self, offset: int, source: memoryview) -> None:
+        """Copy ``source`` (contiguous host memory) to ``offset``."""
+        self._bounds(offset, source.nbytes)
+        if not source.nbytes:
+            return
+        with _Current(self.device_id) as cuda:
+            cuda.check(
+                cuda.to_device(self.pointer + offset, _address(source), source.nbytes),
+                "cuMemcpyHtoD",
+            )
+
+    def _bounds(self, offset: int, size: int) -> None:
+        if self._closed:
+            raise CudaIpcError("the allocation was closed")
+        if offset < 0 or offset + size > self.size:
+            raise CudaIpcError(
+                f"{size} bytes at offset {offset} run past the allocation ({self.size} bytes)"
+            )
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with _Current(self.device_id) as cuda:
+            cuda.close(self.pointer)
