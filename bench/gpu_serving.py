@@ -11,7 +11,8 @@ batch's time from the server's statistics; then, with the server stopped, run th
 throughput / raw throughput is the figure of merit (goal: >= 80% for BERT, p99 <= 10 ms).
 
     python bench/gpu_serving.py [--seconds 10] [--clients 32,128] [--rates 4000,8000]
-                                [--grpc-workers 8] [--no-bytecode-cache]
+                                [--grpc-workers 8] [--shared-memory none,system,cuda]
+                                [--no-bytecode-cache]
 
 Servers cache Python's compiled bytecode (under bench/out/gpu/pycache) as an installed
 image does; ``--no-bytecode-cache`` runs them as the device image is, which sets
@@ -49,15 +50,61 @@ INSTANCES = {"bert": 3, "resnet50": 2}
 MAX_BATCH = {"bert": 64, "resnet50": 64}
 
 
-def message(model: BenchModel) -> bytes:
+def message(model: BenchModel, region: str = "") -> bytes:
+    """One request of one sample; with ``region``, its inputs are read from that
+    shared-memory region (one after another, as :class:`InputRegion` wrote them) and only
+    their names, shapes and places travel."""
     from tritonclient.grpc import service_pb2 as pb
 
     request = pb.ModelInferRequest(model_name=model.name)
+    offset = 0
     for name, array in model.inputs(1).items():
         datatype = "INT64" if array.dtype == np.int64 else "FP32"
-        request.inputs.add(name=name, datatype=datatype, shape=list(array.shape))
-        request.raw_input_contents.append(array.tobytes())
+        tensor = request.inputs.add(name=name, datatype=datatype, shape=list(array.shape))
+        if region:
+            tensor.parameters["shared_memory_region"].string_param = region
+            tensor.parameters["shared_memory_offset"].int64_param = offset
+            tensor.parameters["shared_memory_byte_size"].int64_param = array.nbytes
+            offset += array.nbytes
+        else:
+            request.raw_input_contents.append(array.tobytes())
     return request.SerializeToString()
+
+
+class InputRegion:
+    """One sample's inputs in a system or CUDA shared-memory region registered with the
+    server, which every client's requests read (as perf_analyzer's --shared-memory does)."""
+
+    def __init__(self, kind: str, model: BenchModel, grpc_url: str) -> None:
+        import tritonclient.grpc as grpcclient
+
+        self.kind = kind
+        self.name = f"bench_{kind}_{model.name}"
+        self.client = grpcclient.InferenceServerClient(grpc_url)
+        arrays = list(model.inputs(1).values())
+        size = sum(a.nbytes for a in arrays)
+        if kind == "system":
+            import tritonclient.utils.shared_memory as shm
+
+            self._shm: Any = shm
+            self.handle = shm.create_shared_memory_region(self.name, f"/{self.name}", size)
+            shm.set_shared_memory_region(self.handle, arrays)
+            self.client.register_system_shared_memory(self.name, f"/{self.name}", size)
+        else:
+            import tritonclient.utils.cuda_shared_memory as cudashm
+
+            self._shm = cudashm
+            self.handle = cudashm.create_shared_memory_region(self.name, size, 0)
+            cudashm.set_shared_memory_region(self.handle, arrays)
+            raw = cudashm.get_raw_handle(self.handle)
+            self.client.register_cuda_shared_memory(self.name, raw, 0, size)
+
+    def close(self) -> None:
+        if self.kind == "system":
+            self.client.unregister_system_shared_memory(self.name)
+        else:
+            self.client.unregister_cuda_shared_memory(self.name)
+        self._shm.destroy_shared_memory_region(self.handle)
 
 
 def stats(port: int, model: str) -> dict[str, Any]:
@@ -185,20 +232,28 @@ def serve(model: BenchModel, args: argparse.Namespace) -> list[dict[str, Any]]:
             common |= first
             print(f"  {model.name}: first request {first}", flush=True)
             target = f"127.0.0.1:{server.grpc_port}"
-            request = message(served)
-            runs: list[tuple[str, Any]] = [
-                (
-                    f"{clients} clients",
-                    partial(grpc_load, target, request, clients, args.seconds, args.processes),
-                )
-                for clients in args.clients
-            ] + [
-                (
-                    f"{rate}/s open",
-                    partial(grpc_open_load, target, request, rate, args.seconds, args.processes),
-                )
-                for rate in args.rates
+            regions = [
+                InputRegion(kind, served, target) for kind in args.shared_memory if kind != "none"
             ]
+            runs: list[tuple[str, Any]] = []
+            for region in [None, *regions] if "none" in args.shared_memory else regions:
+                request = message(served, region.name if region else "")
+                mark = f" {region.kind}" if region else ""
+                runs += [
+                    (
+                        f"{clients} clients{mark}",
+                        partial(grpc_load, target, request, clients, args.seconds, args.processes),
+                    )
+                    for clients in args.clients
+                ] + [
+                    (
+                        f"{rate}/s open{mark}",
+                        partial(
+                            grpc_open_load, target, request, rate, args.seconds, args.processes
+                        ),
+                    )
+                    for rate in args.rates
+                ]
             for label, run in runs:
                 before = stats(server.http_port, model.name)
                 cpu_before = CpuSnapshot.take(server.process.pid)
@@ -217,6 +272,8 @@ def serve(model: BenchModel, args: argparse.Namespace) -> list[dict[str, Any]]:
                     f"batch {batch:.1f}, {cpu}",
                     flush=True,
                 )
+            for region in regions:
+                region.close()
         finally:
             server.stop()
     common |= {"cold_start_s": round(starts[0], 2), "cached_start_s": round(starts[1], 2)}
@@ -266,6 +323,13 @@ def main() -> None:
     parser.add_argument("--grpc-workers", type=int, default=8, help="frontend processes")
     parser.add_argument(
         "--grpc-frontend", choices=("native", "grpcio"), default="grpcio", help="in the workers"
+    )
+    parser.add_argument(
+        "--shared-memory",
+        type=lambda t: t.split(","),
+        default=["none"],
+        help="how inputs reach the server, one run of the loads each: none (in the "
+        "request), system, cuda; e.g. none,system,cuda",
     )
     parser.add_argument(
         "--instances", type=int, default=None, help=f"GPU instances (default: {INSTANCES})"
