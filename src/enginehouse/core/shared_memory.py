@@ -299,6 +299,18 @@ class SharedMemoryRegions:
             ) from None
 
 
+def region_status(region: Region | CudaRegion) -> dict[str, Any]:
+    """A region as the extension's status lists it (the same fields over both protocols)."""
+    if isinstance(region, CudaRegion):
+        return {"name": region.name, "device_id": region.device_id, "byte_size": region.byte_size}
+    return {
+        "name": region.name,
+        "key": region.key,
+        "offset": region.offset,
+        "byte_size": region.byte_size,
+    }
+
+
 def decode_raw_handle(value: Any) -> bytes:
     """The handle bytes of an HTTP registration's ``raw_handle`` (``{"b64": ...}``)."""
     encoded = value.get("b64") if isinstance(value, dict) else None

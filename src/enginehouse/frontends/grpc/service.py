@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import grpc
 from google.protobuf import json_format
@@ -20,7 +21,7 @@ from tritonclient.grpc import service_pb2_grpc
 from enginehouse import datatypes
 from enginehouse.core.model import ModelVersion
 from enginehouse.core.server import SERVER_NAME, ServerCore
-from enginehouse.core.shared_memory import CUDA, SYSTEM
+from enginehouse.core.shared_memory import CUDA, SYSTEM, region_status
 from enginehouse.errors import EnginehouseError, InvalidArgumentError
 from enginehouse.frontends.grpc.access import bind, interceptors
 from enginehouse.frontends.grpc.codec import (
@@ -37,6 +38,9 @@ from enginehouse.frontends.security import RestrictedApis, TlsSettings
 from enginehouse.messages import InferResponse
 
 log = logging.getLogger(__name__)
+
+
+_Status = TypeVar("_Status", pb.SystemSharedMemoryStatusResponse, pb.CudaSharedMemoryStatusResponse)
 
 
 class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
@@ -197,16 +201,8 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def SystemSharedMemoryStatus(
         self, request: pb.SystemSharedMemoryStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.SystemSharedMemoryStatusResponse:
-        try:
-            regions = self.core.shared_memory.status(request.name, SYSTEM)
-        except EnginehouseError as exc:
-            await context.abort(exc.grpc_code, exc.message)
         response = pb.SystemSharedMemoryStatusResponse()
-        for region in regions:
-            status = response.regions[region.name]
-            status.name, status.key = region.name, region.key
-            status.offset, status.byte_size = region.offset, region.byte_size
-        return response
+        return await self._regions(SYSTEM, request.name, response, context)
 
     async def SystemSharedMemoryRegister(
         self, request: pb.SystemSharedMemoryRegisterRequest, context: grpc.aio.ServicerContext
@@ -228,15 +224,21 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def CudaSharedMemoryStatus(
         self, request: pb.CudaSharedMemoryStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.CudaSharedMemoryStatusResponse:
+        response = pb.CudaSharedMemoryStatusResponse()
+        return await self._regions(CUDA, request.name, response, context)
+
+    async def _regions(
+        self, kind: str, name: str, response: _Status, context: grpc.aio.ServicerContext
+    ) -> _Status:
+        """``response`` with the status of one region of ``kind``, or of all of them."""
         try:
-            regions = self.core.shared_memory.status(request.name, CUDA)
+            regions = self.core.shared_memory.status(name, kind)
         except EnginehouseError as exc:
             await context.abort(exc.grpc_code, exc.message)
-        response = pb.CudaSharedMemoryStatusResponse()
         for region in regions:
-            status = response.regions[region.name]
-            status.name, status.device_id = region.name, region.device_id
-            status.byte_size = region.byte_size
+            entry = response.regions[region.name]
+            for field, value in region_status(region).items():
+                setattr(entry, field, value)
         return response
 
     async def CudaSharedMemoryRegister(

@@ -22,7 +22,7 @@ from enginehouse import datatypes
 from enginehouse.config.protojson import message_to_json_dict
 from enginehouse.core.model import ModelVersion
 from enginehouse.core.server import SERVER_NAME, ServerCore
-from enginehouse.core.shared_memory import CUDA, SYSTEM, CudaRegion, Region, decode_raw_handle
+from enginehouse.core.shared_memory import CUDA, SYSTEM, decode_raw_handle, region_status
 from enginehouse.errors import (
     EnginehouseError,
     InternalError,
@@ -50,18 +50,6 @@ log = logging.getLogger(__name__)
 
 _EMPTY_OK = HttpResponse(200, [])
 _NOT_READY = HttpResponse(400, [])
-
-
-def _region_status(region: Region | CudaRegion) -> dict[str, Any]:
-    """A region as the extension's status lists it."""
-    if isinstance(region, CudaRegion):
-        return {"name": region.name, "device_id": region.device_id, "byte_size": region.byte_size}
-    return {
-        "name": region.name,
-        "key": region.key,
-        "offset": region.offset,
-        "byte_size": region.byte_size,
-    }
 
 
 def _json(value: Any, status: int = 200) -> HttpResponse:
@@ -296,7 +284,7 @@ class HttpApp:
             name, rest = unquote(rest[1]), rest[2:]
         if rest == ["status"]:
             self._method(method, "GET")
-            return _json([_region_status(r) for r in regions.status(name, kind)])
+            return _json([region_status(r) for r in regions.status(name, kind)])
         if rest == ["register"] and name:
             self._method(method, "POST")
             body = _body_json(request)
