@@ -24,8 +24,12 @@ from enginehouse.testing import ServerProcess
 from tests.models import torch_convnet
 
 torch = pytest.importorskip("torch")
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-cudashm = pytest.importorskip("tritonclient.utils.cuda_shared_memory")
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+try:
+    import tritonclient.utils.cuda_shared_memory as cudashm
+except RuntimeError as missing:  # tritonclient raises this without cuda-python
+    pytest.skip(str(missing), allow_module_level=True)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 from make_repository import make_repository  # noqa: E402
