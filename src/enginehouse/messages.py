@@ -2,15 +2,93 @@
 
 A frontend turns wire bytes into an :class:`InferRequest` and an :class:`InferResponse`
 back into bytes; nothing else crosses. Tensors travel by reference as NumPy arrays, views
-over the request body where the wire format allows.
+over the request body where the wire format allows, or as a :class:`RegionTensor` where
+they wait in a client's shared-memory region.
 """
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
+
+
+class RegionTensor:
+    """An input tensor left in a client's shared-memory region until its batch is gathered,
+    then read once, straight into the buffer the engine reads (a GPU instance's pinned
+    staging buffer), or into an array of its own where an engine needs one
+    (``np.asarray``). Only what a scheduler and an engine's gather ask of an input is here:
+    shape, dtype, sizes, ``reshape`` and a range of rows.
+
+    ``read(offset, destination)`` fills ``destination`` from the region's byte ``offset``;
+    ``release`` is called once this tensor and every view of it are gone (the region then
+    may close)."""
+
+    __slots__ = ("__weakref__", "_offset", "_parent", "_read", "dtype", "shape")
+
+    def __init__(
+        self,
+        read: Callable[[int, memoryview], None],
+        offset: int,
+        shape: tuple[int, ...],
+        dtype: np.dtype,
+        release: Callable[[], None] | None = None,
+        parent: RegionTensor | None = None,
+    ) -> None:
+        self._read = read
+        self._offset = offset
+        self.shape = shape
+        self.dtype = dtype
+        # A view holds the tensor it came from: the region stays held while any is alive.
+        self._parent = parent
+        if release is not None:
+            weakref.finalize(self, release)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    def reshape(self, shape: tuple[int, ...]) -> RegionTensor:
+        view = RegionTensor(self._read, self._offset, tuple(shape), self.dtype, parent=self)
+        if view.size != self.size:
+            raise ValueError(f"cannot reshape {self.shape} into {tuple(shape)}")
+        return view
+
+    def rows(self, start: int, stop: int) -> RegionTensor:
+        """Rows ``start:stop`` of the first dimension (contiguous in the region)."""
+        row_bytes = self.nbytes // self.shape[0] if self.shape and self.shape[0] else 0
+        shape = (stop - start, *self.shape[1:])
+        offset = self._offset + start * row_bytes
+        return RegionTensor(self._read, offset, shape, self.dtype, parent=self)
+
+    def read_into(self, destination: np.ndarray) -> None:
+        """Fill ``destination`` (C-contiguous, as many bytes as this tensor) from the region."""
+        if destination.nbytes != self.nbytes or not destination.flags.c_contiguous:
+            raise ValueError(
+                f"a region tensor of {self.nbytes} bytes is read into a C-contiguous buffer of "
+                f"as many, not {destination.nbytes} bytes"
+            )
+        self._read(self._offset, memoryview(cast(Any, destination)).cast("B"))
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        array = np.empty(self.shape, self.dtype)
+        self.read_into(array)
+        return array if dtype is None else array.astype(dtype, copy=False)
+
+
+# What an input tensor is between the frontends and an engine's gather.
+Tensor = np.ndarray | RegionTensor
 
 
 @dataclass(slots=True)
@@ -20,7 +98,7 @@ class InferInput:
     name: str
     datatype: str
     shape: tuple[int, ...]
-    data: np.ndarray
+    data: Tensor
 
 
 @dataclass(slots=True)

@@ -242,3 +242,44 @@ def test_a_region_unregistered_while_requests_run(served: ServerProcess) -> None
         assert grpc.is_server_live()
     finally:
         regions.close()
+
+
+def test_gpu_model_reads_system_regions_into_its_staging(served: ServerProcess) -> None:
+    """Images in system shared memory, batched: each read from its region straight into the
+    instance's pinned staging rows."""
+    import tritonclient.utils.shared_memory as shm
+
+    grpc = client_for(grpcclient, served)
+    images = np.random.default_rng(1).standard_normal((8, 1, 3, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        want = net()(torch.from_numpy(images.reshape(-1, 3, 16, 16))).numpy()
+    handle = shm.create_shared_memory_region("sys_images", "/eh_gpu_sys_images", images.nbytes)
+    errors: list[str] = []
+    answers: dict[int, np.ndarray] = {}
+    try:
+        shm.set_shared_memory_region(handle, [images])
+        grpc.register_system_shared_memory("sys_images", "/eh_gpu_sys_images", images.nbytes)
+        one = images[0].nbytes
+
+        def run(i: int) -> None:
+            client = client_for(grpcclient, served)
+            item = grpcclient.InferInput("image", [1, 3, 16, 16], "FP32")
+            item.set_shared_memory("sys_images", one, offset=i * one)
+            for _ in range(10):
+                try:
+                    answers[i] = client.infer("gpu_net", [item]).as_numpy("logits")
+                except InferenceServerException as exc:
+                    errors.append(f"{i}: {exc}")
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == []
+        for i in range(8):
+            got = answers[i][0]
+            assert np.abs(got - want[i]).max() / np.abs(want[i]).max() <= 5e-3, i
+    finally:
+        grpc.unregister_system_shared_memory("sys_images")
+        shm.destroy_shared_memory_region(handle)

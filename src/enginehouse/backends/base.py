@@ -16,6 +16,8 @@ from typing import Any, Protocol
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
+from enginehouse.messages import Tensor
+
 
 @dataclass(frozen=True, slots=True)
 class Placement:
@@ -81,12 +83,13 @@ class Engine(ABC):
     ) -> list[np.ndarray]:
         """Run the model on named inputs and return the named outputs, in that order."""
 
-    def gather(self, parts: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
+    def gather(self, parts: dict[str, list[Tensor]]) -> dict[str, np.ndarray]:
         """The inputs of one execution from the requests' inputs, stacked along the batch
-        dimension in order. Engines that stage inputs in buffers of their own override it
-        to copy each part into place once, instead of joining them first."""
+        dimension in order (a tensor still in a shared-memory region is read here). Engines
+        that stage inputs in buffers of their own override it to copy each part into place
+        once, instead of joining them first."""
         return {
-            name: arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
+            name: np.asarray(arrays[0]) if len(arrays) == 1 else np.concatenate(arrays, axis=0)
             for name, arrays in parts.items()
         }
 

@@ -43,6 +43,7 @@ from enginehouse import datatypes
 from enginehouse.backends.base import Engine, Launched
 from enginehouse.backends.host_copies import copied, copy_all, copy_rows
 from enginehouse.backends.stream_wake import StreamWaker, stream_waker
+from enginehouse.messages import Tensor
 
 log = logging.getLogger(__name__)
 
@@ -234,16 +235,17 @@ class CudaGraphEngine(Engine):
         at = bisect.bisect_left(self.buckets, rows)
         return self.buckets[at] if at < len(self.buckets) else None
 
-    def gather(self, parts: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
+    def gather(self, parts: dict[str, list[Tensor]]) -> dict[str, np.ndarray]:
         """Requests' inputs copied straight into the pinned staging buffers (one copy, not a
-        join and then a copy), when the batch fits a captured graph. ``execute`` then finds
-        them in place and copies nothing."""
+        join and then a copy; an input in a shared-memory region is read from the region
+        into place), when the batch fits a captured graph. ``execute`` then finds them in
+        place and copies nothing."""
         lists = [parts.get(name, []) for name in self._inputs]
         rows = self._stageable_rows(lists)
         if not rows:
             return super().gather(parts)
         staged = {}
-        copies: list[tuple[np.ndarray, np.ndarray]] = []
+        copies: list[tuple[np.ndarray, Tensor]] = []
         for name, arrays, host in zip(self._inputs, lists, self._host_in):
             offset = 0
             for array in arrays:
@@ -254,7 +256,7 @@ class CudaGraphEngine(Engine):
         copy_all(copies)
         return staged
 
-    def _stageable_rows(self, lists: list[list[np.ndarray]]) -> int:
+    def _stageable_rows(self, lists: list[list[Tensor]]) -> int:
         """The rows these parts fill in the staging buffers, or 0 when they do not fit a
         captured graph as it expects (they then take the direct, uncaptured path)."""
         if not lists or len(lists) != len(self._host_in):

@@ -17,6 +17,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
+from enginehouse.messages import RegionTensor, Tensor
+
 # Below this many bytes a copy stays on the calling thread.
 PARALLEL_BYTES = 4 << 20
 # Each thread copies at least this many bytes.
@@ -44,30 +46,43 @@ def _executor() -> ThreadPoolExecutor:
         return _pool
 
 
-def copy_rows(destination: np.ndarray, source: np.ndarray) -> None:
-    """``np.copyto(destination, source, casting="no")``, split into row ranges copied in
-    parallel when the copy is large and the machine has the cores."""
+def _copy(destination: np.ndarray, source: Tensor) -> None:
+    """One copy: an array's elements, or a region tensor's bytes read into place."""
+    if isinstance(source, RegionTensor):
+        source.read_into(destination)
+    else:
+        np.copyto(destination, source, casting="no")
+
+
+def _rows(source: Tensor, start: int, stop: int) -> Tensor:
+    return source.rows(start, stop) if isinstance(source, RegionTensor) else source[start:stop]
+
+
+def copy_rows(destination: np.ndarray, source: Tensor) -> None:
+    """``np.copyto(destination, source, casting="no")`` (or a region tensor read into
+    ``destination``), split into row ranges copied in parallel when the copy is large and
+    the machine has the cores."""
     size = destination.nbytes
     rows = destination.shape[0] if destination.ndim else 0
     threads = _threads()
     if size < PARALLEL_BYTES or rows < 2 or threads < 2:
-        np.copyto(destination, source, casting="no")
+        _copy(destination, source)
         return
     parts = int(min(threads, rows, max(2, size // CHUNK_BYTES)))
     bounds = [rows * i // parts for i in range(parts + 1)]
     pool = _executor()
     futures: list[Future[None]] = [
-        pool.submit(np.copyto, destination[a:b], source[a:b], casting="no")
+        pool.submit(_copy, destination[a:b], _rows(source, a, b))
         for a, b in itertools.pairwise(bounds[1:])
     ]
     try:
-        np.copyto(destination[: bounds[1]], source[: bounds[1]], casting="no")
+        _copy(destination[: bounds[1]], _rows(source, 0, bounds[1]))
     finally:
         for future in futures:
             future.result()
 
 
-def copy_all(pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
+def copy_all(pairs: list[tuple[np.ndarray, Tensor]]) -> None:
     """Many copies at once (a batch's requests into their rows of a staging buffer), spread
     over the threads by bytes when together they are large: each part may be small (one
     image is 588 KB) while the batch is megabytes, copied on the event loop's thread
@@ -78,7 +93,7 @@ def copy_all(pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
         for destination, source in pairs:
             copy_rows(destination, source)
         return
-    groups: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(threads)]
+    groups: list[list[tuple[np.ndarray, Tensor]]] = [[] for _ in range(threads)]
     loads = [0] * threads
     for destination, source in sorted(pairs, key=lambda pair: -pair[0].nbytes):
         lightest = loads.index(min(loads))
@@ -93,9 +108,9 @@ def copy_all(pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
             future.result()
 
 
-def _copy_group(group: list[tuple[np.ndarray, np.ndarray]]) -> None:
+def _copy_group(group: list[tuple[np.ndarray, Tensor]]) -> None:
     for destination, source in group:
-        np.copyto(destination, source, casting="no")
+        _copy(destination, source)
 
 
 def copied(source: np.ndarray) -> np.ndarray:

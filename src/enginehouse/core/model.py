@@ -23,6 +23,8 @@ from enginehouse.messages import (
     InferRequest,
     InferResponse,
     ModelMetadata,
+    RegionTensor,
+    Tensor,
     TensorMetadata,
 )
 from enginehouse.scheduler.base import Scheduler, Work
@@ -87,9 +89,11 @@ class ModelVersion:
             ),
         )
 
-    def _check_inputs(self, request: InferRequest) -> tuple[dict[str, np.ndarray], int]:
-        """The engine feeds and the batch size, or a 400 naming what is wrong."""
-        feeds: dict[str, np.ndarray] = {}
+    def _check_inputs(self, request: InferRequest) -> tuple[dict[str, Tensor], int, bool]:
+        """The engine feeds, the batch size and whether an input waits in a shared-memory
+        region, or a 400 naming what is wrong."""
+        feeds: dict[str, Tensor] = {}
+        in_regions = False
         batch_size = 1
         model = self.name
         for item in request.inputs:
@@ -141,6 +145,8 @@ class ModelVersion:
                 )
             if spec.reshape is not None:
                 data = data.reshape((batch_size, *spec.reshape) if self.batching else spec.reshape)
+            if type(data) is RegionTensor:
+                in_regions = True
             feeds[item.name] = data
         if len(feeds) < len(self.required_inputs) or not self.required_inputs.issubset(feeds):
             missing = sorted(self.required_inputs.difference(feeds))
@@ -148,7 +154,7 @@ class ModelVersion:
                 f"expected {len(self.required_inputs)} inputs but got {len(feeds)} inputs for "
                 f"model '{model}'; missing required input(s) {missing}"
             )
-        return feeds, batch_size
+        return feeds, batch_size, in_regions
 
     def _output_names(self, request: InferRequest) -> tuple[str, ...]:
         if request.outputs is None:
@@ -166,13 +172,14 @@ class ModelVersion:
         ran inline, else an awaitable of it."""
         start = request.arrival_ns or time.perf_counter_ns()
         try:
-            feeds, batch_size = self._check_inputs(request)
+            feeds, batch_size, in_regions = self._check_inputs(request)
             names = self._output_names(request)
         except EnginehouseError:
             self.statistics.record_failure(time.perf_counter_ns() - start)
             raise
         nbytes = sum(a.nbytes for a in feeds.values())
-        return self.scheduler.submit(Work(request, feeds, names, batch_size, start, nbytes))
+        work = Work(request, feeds, names, batch_size, start, nbytes, in_regions)
+        return self.scheduler.submit(work)
 
     async def infer(self, request: InferRequest) -> InferResponse:
         """Run one request and return its response."""

@@ -26,8 +26,8 @@ import binascii
 import os
 import re
 import stat
+import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
@@ -40,7 +40,7 @@ from enginehouse.errors import (
     NotFoundError,
     UnsupportedError,
 )
-from enginehouse.messages import SharedMemoryTarget
+from enginehouse.messages import RegionTensor, SharedMemoryTarget, Tensor
 
 SHM_ROOT = "/dev/shm"
 # At most this many regions at once: each holds an open descriptor or a device mapping.
@@ -50,17 +50,60 @@ SYSTEM = "system"
 CUDA = "cuda"
 
 
-@dataclass(slots=True)
-class Region:
+class _HeldRegion:
+    """What both kinds share: a region is freed (descriptor closed, allocation unmapped)
+    only once it is unregistered and no request's input still waits in it, so that a read
+    never meets a closed descriptor, or a number the process has since given to another
+    file, or unmapped device memory."""
+
+    kind = ""
+
+    def __init__(self, name: str, byte_size: int) -> None:
+        self.name = name
+        self.byte_size = byte_size
+        self._holds = 0
+        self._closing = False
+        self._lock = threading.Lock()
+
+    def hold(self) -> None:
+        with self._lock:
+            self._holds += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._holds -= 1
+            free = self._closing and self._holds == 0
+        if free:
+            self._free()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            free = self._holds == 0
+        if free:
+            self._free()
+
+    def _free(self) -> None:
+        raise NotImplementedError
+
+    def read(self, offset: int, destination: memoryview) -> int:
+        raise NotImplementedError
+
+    def write(self, offset: int, source: memoryview) -> int:
+        raise NotImplementedError
+
+
+class Region(_HeldRegion):
     """A registered system region: its object's descriptor and the part of it the name
     covers."""
 
-    name: str
-    key: str
-    offset: int
-    byte_size: int
-    fd: int
     kind = SYSTEM
+
+    def __init__(self, name: str, key: str, offset: int, byte_size: int, fd: int) -> None:
+        super().__init__(name, byte_size)
+        self.key = key
+        self.offset = offset
+        self.fd = fd
 
     def read(self, offset: int, destination: memoryview) -> int:
         return os.preadv(self.fd, [destination], self.offset + offset) if destination.nbytes else 0
@@ -68,19 +111,25 @@ class Region:
     def write(self, offset: int, source: memoryview) -> int:
         return os.pwrite(self.fd, source, self.offset + offset)
 
-    def close(self) -> None:
+    def available(self) -> int:
+        """The bytes of the region its object still holds (a client may truncate it)."""
+        return max(0, min(self.byte_size, os.fstat(self.fd).st_size - self.offset))
+
+    def _free(self) -> None:
         os.close(self.fd)
 
 
-@dataclass(slots=True)
-class CudaRegion:
+class CudaRegion(_HeldRegion):
     """A registered CUDA region: a client's device allocation opened from its IPC handle."""
 
-    name: str
-    device_id: int
-    byte_size: int
-    allocation: cuda_ipc.ImportedAllocation
     kind = CUDA
+
+    def __init__(
+        self, name: str, device_id: int, byte_size: int, allocation: cuda_ipc.ImportedAllocation
+    ) -> None:
+        super().__init__(name, byte_size)
+        self.device_id = device_id
+        self.allocation = allocation
 
     def read(self, offset: int, destination: memoryview) -> int:
         self.allocation.read(offset, destination)
@@ -90,7 +139,10 @@ class CudaRegion:
         self.allocation.write(offset, source)
         return source.nbytes
 
-    def close(self) -> None:
+    def available(self) -> int:
+        return self.byte_size
+
+    def _free(self) -> None:
         self.allocation.close()
 
 
@@ -239,25 +291,46 @@ class SharedMemoryRegions:
         dtype: datatypes.DataType,
         shape: tuple[int, ...],
         tensor: str,
-    ) -> np.ndarray:
-        """The input tensor the parameters place in a region, read into an array of its own."""
+    ) -> Tensor:
+        """The input tensor the parameters place in a region: a :class:`RegionTensor` read
+        when its batch is gathered (BYTES tensors, whose elements must be parsed, are read
+        now into an array of their own)."""
         region, offset, size = self._slice(parameters, tensor)
-        if dtype.name != "BYTES":
-            needed = datatypes.element_count(shape, tensor) * dtype.itemsize
-            if size != needed:
-                raise InvalidArgumentError(
-                    f"input '{tensor}': shape {list(shape)} of {dtype.name} is {needed} bytes, "
-                    f"shared_memory_byte_size says {size}"
-                )
-        buffer = np.empty(size, np.uint8)  # not zero-filled: the read fills it
-        view = memoryview(cast(Any, buffer))
-        read = self._copy(region, region.read, offset, view, tensor)
-        if read != size:
+        if dtype.name == "BYTES":
+            buffer = np.empty(size, np.uint8)  # not zero-filled: the read fills it
+            view = memoryview(cast(Any, buffer))
+            self._read_exactly(region, offset, view, tensor)
+            return datatypes.from_wire_bytes(view, dtype, shape, tensor)
+        needed = datatypes.element_count(shape, tensor) * dtype.itemsize
+        if size != needed:
             raise InvalidArgumentError(
-                f"input '{tensor}': shared-memory region '{region.name}' gave {read} of "
-                f"{size} bytes (its object was truncated)"
+                f"input '{tensor}': shape {list(shape)} of {dtype.name} is {needed} bytes, "
+                f"shared_memory_byte_size says {size}"
             )
-        return datatypes.from_wire_bytes(view, dtype, shape, tensor)
+        if region.available() < offset + size:
+            raise self._truncated(region, tensor, region.available() - offset, size)
+
+        def read(at: int, destination: memoryview) -> None:
+            self._read_exactly(region, at, destination, tensor)
+
+        region.hold()
+        return RegionTensor(read, offset, shape, dtype.numpy, release=region.release)
+
+    def _read_exactly(
+        self, region: Region | CudaRegion, offset: int, destination: memoryview, tensor: str
+    ) -> None:
+        read = self._copy(region, region.read, offset, destination, tensor)
+        if read != destination.nbytes:
+            raise self._truncated(region, tensor, read, destination.nbytes)
+
+    @staticmethod
+    def _truncated(
+        region: Region | CudaRegion, tensor: str, got: int, size: int
+    ) -> InvalidArgumentError:
+        return InvalidArgumentError(
+            f"input '{tensor}': shared-memory region '{region.name}' gave {max(0, got)} of "
+            f"{size} bytes (its object was truncated)"
+        )
 
     def target(self, parameters: Mapping[str, Any], tensor: str) -> SharedMemoryTarget:
         """Where a requested output goes, checked now (an unknown region fails the request

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from enginehouse.backends.base import Engine, Launched, Placement
+from enginehouse.messages import Tensor
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +181,7 @@ class Instance:
         self.policy.observe(t2 - t1, inline)
         return Execution(outputs, t1 - t0, t2 - t1, t3 - t2)
 
-    def gather(self, parts: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
+    def gather(self, parts: dict[str, list[Tensor]]) -> dict[str, np.ndarray]:
         """The engine's inputs for several requests' parts (call on the instance thread)."""
         return self._engine.gather(parts)
 

@@ -13,14 +13,15 @@ from __future__ import annotations
 import asyncio
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
 from enginehouse.config.tensors import TensorSpec
 from enginehouse.errors import EnginehouseError, InternalError, UnavailableError
-from enginehouse.messages import InferRequest, InferResponse, OutputTensor
+from enginehouse.messages import InferRequest, InferResponse, OutputTensor, Tensor
 from enginehouse.runtime.instance import FinishOutputs, Instance
 from enginehouse.scheduler.instances import InstanceSupervisor
 from enginehouse.scheduler.statistics import ModelStatistics
@@ -40,14 +41,25 @@ class PendingLimits:
 @dataclass(slots=True)
 class Work:
     """A checked request as a scheduler takes it: the engine feeds, the outputs to return,
-    its batch size, when it arrived (perf_counter_ns) and its input bytes."""
+    its batch size, when it arrived (perf_counter_ns), its input bytes, and whether an
+    input still waits in a shared-memory region (to be read by the engine's gather)."""
 
     request: InferRequest
-    feeds: dict[str, np.ndarray]
+    feeds: dict[str, Tensor]
     names: tuple[str, ...]
     batch_size: int
     start_ns: int
     nbytes: int
+    in_regions: bool = False
+
+    def inputs(self, instance: Instance) -> Callable[[], dict[str, np.ndarray]]:
+        """What an execution of this request alone takes as its inputs: the feeds, or,
+        where some wait in a region, the instance's gather of them (read into place)."""
+        feeds = self.feeds
+        if self.in_regions:
+            return lambda: instance.gather({name: [a] for name, a in feeds.items()})
+        arrays = cast(dict[str, np.ndarray], feeds)  # no RegionTensor among them
+        return lambda: arrays
 
 
 def _unchanged(outputs: list[np.ndarray]) -> list[np.ndarray]:

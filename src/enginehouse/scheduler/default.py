@@ -35,10 +35,9 @@ class DefaultScheduler(Scheduler):
         """Execute on this thread with an instance already taken from the pool."""
         queued = time.perf_counter_ns()
         names = work.names
-        feeds = work.feeds
         try:
             execution = instance.execute_sync(
-                lambda: feeds, names, self.responses.finisher(names, work.batch_size)
+                work.inputs(instance), names, self.responses.finisher(names, work.batch_size)
             )
         except BaseException as exc:
             raise self.failed(instance, exc, (work.start_ns,)) from exc
@@ -59,9 +58,9 @@ class DefaultScheduler(Scheduler):
             if instance.policy.inline(work.nbytes):
                 return self._run_inline(work, instance)
             queued = time.perf_counter_ns()
-            feeds, names = work.feeds, work.names
+            names = work.names
             future = instance.execute(
-                lambda: feeds, names, self.responses.finisher(names, work.batch_size)
+                work.inputs(instance), names, self.responses.finisher(names, work.batch_size)
             )
             try:
                 # Shielded: a cancelled request must not free an instance still executing.
