@@ -71,6 +71,10 @@ class Engine(ABC):
     # learns of their end from the waker (or polls), instead of going to the instance
     # thread and back.
     launches: bool = False
+    # Whether :meth:`gather` reads inputs still in shared-memory regions straight into
+    # buffers of its own. Where it does not, the scheduler reads them into arrays when a
+    # request arrives, on the event loop, beside the instance threads, as any input arrives.
+    reads_regions: bool = False
 
     def launch(self, inputs: dict[str, np.ndarray], output_names: Sequence[str]) -> Launched | None:
         """Start an execution and return without waiting for it, or None when this one

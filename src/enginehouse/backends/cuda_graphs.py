@@ -123,6 +123,7 @@ class CudaGraphEngine(Engine):
         fixed = config.max_batch_size > 0 and all(d > 0 for dims in self._dims for d in dims)
         self.buckets = sorted(set(buckets)) if fixed else []
         self.launches = bool(self.buckets)
+        self.reads_regions = bool(self.buckets)
         # Tells the event loop when a launch has ended (None: the loop polls).
         self.waker: StreamWaker | None = None
         # Per bucket: seconds from launch to done, as last seen (see GraphLaunch.outputs).

@@ -181,6 +181,11 @@ class Instance:
         self.policy.observe(t2 - t1, inline)
         return Execution(outputs, t1 - t0, t2 - t1, t3 - t2)
 
+    @property
+    def reads_regions(self) -> bool:
+        """Whether the engine's gather reads shared-memory inputs into place itself."""
+        return self._engine.reads_regions
+
     def gather(self, parts: dict[str, list[Tensor]]) -> dict[str, np.ndarray]:
         """The engine's inputs for several requests' parts (call on the instance thread)."""
         return self._engine.gather(parts)

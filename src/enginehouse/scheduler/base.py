@@ -135,6 +135,13 @@ class Scheduler(ABC):
         awaitable of it; 503 / UNAVAILABLE at once when the version holds too much."""
 
     @property
+    def reads_regions(self) -> bool:
+        """Whether the instances read inputs left in shared-memory regions into place as
+        they gather a batch (GPU instances' staging), so that requests may carry them so."""
+        instances = self.instances.all()
+        return bool(instances) and all(instance.reads_regions for instance in instances)
+
+    @property
     @abstractmethod
     def queued(self) -> int:
         """Requests waiting for an instance."""
