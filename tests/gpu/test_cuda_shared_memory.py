@@ -94,6 +94,19 @@ def wait_until(condition: Any, timeout_s: float = 60.0) -> None:
         time.sleep(0.005)
 
 
+def in_threads(run: Any, count: int) -> None:
+    """``run(i)`` for i in 0..count-1, each on a thread of its own, all at once."""
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def close_to(got: np.ndarray, want: np.ndarray) -> bool:
+    return bool(np.abs(got - want).max() / np.abs(want).max() <= 5e-3)
+
+
 def client_for(module: Any, server: ServerProcess) -> Any:
     url = server.http_url if module is httpclient else server.grpc_url
     return module.InferenceServerClient(url)
@@ -177,22 +190,16 @@ def test_gpu_model_two_instances_one_allocation_two_clients(served: ServerProces
                 except InferenceServerException as exc:
                     errors.append(f"{i}: {exc}")
 
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        in_threads(run, 8)
         assert errors == []
         for i, handle in enumerate(outputs):
-            got = cudashm.get_contents_as_numpy(handle, np.float32, [rows, 10])
-            assert np.abs(got - want[i]).max() / np.abs(want[i]).max() <= 5e-3, i
+            assert close_to(cudashm.get_contents_as_numpy(handle, np.float32, [rows, 10]), want[i])
 
         # One name gone, the other still reads the allocation.
         http.unregister_cuda_shared_memory("images_http")
         item = grpcclient.InferInput("image", [rows, 3, 16, 16], "FP32")
         item.set_shared_memory("images_grpc", one)
-        got = grpc.infer("gpu_net", [item]).as_numpy("logits")
-        assert np.abs(got - want[0]).max() / np.abs(want[0]).max() <= 5e-3
+        assert close_to(grpc.infer("gpu_net", [item]).as_numpy("logits"), want[0])
         stats = grpc.get_inference_statistics("gpu_net").model_stats[0]
         assert stats.inference_stats.success.count >= 161
     finally:
@@ -271,15 +278,10 @@ def test_gpu_model_reads_system_regions_into_its_staging(served: ServerProcess) 
                 except InferenceServerException as exc:
                     errors.append(f"{i}: {exc}")
 
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        in_threads(run, 8)
         assert errors == []
         for i in range(8):
-            got = answers[i][0]
-            assert np.abs(got - want[i]).max() / np.abs(want[i]).max() <= 5e-3, i
+            assert close_to(answers[i][0], want[i]), i
     finally:
         grpc.unregister_system_shared_memory("sys_images")
         shm.destroy_shared_memory_region(handle)
