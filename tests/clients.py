@@ -7,16 +7,18 @@ from typing import Any
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import np_to_triton_dtype
 
 
 def infer_all_at_once(
     client: grpcclient.InferenceServerClient, model: str, name: str, arrays: list[np.ndarray]
 ) -> list[np.ndarray]:
-    """Send one FP32 request per array, all in flight together, and return each request's
-    first output in the order sent (so that a batching server merges them)."""
+    """Send one request per array (of the array's datatype), all in flight together, and
+    return each request's first output in the order sent (so that a batching server merges
+    them)."""
     answers: queue.Queue[tuple[int, Any, Any]] = queue.Queue()
     for index, array in enumerate(arrays):
-        item = grpcclient.InferInput(name, list(array.shape), "FP32")
+        item = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
         item.set_data_from_numpy(array)
         client.async_infer(
             model,

@@ -135,6 +135,7 @@ def _build(
     program = _source_program(torch, source, config, samples, dynamic)
     dtype = getattr(torch, _DTYPES[spec.precision])
     reference = program.module()
+    source_dtypes = _user_input_dtypes(program)
 
     class Cast(torch.nn.Module):  # type: ignore[name-defined,misc]
         """Keeps the config's I/O types around a lower-precision program."""
@@ -184,8 +185,19 @@ def _build(
         raise
     except Exception as exc:  # export and inductor raise many types
         raise ModelLoadError(f"model '{model}': engine build failed: {exc}") from None
-    errors = _accuracy(torch, config, samples, reference, runner, device)
+    errors = _accuracy(torch, config, samples, reference, runner, device, source_dtypes)
     return _manifest(source, spec, artefact, errors)
+
+
+def _user_input_dtypes(program: Any) -> list[Any]:
+    """The dtypes the exported program was traced with, per user input: the config may
+    carry an input narrower than the source takes it (an FP16 image into an fp32 program)."""
+    users = set(program.graph_signature.user_inputs)
+    return [
+        node.meta["val"].dtype
+        for node in program.graph.nodes
+        if node.op == "placeholder" and node.name in users and "val" in node.meta
+    ]
 
 
 def _example(
@@ -292,14 +304,23 @@ def _accuracy(
     reference: Any,
     built: Any,
     device: str,
+    source_dtypes: list[Any] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Max absolute and relative error per output, built engine vs the fp32 source."""
+    """Max absolute and relative error per output, built engine vs the fp32 source. The
+    source gets each floating input as it was traced with (``source_dtypes``), the engine
+    as the config types it."""
     names = [t.name for t in config.output]
     errors = OutputErrors(names)
     with torch.inference_mode():
         for sample in samples[:8]:
             args = [torch.from_numpy(sample[t.name]) for t in config.input]
-            want = reference(*args)
+            fed = args
+            if source_dtypes and len(source_dtypes) == len(args):
+                fed = [
+                    a.to(d) if a.is_floating_point() and d.is_floating_point else a
+                    for a, d in zip(args, source_dtypes)
+                ]
+            want = reference(*fed)
             got = built(*[a.to(device) for a in args])
             want = (want,) if isinstance(want, torch.Tensor) else tuple(want)
             got = (got,) if isinstance(got, torch.Tensor) else tuple(got)
