@@ -27,6 +27,7 @@ import os
 import re
 import stat
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -50,7 +51,7 @@ SYSTEM = "system"
 CUDA = "cuda"
 
 
-class _HeldRegion:
+class _HeldRegion(ABC):
     """What both kinds share: a region is freed (descriptor closed, allocation unmapped)
     only once it is unregistered and no request's input still waits in it, so that a read
     never meets a closed descriptor, or a number the process has since given to another
@@ -83,14 +84,21 @@ class _HeldRegion:
         if free:
             self._free()
 
+    @abstractmethod
     def _free(self) -> None:
-        raise NotImplementedError
+        """Close what the region holds open."""
 
+    @abstractmethod
     def read(self, offset: int, destination: memoryview) -> int:
-        raise NotImplementedError
+        """Fill ``destination`` from ``offset`` into the region; the bytes read."""
 
+    @abstractmethod
     def write(self, offset: int, source: memoryview) -> int:
-        raise NotImplementedError
+        """Write ``source`` at ``offset`` into the region; the bytes written."""
+
+    @abstractmethod
+    def available(self) -> int:
+        """The bytes of the region that can be read now."""
 
 
 class Region(_HeldRegion):
