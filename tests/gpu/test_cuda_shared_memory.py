@@ -285,3 +285,33 @@ def test_gpu_model_reads_system_regions_into_its_staging(served: ServerProcess) 
     finally:
         grpc.unregister_system_shared_memory("sys_images")
         shm.destroy_shared_memory_region(handle)
+
+
+def test_a_server_with_no_gpu_model_keeps_device_regions_usable(tmp_path: Path) -> None:
+    """Nothing but the region holds the device's context in this server: requests long
+    after registration still read and write it."""
+    repo = make_repository(tmp_path / "repo")
+    with ServerProcess(
+        [repo], "--model-control-mode", "explicit", "--load-model", "simple"
+    ) as server:
+        server.wait_live()
+        client = client_for(grpcclient, server)
+        regions = DeviceRegions(client)
+        try:
+            a = np.arange(16, dtype=np.int32).reshape(1, 16)
+            regions.make("only_in", np.concatenate([a, a]))
+            out = regions.make("only_out", byte_size=64)
+            for _ in range(3):
+                time.sleep(0.5)
+                inputs = []
+                for index, name in enumerate(("INPUT0", "INPUT1")):
+                    item = grpcclient.InferInput(name, [1, 16], "INT32")
+                    item.set_shared_memory("only_in", 64, offset=index * 64)
+                    inputs.append(item)
+                requested = grpcclient.InferRequestedOutput("OUTPUT0")
+                requested.set_shared_memory("only_out", 64)
+                client.infer("simple", inputs, outputs=[requested])
+                got = cudashm.get_contents_as_numpy(out, np.int32, [1, 16])
+                np.testing.assert_array_equal(got, a + a)
+        finally:
+            regions.close()

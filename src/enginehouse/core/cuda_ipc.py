@@ -4,15 +4,18 @@ through the CUDA driver API.
 Triton's CUDA shared-memory extension hands the server a 64-byte IPC handle of a client's
 ``cudaMalloc`` allocation. The driver library (``libcuda.so.1``, present wherever an NVIDIA
 driver is) is called through ctypes, so serving such regions needs no CUDA Python package
-and works beside PyTorch: both use the device's primary context, which each call here makes
-current on its thread and releases again. Every copy is bounds-checked by the caller against
-the size the driver reports for the allocation; nothing here touches memory past it.
+and works beside PyTorch: both use the device's primary context, which an opened allocation
+holds for as long as it is open (in a server with no GPU model nothing else may) and makes
+current on the calling thread for each copy. Every copy is bounds-checked against the size
+the driver reports for the allocation; nothing here touches memory past it.
 """
 
 from __future__ import annotations
 
 import ctypes
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -106,27 +109,30 @@ def device_count() -> int:
     return count.value
 
 
-class _Current:
-    """The device's primary context made current on this thread for a block of calls."""
+class _PrimaryContext:
+    """A hold on a device's primary context (the one PyTorch uses too), kept for as long as
+    an allocation opened in it is: were the last hold released, the driver would destroy the
+    context and the opened pointer with it. ``current()`` makes it current on the calling
+    thread for a block of calls."""
 
     def __init__(self, device_id: int) -> None:
         self.cuda = driver()
         self.device = ctypes.c_int()
         self.cuda.check(self.cuda.device_get(ctypes.byref(self.device), device_id), "cuDeviceGet")
-
-    def __enter__(self) -> _Driver:
-        context = ctypes.c_void_p()
+        self.context = ctypes.c_void_p()
         self.cuda.check(
-            self.cuda.retain(ctypes.byref(context), self.device), "cuDevicePrimaryCtxRetain"
+            self.cuda.retain(ctypes.byref(self.context), self.device), "cuDevicePrimaryCtxRetain"
         )
-        status = self.cuda.push(context)
-        if status != 0:
-            self.cuda.release(self.device)
-            self.cuda.check(status, "cuCtxPushCurrent")
-        return self.cuda
 
-    def __exit__(self, *_: object) -> None:
-        self.cuda.pop(ctypes.byref(ctypes.c_void_p()))
+    @contextmanager
+    def current(self) -> Iterator[_Driver]:
+        self.cuda.check(self.cuda.push(self.context), "cuCtxPushCurrent")
+        try:
+            yield self.cuda
+        finally:
+            self.cuda.pop(ctypes.byref(ctypes.c_void_p()))
+
+    def release(self) -> None:
         self.cuda.release(self.device)
 
 
@@ -150,16 +156,21 @@ class ImportedAllocation:
         raw = _Handle()
         ctypes.memmove(ctypes.addressof(raw), handle, IPC_HANDLE_SIZE)
         pointer = ctypes.c_uint64()
-        with _Current(device_id) as cuda:
-            cuda.check(
-                cuda.open(ctypes.byref(pointer), raw, _LAZY_ENABLE_PEER_ACCESS),
-                "cuIpcOpenMemHandle",
-            )
-            base, size = ctypes.c_uint64(), ctypes.c_size_t()
-            status = cuda.address_range(ctypes.byref(base), ctypes.byref(size), pointer.value)
-            if status != 0:
-                cuda.close(pointer.value)
-                cuda.check(status, "cuMemGetAddressRange")
+        self._context = _PrimaryContext(device_id)
+        try:
+            with self._context.current() as cuda:
+                cuda.check(
+                    cuda.open(ctypes.byref(pointer), raw, _LAZY_ENABLE_PEER_ACCESS),
+                    "cuIpcOpenMemHandle",
+                )
+                base, size = ctypes.c_uint64(), ctypes.c_size_t()
+                status = cuda.address_range(ctypes.byref(base), ctypes.byref(size), pointer.value)
+                if status != 0:
+                    cuda.close(pointer.value)
+                    cuda.check(status, "cuMemGetAddressRange")
+        except BaseException:
+            self._context.release()
+            raise
         self.pointer = pointer.value
         # What the allocation holds from the opened pointer on: the most any copy may touch.
         self.size = int(size.value) - (self.pointer - int(base.value))
@@ -170,7 +181,7 @@ class ImportedAllocation:
         self._bounds(offset, destination.nbytes)
         if not destination.nbytes:
             return
-        with _Current(self.device_id) as cuda:
+        with self._context.current() as cuda:
             cuda.check(
                 cuda.to_host(_address(destination), self.pointer + offset, destination.nbytes),
                 "cuMemcpyDtoH",
@@ -181,7 +192,7 @@ class ImportedAllocation:
         self._bounds(offset, source.nbytes)
         if not source.nbytes:
             return
-        with _Current(self.device_id) as cuda:
+        with self._context.current() as cuda:
             cuda.check(
                 cuda.to_device(self.pointer + offset, _address(source), source.nbytes),
                 "cuMemcpyHtoD",
@@ -199,5 +210,8 @@ class ImportedAllocation:
         if self._closed:
             return
         self._closed = True
-        with _Current(self.device_id) as cuda:
-            cuda.close(self.pointer)
+        try:
+            with self._context.current() as cuda:
+                cuda.close(self.pointer)
+        finally:
+            self._context.release()
