@@ -121,8 +121,10 @@ def wrk(
         errors = max(errors, int(wrong.group(1)))
     if socket_errors:
         errors += sum(int(x) for x in socket_errors.groups())
-    p50 = re.search(r"50%\s+(\S+)", out)
-    p99 = re.search(r"99%\s+(\S+)", out)
+    # The latency distribution's own lines: a stdev percentage such as "72.99%" ends in
+    # "99%" too.
+    p50 = re.search(r"^\s+50%\s+(\S+)", out, re.MULTILINE)
+    p99 = re.search(r"^\s+99%\s+(\S+)", out, re.MULTILINE)
     assert p50 and p99, out
     return LoadResult(total, errors, secs, _ms(p50.group(1)), _ms(p99.group(1)))
 
