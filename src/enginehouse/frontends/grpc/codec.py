@@ -204,14 +204,65 @@ def split_raw_contents(serialized: bytes | memoryview) -> tuple[bytes, list[memo
     return b"".join(rest), raw
 
 
+# Below this many output bytes a response is serialised whole: joining is cheaper than
+# handing a socket writer many pieces.
+LARGE_RESPONSE_BYTES = 64 << 10
+_RAW_OUTPUT_TAG = bytes(
+    [pb.ModelInferResponse.DESCRIPTOR.fields_by_name["raw_output_contents"].number << 3 | 2]
+)
+
+
+def _varint_bytes(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def encode_infer_response_wire(response: InferResponse) -> bytes | list[bytes | memoryview]:
+    """The serialised ModelInferResponse: whole bytes for a small response; for a large one,
+    the pieces that make it up, the outputs' own memory among them (protobuf's wire format
+    lets repeated fields follow the rest of the message), so that a megabyte output is not
+    copied into a message and then into frames before it reaches the socket."""
+    sizes = [t.data.nbytes for t in response.outputs if t.parameters is None]
+    if sum(sizes) < LARGE_RESPONSE_BYTES or any(
+        t.data.dtype.kind in ("O", "U", "S") for t in response.outputs
+    ):
+        return bytes(encode_infer_response(response).SerializeToString())
+    message = _response_message(response)
+    parts: list[bytes | memoryview] = [message.SerializeToString()]
+    for tensor in response.outputs:
+        data = (
+            memoryview(b"") if tensor.parameters is not None else datatypes.wire_view(tensor.data)
+        )
+        size = len(data)
+        parts.append(_RAW_OUTPUT_TAG + _varint_bytes(size))
+        if size:
+            parts.append(data)
+    return parts
+
+
 def encode_infer_response(response: InferResponse) -> pb.ModelInferResponse:
     """A ModelInferResponse with every output in raw_output_contents."""
+    message = _response_message(response)
+    raw = message.raw_output_contents
+    for tensor in response.outputs:
+        # An output written into a shared-memory region has an empty entry, which keeps
+        # raw_output_contents aligned with the outputs: that is how clients find each
+        # output's bytes.
+        raw.append(b"" if tensor.parameters is not None else datatypes.to_wire_bytes(tensor.data))
+    return message
+
+
+def _response_message(response: InferResponse) -> pb.ModelInferResponse:
+    """A ModelInferResponse with its outputs described and no raw_output_contents."""
     message = pb.ModelInferResponse(
         model_name=response.model_name,
         model_version=response.model_version,
         id=response.id,
     )
-    raw = message.raw_output_contents
     for tensor in response.outputs:
         out = message.outputs.add()
         out.name = tensor.name
@@ -223,9 +274,4 @@ def encode_infer_response(response: InferResponse) -> pb.ModelInferResponse:
                     out.parameters[key].string_param = value
                 else:
                     out.parameters[key].int64_param = value
-            # An empty entry keeps raw_output_contents aligned with the outputs, which is
-            # how clients find each output's bytes.
-            raw.append(b"")
-            continue
-        raw.append(datatypes.to_wire_bytes(tensor.data))
     return message

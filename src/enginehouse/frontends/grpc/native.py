@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+from collections import deque
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from functools import partial
@@ -74,8 +75,17 @@ log = logging.getLogger(__name__)
 INFER_METHOD = "ModelInfer"
 STREAM_METHOD = "ModelStreamInfer"
 
-# What a call answers with: its response message's bytes, now or later.
-Answer = bytes | Awaitable[bytes]
+# A response message: its bytes, or the pieces that make them up in order (a large one's
+# outputs stay in their own memory until the socket takes them).
+Body = bytes | list[bytes | memoryview]
+# What a call answers with: its response message, now or later.
+Answer = Body | Awaitable[Body]
+
+
+def _bytes(piece: bytes | memoryview) -> memoryview:
+    """A flat view of a piece's bytes (a typed array's view counts its elements)."""
+    view = memoryview(piece)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
 class Calls(Protocol):
@@ -101,7 +111,9 @@ class _Stream:
     data: bytearray = field(default_factory=bytearray)
     messages: list[bytes | memoryview] = field(default_factory=list)
     send_window: int = 65535
-    pending: bytearray = field(default_factory=bytearray)
+    # What waits to be sent, in order, as byte views, and how many bytes that is.
+    pending: deque[memoryview] = field(default_factory=deque)
+    pending_bytes: int = 0
     # Sent after the pending data: the trailers' header block, once the call has ended.
     trailers: bytes | None = None
     headers_sent: bool = False
@@ -131,7 +143,7 @@ class NativeGrpcProtocol(asyncio.Protocol):
         self._buffered = 0  # request bytes held in streams' buffers, not yet whole messages
         self._last_stream = 0
         self._closing = False
-        self._out: list[bytes] = []
+        self._out: list[bytes | memoryview] = []
         self._flush_scheduled = False
 
     # -- connection --------------------------------------------------------------------
@@ -149,7 +161,7 @@ class NativeGrpcProtocol(asyncio.Protocol):
             stream.reset = True
         self._streams.clear()
 
-    def _send(self, data: bytes) -> None:
+    def _send(self, data: bytes | memoryview) -> None:
         """Queue bytes; everything queued in one turn of the loop goes in one write."""
         self._out.append(data)
         if not self._flush_scheduled:
@@ -424,14 +436,14 @@ class NativeGrpcProtocol(asyncio.Protocol):
         except Exception as exc:  # answered with the status it maps to
             self._finish(stream, *status_of(exc, stream.method))
             return
-        if isinstance(result, bytes):
+        if isinstance(result, bytes | list):
             self._answer(stream, result, end=True)
             return
         pending = asyncio.ensure_future(result)
         self._frontend.keep(pending)
         pending.add_done_callback(partial(self._unary_done, stream))
 
-    def _unary_done(self, stream: _Stream, future: asyncio.Future[bytes]) -> None:
+    def _unary_done(self, stream: _Stream, future: asyncio.Future[Body]) -> None:
         if future.cancelled():
             self._finish(stream, grpc.StatusCode.CANCELLED, "the request was cancelled")
             return
@@ -449,14 +461,14 @@ class NativeGrpcProtocol(asyncio.Protocol):
             stream.answering -= 1
             self._finish(stream, *status_of(exc, INFER_METHOD))
             return
-        if isinstance(result, bytes):
+        if isinstance(result, bytes | list):
             self._stream_answered(stream, result)
             return
         pending = asyncio.ensure_future(result)
         self._frontend.keep(pending)
         pending.add_done_callback(partial(self._stream_done, stream))
 
-    def _stream_done(self, stream: _Stream, future: asyncio.Future[bytes]) -> None:
+    def _stream_done(self, stream: _Stream, future: asyncio.Future[Body]) -> None:
         error = asyncio.CancelledError() if future.cancelled() else future.exception()
         if error is not None:
             stream.answering -= 1
@@ -464,7 +476,7 @@ class NativeGrpcProtocol(asyncio.Protocol):
             return
         self._stream_answered(stream, future.result())
 
-    def _stream_answered(self, stream: _Stream, answer: bytes) -> None:
+    def _stream_answered(self, stream: _Stream, answer: Body) -> None:
         stream.answering -= 1
         self._answer(stream, answer, end=False)
         if stream.remote_closed and not stream.answering:
@@ -472,15 +484,19 @@ class NativeGrpcProtocol(asyncio.Protocol):
 
     # -- frames out --------------------------------------------------------------------
 
-    def _answer(self, stream: _Stream, body: bytes, end: bool) -> None:
+    def _answer(self, stream: _Stream, body: Body, end: bool) -> None:
         """One response message on the stream; with ``end``, the call's OK trailers after it."""
         if stream.reset or stream.trailers is not None:
             return
         if not stream.headers_sent:
             stream.headers_sent = True
             self._send(frame(HEADERS, END_HEADERS, stream.number, RESPONSE_HEADERS))
-        stream.pending += b"\x00" + len(body).to_bytes(4, "big")
-        stream.pending += body
+        views = [memoryview(body)] if isinstance(body, bytes) else [_bytes(p) for p in body]
+        pieces = [view for view in views if view.nbytes]
+        length = sum(piece.nbytes for piece in pieces)
+        stream.pending.append(memoryview(b"\x00" + length.to_bytes(4, "big")))
+        stream.pending.extend(pieces)
+        stream.pending_bytes += 5 + length
         if end:
             stream.trailers = OK_TRAILERS
         self._drain(stream)
@@ -504,12 +520,27 @@ class NativeGrpcProtocol(asyncio.Protocol):
     def _drain(self, stream: _Stream) -> None:
         """Send what the windows allow of a stream's pending data, then its trailers."""
         pending = stream.pending
-        while pending:
-            allowed = min(len(pending), stream.send_window, self._send_window, self._peer_max_frame)
+        while stream.pending_bytes:
+            allowed = min(
+                stream.pending_bytes, stream.send_window, self._send_window, self._peer_max_frame
+            )
             if allowed <= 0:
                 return
-            self._send(frame(DATA, 0, stream.number, bytes(pending[:allowed])))
-            del pending[:allowed]
+            # One DATA frame of the next ``allowed`` bytes: its header, then the views that
+            # hold them (no copy here; the socket's write takes them as they are).
+            self._send(HEADER.pack(allowed >> 16, allowed & 0xFFFF, DATA, 0, stream.number))
+            left = allowed
+            while left:
+                piece = pending[0]
+                if piece.nbytes <= left:
+                    pending.popleft()
+                    left -= piece.nbytes
+                else:
+                    pending[0] = piece[left:]
+                    piece = piece[:left]
+                    left = 0
+                self._send(piece)
+            stream.pending_bytes -= allowed
             stream.send_window -= allowed
             self._send_window -= allowed
         if stream.trailers:
@@ -519,7 +550,7 @@ class NativeGrpcProtocol(asyncio.Protocol):
 
     def _drain_all(self) -> None:
         for stream in list(self._streams.values()):
-            if stream.pending or stream.trailers:
+            if stream.pending_bytes or stream.trailers:
                 self._drain(stream)
 
     def _release(self, stream: _Stream) -> None:

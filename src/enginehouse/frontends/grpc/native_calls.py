@@ -16,8 +16,8 @@ from typing import Any
 from tritonclient.grpc import service_pb2 as pb
 
 from enginehouse.errors import EnginehouseError
-from enginehouse.frontends.grpc.codec import encode_infer_response
-from enginehouse.frontends.grpc.native import Answer
+from enginehouse.frontends.grpc.codec import encode_infer_response, encode_infer_response_wire
+from enginehouse.frontends.grpc.native import Answer, Body
 from enginehouse.frontends.grpc.relay import REQUESTS, RelayContext
 from enginehouse.frontends.grpc.service import InferenceService
 from enginehouse.frontends.grpc.streams import stream_error
@@ -26,13 +26,13 @@ from enginehouse.messages import InferResponse
 
 def _converted(
     pending: Awaitable[InferResponse],
-    convert: Callable[[InferResponse], bytes],
+    convert: Callable[[InferResponse], Body],
     on_error: Callable[[BaseException], bytes] | None = None,
-) -> asyncio.Future[bytes]:
+) -> asyncio.Future[Body]:
     """A future of ``convert(response)`` once ``pending`` resolves (``on_error(exc)``, or the
     error itself, when it fails)."""
     source = asyncio.ensure_future(pending)
-    out: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+    out: asyncio.Future[Body] = asyncio.get_running_loop().create_future()
 
     def done(_: Any) -> None:
         if out.done():
@@ -56,8 +56,8 @@ def _converted(
     return out
 
 
-def _encoded(response: InferResponse) -> bytes:
-    return encode_infer_response(response).SerializeToString()
+def _encoded(response: InferResponse) -> Body:
+    return encode_infer_response_wire(response)
 
 
 class ServiceCalls:
