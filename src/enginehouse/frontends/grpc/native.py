@@ -82,6 +82,10 @@ Body = bytes | list[bytes | memoryview]
 Answer = Body | Awaitable[Body]
 
 
+# A DATA frame up to this size goes out as one joined buffer rather than several views.
+_JOINED_FRAME_BYTES = 16 << 10
+
+
 def _bytes(piece: bytes | memoryview) -> memoryview:
     """A flat view of a piece's bytes (a typed array's view counts its elements)."""
     view = memoryview(piece)
@@ -491,12 +495,16 @@ class NativeGrpcProtocol(asyncio.Protocol):
         if not stream.headers_sent:
             stream.headers_sent = True
             self._send(frame(HEADERS, END_HEADERS, stream.number, RESPONSE_HEADERS))
-        views = [memoryview(body)] if isinstance(body, bytes) else [_bytes(p) for p in body]
-        pieces = [view for view in views if view.nbytes]
-        length = sum(piece.nbytes for piece in pieces)
-        stream.pending.append(memoryview(b"\x00" + length.to_bytes(4, "big")))
-        stream.pending.extend(pieces)
-        stream.pending_bytes += 5 + length
+        if isinstance(body, bytes):
+            # One piece, the message's prefix joined to it (what most answers are).
+            stream.pending.append(memoryview(b"\x00" + len(body).to_bytes(4, "big") + body))
+            stream.pending_bytes += 5 + len(body)
+        else:
+            pieces = [view for view in map(_bytes, body) if view.nbytes]
+            length = sum(piece.nbytes for piece in pieces)
+            stream.pending.append(memoryview(b"\x00" + length.to_bytes(4, "big")))
+            stream.pending.extend(pieces)
+            stream.pending_bytes += 5 + length
         if end:
             stream.trailers = OK_TRAILERS
         self._drain(stream)
@@ -527,8 +535,11 @@ class NativeGrpcProtocol(asyncio.Protocol):
             if allowed <= 0:
                 return
             # One DATA frame of the next ``allowed`` bytes: its header, then the views that
-            # hold them (no copy here; the socket's write takes them as they are).
-            self._send(HEADER.pack(allowed >> 16, allowed & 0xFFFF, DATA, 0, stream.number))
+            # hold them, joined where they are small, else as they are (the socket's write
+            # takes views without a copy).
+            pieces: list[bytes | memoryview] = [
+                HEADER.pack(allowed >> 16, allowed & 0xFFFF, DATA, 0, stream.number)
+            ]
             left = allowed
             while left:
                 piece = pending[0]
@@ -539,7 +550,12 @@ class NativeGrpcProtocol(asyncio.Protocol):
                     pending[0] = piece[left:]
                     piece = piece[:left]
                     left = 0
-                self._send(piece)
+                pieces.append(piece)
+            if allowed <= _JOINED_FRAME_BYTES:
+                self._send(b"".join(pieces))
+            else:
+                for part in pieces:
+                    self._send(part)
             stream.pending_bytes -= allowed
             stream.send_window -= allowed
             self._send_window -= allowed
