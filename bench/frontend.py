@@ -147,33 +147,44 @@ def mlserver_binary(venv: Path) -> Path:
     return binary
 
 
-def start_mlserver(work: Path, venv: Path) -> tuple[subprocess.Popen, int, int]:
-    models = work / "mlserver"
-    (models / "simple").mkdir(parents=True)
-    (models / "simple_runtime.py").write_text(MLSERVER_RUNTIME)
-    (models / "simple" / "model-settings.json").write_text(
-        json.dumps({"name": "simple", "implementation": "simple_runtime.SimpleModel"})
+def serve_with_mlserver(
+    models: Path, venv: Path, model: str, runtime: str, implementation: str, port: int
+) -> subprocess.Popen:
+    """MLServer serving one custom runtime (``runtime``: its module's source) as ``model``,
+    HTTP on ``port``, gRPC on ``port + 1``, in the same process (``parallel_workers: 0``);
+    returned once ready."""
+    (models / model).mkdir(parents=True)
+    module = implementation.split(".")[0]
+    (models / f"{module}.py").write_text(runtime)
+    (models / model / "model-settings.json").write_text(
+        json.dumps({"name": model, "implementation": implementation})
     )
     (models / "settings.json").write_text(
         json.dumps(
             {
-                "http_port": 18200,
-                "grpc_port": 18201,
-                "metrics_port": 18202,
+                "http_port": port,
+                "grpc_port": port + 1,
+                "metrics_port": port + 2,
                 "parallel_workers": 0,
                 "debug": False,
             }
         )
     )
-    env = dict(os.environ, PYTHONPATH=str(models))
     process = subprocess.Popen(
         [str(mlserver_binary(venv)), "start", str(models)],
         cwd=models,
-        env=env,
+        env=dict(os.environ, PYTHONPATH=str(models)),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    wait_ready(18200, process)
+    wait_ready(port, process)
+    return process
+
+
+def start_mlserver(work: Path, venv: Path) -> tuple[subprocess.Popen, int, int]:
+    process = serve_with_mlserver(
+        work / "mlserver", venv, "simple", MLSERVER_RUNTIME, "simple_runtime.SimpleModel", 18200
+    )
     return process, 18200, 18201
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import urllib.request
@@ -38,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 from cpu_use import CpuSnapshot  # noqa: E402
-from frontend import mlserver_binary, wait_ready  # noqa: E402
+from frontend import serve_with_mlserver  # noqa: E402
 from loadgen import LoadResult, grpc_load, wrk  # noqa: E402
 from vs_triton import identity_model  # noqa: E402
 
@@ -242,26 +241,11 @@ def enginehouse_loads(work: Path, connections: int, seconds: float) -> dict[str,
 def mlserver_loads(
     work: Path, venv: Path, connections: int, seconds: float
 ) -> dict[str, dict[str, Any]]:
-    models = work / "mlserver"
-    (models / MODEL).mkdir(parents=True)
-    (models / "identity_runtime.py").write_text(MLSERVER_RUNTIME)
-    (models / MODEL / "model-settings.json").write_text(
-        json.dumps({"name": MODEL, "implementation": "identity_runtime.Identity"})
-    )
-    settings = {"http_port": 18210, "grpc_port": 18211, "metrics_port": 18212}
-    (models / "settings.json").write_text(
-        json.dumps(settings | {"parallel_workers": 0, "debug": False})
-    )
-    process = subprocess.Popen(
-        [str(mlserver_binary(venv)), "start", str(models)],
-        cwd=models,
-        env=dict(os.environ, PYTHONPATH=str(models)),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    process = serve_with_mlserver(
+        work / "mlserver", venv, MODEL, MLSERVER_RUNTIME, "identity_runtime.Identity", 18210
     )
     rows: dict[str, dict[str, Any]] = {}
     try:
-        wait_ready(18210, process)
         url = f"http://127.0.0.1:18210/v2/models/{MODEL}/infer"
         body = json_body()
         headers = {"Content-Type": "application/json"}
