@@ -26,7 +26,8 @@ class DataPlane:
     def __init__(self, registry: ModelRegistry) -> None:
         self.registry = registry
         self.draining = False
-        # The system shared-memory regions clients registered (both protocols share them).
+        # The system and CUDA shared-memory regions clients registered (both protocols
+        # share them).
         self.shared_memory = SharedMemoryRegions()
 
     def submit(self, request: InferRequest) -> InferResponse | Awaitable[InferResponse]:

@@ -174,10 +174,6 @@ class ModelVersion:
         try:
             feeds, batch_size, in_regions = self._check_inputs(request)
             names = self._output_names(request)
-            if in_regions and not self.scheduler.reads_regions:
-                # Read now, on this thread, while the instances run other requests.
-                feeds = {name: np.asarray(tensor) for name, tensor in feeds.items()}
-                in_regions = False
         except EnginehouseError:
             self.statistics.record_failure(time.perf_counter_ns() - start)
             raise

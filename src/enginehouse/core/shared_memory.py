@@ -250,7 +250,7 @@ class SharedMemoryRegions:
                 del self._regions[each]
                 region.close()
 
-    def status(self, name: str = "", kind: str = SYSTEM) -> list[Any]:
+    def status(self, name: str = "", kind: str = SYSTEM) -> list[Region | CudaRegion]:
         """One region of ``kind`` (404 when unknown) or every region of that kind."""
         if not name:
             return [r for r in self._regions.values() if r.kind == kind]

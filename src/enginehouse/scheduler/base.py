@@ -128,18 +128,16 @@ class Scheduler(ABC):
         self.statistics = ModelStatistics(responses.model, responses.version)
         self.in_flight = 0
         self.pending_bytes = 0
+        # Whether the instances read inputs left in shared-memory regions into place as they
+        # gather a batch (GPU instances' staging), so that requests may carry them so. Known
+        # once, at load: replacements come from the same factory.
+        loaded = instances.all()
+        self.reads_regions = bool(loaded) and all(i.reads_regions for i in loaded)
 
     @abstractmethod
     def submit(self, work: Work) -> InferResponse | Awaitable[InferResponse]:
         """The response at once where the work ran inline on this thread, else an
         awaitable of it; 503 / UNAVAILABLE at once when the version holds too much."""
-
-    @property
-    def reads_regions(self) -> bool:
-        """Whether the instances read inputs left in shared-memory regions into place as
-        they gather a batch (GPU instances' staging), so that requests may carry them so."""
-        instances = self.instances.all()
-        return bool(instances) and all(instance.reads_regions for instance in instances)
 
     @property
     @abstractmethod
@@ -151,8 +149,8 @@ class Scheduler(ABC):
         """Fail what is queued, let running executions finish, stop background work."""
 
     def admit(self, work: Work) -> None:
-        """Refuse work past the pending limits; otherwise note when it was admitted (queue
-        time counts from here)."""
+        """Refuse work past the pending limits; otherwise read inputs left in regions where
+        the instances will not, and note when it was admitted (queue time counts from here)."""
         limits = self.limits
         if (
             self.in_flight >= limits.max_requests
@@ -164,6 +162,14 @@ class Scheduler(ABC):
                 f"({self.pending_bytes} bytes) pending, the most this server holds per model "
                 f"({limits.max_requests} requests, {limits.max_bytes} bytes); retry later"
             )
+        if work.in_regions and not self.reads_regions:
+            # Read now, on the event loop, while the instances run other requests.
+            try:
+                work.feeds = {name: np.asarray(tensor) for name, tensor in work.feeds.items()}
+            except EnginehouseError:
+                self.statistics.record_failure(time.perf_counter_ns() - work.start_ns)
+                raise
+            work.in_regions = False
         work.request.admitted_ns = time.perf_counter_ns()
 
     def pending(self, work: Work) -> None:

@@ -16,6 +16,7 @@ from tritonclient.grpc import service_pb2 as pb
 from enginehouse import datatypes
 from enginehouse.core.shared_memory import SharedMemoryRegions, served_regions
 from enginehouse.errors import InvalidArgumentError, UnsupportedError
+from enginehouse.frontends.grpc.frames import varint
 from enginehouse.messages import InferInput, InferRequest, InferResponse, SharedMemoryTarget
 
 _RAW_INPUT_CONTENTS = pb.ModelInferRequest.RAW_INPUT_CONTENTS_FIELD_NUMBER
@@ -212,15 +213,6 @@ _RAW_OUTPUT_TAG = bytes(
 )
 
 
-def _varint_bytes(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def encode_infer_response_wire(response: InferResponse) -> bytes | list[bytes | memoryview]:
     """The serialised ModelInferResponse: whole bytes for a small response; for a large one,
     the pieces that make it up, the outputs' own memory among them (protobuf's wire format
@@ -230,7 +222,7 @@ def encode_infer_response_wire(response: InferResponse) -> bytes | list[bytes | 
     if sum(sizes) < LARGE_RESPONSE_BYTES or any(
         t.data.dtype.kind in ("O", "U", "S") for t in response.outputs
     ):
-        return bytes(encode_infer_response(response).SerializeToString())
+        return encode_infer_response(response).SerializeToString()
     message = _response_message(response)
     parts: list[bytes | memoryview] = [message.SerializeToString()]
     for tensor in response.outputs:
@@ -238,7 +230,7 @@ def encode_infer_response_wire(response: InferResponse) -> bytes | list[bytes | 
             memoryview(b"") if tensor.parameters is not None else datatypes.wire_view(tensor.data)
         )
         size = len(data)
-        parts.append(_RAW_OUTPUT_TAG + _varint_bytes(size))
+        parts.append(_RAW_OUTPUT_TAG + varint(size))
         if size:
             parts.append(data)
     return parts

@@ -38,6 +38,16 @@ UNSUPPORTED_RPCS = {
 METHODS += tuple(UNSUPPORTED_RPCS)
 
 
+def varint(value: int) -> bytes:
+    """A protobuf varint: for writing a length-delimited field's header by hand."""
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
 class CallAborted(Exception):
     """A call ended with a status (what a servicer context's abort raises here)."""
 

@@ -31,6 +31,7 @@ from enginehouse.frontends.grpc.frames import (
     CallAborted,
     Coalescer,
     read_frame,
+    varint,
 )
 from enginehouse.frontends.grpc.options import server_options
 from enginehouse.frontends.grpc.streams import answer_concurrently, stream_error
@@ -178,19 +179,10 @@ class RelayCalls:
             message = pb.ModelInferRequest.FromString(payload)
             return bytes(stream_error(message, body.decode("utf-8", "replace")).SerializeToString())
         # ModelStreamInferResponse { infer_response (field 2) = the core's ModelInferResponse }
-        return b"\x12" + _varint(len(body)) + body
+        return b"\x12" + varint(len(body)) + body
 
 
 _INFER = METHODS.index("ModelInfer")
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 async def serve_native(
