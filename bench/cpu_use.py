@@ -53,6 +53,14 @@ class CpuSnapshot:
                     children[int(entry.name)] = ticks / TICK
         return cls(pid, threads, children)
 
+    def seconds_since(self, before: CpuSnapshot) -> float:
+        """CPU seconds the process and its children spent from ``before`` to this snapshot
+        (a child started meanwhile counts whole)."""
+        spent = sum(self.threads.values()) - sum(before.threads.values())
+        return spent + sum(
+            used - before.children.get(child, 0.0) for child, used in self.children.items()
+        )
+
 
 def cpu_report(
     before: CpuSnapshot, after: CpuSnapshot, seconds: float, requests: int

@@ -187,9 +187,7 @@ def check_grpc(port: int) -> None:
 def measured(pid: int, run: Callable[[], LoadResult]) -> dict[str, Any]:
     before = CpuSnapshot.take(pid)
     result = run()
-    after = CpuSnapshot.take(pid)
-    cpu_s = sum(after.threads.values()) - sum(before.threads.values())
-    cpu_s += sum(used - before.children.get(c, 0.0) for c, used in after.children.items())
+    cpu_s = CpuSnapshot.take(pid).seconds_since(before)
     return {
         "rps": round(result.rps, 1),
         "p50_ms": round(result.p50_ms, 2),

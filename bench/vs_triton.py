@@ -385,10 +385,7 @@ def measure(
         rps, p50, p99 = run_perf_analyzer(tool, load, port, inputs, seconds, out)
     after_cpu = CpuSnapshot.take(pid)
     count = served(http_port, load.model) - before_count
-    cpu_s = sum(after_cpu.threads.values()) - sum(before_cpu.threads.values())
-    cpu_s += sum(
-        used - before_cpu.children.get(child, 0.0) for child, used in after_cpu.children.items()
-    )
+    cpu_s = after_cpu.seconds_since(before_cpu)
     return Measured(rps, p50, p99, cpu_s * 1e6 / max(count, 1), errors)
 
 
