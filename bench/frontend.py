@@ -40,27 +40,40 @@ from make_repository import SIMPLE_CONFIG, simple_model  # noqa: E402
 
 from enginehouse.testing import ServerProcess  # noqa: E402
 
-MLSERVER_RUNTIME = """
-import numpy as np
+
+def mlserver_runtime(name: str, predict: str) -> str:
+    """The source of an MLServer custom runtime class ``name`` whose ``predict`` runs the
+    statements in ``predict`` (``payload`` is the request; NumpyCodec is imported)."""
+    body = "".join(f"        {line}\n" for line in predict.strip().splitlines())
+    return f"""
 from mlserver import MLModel
 from mlserver.codecs import NumpyCodec
 from mlserver.types import InferenceRequest, InferenceResponse
 
 
-class SimpleModel(MLModel):
+class {name}(MLModel):
     async def load(self) -> bool:
         return True
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
-        a = NumpyCodec.decode_input(payload.inputs[0])
-        b = NumpyCodec.decode_input(payload.inputs[1])
-        return InferenceResponse(
-            model_name=self.name,
-            id=payload.id,
-            outputs=[NumpyCodec.encode_output("OUTPUT0", a + b),
-                     NumpyCodec.encode_output("OUTPUT1", a - b)],
-        )
-"""
+{body}"""
+
+
+MLSERVER_RUNTIME = mlserver_runtime(
+    "SimpleModel",
+    """
+a = NumpyCodec.decode_input(payload.inputs[0])
+b = NumpyCodec.decode_input(payload.inputs[1])
+return InferenceResponse(
+    model_name=self.name,
+    id=payload.id,
+    outputs=[
+        NumpyCodec.encode_output("OUTPUT0", a + b),
+        NumpyCodec.encode_output("OUTPUT1", a - b),
+    ],
+)
+""",
+)
 
 A = list(range(16))
 B = [1] * 16

@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 from cpu_use import CpuSnapshot  # noqa: E402
-from frontend import serve_with_mlserver  # noqa: E402
+from frontend import mlserver_runtime, serve_with_mlserver  # noqa: E402
 from loadgen import LoadResult, grpc_load, wrk  # noqa: E402
 from vs_triton import identity_model  # noqa: E402
 
@@ -52,22 +52,15 @@ input [{{ name: "INPUT0" data_type: TYPE_FP32 dims: [{SIZE}] }}]
 output [{{ name: "OUTPUT0" data_type: TYPE_FP32 dims: [{SIZE}] }}]
 instance_group [{{ count: 1 kind: KIND_CPU }}]
 """
-MLSERVER_RUNTIME = """
-from mlserver import MLModel
-from mlserver.codecs import NumpyCodec
-from mlserver.types import InferenceRequest, InferenceResponse
-
-
-class Identity(MLModel):
-    async def load(self) -> bool:
-        return True
-
-    async def predict(self, payload: InferenceRequest) -> InferenceResponse:
-        data = NumpyCodec.decode_input(payload.inputs[0])
-        return InferenceResponse(
-            model_name=self.name, outputs=[NumpyCodec.encode_output("OUTPUT0", data.copy())]
-        )
-"""
+MLSERVER_RUNTIME = mlserver_runtime(
+    "Identity",
+    """
+data = NumpyCodec.decode_input(payload.inputs[0])
+return InferenceResponse(
+    model_name=self.name, outputs=[NumpyCodec.encode_output("OUTPUT0", data.copy())]
+)
+""",
+)
 DATA = np.random.default_rng(0).standard_normal((1, SIZE)).astype(np.float32)
 
 
