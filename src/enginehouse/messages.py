@@ -25,9 +25,20 @@ class RegionTensor:
 
     ``read(offset, destination)`` fills ``destination`` from the region's byte ``offset``;
     ``release`` is called once this tensor and every view of it are gone (the region then
-    may close)."""
+    may close). A tensor in a CUDA region also names its ``device`` and can be copied on
+    it: ``to_device(offset, address, size, stream)`` enqueues a device-to-device copy on a
+    CUDA stream, which is how a GPU engine on that device takes it (``copy_to_device``)."""
 
-    __slots__ = ("__weakref__", "_offset", "_parent", "_read", "dtype", "shape")
+    __slots__ = (
+        "__weakref__",
+        "_offset",
+        "_parent",
+        "_read",
+        "_to_device",
+        "device",
+        "dtype",
+        "shape",
+    )
 
     def __init__(
         self,
@@ -37,11 +48,15 @@ class RegionTensor:
         dtype: np.dtype,
         release: Callable[[], None] | None = None,
         parent: RegionTensor | None = None,
+        device: int | None = None,
+        to_device: Callable[[int, int, int, int], None] | None = None,
     ) -> None:
         self._read = read
         self._offset = offset
         self.shape = shape
         self.dtype = dtype
+        self.device = device
+        self._to_device = to_device
         # A view holds the tensor it came from: the region stays held while any is alive.
         self._parent = parent
         if release is not None:
@@ -59,8 +74,19 @@ class RegionTensor:
     def nbytes(self) -> int:
         return self.size * self.dtype.itemsize
 
+    def _view(self, offset: int, shape: tuple[int, ...]) -> RegionTensor:
+        return RegionTensor(
+            self._read,
+            offset,
+            shape,
+            self.dtype,
+            parent=self,
+            device=self.device,
+            to_device=self._to_device,
+        )
+
     def reshape(self, shape: tuple[int, ...]) -> RegionTensor:
-        view = RegionTensor(self._read, self._offset, tuple(shape), self.dtype, parent=self)
+        view = self._view(self._offset, tuple(shape))
         if view.size != self.size:
             raise ValueError(f"cannot reshape {self.shape} into {tuple(shape)}")
         return view
@@ -68,9 +94,15 @@ class RegionTensor:
     def rows(self, start: int, stop: int) -> RegionTensor:
         """Rows ``start:stop`` of the first dimension (contiguous in the region)."""
         row_bytes = self.nbytes // self.shape[0] if self.shape and self.shape[0] else 0
-        shape = (stop - start, *self.shape[1:])
-        offset = self._offset + start * row_bytes
-        return RegionTensor(self._read, offset, shape, self.dtype, parent=self)
+        return self._view(self._offset + start * row_bytes, (stop - start, *self.shape[1:]))
+
+    def copy_to_device(self, address: int, stream: int) -> None:
+        """Enqueue a copy of this tensor's bytes to device ``address`` on CUDA ``stream``;
+        only a tensor in a CUDA region (``device`` not None) can. The tensor must stay alive
+        until the stream has run the copy: it holds the region open."""
+        if self._to_device is None:
+            raise ValueError("only a tensor in a CUDA shared-memory region is copied on a device")
+        self._to_device(self._offset, address, self.nbytes, stream)
 
     def read_into(self, destination: np.ndarray) -> None:
         """Fill ``destination`` (C-contiguous, as many bytes as this tensor) from the region."""

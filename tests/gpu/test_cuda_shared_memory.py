@@ -1,8 +1,8 @@
 """Triton's CUDA shared-memory extension with tritonclient's own ``cuda_shared_memory``
 utilities: device buffers made by the client (this process), opened by the server (a child
 process: an IPC handle cannot be opened by the process that made it), for a CPU model and
-for a GPU model with two instances, over both protocols; one allocation registered by two
-clients under two names; a region unregistered while requests bound for it run (skipped
+for a GPU model with two instances, over both protocols (its inputs copied device to device
+into the engine's buffers); one allocation registered by two clients under two names; a region unregistered while requests bound for it run (skipped
 without a GPU)."""
 
 from __future__ import annotations
@@ -205,6 +205,44 @@ def test_gpu_model_two_instances_one_allocation_two_clients(served: ServerProces
     finally:
         grpc_regions.close()
         http_regions.close()
+
+
+def test_device_regions_and_request_bodies_batched_together(served: ServerProcess) -> None:
+    """Half the threads send their image in a CUDA region (copied device to device into the
+    engine's input buffer), half in the request (through the staging buffer): the batches
+    formed mix both, and every answer is its own image's."""
+    grpc = client_for(grpcclient, served)
+    regions = DeviceRegions(grpc)
+    images = np.random.default_rng(2).standard_normal((8, 1, 3, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        want = net()(torch.from_numpy(images.reshape(-1, 3, 16, 16))).numpy()
+    errors: list[str] = []
+    wrong: list[int] = []
+    try:
+        regions.make("mixed_images", images)
+        one = images[0].nbytes
+
+        def run(i: int) -> None:
+            client = client_for(grpcclient, served)
+            item = grpcclient.InferInput("image", [1, 3, 16, 16], "FP32")
+            if i % 2:
+                item.set_data_from_numpy(images[i])
+            else:
+                item.set_shared_memory("mixed_images", one, offset=i * one)
+            for _ in range(30):
+                try:
+                    got = client.infer("gpu_net", [item]).as_numpy("logits")
+                except InferenceServerException as exc:
+                    errors.append(f"{i}: {exc}")
+                    continue
+                if not close_to(got[0], want[i]):
+                    wrong.append(i)
+
+        in_threads(run, 8)
+        assert errors == []
+        assert wrong == []
+    finally:
+        regions.close()
 
 
 def test_a_region_unregistered_while_requests_run(served: ServerProcess) -> None:

@@ -18,6 +18,12 @@ in the server against 4 ms raw, and throughput collapsed to a third. One launch 
 one per copy for the same reason: with separate copy launches the GPU sat idle between them
 and batches took twice as long on its own clock.
 
+Inputs in a client's CUDA shared-memory region on the instance's device never cross to the
+host: the gather leaves them where they are, and the launch copies them device to device into
+the static input buffers, copies the batch's other rows there from the staging buffers, and
+replays the bucket's second graph, captured beside the first: the model and the output copies
+without the input copies (:meth:`CudaGraphEngine._feed_on_device`).
+
 Synchronous executions (warm-up, benchmarks: :meth:`CudaGraphEngine.execute`) wait on the
 blocking event on the calling thread. Shapes that no graph covers (a variable non-batch
 dimension, or graphs turned off) run the model directly on the instance's stream, on the
@@ -43,7 +49,7 @@ from enginehouse import datatypes
 from enginehouse.backends.base import Engine, Launched
 from enginehouse.backends.host_copies import copied, copy_all, copy_rows
 from enginehouse.backends.stream_wake import StreamWaker, stream_waker
-from enginehouse.messages import Tensor
+from enginehouse.messages import RegionTensor, Tensor
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +137,15 @@ class CudaGraphEngine(Engine):
         # Per bucket: the copy from the pinned inputs, the model, the copy to the pinned
         # outputs, in one graph.
         self._graphs: dict[int, Any] = {}
+        # Per bucket: the model and the copy to the pinned outputs, for batches whose inputs
+        # are already in the static buffers (fed on the device).
+        self._fed_graphs: dict[int, Any] = {}
+        # Set by gather() for the launch that follows it: the inputs it left in CUDA regions
+        # on this device, as (input index, first row, tensor).
+        self._on_device: list[tuple[int, int, RegionTensor]] = []
+        self.device_fed_batches = 0
+        index = self.device.index
+        self._device_index = torch.cuda.current_device() if index is None else index
         # Per bucket, captured on first use by replay(): the model alone (benchmarks).
         self._bare: dict[int, Any] = {}
         self._pool: Any = None
@@ -155,7 +170,8 @@ class CudaGraphEngine(Engine):
                 raise
 
     def _capture(self) -> None:
-        """Capture every bucket's graph, largest first, sharing one memory pool."""
+        """Capture every bucket's two graphs (fed from the staging buffers, and fed on the
+        device), largest bucket first, sharing one memory pool."""
         torch = self._torch
         started = time.perf_counter()
         largest = self.buckets[-1]
@@ -166,7 +182,7 @@ class CudaGraphEngine(Engine):
         self._pinned_in = [
             self._pin((largest, *dims), dtype) for dims, dtype in zip(self._dims, self._dtypes)
         ]
-        pool = self._pool = torch.cuda.graph_pool_handle()
+        self._pool = torch.cuda.graph_pool_handle()
         warming = 0.0
         with SETUP_LOCK, torch.inference_mode(), torch.cuda.device(self.device):
             for size in reversed(self.buckets):
@@ -180,26 +196,20 @@ class CudaGraphEngine(Engine):
                 if not self._pinned_out:  # the largest bucket comes first
                     self._pinned_out = [self._pin(tuple(t.shape), t.dtype) for t in warm]
                 del warm
-                served = torch.cuda.CUDAGraph()
-                # Thread-local capture: other instances keep serving on their own threads.
-                with torch.cuda.graph(
-                    served, pool=pool, stream=self.stream, capture_error_mode="thread_local"
-                ):
-                    for pinned, static in zip(self._pinned_in, self._static_in):
-                        static[:size].copy_(pinned[:size], non_blocking=True)
-                    results = self._as_tuple(self._run(*views))
-                    for pinned, result in zip(self._pinned_out, results):
-                        pinned[:size].copy_(result, non_blocking=True)
+                served = self._graph(size, from_staging=True, to_staging=True)
+                fed = self._graph(size, from_staging=False, to_staging=True)
                 # The first launch of a graph uploads it to the device: do it now, not in
                 # the first request that this bucket serves.
                 served.replay()
+                fed.replay()
                 self._graphs[size] = served
+                self._fed_graphs[size] = fed
             self.stream.synchronize()
         self._host_in = [t.numpy() for t in self._pinned_in]
         self._host_out = [t.numpy() for t in self._pinned_out]
         log.info(
-            "model '%s': %d CUDA graphs captured on %s in %.2f s (%.2f s of warm-up runs; "
-            "batch %s)",
+            "model '%s': CUDA graphs for %d batch sizes captured on %s in %.2f s (%.2f s of "
+            "warm-up runs; batch %s)",
             self.config.name,
             len(self._graphs),
             self.device,
@@ -207,6 +217,25 @@ class CudaGraphEngine(Engine):
             warming,
             ",".join(map(str, self.buckets)),
         )
+
+    def _graph(self, size: int, from_staging: bool, to_staging: bool) -> Any:
+        """One bucket's graph: the model on the static input buffers, with the copy from
+        the pinned inputs before it and the copy to the pinned outputs after it where asked.
+        Every graph of the engine shares one memory pool; the caller holds SETUP_LOCK."""
+        torch = self._torch
+        graph = torch.cuda.CUDAGraph()
+        # Thread-local capture: other instances keep serving on their own threads.
+        with torch.cuda.graph(
+            graph, pool=self._pool, stream=self.stream, capture_error_mode="thread_local"
+        ):
+            if from_staging:
+                for pinned, static in zip(self._pinned_in, self._static_in):
+                    static[:size].copy_(pinned[:size], non_blocking=True)
+            results = self._as_tuple(self._run(*(t[:size] for t in self._static_in)))
+            if to_staging:
+                for pinned, result in zip(self._pinned_out, results):
+                    pinned[:size].copy_(result, non_blocking=True)
+        return graph
 
     def _pin(self, shape: tuple[int, ...], dtype: Any) -> Any:
         """A CPU tensor on page-locked memory of its own, registered with CUDA here rather
@@ -240,21 +269,28 @@ class CudaGraphEngine(Engine):
         """Requests' inputs copied straight into the pinned staging buffers (one copy, not a
         join and then a copy; an input in a shared-memory region is read from the region
         into place), when the batch fits a captured graph. ``execute`` then finds them in
-        place and copies nothing."""
+        place and copies nothing. Parts in CUDA regions on this device are left there for
+        the launch to copy on the device."""
+        self._on_device = []
         lists = [parts.get(name, []) for name in self._inputs]
         rows = self._stageable_rows(lists)
         if not rows:
             return super().gather(parts)
         staged = {}
         copies: list[tuple[np.ndarray, Tensor]] = []
-        for name, arrays, host in zip(self._inputs, lists, self._host_in):
+        on_device = []
+        for index, (name, arrays, host) in enumerate(zip(self._inputs, lists, self._host_in)):
             offset = 0
             for array in arrays:
                 end = offset + array.shape[0]
-                copies.append((host[offset:end], array))
+                if isinstance(array, RegionTensor) and array.device == self._device_index:
+                    on_device.append((index, offset, array))
+                else:
+                    copies.append((host[offset:end], array))
                 offset = end
             staged[name] = host[:rows]
         copy_all(copies)
+        self._on_device = on_device
         return staged
 
     def _stageable_rows(self, lists: list[list[Tensor]]) -> int:
@@ -296,14 +332,42 @@ class CudaGraphEngine(Engine):
         if self._run is None:
             raise RuntimeError(f"model '{self.config.name}': the engine is closed")
         torch = self._torch
+        on_device, self._on_device = self._on_device, []
+        staged = True
         for array, host in zip(arrays, self._host_in):
             if not np.may_share_memory(array, host):  # gather() did not stage it already
                 copy_rows(host[:rows], array)
+                staged = False
         started = time.perf_counter()
         with torch.cuda.stream(self.stream):
-            self._graphs[size].replay()
+            if on_device and staged:
+                self._feed_on_device(on_device, rows)
+                self._fed_graphs[size].replay()
+                self.device_fed_batches += 1
+            else:
+                self._graphs[size].replay()
             self._done.record(self.stream)
         return GraphLaunch(self, size, rows, [self._index[n] for n in output_names], started)
+
+    def _feed_on_device(self, on_device: list[tuple[int, int, RegionTensor]], rows: int) -> None:
+        """Fill the static input buffers for ``rows`` (on the instance's stream, which is
+        current): the parts in CUDA regions device to device, the rest of each input's rows
+        from the staging buffers in runs between them."""
+        stream = int(self.stream.cuda_stream)
+        by_input: dict[int, list[tuple[int, RegionTensor]]] = {}
+        for index, first, tensor in on_device:
+            by_input.setdefault(index, []).append((first, tensor))
+        for index, (static, pinned) in enumerate(zip(self._static_in, self._pinned_in)):
+            row_bytes = static.stride(0) * static.element_size()
+            address = static.data_ptr()
+            copied_to = 0
+            for first, tensor in sorted(by_input.get(index, []), key=lambda part: part[0]):
+                if first > copied_to:
+                    static[copied_to:first].copy_(pinned[copied_to:first], non_blocking=True)
+                tensor.copy_to_device(address + first * row_bytes, stream)
+                copied_to = first + tensor.shape[0]
+            if copied_to < rows:
+                static[copied_to:rows].copy_(pinned[copied_to:rows], non_blocking=True)
 
     def execute(
         self, inputs: dict[str, np.ndarray], output_names: Sequence[str]
@@ -325,13 +389,8 @@ class CudaGraphEngine(Engine):
         torch = self._torch
         graph = self._bare.get(size)
         if graph is None:
-            graph = self._bare[size] = torch.cuda.CUDAGraph()
-            views = [t[:size] for t in self._static_in]
             with SETUP_LOCK, torch.inference_mode(), torch.cuda.device(self.device):
-                with torch.cuda.graph(
-                    graph, pool=self._pool, stream=self.stream, capture_error_mode="thread_local"
-                ):
-                    self._run(*views)
+                graph = self._bare[size] = self._graph(size, from_staging=False, to_staging=False)
         with torch.cuda.stream(self.stream):
             graph.replay()
 
@@ -356,6 +415,7 @@ class CudaGraphEngine(Engine):
             return
         self.stream.synchronize()
         self._graphs.clear()
+        self._fed_graphs.clear()
         self._bare.clear()
         self._static_in.clear()
         self._pinned_in.clear()

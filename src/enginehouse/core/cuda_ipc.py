@@ -6,7 +6,9 @@ Triton's CUDA shared-memory extension hands the server a 64-byte IPC handle of a
 driver is) is called through ctypes, so serving such regions needs no CUDA Python package
 and works beside PyTorch: both use the device's primary context, which an opened allocation
 holds for as long as it is open (in a server with no GPU model nothing else may) and makes
-current on the calling thread for each copy. Every copy is bounds-checked against the size
+current on the calling thread for each copy. A GPU engine on the allocation's device takes
+its inputs from it with device-to-device copies on its own stream (``copy_to_device``); other
+readers copy to host memory. Every copy is bounds-checked against the size
 the driver reports for the allocation; nothing here touches memory past it.
 """
 
@@ -62,6 +64,13 @@ class _Driver:
         self.to_host.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t]
         self.to_device = self._entry("cuMemcpyHtoD_v2", "cuMemcpyHtoD")
         self.to_device.argtypes = [ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t]
+        self.device_to_device = self._entry("cuMemcpyDtoDAsync_v2", "cuMemcpyDtoDAsync")
+        self.device_to_device.argtypes = [
+            ctypes.c_uint64,
+            ctypes.c_uint64,
+            ctypes.c_size_t,
+            ctypes.c_void_p,
+        ]
         self._error_name = self._entry("cuGetErrorName")
         self.check(self.init(0), "cuInit")
 
@@ -196,6 +205,20 @@ class ImportedAllocation:
             cuda.check(
                 cuda.to_device(self.pointer + offset, _address(source), source.nbytes),
                 "cuMemcpyHtoD",
+            )
+
+    def copy_to_device(self, offset: int, destination: int, size: int, stream: int) -> None:
+        """Enqueue a copy of ``size`` bytes from ``offset`` to device address
+        ``destination`` on ``stream`` (a ``CUstream``, such as a torch stream's
+        ``cuda_stream``): the bytes never leave the device. The allocation must stay open
+        until the stream has run the copy."""
+        self._bounds(offset, size)
+        if not size:
+            return
+        with self._context.current() as cuda:
+            cuda.check(
+                cuda.device_to_device(destination, self.pointer + offset, size, stream),
+                "cuMemcpyDtoDAsync",
             )
 
     def _bounds(self, offset: int, size: int) -> None:

@@ -322,7 +322,25 @@ class SharedMemoryRegions:
             self._read_exactly(region, at, destination, tensor)
 
         region.hold()
-        return RegionTensor(read, offset, shape, dtype.numpy, release=region.release)
+        if not isinstance(region, CudaRegion):
+            return RegionTensor(read, offset, shape, dtype.numpy, release=region.release)
+        allocation = region.allocation
+
+        def to_device(at: int, address: int, size: int, stream: int) -> None:
+            try:
+                allocation.copy_to_device(at, address, size, stream)
+            except cuda_ipc.CudaIpcError as exc:
+                raise _refused(region, tensor, exc) from None
+
+        return RegionTensor(
+            read,
+            offset,
+            shape,
+            dtype.numpy,
+            release=region.release,
+            device=region.device_id,
+            to_device=to_device,
+        )
 
     def _read_exactly(
         self, region: Region | CudaRegion, offset: int, destination: memoryview, tensor: str
@@ -375,9 +393,14 @@ class SharedMemoryRegions:
         try:
             return int(copy(offset, buffer))
         except cuda_ipc.CudaIpcError as exc:
-            raise InvalidArgumentError(
-                f"'{tensor}': CUDA shared-memory region '{region.name}': {exc}"
-            ) from None
+            raise _refused(region, tensor, exc) from None
+
+
+def _refused(
+    region: Region | CudaRegion, tensor: str, exc: cuda_ipc.CudaIpcError
+) -> InvalidArgumentError:
+    """A 400 for a copy the CUDA driver refused, naming the tensor and the region."""
+    return InvalidArgumentError(f"'{tensor}': CUDA shared-memory region '{region.name}': {exc}")
 
 
 def region_status(region: Region | CudaRegion) -> dict[str, Any]:

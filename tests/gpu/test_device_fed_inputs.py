@@ -1,0 +1,117 @@
+"""A CUDA-graph engine fed on the device: batch parts that wait in device memory on the
+engine's GPU are copied device to device into its static input buffers, the other parts
+from its staging buffers, and the bucket's graph without input copies runs; parts on
+another device, or in host memory, take the staging path (skipped without a GPU).
+
+The device parts here are :class:`RegionTensor` s over this process's own device memory,
+copied by the same driver call that copies a client's IPC-opened allocation in a server
+(tests/gpu/test_cuda_shared_memory.py serves those)."""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from tritonclient.grpc import model_config_pb2 as mc
+
+from enginehouse.backends.cuda_graphs import CudaGraphEngine
+from enginehouse.core import cuda_ipc
+from enginehouse.messages import RegionTensor
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+WIDTH = 6
+
+
+def config() -> mc.ModelConfig:
+    model = mc.ModelConfig(name="affine", max_batch_size=8)
+    model.input.add(name="x", data_type=mc.TYPE_FP32, dims=[WIDTH])
+    model.input.add(name="scale", data_type=mc.TYPE_FP32, dims=[1])
+    model.output.add(name="y", data_type=mc.TYPE_FP32, dims=[WIDTH])
+    return model
+
+
+def affine(x: Any, scale: Any) -> Any:
+    return x * scale + 1.0
+
+
+@pytest.fixture
+def engine() -> Iterator[CudaGraphEngine]:
+    built = CudaGraphEngine(torch, affine, config(), "cuda:0", [1, 2, 4, 8])
+    yield built
+    built.close()
+
+
+def on_device(array: np.ndarray, device: int = 0) -> tuple[RegionTensor, Any]:
+    """``array`` in device memory of this process, as a region tensor over it (and the
+    device tensor that holds the bytes, to keep alive)."""
+    held = torch.from_numpy(array.copy()).to(f"cuda:{device}")
+    torch.cuda.synchronize()
+    cuda = cuda_ipc.driver()
+    base = held.data_ptr()
+
+    def read(offset: int, destination: memoryview) -> None:
+        raw = held.cpu().numpy().view(np.uint8).reshape(-1)
+        np.frombuffer(destination, np.uint8)[:] = raw[offset : offset + destination.nbytes]
+
+    def to_device(offset: int, address: int, size: int, stream: int) -> None:
+        cuda.check(
+            cuda.device_to_device(address, base + offset, size, ctypes.c_void_p(stream)),
+            "cuMemcpyDtoDAsync",
+        )
+
+    tensor = RegionTensor(read, 0, array.shape, array.dtype, device=device, to_device=to_device)
+    return tensor, held
+
+
+def test_parts_on_the_device_are_copied_there_between_host_parts(engine: CudaGraphEngine) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((7, WIDTH)).astype(np.float32)
+    scale = rng.standard_normal((7, 1)).astype(np.float32)
+    x_middle, x_held = on_device(x[2:5])
+    scale_first, scale_held = on_device(scale[:2])
+    parts = {
+        # rows 0-1 and 5-6 from the host, 2-4 on the device (a row of a view: rows())
+        "x": [x[:2], x_middle.rows(0, 2), x_middle.rows(2, 3), x[5:]],
+        # rows 0-1 on the device, the rest from the host
+        "scale": [scale_first, scale[2:]],
+    }
+    got = engine.execute(engine.gather(parts), ["y"])[0]
+    np.testing.assert_allclose(got, x * scale + 1.0, rtol=1e-6)
+    assert engine.device_fed_batches == 1
+    del x_held, scale_held
+
+    # Host parts alone: the graph that copies from the staging buffers.
+    again = engine.execute(engine.gather({"x": [x[:3]], "scale": [scale[:3]]}), ["y"])[0]
+    np.testing.assert_allclose(again, x[:3] * scale[:3] + 1.0, rtol=1e-6)
+    assert engine.device_fed_batches == 1
+
+
+def test_a_whole_batch_on_the_device_padded_to_its_bucket(engine: CudaGraphEngine) -> None:
+    x = np.arange(5 * WIDTH, dtype=np.float32).reshape(5, WIDTH)
+    scale = np.full((5, 1), 2.0, np.float32)
+    tensors = [on_device(x), on_device(scale)]
+    staged = engine.gather({"x": [tensors[0][0]], "scale": [tensors[1][0]]})
+    launched = engine.launch(staged, ["y"])
+    assert launched is not None
+    torch.cuda.synchronize()
+    np.testing.assert_allclose(launched.outputs()[0], x * 2.0 + 1.0)
+    assert engine.device_fed_batches == 1
+
+
+def test_parts_on_another_device_are_read_through_the_host(engine: CudaGraphEngine) -> None:
+    """A region on a device other than the engine's is read into the staging rows, as
+    system regions are; here its device id is one the engine does not run on."""
+    x = np.ones((2, WIDTH), np.float32)
+    elsewhere, held = on_device(x)
+    elsewhere.device = 1  # not the engine's device: only its host read may be used
+    got = engine.execute(
+        engine.gather({"x": [elsewhere], "scale": [np.ones((2, 1), np.float32)]}), ["y"]
+    )
+    np.testing.assert_allclose(got[0], x + 1.0)
+    assert engine.device_fed_batches == 0
+    del held
