@@ -25,6 +25,11 @@ from enginehouse.testing import (  # noqa: E402
 
 __all__ = ["InProcessServer", "ServerProcess", "free_port"]
 
+# Inductor checks each vector instruction set it may use by compiling and loading a probe
+# in a child Python (6 s of CPU per process that builds a PyTorch engine, on every test
+# worker and child server); these machines' compiler supports what their CPU reports, so
+# the tests take the CPU's word for it. Servers that users run keep the probe.
+os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "1")
 fake_backend.install()
 # The servers run on threads of this process beside the clients: hand the GIL over sooner
 # than every 5 ms, as separate processes would not have to.
