@@ -42,7 +42,9 @@ def _scheduler(
     fake = controls(name)
 
     def make(instance: str, placement: Placement) -> Instance:
-        return Instance(instance, FakeEngine(fake, config), placement, InlinePolicy("never"))
+        return Instance(
+            instance, FakeEngine(fake, config, placement), placement, InlinePolicy("never")
+        )
 
     supervisor = InstanceSupervisor(name, [make(f"{name}_{i}", CPU) for i in range(count)], make)
     return scheduler_for(config, "1", supervisor, limits), fake

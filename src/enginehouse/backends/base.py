@@ -162,6 +162,11 @@ class Backend(ABC):
     def has_gpu(self) -> bool:
         """Whether this backend can place instances on a GPU here."""
 
+    def gpu_count(self) -> int:
+        """The GPUs this process sees (after ``CUDA_VISIBLE_DEVICES``), numbered from 0 as
+        ``instance_group.gpus`` names them: a GPU group that lists none is placed on each."""
+        return 1 if self.has_gpu() else 0
+
     def free_device_memory(self, placement: Placement) -> int | None:
         """Bytes free on the placement's device, or None where that is not known (CPU)."""
         return None

@@ -135,6 +135,9 @@ class TorchBackend(Backend):
             return False
         return bool(torch.cuda.is_available())
 
+    def gpu_count(self) -> int:
+        return int(import_torch().cuda.device_count()) if self.has_gpu() else 0
+
     def free_device_memory(self, placement: Placement) -> int | None:
         if placement.kind != mc.ModelInstanceGroup.KIND_GPU:
             return None

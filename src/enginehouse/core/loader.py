@@ -135,11 +135,13 @@ def complete_instance_groups(config: mc.ModelConfig, backend: Backend) -> None:
         if not group.name:
             group.name = f"{config.name}_{index}"
         if group.kind == mc.ModelInstanceGroup.KIND_GPU and not group.gpus:
-            group.gpus.append(0)
+            # As in Triton: a GPU group that names no GPUs has ``count`` instances on each.
+            group.gpus.extend(range(backend.gpu_count()) or [0])
 
 
 def group_placements(group: mc.ModelInstanceGroup) -> list[Placement]:
-    """One placement per device of a (completed) instance group."""
+    """One placement per device of a (completed) instance group; ``count`` instances go on
+    each."""
     devices = group.gpus if group.kind == mc.ModelInstanceGroup.KIND_GPU else [0]
     return [Placement(group.kind, device) for device in devices]
 
@@ -269,12 +271,17 @@ def load_version(
     memory: dict[str, int] = {}
     try:
         for group in config.instance_group:
+            # Instances are numbered across the group's devices (m_0_0, m_0_1 on GPU 0,
+            # m_0_2, m_0_3 on GPU 1), so each has a name of its own.
+            number = 0
+            sized: list[int] = []
             for placement in group_placements(group):
                 count, index = group.count, 0
                 free = backend.free_device_memory(placement)
                 while index < count:
-                    instances.append(make_instance(f"{group.name}_{index}_v{version}", placement))
+                    instances.append(make_instance(f"{group.name}_{number}_v{version}", placement))
                     index += 1
+                    number += 1
                     if free is None or index > 1:
                         continue
                     after = backend.free_device_memory(placement) or 0
@@ -293,8 +300,11 @@ def load_version(
                             fraction * 100,
                             free / 2**30,
                         )
-                if fraction:
-                    group.count = count  # reported as Triton reports the group
+                sized.append(count)
+            if fraction and sized:
+                # Reported as Triton reports the group: instances per GPU (each GPU was
+                # sized from its own free memory; the group reports what each holds at least).
+                group.count = min(sized)
     except BaseException:
         for instance in instances:
             instance.close()

@@ -4,9 +4,10 @@ A model with ``backend: "enginehouse_fake"`` and any file ``1/model.fake`` serve
 the real loader, scheduler, batcher, lifecycle and frontends; its engine returns its
 inputs, output ``i`` being input ``i`` (modulo the number of inputs) cast to the output's
 datatype. What it does is set per model name at run time, through :func:`controls`:
-latency, failures, a hang, a failing load; and it records what ran (batch sizes,
-executions), so scheduler tests can assert on batches without timing them. Registered in a
-process with :func:`install`; servers in a child process do not have it.
+latency, failures, a hang, a failing load; and it records what ran (batch sizes, the
+device of each execution), so scheduler tests can assert on batches without timing them.
+:func:`set_gpus` gives the process pretend GPUs, for placement across devices. Registered in
+a process with :func:`install`; servers in a child process do not have it.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class FakeControls:
     load_error: str = ""
     # The batch size (first dimension of the first input) of every execution, in order.
     batches: list[int] = field(default_factory=list)
+    # The placement (``cpu``, ``gpu:N``) of every execution, in order.
+    devices: list[str] = field(default_factory=list)
     loads: int = 0
     closes: int = 0
     cancels: int = 0
@@ -55,6 +58,7 @@ class FakeControls:
         self.hang.clear()
         self.load_error = ""
         self.batches.clear()
+        self.devices.clear()
         self.loads = self.closes = self.cancels = 0
 
     def take_failure(self) -> bool:
@@ -66,6 +70,15 @@ class FakeControls:
 
 
 _CONTROLS: dict[str, FakeControls] = {}
+# How many GPUs the fake backend pretends this process sees.
+_gpus = 0
+
+
+def set_gpus(count: int) -> None:
+    """Pretend this process sees ``count`` GPUs (0: none, the default); :func:`reset`
+    returns to none."""
+    global _gpus
+    _gpus = count
 
 
 def controls(model: str) -> FakeControls:
@@ -81,13 +94,17 @@ def reset() -> None:
     tests; engines that stay loaded keep following them)."""
     for model in _CONTROLS.values():
         model.reset()
+    set_gpus(0)
 
 
 class FakeEngine(Engine):
     """Returns its inputs after the latency its controls ask for; fails or hangs on demand."""
 
-    def __init__(self, controls: FakeControls, config: mc.ModelConfig) -> None:
+    def __init__(
+        self, controls: FakeControls, config: mc.ModelConfig, placement: Placement
+    ) -> None:
         self._controls = controls
+        self._device = placement.label
         self._inputs = [t.name for t in config.input]
         self._dtypes = {t.name: datatypes.BY_CONFIG[t.data_type].numpy for t in config.output}
         self._order = {t.name: i for i, t in enumerate(config.output)}
@@ -99,6 +116,7 @@ class FakeEngine(Engine):
         controls = self._controls
         first = next(iter(inputs.values()))
         controls.batches.append(int(first.shape[0]) if first.ndim else 1)
+        controls.devices.append(self._device)
         while controls.hang.is_set() and not self._cancelled.is_set():
             time.sleep(0.005)
         if self._cancelled.is_set():
@@ -143,7 +161,10 @@ class FakeBackend(Backend):
         self.complete_config(config, model_file)
 
     def has_gpu(self) -> bool:
-        return False
+        return _gpus > 0
+
+    def gpu_count(self) -> int:
+        return _gpus
 
     def load(
         self,
@@ -155,8 +176,13 @@ class FakeBackend(Backend):
         model = controls(config.name)
         if model.load_error:
             raise ModelLoadError(f"model '{config.name}': {model.load_error}")
+        if placement.kind == mc.ModelInstanceGroup.KIND_GPU and placement.device_id >= _gpus:
+            raise ModelLoadError(
+                f"model '{config.name}': instance_group names GPU {placement.device_id}, but "
+                f"this process sees {_gpus}"
+            )
         model.loads += 1
-        return FakeEngine(model, config)
+        return FakeEngine(model, config, placement)
 
 
 FAKE_CONFIG = """name: "{name}"
