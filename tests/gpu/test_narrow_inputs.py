@@ -1,7 +1,8 @@
 """Inputs the config declares narrower than fp32 travel and stage as declared: an FP16 image
 into an fp32 program built as an fp16 engine, and a UINT8 image (a quarter of the bytes)
 into a program that scales it itself; served on the GPU with dynamic batching and checked
-against the source model (skipped without a GPU)."""
+against the source model; the instance group names no GPUs, so it has an instance on each
+(skipped without a GPU)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ CONFIG = """backend: "pytorch"
 max_batch_size: 8
 input [{{ name: "image" data_type: {dtype} dims: [3, 16, 16] }}]
 output [{{ name: "logits" data_type: TYPE_FP32 dims: [10] }}]
-instance_group [{{ count: 1 kind: KIND_GPU gpus: [0] }}]
+instance_group [{{ count: 1 kind: KIND_GPU }}]
 dynamic_batching {{ max_queue_delay_microseconds: 500 }}
 parameters {{ key: "engine_precision" value: {{ string_value: "{precision}" }} }}
 """
@@ -91,3 +92,6 @@ def test_fp16_and_uint8_inputs_are_served_as_declared(tmp_path: Path) -> None:
                 assert np.abs(got - want).max() / np.abs(want).max() <= tolerance, name
             metadata = client.get_model_metadata(name)
             assert metadata.inputs[0].datatype == ("FP16" if dtype is np.float16 else "UINT8")
+            # The group names no GPUs: one instance on each GPU the server sees.
+            group = client.get_model_config(name).config.instance_group[0]
+            assert list(group.gpus) == list(range(torch.cuda.device_count()))
