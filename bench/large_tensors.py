@@ -15,7 +15,13 @@ from /proc, over the requests the load generator counted); every load starts wit
 checked. Prints a table and ends with one line of figures; writes JSON and a plot under
 ``--out``.
 
+With ``--grpc-workers N`` enginehouse's gRPC is served by N worker processes instead, twice:
+with each worker's shared-memory ring to the core (the default) and with every request over
+the relay socket (``--grpc-relay-ring-mb 0``); those rows add the core's own CPU per request
+(its threads, without the workers).
+
     python bench/large_tensors.py [--seconds 4] [--connections 8] [--no-mlserver]
+                                  [--grpc-workers 2]
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import onnx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from cpu_use import CpuSnapshot  # noqa: E402
+from cpu_use import CpuSnapshot, cpu_report  # noqa: E402
 from frontend import mlserver_runtime, serve_with_mlserver  # noqa: E402
 from loadgen import LoadResult, grpc_load, wrk  # noqa: E402
 from vs_triton import identity_model  # noqa: E402
@@ -180,14 +186,50 @@ def check_grpc(port: int) -> None:
 def measured(pid: int, run: Callable[[], LoadResult]) -> dict[str, Any]:
     before = CpuSnapshot.take(pid)
     result = run()
-    cpu_s = CpuSnapshot.take(pid).seconds_since(before)
+    after = CpuSnapshot.take(pid)
+    cpu_s = after.seconds_since(before)
+    split = cpu_report(before, after, 1.0, result.requests)
     return {
         "rps": round(result.rps, 1),
         "p50_ms": round(result.p50_ms, 2),
         "p99_ms": round(result.p99_ms, 2),
         "cpu_us": round(cpu_s * 1e6 / max(result.requests, 1), 1),
+        "core_us": split["core_us_per_req"],
         "errors": result.errors,
     }
+
+
+def worker_loads(
+    work: Path, connections: int, seconds: float, workers: int, rounds: int
+) -> dict[str, dict[str, Any]]:
+    """1 MB over gRPC through ``workers`` worker processes, with their rings and without,
+    alternating, ``rounds`` times each; the best round of each is kept."""
+    repo = work / "repo"
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for _ in range(rounds):
+        for label, ring_mb in (("gRPC workers, ring", "32"), ("gRPC workers, socket", "0")):
+            server = ServerProcess(
+                [repo],
+                "--grpc-workers",
+                str(workers),
+                "--grpc-relay-ring-mb",
+                ring_mb,
+                log_path=work / f"workers-{ring_mb}.log",
+            )
+            try:
+                server.wait_ready()
+                check_grpc(server.grpc_port)
+                grpc = f"127.0.0.1:{server.grpc_port}"
+                runs.setdefault(label, []).append(
+                    measured(
+                        server.process.pid,
+                        lambda grpc=grpc: grpc_load(grpc, grpc_message(), connections, seconds),
+                    )
+                )
+                print(f"  {label}: {runs[label][-1]}", flush=True)
+            finally:
+                server.stop()
+    return {label: max(results, key=lambda r: r["rps"]) for label, results in runs.items()}
 
 
 def enginehouse_loads(work: Path, connections: int, seconds: float) -> dict[str, dict[str, Any]]:
@@ -289,24 +331,36 @@ def main() -> int:
     parser.add_argument("--mlserver-venv", type=Path, default=ROOT / ".venv-mlserver")
     parser.add_argument("--no-mlserver", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    parser.add_argument(
+        "--grpc-workers", type=int, default=0, help="also serve gRPC from this many workers"
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of those")
     args = parser.parse_args()
     rows: dict[str, dict[str, dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         print("enginehouse ...", flush=True)
         rows["enginehouse"] = enginehouse_loads(work, args.connections, args.seconds)
+        if args.grpc_workers:
+            print(f"enginehouse, {args.grpc_workers} gRPC workers ...", flush=True)
+            rows["enginehouse"] |= worker_loads(
+                work, args.connections, args.seconds, args.grpc_workers, args.rounds
+            )
         if not args.no_mlserver:
             print("mlserver ...", flush=True)
             rows["mlserver"] = mlserver_loads(
                 work, args.mlserver_venv, args.connections, args.seconds
             )
-    print(f"\n{'load':22} {'server':12} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'CPU us':>7}")
+    print(
+        f"\n{'load':22} {'server':12} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'CPU us':>7} "
+        f"{'core us':>8}"
+    )
     for server, results in rows.items():
         for load, r in results.items():
             shown = "HTTP JSON" if server == "mlserver" and load == "HTTP binary" else load
             print(
                 f"{shown:22} {server:12} {r['rps']:8.0f} {r['p50_ms']:7.2f} {r['p99_ms']:7.2f} "
-                f"{r['cpu_us']:7.0f}"
+                f"{r['cpu_us']:7.0f} {r['core_us']:8.0f}"
             )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "large_tensors.json").write_text(json.dumps(rows, indent=1))
@@ -321,6 +375,12 @@ def main() -> int:
             rows["mlserver"]["HTTP binary"]["rps"], 1e-9
         )
         figures.append(f"HTTP with shared memory {shared:.1f}x MLServer's HTTP")
+    if "gRPC workers, ring" in ours:
+        ring, socket = ours["gRPC workers, ring"], ours["gRPC workers, socket"]
+        figures.append(
+            f"gRPC workers: the core's CPU {socket['core_us']:.0f} -> {ring['core_us']:.0f} us "
+            f"per request with the ring ({ring['rps'] / max(socket['rps'], 1e-9):.2f}x req/s)"
+        )
     print("large_tensors: " + "; ".join(figures))
     return 0
 

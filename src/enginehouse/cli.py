@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from enginehouse import engine_commands
 from enginehouse.builder.cache import RESOLUTION, EngineCache, default_root
 from enginehouse.core.server import ControlMode, ServerCore
+from enginehouse.frontends.grpc.ring import DEFAULT_RING_BYTES
 from enginehouse.frontends.http.connections import HttpLimits
 from enginehouse.frontends.security import API_GROUPS, RestrictedApis, TlsSettings
 from enginehouse.observe.metrics import MetricsOptions
@@ -77,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="what serves gRPC: enginehouse's own HTTP/2 layer (native: a third of grpcio's CPU "
         "per call) or grpcio's asyncio server; auto: native in process, grpcio in the "
         "--grpc-workers (native workers had a higher p99 for large tensors at the core's limit)",
+    )
+    serve.add_argument(
+        "--grpc-relay-ring-mb",
+        type=int,
+        default=DEFAULT_RING_BYTES >> 20,
+        help="with --grpc-workers: each worker's shared-memory ring, through which requests of "
+        "64 KB and more reach the core (0: every request over the relay socket)",
     )
     serve.add_argument("--allow-metrics", type=_bool, default=True, help="serve Prometheus metrics")
     serve.add_argument(
@@ -321,6 +329,7 @@ def assemble(args: argparse.Namespace) -> Server:
                 args.grpc_workers,
                 *grpc_access,
                 frontend="native" if args.grpc_frontend == "native" else "grpcio",
+                ring_bytes=max(0, args.grpc_relay_ring_mb) << 20,
             )
             core.add_request_warmer(workers.service.warm)
             core.add_ready_gate(workers.warm_workers)

@@ -189,3 +189,91 @@ def test_shared_memory_through_workers(workers_server: ServerProcess) -> None:
         client.unregister_system_shared_memory()
         shm.destroy_shared_memory_region(handle)
         shm.destroy_shared_memory_region(out)
+
+
+IDENTITY_CONFIG = """name: "identity_1m"
+backend: "onnxruntime"
+max_batch_size: 8
+input [{ name: "INPUT0" data_type: TYPE_FP32 dims: [262144] }]
+output [{ name: "OUTPUT0" data_type: TYPE_FP32 dims: [262144] }]
+"""
+
+
+def _identity_repository(root: Path) -> Path:
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["INPUT0"], ["OUTPUT0"])],
+        "identity",
+        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", 262144])],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", 262144])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    (root / "identity_1m" / "1").mkdir(parents=True)
+    onnx.save(model, str(root / "identity_1m" / "1" / "model.onnx"))
+    (root / "identity_1m" / "config.pbtxt").write_text(IDENTITY_CONFIG)
+    return root
+
+
+def _ring_traffic(log: str) -> int:
+    """The requests the server's stop log says came through the rings."""
+    line = next(line for line in log.splitlines() if "came through the workers'" in line)
+    return int(line.split("gRPC relay: ")[1].split()[0])
+
+
+@pytest.mark.parametrize("frontend", ["native", "grpcio"])
+def test_large_requests_come_through_the_ring_and_free_it(tmp_path: Path, frontend: str) -> None:
+    """1 MB requests through one worker whose ring holds two of them at a time: forty in a
+    row all come through it (so the core frees its places), eight at once fall back to the
+    socket when it is full, and every answer is right."""
+    repo = _identity_repository(tmp_path / "repo")
+    server = ServerProcess(
+        [repo],
+        "--grpc-workers",
+        "1",
+        "--grpc-frontend",
+        frontend,
+        "--grpc-relay-ring-mb",
+        "3",
+        log_path=tmp_path / "serve.log",
+    )
+    rng = np.random.default_rng(0)
+    try:
+        server.wait_ready()
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        for _ in range(40):
+            data = rng.standard_normal((1, 262144)).astype(np.float32)
+            item = grpcclient.InferInput("INPUT0", [1, 262144], "FP32")
+            item.set_data_from_numpy(data)
+            np.testing.assert_array_equal(
+                client.infer("identity_1m", [item]).as_numpy("OUTPUT0"), data
+            )
+        images = [rng.standard_normal((1, 262144)).astype(np.float32) for _ in range(8)]
+        for sent, got in zip(images, infer_all_at_once(client, "identity_1m", "INPUT0", images)):
+            np.testing.assert_array_equal(got, sent)
+    finally:
+        assert server.stop() == 0
+    # Two warm-up requests, the forty, and at least two of the eight.
+    assert _ring_traffic(server.log()) >= 44
+
+
+def test_a_ring_too_small_for_a_request_leaves_it_on_the_socket(tmp_path: Path) -> None:
+    repo = _identity_repository(tmp_path / "repo")
+    server = ServerProcess(
+        [repo], "--grpc-workers", "1", "--grpc-relay-ring-mb", "1", log_path=tmp_path / "serve.log"
+    )
+    try:
+        server.wait_ready()
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        data = np.ones((1, 262144), np.float32)
+        item = grpcclient.InferInput("INPUT0", [1, 262144], "FP32")
+        item.set_data_from_numpy(data)
+        for _ in range(3):
+            np.testing.assert_array_equal(
+                client.infer("identity_1m", [item]).as_numpy("OUTPUT0"), data
+            )
+    finally:
+        assert server.stop() == 0
+    assert _ring_traffic(server.log()) == 0

@@ -77,10 +77,17 @@ class Coalescer:
         self._writer = writer
         self._pending: list[bytes | memoryview] = []
 
-    def send(self, call: int, code: int, payload: bytes | memoryview) -> None:
-        """Queue one frame (header and payload, not joined: the payload is not copied)."""
+    def send(
+        self, call: int, code: int, payload: bytes | memoryview | list[bytes | memoryview]
+    ) -> None:
+        """Queue one frame (header and payload, not joined: the payload is not copied); a
+        payload given as pieces is sent as their concatenation, each piece as it is."""
         if not self._pending:
             asyncio.get_running_loop().call_soon(self._flush)
+        if isinstance(payload, list):
+            self._pending.append(HEADER.pack(5 + sum(len(p) for p in payload), call, code))
+            self._pending.extend(payload)
+            return
         self._pending.append(HEADER.pack(5 + len(payload), call, code))
         self._pending.append(payload)
 

@@ -10,7 +10,10 @@ one-process mode, and its serialised response or status goes back. The relay's f
     request:  u32 length | u32 call id | u8 method | message bytes
     response: u32 length | u32 call id | u8 status | message bytes (or UTF-8 details)
 
-A worker announces itself with method 255 once its gRPC port is bound.
+A worker announces itself with method 255 once its gRPC port is bound (its private port
+and its ring's number). Requests of 64 KB and more come through the worker's shared-memory
+ring instead (ring.py): method 254, the payload where the request lies; the core answers as
+usual and frees the space with frames of call id 0, status 254.
 """
 
 from __future__ import annotations
@@ -35,9 +38,10 @@ from tritonclient.grpc import service_pb2 as pb
 
 from enginehouse.core.server import ServerCore
 from enginehouse.errors import EnginehouseError
-from enginehouse.frontends.grpc.codec import encode_infer_response
+from enginehouse.frontends.grpc.codec import encode_infer_response_wire
 from enginehouse.frontends.grpc.frames import HELLO, METHODS, SERVICE, CallAborted, Coalescer
 from enginehouse.frontends.grpc.receive import FrameReceiver
+from enginehouse.frontends.grpc.ring import INFER_IN_RING, CoreRing, make_ring
 from enginehouse.frontends.grpc.service import InferenceService, warmup_request
 from enginehouse.frontends.security import RestrictedApis, TlsSettings
 from enginehouse.messages import InferResponse
@@ -58,13 +62,30 @@ class _RelayProtocol(FrameReceiver):
         super().__init__()
         self._owner = owner
         self._out: Coalescer | None = None
+        # The worker's shared-memory ring, once its hello has named it.
+        self._ring: CoreRing | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._out = Coalescer(transport)  # type: ignore[arg-type]
 
     def frame(self, call: int, code: int, payload: bytes | memoryview) -> None:
-        assert self._out is not None
-        self._owner.dispatch(self._out, call, code, payload)
+        out = self._out
+        assert out is not None
+        if code == HELLO:
+            self._ring = self._owner.hello(payload, out)
+            return
+        if code == INFER_IN_RING:
+            try:
+                if self._ring is None:
+                    raise ValueError("this worker has no ring")
+                payload = self._ring.request(payload)
+            except ValueError as exc:
+                out.send(call, INTERNAL, f"relay: {exc}".encode())
+                return
+            code = INFER
+            self._owner.ring_requests += 1
+            self._owner.ring_bytes += len(payload)
+        self._owner.dispatch(out, call, code, payload)
 
 
 def _failure(exc: Exception, method: int) -> tuple[int, bytes]:
@@ -89,7 +110,9 @@ def _answer_when_done(out: Coalescer, call: int, future: asyncio.Future[InferRes
         out.send(call, *_failure(exc if isinstance(exc, Exception) else Exception(exc), INFER))
         return
     try:
-        answer = encode_infer_response(future.result()).SerializeToString()
+        # A large answer goes as pieces, its outputs' memory among them: not copied into a
+        # message first.
+        answer = encode_infer_response_wire(future.result())
     except Exception as failure:  # a broken response must not end the connection
         out.send(call, *_failure(failure, INFER))
         return
@@ -116,9 +139,16 @@ class GrpcWorkers:
         restricted: RestrictedApis | None = None,
         tls: TlsSettings | None = None,
         frontend: str = "grpcio",
+        ring_bytes: int = 0,
     ) -> None:
         # What serves gRPC in each worker: "native" (the HTTP/2 layer) or "grpcio".
         self.frontend = frontend
+        # Each worker's shared-memory ring for large requests (0: none), by worker number.
+        self.ring_size = ring_bytes
+        self._rings: dict[int, CoreRing] = {}
+        # Requests that came through the rings, and their bytes (logged at stop).
+        self.ring_requests = 0
+        self.ring_bytes = 0
         self.restricted = restricted or RestrictedApis()
         self.tls = tls
         self.host = host
@@ -145,8 +175,8 @@ class GrpcWorkers:
         self._server = await loop.create_unix_server(
             lambda: _RelayProtocol(self), path=str(self.path)
         )
-        for _ in range(self.count):
-            self._processes.append(self._spawn())
+        for index in range(self.count):
+            self._processes.append(self._spawn(index))
         for _ in range(self.count):
             try:
                 await asyncio.wait_for(self._hello.get(), timeout=60)
@@ -161,7 +191,19 @@ class GrpcWorkers:
             self.count,
         )
 
-    def _spawn(self) -> subprocess.Popen[bytes]:
+    def _spawn(self, index: int) -> subprocess.Popen[bytes]:
+        """Worker ``index`` with a new ring of its own (the old one's place in the core
+        goes once the requests still in it are done)."""
+        fd = make_ring(self.ring_size) if self.ring_size else -1
+        try:
+            if fd >= 0:
+                self._rings[index] = CoreRing(fd)
+            return self._popen(index, fd)
+        finally:
+            if fd >= 0:
+                os.close(fd)  # the core's mapping and the worker's descriptor keep it
+
+    def _popen(self, index: int, ring_fd: int) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             [
                 sys.executable,
@@ -174,7 +216,10 @@ class GrpcWorkers:
                 self.restricted.to_json(),
                 self.tls.to_json() if self.tls else "null",
                 self.frontend,
-            ]
+                str(ring_fd),
+                str(index),
+            ],
+            pass_fds=(ring_fd,) if ring_fd >= 0 else (),
         )
 
     async def _watch(self) -> None:
@@ -186,17 +231,11 @@ class GrpcWorkers:
                     log.error(
                         "gRPC worker %d exited (%s); restarting it", process.pid, process.returncode
                     )
-                    self._processes[index] = self._spawn()
+                    self._processes[index] = self._spawn(index)
 
     def dispatch(self, out: Coalescer, call: int, method: int, payload: bytes | memoryview) -> None:
         """Answer one relayed call: inline-executed inferences at once, batched ones when their
         future resolves, the rest in a task."""
-        if method == HELLO:
-            port = int(bytes(payload) or b"0")
-            if port:
-                self.private_ports.append(port)
-            self._hello.put_nowait(port)
-            return
         if method == INFER:
             arrival = time.perf_counter_ns()
             try:
@@ -216,6 +255,19 @@ class GrpcWorkers:
         self._keep(
             asyncio.ensure_future(self._finish(out, call, method, self._unary(method, payload)))
         )
+
+    def hello(self, payload: bytes | memoryview, out: Coalescer) -> CoreRing | None:
+        """A worker is serving: note its private port; the ring it names, if any, sends its
+        releases on this connection."""
+        words = bytes(payload).split()
+        port = int(words[0]) if words else 0
+        if port:
+            self.private_ports.append(port)
+        self._hello.put_nowait(port)
+        ring = self._rings.get(int(words[1])) if len(words) > 1 else None
+        if ring is not None:
+            ring.attach(out, asyncio.get_running_loop())
+        return ring
 
     def _keep(self, task: asyncio.Future[Any]) -> None:
         """Hold a task until it is done (the event loop keeps only weak references)."""
@@ -281,6 +333,12 @@ class GrpcWorkers:
                 process.wait()
         if self._server is not None:
             self._server.close()
+        if self.ring_size:
+            log.info(
+                "gRPC relay: %d requests (%.1f MB) came through the workers' shared-memory rings",
+                self.ring_requests,
+                self.ring_bytes / 1e6,
+            )
         with contextlib.suppress(OSError):
             os.unlink(self.path)
             os.rmdir(self._folder)

@@ -2,8 +2,11 @@
 
 Run by :class:`enginehouse.frontends.grpc.relay.GrpcWorkers` as
 ``python -m enginehouse.frontends.grpc.worker RELAY HOST PORT MAX_MESSAGE_BYTES [RESTRICTED
-TLS [FRONTEND]]`` (the restrictions and TLS as JSON; FRONTEND ``native``, the HTTP/2 layer of
-``native.py``, or ``grpcio``). The shared port speaks TLS when the server does; the private
+TLS [FRONTEND [RING_FD RING]]]`` (the restrictions and TLS as JSON; FRONTEND ``native``, the
+HTTP/2 layer of ``native.py``, or ``grpcio``; RING_FD the descriptor of the shared-memory
+ring the core made for this worker, -1 for none, and RING its number, which the hello
+names). Requests of 64 KB and more go to the core through the ring where it has room
+(ring.py). The shared port speaks TLS when the server does; the private
 warm-up port is plain, on loopback only, and restricted alike. Unary
 calls travel as they arrived (no protobuf work here); a ModelStreamInfer stream is relayed
 as one ModelInfer per message, its answers sent back as they complete, errors in the
@@ -34,19 +37,27 @@ from enginehouse.frontends.grpc.frames import (
     varint,
 )
 from enginehouse.frontends.grpc.options import server_options
+from enginehouse.frontends.grpc.ring import INFER_IN_RING, RELEASED, THRESHOLD, WorkerRing
 from enginehouse.frontends.grpc.streams import answer_concurrently, stream_error
 from enginehouse.frontends.security import RestrictedApis, TlsSettings
 from enginehouse.runtime.memory import freeze_long_lived
 
 log = logging.getLogger("enginehouse.grpc.worker")
 _GONE = (grpc.StatusCode.UNAVAILABLE.value[0], b"the server is stopping")
+_INFER = METHODS.index("ModelInfer")
 
 
 class RelayClient:
     """One Unix-socket connection to the core, with calls multiplexed by id."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        ring: WorkerRing | None = None,
+    ) -> None:
         self._reader = reader
+        self._ring = ring
         self._out = Coalescer(writer)
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[tuple[int, bytes]]] = {}
@@ -58,6 +69,9 @@ class RelayClient:
         try:
             while True:
                 call, status, payload = await read_frame(self._reader)
+                if call == 0 and status == RELEASED and self._ring is not None:
+                    self._ring.released(payload)
+                    continue
                 future = self._pending.pop(call, None)
                 if future is not None and not future.done():
                     future.set_result((status, payload))
@@ -77,6 +91,10 @@ class RelayClient:
         call = next(self._ids)
         future: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
         self._pending[call] = future
+        if method == _INFER and len(payload) >= THRESHOLD and self._ring is not None:
+            place = self._ring.place(payload)
+            if place is not None:
+                method, payload = INFER_IN_RING, place
         self.send(call, method, payload)
         return await future
 
@@ -119,11 +137,14 @@ async def serve(
     restricted: RestrictedApis,
     tls: TlsSettings | None,
     frontend: str = "grpcio",
+    ring: tuple[int, int] | None = None,
 ) -> None:
+    """Serve until stopped; ``ring`` is (descriptor, number) of this worker's ring."""
     reader, writer = await asyncio.open_unix_connection(relay_path, limit=max_message_bytes + 64)
-    relay = RelayClient(reader, writer)
+    relay = RelayClient(reader, writer, WorkerRing(ring[0]) if ring else None)
+    hello = f" {ring[1]}" if ring else ""
     if frontend == "native":
-        await serve_native(relay, host, port, max_message_bytes, restricted, tls)
+        await serve_native(relay, host, port, max_message_bytes, restricted, tls, hello)
         return
     handlers: dict[str, grpc.RpcMethodHandler] = {
         name: grpc.unary_unary_rpc_method_handler(unary(relay, index))
@@ -149,7 +170,7 @@ async def serve(
     # of the collector's full walks, which otherwise pause calls in flight for tens of ms.
     freeze_long_lived(idle=True)
     await server.start()
-    relay.send(0, HELLO, str(private).encode())
+    relay.send(0, HELLO, f"{private}{hello}".encode())
     gone = await _until_stopped(relay)
     await server.stop(0 if gone else 5.0)
 
@@ -182,9 +203,6 @@ class RelayCalls:
         return b"\x12" + varint(len(body)) + body
 
 
-_INFER = METHODS.index("ModelInfer")
-
-
 async def serve_native(
     relay: RelayClient,
     host: str,
@@ -192,6 +210,7 @@ async def serve_native(
     max_message_bytes: int,
     restricted: RestrictedApis,
     tls: TlsSettings | None,
+    hello: str = "",
 ) -> None:
     """The worker's gRPC on the native HTTP/2 layer, its calls relayed to the core."""
     from enginehouse.frontends.grpc.native_server import NativeGrpcServer
@@ -202,7 +221,7 @@ async def serve_native(
     await server.start()
     private = await server.listen_privately()
     freeze_long_lived(idle=True)
-    relay.send(0, HELLO, str(private).encode())
+    relay.send(0, HELLO, f"{private}{hello}".encode())
     await _until_stopped(relay)
     await server.stop(5.0)
 
@@ -228,10 +247,12 @@ def main() -> int:
     restricted = RestrictedApis.from_json(sys.argv[5]) if len(sys.argv) > 5 else RestrictedApis()
     tls = TlsSettings.from_json(sys.argv[6]) if len(sys.argv) > 6 else None
     frontend = sys.argv[7] if len(sys.argv) > 7 else "grpcio"
+    ring_fd = int(sys.argv[8]) if len(sys.argv) > 8 else -1
+    ring = (ring_fd, int(sys.argv[9])) if ring_fd >= 0 else None
     try:
         import uvloop
 
-        uvloop.run(serve(relay_path, host, port, max_bytes, restricted, tls, frontend))
+        uvloop.run(serve(relay_path, host, port, max_bytes, restricted, tls, frontend, ring))
     except OSError as exc:
         log.error("%s", exc)
         return 1
