@@ -57,7 +57,10 @@ class RelayClient:
         ring: WorkerRing | None = None,
     ) -> None:
         self._reader = reader
-        self._ring = ring
+        # This worker's ring, used once the hello has named it to the core (frames arrive in
+        # order, so no request placed in it can come before).
+        self._made_ring = ring
+        self._ring: WorkerRing | None = None
         self._out = Coalescer(writer)
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[tuple[int, bytes]]] = {}
@@ -84,6 +87,14 @@ class RelayClient:
 
     def send(self, call: int, method: int, payload: bytes | memoryview) -> None:
         self._out.send(call, method, payload)
+
+    def hello(self, private_port: int, ring_number: int | None) -> None:
+        """Tell the core this worker serves (its private port and its ring's number); large
+        requests go through the ring from then on."""
+        ring = self._made_ring if ring_number is not None else None
+        named = f" {ring_number}" if ring is not None else ""
+        self.send(0, HELLO, f"{private_port}{named}".encode())
+        self._ring = ring
 
     async def call(self, method: int, payload: bytes | memoryview) -> tuple[int, bytes]:
         if self.closed.is_set():
@@ -142,9 +153,9 @@ async def serve(
     """Serve until stopped; ``ring`` is (descriptor, number) of this worker's ring."""
     reader, writer = await asyncio.open_unix_connection(relay_path, limit=max_message_bytes + 64)
     relay = RelayClient(reader, writer, WorkerRing(ring[0]) if ring else None)
-    hello = f" {ring[1]}" if ring else ""
+    number = ring[1] if ring else None
     if frontend == "native":
-        await serve_native(relay, host, port, max_message_bytes, restricted, tls, hello)
+        await serve_native(relay, host, port, max_message_bytes, restricted, tls, number)
         return
     handlers: dict[str, grpc.RpcMethodHandler] = {
         name: grpc.unary_unary_rpc_method_handler(unary(relay, index))
@@ -170,7 +181,7 @@ async def serve(
     # of the collector's full walks, which otherwise pause calls in flight for tens of ms.
     freeze_long_lived(idle=True)
     await server.start()
-    relay.send(0, HELLO, f"{private}{hello}".encode())
+    relay.hello(private, number)
     gone = await _until_stopped(relay)
     await server.stop(0 if gone else 5.0)
 
@@ -210,7 +221,7 @@ async def serve_native(
     max_message_bytes: int,
     restricted: RestrictedApis,
     tls: TlsSettings | None,
-    hello: str = "",
+    ring_number: int | None = None,
 ) -> None:
     """The worker's gRPC on the native HTTP/2 layer, its calls relayed to the core."""
     from enginehouse.frontends.grpc.native_server import NativeGrpcServer
@@ -221,7 +232,7 @@ async def serve_native(
     await server.start()
     private = await server.listen_privately()
     freeze_long_lived(idle=True)
-    relay.send(0, HELLO, f"{private}{hello}".encode())
+    relay.hello(private, ring_number)
     await _until_stopped(relay)
     await server.stop(5.0)
 
