@@ -329,7 +329,7 @@ def assemble(args: argparse.Namespace) -> Server:
                 args.grpc_workers,
                 *grpc_access,
                 frontend="native" if args.grpc_frontend == "native" else "grpcio",
-                ring_bytes=max(0, args.grpc_relay_ring_mb) << 20,
+                ring_size=max(0, args.grpc_relay_ring_mb) << 20,
             )
             core.add_request_warmer(workers.service.warm)
             core.add_ready_gate(workers.warm_workers)

@@ -84,7 +84,7 @@ class _RelayProtocol(FrameReceiver):
                 return
             code = INFER
             self._owner.ring_requests += 1
-            self._owner.ring_bytes += len(payload)
+            self._owner.ring_traffic += len(payload)
         self._owner.dispatch(out, call, code, payload)
 
 
@@ -139,16 +139,16 @@ class GrpcWorkers:
         restricted: RestrictedApis | None = None,
         tls: TlsSettings | None = None,
         frontend: str = "grpcio",
-        ring_bytes: int = 0,
+        ring_size: int = 0,
     ) -> None:
         # What serves gRPC in each worker: "native" (the HTTP/2 layer) or "grpcio".
         self.frontend = frontend
         # Each worker's shared-memory ring for large requests (0: none), by worker number.
-        self.ring_size = ring_bytes
+        self.ring_size = ring_size
         self._rings: dict[int, CoreRing] = {}
         # Requests that came through the rings, and their bytes (logged at stop).
         self.ring_requests = 0
-        self.ring_bytes = 0
+        self.ring_traffic = 0
         self.restricted = restricted or RestrictedApis()
         self.tls = tls
         self.host = host
@@ -337,7 +337,7 @@ class GrpcWorkers:
             log.info(
                 "gRPC relay: %d requests (%.1f MB) came through the workers' shared-memory rings",
                 self.ring_requests,
-                self.ring_bytes / 1e6,
+                self.ring_traffic / 1e6,
             )
         with contextlib.suppress(OSError):
             os.unlink(self.path)
