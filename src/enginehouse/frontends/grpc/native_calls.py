@@ -60,6 +60,11 @@ def _encoded(response: InferResponse) -> Body:
     return encode_infer_response_wire(response)
 
 
+def _stream_encoded(response: InferResponse) -> bytes:
+    message = pb.ModelStreamInferResponse(infer_response=encode_infer_response(response))
+    return bytes(message.SerializeToString())
+
+
 class ServiceCalls:
     """Calls answered by the in-process service."""
 
@@ -70,8 +75,8 @@ class ServiceCalls:
         if method != "ModelInfer":
             return self._other(method, payload)
         result = self.service.infer_wire(payload, time.perf_counter_ns())
-        if isinstance(result, pb.ModelInferResponse):
-            return result.SerializeToString()
+        if isinstance(result, InferResponse):
+            return _encoded(result)
         return _converted(result, _encoded)
 
     async def _other(self, method: str, payload: bytes | memoryview) -> bytes:
@@ -85,17 +90,11 @@ class ServiceCalls:
             result = self.service.infer_message(message, time.perf_counter_ns())
         except EnginehouseError as exc:
             return stream_error(message, exc.message).SerializeToString()
-        if isinstance(result, pb.ModelInferResponse):
-            return pb.ModelStreamInferResponse(infer_response=result).SerializeToString()
+        if isinstance(result, InferResponse):
+            return _stream_encoded(result)
 
         def failed(error: BaseException) -> bytes:
             text = error.message if isinstance(error, EnginehouseError) else str(error)
             return stream_error(message, text).SerializeToString()
 
-        return _converted(
-            result,
-            lambda r: pb.ModelStreamInferResponse(
-                infer_response=encode_infer_response(r)
-            ).SerializeToString(),
-            failed,
-        )
+        return _converted(result, _stream_encoded, failed)

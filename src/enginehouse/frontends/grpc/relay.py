@@ -243,8 +243,8 @@ class GrpcWorkers:
             except Exception as exc:  # reported to the client (and logged when unexpected)
                 out.send(call, *_failure(exc, method))
                 return
-            if isinstance(result, pb.ModelInferResponse):
-                out.send(call, 0, result.SerializeToString())
+            if isinstance(result, InferResponse):
+                out.send(call, 0, encode_infer_response_wire(result))
                 return
             # Batched requests are futures already; other awaitables become a task.
             pending = asyncio.ensure_future(result)

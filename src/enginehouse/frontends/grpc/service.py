@@ -160,21 +160,19 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         request: pb.ModelInferRequest,
         arrival: int,
         raw: Sequence[memoryview] | None = None,
-    ) -> pb.ModelInferResponse | Awaitable[InferResponse]:
-        """The encoded response at once when the model ran inline, else an awaitable of the
-        core's response (the caller encodes it); errors raise :class:`EnginehouseError`.
-        ModelInfer and the worker relay both use it; ``raw`` is the request's raw input
-        contents when the relay cut them out of the message itself."""
+    ) -> InferResponse | Awaitable[InferResponse]:
+        """The core's response at once when the model ran inline, else an awaitable of it;
+        the caller encodes it as its transport prefers (a large one as pieces, see
+        ``encode_infer_response_wire``); errors raise :class:`EnginehouseError`. ModelInfer,
+        the native frontend and the worker relay all use it; ``raw`` is the request's raw
+        input contents when they were cut out of the message itself."""
         infer_request = decode_infer_request(request, raw, self.core.shared_memory)
         infer_request.arrival_ns = arrival
-        result = self.core.submit(infer_request)
-        if isinstance(result, InferResponse):
-            return encode_infer_response(result)
-        return result
+        return self.core.submit(infer_request)
 
     def infer_wire(
         self, payload: bytes | memoryview, arrival: int
-    ) -> pb.ModelInferResponse | Awaitable[InferResponse]:
+    ) -> InferResponse | Awaitable[InferResponse]:
         """:meth:`infer_message` for a serialized ModelInferRequest (a relayed frame, a native
         call's message): a large one has its tensors cut out first, so that they stay views of
         the payload rather than copies made by protobuf."""
@@ -185,8 +183,8 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         result = self.infer_message(request, time.perf_counter_ns())
-        if isinstance(result, pb.ModelInferResponse):
-            return result
+        if isinstance(result, InferResponse):
+            return encode_infer_response(result)
         return encode_infer_response(await result)
 
     async def ModelInfer(
