@@ -20,8 +20,11 @@ with each worker's shared-memory ring to the core (the default) and with every r
 the relay socket (``--grpc-relay-ring-mb 0``); those rows add the core's own CPU per request
 (its threads, without the workers).
 
+``--inline-execution always`` (or ``never``) sets the model's ``inline_execution``
+parameter; by default the server decides (``auto``).
+
     python bench/large_tensors.py [--seconds 4] [--connections 8] [--no-mlserver]
-                                  [--grpc-workers 2]
+                                  [--grpc-workers 2] [--inline-execution auto]
 """
 
 from __future__ import annotations
@@ -232,11 +235,14 @@ def worker_loads(
     return {label: max(results, key=lambda r: r["rps"]) for label, results in runs.items()}
 
 
-def enginehouse_loads(work: Path, connections: int, seconds: float) -> dict[str, dict[str, Any]]:
+def enginehouse_loads(
+    work: Path, connections: int, seconds: float, inline: str = "auto"
+) -> dict[str, dict[str, Any]]:
     repo = work / "repo"
     (repo / MODEL / "1").mkdir(parents=True)
     onnx.save(identity_model(SIZE), str(repo / MODEL / "1" / "model.onnx"))
-    (repo / MODEL / "config.pbtxt").write_text(CONFIG)
+    parameter = f'parameters {{ key: "inline_execution" value: {{ string_value: "{inline}" }} }}\n'
+    (repo / MODEL / "config.pbtxt").write_text(CONFIG + parameter)
     server = ServerProcess([repo], log_path=work / "enginehouse.log")
     rows: dict[str, dict[str, Any]] = {}
     try:
@@ -335,12 +341,15 @@ def main() -> int:
         "--grpc-workers", type=int, default=0, help="also serve gRPC from this many workers"
     )
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of those")
+    parser.add_argument("--inline-execution", choices=("auto", "always", "never"), default="auto")
     args = parser.parse_args()
     rows: dict[str, dict[str, dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         print("enginehouse ...", flush=True)
-        rows["enginehouse"] = enginehouse_loads(work, args.connections, args.seconds)
+        rows["enginehouse"] = enginehouse_loads(
+            work, args.connections, args.seconds, args.inline_execution
+        )
         if args.grpc_workers:
             print(f"enginehouse, {args.grpc_workers} gRPC workers ...", flush=True)
             rows["enginehouse"] |= worker_loads(
