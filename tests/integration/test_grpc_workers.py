@@ -4,10 +4,12 @@ as the in-process frontend, and a worker that dies is replaced."""
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -253,9 +255,27 @@ def test_large_requests_come_through_the_ring_and_free_it(tmp_path: Path, fronte
         images = [rng.standard_normal((1, 262144)).astype(np.float32) for _ in range(8)]
         for sent, got in zip(images, infer_all_at_once(client, "identity_1m", "INPUT0", images)):
             np.testing.assert_array_equal(got, sent)
+
+        # A stream's messages are relayed one by one, through the ring as well.
+        answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
+        client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        try:
+            for i, image in enumerate(images[:4]):
+                item = grpcclient.InferInput("INPUT0", [1, 262144], "FP32")
+                item.set_data_from_numpy(image)
+                client.async_stream_infer("identity_1m", [item], request_id=str(i))
+            for _ in range(4):
+                result, error = answers.get(timeout=30)
+                assert error is None, error
+                sent = images[int(result.get_response().id)]
+                np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), sent)
+        finally:
+            client.stop_stream()
     finally:
         assert server.stop() == 0
-    # Two warm-up requests, the forty, and at least two of the eight.
+    # Two warm-up requests, the forty, at least two of the eight, and the stream's four
+    # (sent one after another into a ring that holds two, freed as they are answered, or
+    # over the socket when it is full).
     assert _ring_traffic(server.log()) >= 44
 
 
