@@ -16,9 +16,9 @@ checked. Prints a table and ends with one line of figures; writes JSON and a plo
 ``--out``.
 
 With ``--grpc-workers N`` enginehouse's gRPC is served by N worker processes instead, twice:
-with each worker's shared-memory ring to the core (the default) and with every request over
-the relay socket (``--grpc-relay-ring-mb 0``); those rows add the core's own CPU per request
-(its threads, without the workers).
+with each worker's shared-memory rings to and from the core (the default) and with every
+message over the relay socket (``--grpc-relay-ring-mb 0``); those rows add the core's own CPU
+per request (its threads, without the workers).
 
 ``--inline-execution always`` (or ``never``) sets the model's ``inline_execution``
 parameter; by default the server decides (``auto``).
@@ -210,7 +210,7 @@ def worker_loads(
     repo = work / "repo"
     runs: dict[str, list[dict[str, Any]]] = {}
     for _ in range(rounds):
-        for label, ring_mb in (("gRPC workers, ring", "32"), ("gRPC workers, socket", "0")):
+        for label, ring_mb in (("gRPC workers, rings", "16"), ("gRPC workers, socket", "0")):
             server = ServerProcess(
                 [repo],
                 "--grpc-workers",
@@ -384,11 +384,11 @@ def main() -> int:
             rows["mlserver"]["HTTP binary"]["rps"], 1e-9
         )
         figures.append(f"HTTP with shared memory {shared:.1f}x MLServer's HTTP")
-    if "gRPC workers, ring" in ours:
-        ring, socket = ours["gRPC workers, ring"], ours["gRPC workers, socket"]
+    if "gRPC workers, rings" in ours:
+        ring, socket = ours["gRPC workers, rings"], ours["gRPC workers, socket"]
         figures.append(
             f"gRPC workers: the core's CPU {socket['core_us']:.0f} -> {ring['core_us']:.0f} us "
-            f"per request with the ring ({ring['rps'] / max(socket['rps'], 1e-9):.2f}x req/s)"
+            f"per request with the rings ({ring['rps'] / max(socket['rps'], 1e-9):.2f}x req/s)"
         )
     print("large_tensors: " + "; ".join(figures))
     return 0

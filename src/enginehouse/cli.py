@@ -83,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--grpc-relay-ring-mb",
         type=int,
         default=DEFAULT_RING_BYTES >> 20,
-        help="with --grpc-workers: each worker's shared-memory ring, through which requests of "
-        "64 KB and more reach the core (0: every request over the relay socket)",
+        help="with --grpc-workers: each worker's two shared-memory rings, this many MB each, "
+        "through which requests and answers of 64 KB and more travel between it and the core "
+        "(0: every message over the relay socket)",
     )
     serve.add_argument("--allow-metrics", type=_bool, default=True, help="serve Prometheus metrics")
     serve.add_argument(

@@ -219,10 +219,11 @@ def _identity_repository(root: Path) -> Path:
     return root
 
 
-def _ring_traffic(log: str) -> int:
-    """The requests the server's stop log says came through the rings."""
+def _ring_traffic(log: str) -> tuple[int, int]:
+    """The requests and the answers the server's stop log says came through the rings."""
     line = next(line for line in log.splitlines() if "came through the workers'" in line)
-    return int(line.split("gRPC relay: ")[1].split()[0])
+    words = line.split("gRPC relay: ")[1].split()
+    return int(words[0]), int(words[5])
 
 
 @pytest.mark.parametrize("frontend", ["native", "grpcio"])
@@ -276,7 +277,9 @@ def test_large_requests_come_through_the_ring_and_free_it(tmp_path: Path, fronte
     # Two warm-up requests, the forty, at least two of the eight, and the stream's four
     # (sent one after another into a ring that holds two, freed as they are answered, or
     # over the socket when it is full).
-    assert _ring_traffic(server.log()) >= 44
+    requests, answers = _ring_traffic(server.log())
+    assert requests >= 44
+    assert answers >= 44  # the 1 MB answers, through the answer ring alike
 
 
 def test_a_ring_too_small_for_a_request_leaves_it_on_the_socket(tmp_path: Path) -> None:
@@ -296,4 +299,4 @@ def test_a_ring_too_small_for_a_request_leaves_it_on_the_socket(tmp_path: Path) 
             )
     finally:
         assert server.stop() == 0
-    assert _ring_traffic(server.log()) == 0
+    assert _ring_traffic(server.log()) == (0, 0)

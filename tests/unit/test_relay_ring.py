@@ -97,3 +97,23 @@ def test_the_core_refuses_a_place_outside_the_ring() -> None:
     for place in (PLACE.pack(4000, 200), PLACE.pack(0, 0), PLACE.pack(1 << 62, 1), b"short"):
         with pytest.raises(ValueError):
             core.request(place)
+
+
+def test_answers_go_through_the_second_ring_and_are_freed_by_the_worker() -> None:
+    fd = make_ring(1 << 20)
+    worker = WorkerRing(os.dup(fd))
+    core = CoreRing(fd)
+    os.close(fd)
+    output = np.arange(200_000, dtype=np.uint8)
+    pieces: list[bytes | memoryview] = [b"header", memoryview(output), b"tail"]
+    place = core.answer(pieces)
+    assert place is not None
+    answer, taken = worker.answer(place)
+    assert answer == b"header" + output.tobytes() + b"tail"
+    # A 1 MiB ring holds five such answers; the sixth waits for the worker's release.
+    assert [core.answer(pieces) is not None for _ in range(5)] == [True] * 4 + [False]
+    core.answers_taken(taken)  # the first, at the start: the ring wraps there
+    assert core.answer(pieces) == PLACE.pack(0, len(answer))
+    assert core.answer([b"small"]) is None  # under the threshold: over the socket
+    with pytest.raises(ValueError):
+        worker.answer(PLACE.pack(1 << 20, 1))

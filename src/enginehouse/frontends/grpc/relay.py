@@ -11,9 +11,10 @@ one-process mode, and its serialised response or status goes back. The relay's f
     response: u32 length | u32 call id | u8 status | message bytes (or UTF-8 details)
 
 A worker announces itself with method 255 once its gRPC port is bound (its private port
-and its ring's number). Requests of 64 KB and more come through the worker's shared-memory
-ring instead (ring.py): method 254, the payload where the request lies; the core answers as
-usual and frees the space with frames of call id 0, status 254.
+and its rings' number). Messages of 64 KB and more go through the worker's shared-memory
+rings instead (ring.py): a request as method 254, an answer as status 253, each with the
+place where it lies as payload; call id 0 frees places (status 254 from the core for
+requests, method 253 from the worker for answers).
 """
 
 from __future__ import annotations
@@ -41,7 +42,13 @@ from enginehouse.errors import EnginehouseError
 from enginehouse.frontends.grpc.codec import encode_infer_response_wire
 from enginehouse.frontends.grpc.frames import HELLO, METHODS, SERVICE, CallAborted, Coalescer
 from enginehouse.frontends.grpc.receive import FrameReceiver
-from enginehouse.frontends.grpc.ring import INFER_IN_RING, CoreRing, make_ring
+from enginehouse.frontends.grpc.ring import (
+    ANSWER_IN_RING,
+    ANSWERS_TAKEN,
+    INFER_IN_RING,
+    CoreRing,
+    make_ring,
+)
 from enginehouse.frontends.grpc.service import InferenceService, warmup_request
 from enginehouse.frontends.security import RestrictedApis, TlsSettings
 from enginehouse.messages import InferResponse
@@ -74,6 +81,9 @@ class _RelayProtocol(FrameReceiver):
         if code == HELLO:
             self._ring = self._owner.hello(payload, out)
             return
+        if code == ANSWERS_TAKEN and call == 0 and self._ring is not None:
+            self._ring.answers_taken(payload)
+            return
         if code == INFER_IN_RING:
             try:
                 if self._ring is None:
@@ -83,9 +93,7 @@ class _RelayProtocol(FrameReceiver):
                 out.send(call, INTERNAL, f"relay: {exc}".encode())
                 return
             code = INFER
-            self._owner.ring_requests += 1
-            self._owner.ring_traffic += len(payload)
-        self._owner.dispatch(out, call, code, payload)
+        self._owner.dispatch(out, call, code, payload, self._ring)
 
 
 def _failure(exc: Exception, method: int) -> tuple[int, bytes]:
@@ -100,7 +108,21 @@ def _failure(exc: Exception, method: int) -> tuple[int, bytes]:
     return INTERNAL, f"internal error: {exc}".encode()
 
 
-def _answer_when_done(out: Coalescer, call: int, future: asyncio.Future[InferResponse]) -> None:
+def _answer(
+    out: Coalescer, ring: CoreRing | None, call: int, body: bytes | list[bytes | memoryview]
+) -> None:
+    """Send an inference's answer: through the worker's answer ring when it is large and
+    fits, over the socket otherwise."""
+    place = ring.answer(body) if ring is not None else None
+    if place is None:
+        out.send(call, 0, body)
+    else:
+        out.send(call, ANSWER_IN_RING, place)
+
+
+def _answer_when_done(
+    out: Coalescer, ring: CoreRing | None, call: int, future: asyncio.Future[InferResponse]
+) -> None:
     """Send an inference's response (or its failure) once it has run."""
     if future.cancelled():
         out.send(call, CANCELLED, b"the request was cancelled")
@@ -116,7 +138,7 @@ def _answer_when_done(out: Coalescer, call: int, future: asyncio.Future[InferRes
     except Exception as failure:  # a broken response must not end the connection
         out.send(call, *_failure(failure, INFER))
         return
-    out.send(call, 0, answer)
+    _answer(out, ring, call, answer)
 
 
 class RelayContext:
@@ -146,9 +168,8 @@ class GrpcWorkers:
         # Each worker's shared-memory ring for large requests (0: none), by worker number.
         self.ring_size = ring_size
         self._rings: dict[int, CoreRing] = {}
-        # Requests that came through the rings, and their bytes (logged at stop).
-        self.ring_requests = 0
-        self.ring_traffic = 0
+        # What came through the rings of workers since replaced (see CoreRing.traffic).
+        self._retired_traffic = [0, 0, 0, 0]
         self.restricted = restricted or RestrictedApis()
         self.tls = tls
         self.host = host
@@ -195,6 +216,9 @@ class GrpcWorkers:
         """Worker ``index`` with a new ring of its own (the old one's place in the core
         goes once the requests still in it are done)."""
         fd = make_ring(self.ring_size) if self.ring_size else -1
+        old = self._rings.pop(index, None)
+        if old is not None:
+            self._retired_traffic = [a + b for a, b in zip(self._retired_traffic, old.traffic)]
         try:
             if fd >= 0:
                 self._rings[index] = CoreRing(fd)
@@ -233,9 +257,16 @@ class GrpcWorkers:
                     )
                     self._processes[index] = self._spawn(index)
 
-    def dispatch(self, out: Coalescer, call: int, method: int, payload: bytes | memoryview) -> None:
+    def dispatch(
+        self,
+        out: Coalescer,
+        call: int,
+        method: int,
+        payload: bytes | memoryview,
+        ring: CoreRing | None = None,
+    ) -> None:
         """Answer one relayed call: inline-executed inferences at once, batched ones when their
-        future resolves, the rest in a task."""
+        future resolves, the rest in a task; large answers through ``ring`` where given."""
         if method == INFER:
             arrival = time.perf_counter_ns()
             try:
@@ -244,13 +275,13 @@ class GrpcWorkers:
                 out.send(call, *_failure(exc, method))
                 return
             if isinstance(result, InferResponse):
-                out.send(call, 0, encode_infer_response_wire(result))
+                _answer(out, ring, call, encode_infer_response_wire(result))
                 return
             # Batched requests are futures already; other awaitables become a task.
             pending = asyncio.ensure_future(result)
             if pending is not result:
                 self._keep(pending)
-            pending.add_done_callback(partial(_answer_when_done, out, call))
+            pending.add_done_callback(partial(_answer_when_done, out, ring, call))
             return
         self._keep(
             asyncio.ensure_future(self._finish(out, call, method, self._unary(method, payload)))
@@ -334,10 +365,16 @@ class GrpcWorkers:
         if self._server is not None:
             self._server.close()
         if self.ring_size:
+            traffic = list(self._retired_traffic)
+            for ring in self._rings.values():
+                traffic = [a + b for a, b in zip(traffic, ring.traffic)]
             log.info(
-                "gRPC relay: %d requests (%.1f MB) came through the workers' shared-memory rings",
-                self.ring_requests,
-                self.ring_traffic / 1e6,
+                "gRPC relay: %d requests (%.1f MB) and %d answers (%.1f MB) came through the "
+                "workers' shared-memory rings",
+                traffic[0],
+                traffic[1] / 1e6,
+                traffic[2],
+                traffic[3] / 1e6,
             )
         with contextlib.suppress(OSError):
             os.unlink(self.path)

@@ -37,7 +37,14 @@ from enginehouse.frontends.grpc.frames import (
     varint,
 )
 from enginehouse.frontends.grpc.options import server_options
-from enginehouse.frontends.grpc.ring import INFER_IN_RING, RELEASED, THRESHOLD, WorkerRing
+from enginehouse.frontends.grpc.ring import (
+    ANSWER_IN_RING,
+    ANSWERS_TAKEN,
+    INFER_IN_RING,
+    RELEASED,
+    THRESHOLD,
+    WorkerRing,
+)
 from enginehouse.frontends.grpc.streams import answer_concurrently, stream_error
 from enginehouse.frontends.security import RestrictedApis, TlsSettings
 from enginehouse.runtime.memory import freeze_long_lived
@@ -45,6 +52,7 @@ from enginehouse.runtime.memory import freeze_long_lived
 log = logging.getLogger("enginehouse.grpc.worker")
 _GONE = (grpc.StatusCode.UNAVAILABLE.value[0], b"the server is stopping")
 _INFER = METHODS.index("ModelInfer")
+_INTERNAL = grpc.StatusCode.INTERNAL.value[0]
 
 
 class RelayClient:
@@ -75,6 +83,8 @@ class RelayClient:
                 if call == 0 and status == RELEASED and self._ring is not None:
                     self._ring.released(payload)
                     continue
+                if status == ANSWER_IN_RING and self._ring is not None:
+                    status, payload = self._answer_in_ring(payload)
                 future = self._pending.pop(call, None)
                 if future is not None and not future.done():
                     future.set_result((status, payload))
@@ -87,6 +97,16 @@ class RelayClient:
 
     def send(self, call: int, method: int, payload: bytes | memoryview) -> None:
         self._out.send(call, method, payload)
+
+    def _answer_in_ring(self, place: bytes) -> tuple[int, bytes]:
+        """An answer the core left in the answer ring: copied out, its place freed."""
+        assert self._ring is not None
+        try:
+            answer, taken = self._ring.answer(place)
+        except ValueError as exc:
+            return _INTERNAL, f"relay: {exc}".encode()
+        self.send(0, ANSWERS_TAKEN, taken)
+        return 0, answer
 
     def hello(self, private_port: int, ring_number: int | None) -> None:
         """Tell the core this worker serves (its private port and its ring's number); large
