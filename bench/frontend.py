@@ -10,6 +10,8 @@ one inference worker process, gave 617 req/s against 1,177 at 8 connections).
 
     python bench/frontend.py [--seconds 5] [--mlserver-venv .venv-mlserver]
 
+Each cell also gives the server's CPU per request (its process and children, from /proc).
+
 Prints a table and ends with one line of figures; the goal is HTTP JSON at 8
 connections >= 3x MLServer's requests/s with a lower p99.
 """
@@ -35,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from cpu_use import CpuSnapshot  # noqa: E402
 from loadgen import LoadResult, grpc_load, wrk  # noqa: E402
 from make_repository import SIMPLE_CONFIG, simple_model  # noqa: E402
 
@@ -202,11 +205,13 @@ def start_mlserver(work: Path, venv: Path) -> tuple[subprocess.Popen, int, int]:
 
 
 def measure(
-    http_port: int, grpc_port: int, seconds: float, connections: list[int]
-) -> dict[str, LoadResult | None]:
+    http_port: int, grpc_port: int, seconds: float, connections: list[int], pid: int
+) -> tuple[dict[str, LoadResult | None], dict[str, float]]:
+    """Each load's result (None where it failed) and the server's CPU us per request."""
     url = f"http://127.0.0.1:{http_port}/v2/models/simple/infer"
     body, header_length = binary_body()
     results: dict[str, LoadResult | None] = {}
+    cpu: dict[str, float] = {}
     for c in connections:
         for name, run in (
             (
@@ -228,14 +233,19 @@ def measure(
             ),
             ("grpc", lambda c=c: grpc_load(f"127.0.0.1:{grpc_port}", grpc_message(), c, seconds)),
         ):
+            key = f"{name}@{c}"
             try:
+                before = CpuSnapshot.take(pid)
                 result = run()
-                results[f"{name}@{c}"] = result if result.errors < result.requests else None
+                spent = CpuSnapshot.take(pid).seconds_since(before)
+                results[key] = result if result.errors < result.requests else None
+                cpu[key] = round(spent * 1e6 / max(result.requests, 1), 1)
             except Exception as exc:  # a peer without a feature gets n/a, not a crash
-                print(f"  {name}@{c}: failed: {exc}", file=sys.stderr)
-                results[f"{name}@{c}"] = None
-            print(f"  {name}@{c}: {_cell(results[f'{name}@{c}'])}", flush=True)
-    return results
+                print(f"  {key}: failed: {exc}", file=sys.stderr)
+                results[key] = None
+            used = f"  CPU {cpu[key]:.0f} us/req" if key in cpu else ""
+            print(f"  {key}: {_cell(results[key])}{used}", flush=True)
+    return results, cpu
 
 
 def _cell(result: LoadResult | None) -> str:
@@ -281,6 +291,7 @@ def main() -> int:
     args = parser.parse_args()
 
     rows: dict[str, dict[str, LoadResult | None]] = {}
+    cpu: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         starters = [("enginehouse", lambda: start_enginehouse(work))]
@@ -290,7 +301,9 @@ def main() -> int:
             print(f"{server}:", flush=True)
             process, http_port, grpc_port = start()
             try:
-                rows[server] = measure(http_port, grpc_port, args.seconds, args.connections)
+                rows[server], cpu[server] = measure(
+                    http_port, grpc_port, args.seconds, args.connections, process.pid
+                )
             finally:
                 process.terminate()
                 process.wait(60)
@@ -313,7 +326,10 @@ def main() -> int:
     (args.out / f"frontend-{stamp}.json").write_text(
         json.dumps(
             {
-                s: {k: (asdict(v) | {"rps": v.rps}) if v else None for k, v in r.items()}
+                s: {
+                    k: (asdict(v) | {"rps": v.rps, "cpu_us": cpu[s].get(k)}) if v else None
+                    for k, v in r.items()
+                }
                 for s, r in rows.items()
             },
             indent=2,

@@ -25,7 +25,6 @@ from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
 import grpc
-import hpack
 from google.protobuf.message import DecodeError
 
 from enginehouse.errors import EnginehouseError, PermissionDeniedError
@@ -63,6 +62,7 @@ from enginehouse.frontends.grpc.http2 import (
     RST_STREAM,
     SETTINGS,
     WINDOW_UPDATE,
+    RequestHeaders,
     frame,
     status_block,
 )
@@ -135,7 +135,7 @@ class NativeGrpcProtocol(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._preface = False
-        self._decoder = hpack.Decoder()
+        self._headers_in = RequestHeaders()
         self._streams: dict[int, _Stream] = {}
         self._block: bytearray | None = None  # a header block awaiting CONTINUATION
         self._block_stream = 0
@@ -323,7 +323,7 @@ class NativeGrpcProtocol(asyncio.Protocol):
 
     def _headers_done(self, number: int, block: bytes, end_stream: bool) -> None:
         try:
-            fields = self._decoder.decode(block)
+            headers = self._headers_in.decode(block)
         except Exception as exc:  # hpack raises several types for a bad block
             self._fail(PROTOCOL_ERROR, f"undecodable headers: {exc}")
             return
@@ -339,7 +339,6 @@ class NativeGrpcProtocol(asyncio.Protocol):
         if len(self._streams) >= MAX_STREAMS:
             self._send(frame(RST_STREAM, 0, number, struct.pack(">I", REFUSED_STREAM)))
             return
-        headers = {str(name): str(value) for name, value in fields}
         path = headers.get(":path", "")
         stream = _Stream(number, path[len(PREFIX) :], headers, send_window=self._peer_window)
         self._streams[number] = stream
