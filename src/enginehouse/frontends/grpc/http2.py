@@ -79,10 +79,13 @@ class RequestHeaders:
     cost about 7% of the server's CPU for small calls, so a block that left the dynamic table
     as it was is remembered with its headers, and the same bytes later are answered from
     memory for as long as the table stays unchanged (any change forgets every block, since
-    what an index names may have moved).
+    what an index names may have moved). Only short blocks are kept, a few to a
+    connection: a client's repeated block is tens of bytes of indexes, and a connection may
+    not make the server hold more than a few kilobytes this way.
     """
 
     LIMIT = 32
+    LONGEST = 512
 
     def __init__(self) -> None:
         self._decoder = hpack.Decoder()
@@ -99,6 +102,6 @@ class RequestHeaders:
         headers = {str(name): str(value) for name, value in self._decoder.decode(block)}
         if len(table) != count or (table[0] if table else None) is not newest:
             self._known.clear()
-        elif len(self._known) < self.LIMIT:
+        elif len(block) <= self.LONGEST and len(self._known) < self.LIMIT:
             self._known[block] = dict(headers)
         return headers
