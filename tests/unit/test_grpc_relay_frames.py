@@ -122,3 +122,16 @@ def test_truncated_messages_raise_decode_error() -> None:
 def test_bad_wire_type_raises_decode_error() -> None:
     with pytest.raises(DecodeError):
         split_raw_contents(bytes([(1 << 3) | 3]))
+
+
+@pytest.mark.parametrize("entries", [1, 3])
+def test_raw_contents_must_match_the_inputs_not_in_shared_memory(entries: int) -> None:
+    from enginehouse.errors import InvalidArgumentError
+
+    request = pb.ModelInferRequest(model_name="simple")
+    for name in ("INPUT0", "INPUT1"):
+        request.inputs.add(name=name, datatype="INT32", shape=[1, 4])
+    for _ in range(entries):
+        request.raw_input_contents.append(np.zeros(4, np.int32).tobytes())
+    with pytest.raises(InvalidArgumentError, match=f"has {entries} entries for 2 inputs"):
+        decode_infer_request(request)

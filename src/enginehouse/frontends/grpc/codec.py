@@ -86,14 +86,6 @@ def decode_infer_request(
     raw: Sequence[bytes | memoryview] = (
         message.raw_input_contents if raw_contents is None else raw_contents
     )
-    shared = sum(
-        1 for t in message.inputs if t.parameters and "shared_memory_region" in t.parameters
-    )
-    if raw and len(raw) != len(message.inputs) - shared:
-        raise InvalidArgumentError(
-            f"raw_input_contents has {len(raw)} entries for "
-            f"{len(message.inputs) - shared} inputs not in shared memory"
-        )
     inputs: list[InferInput] = []
     index = 0
     for tensor in message.inputs:
@@ -102,15 +94,16 @@ def decode_infer_request(
         shape = tuple(tensor.shape[:])  # a slice first: iterating the field is slower
         if shape and min(shape) < 0:
             raise InvalidArgumentError(f"input '{name}': shape {list(shape)} has a negative dim")
-        if tensor.parameters and "shared_memory_region" in tensor.parameters:
+        parameters = tensor.parameters
+        if parameters and "shared_memory_region" in parameters:
             if tensor.HasField("contents"):
                 raise InvalidArgumentError(
                     f"input '{name}' names a shared-memory region and carries contents as well"
                 )
-            array = served_regions(regions).read_input(
-                _parameters(tensor.parameters), dtype, shape, name
-            )
+            array = served_regions(regions).read_input(_parameters(parameters), dtype, shape, name)
         elif raw:
+            if index == len(raw):
+                raise _raw_count_error(message, raw)
             if tensor.HasField("contents"):
                 raise InvalidArgumentError(
                     f"input '{name}': contents and raw_input_contents are both set; a request "
@@ -121,6 +114,8 @@ def decode_infer_request(
         else:
             array = _typed_contents(tensor, dtype, shape)
         inputs.append(InferInput(name, tensor.datatype, shape, array))
+    if raw and index != len(raw):
+        raise _raw_count_error(message, raw)
     outputs: list[str] | None = None
     output_regions: dict[str, SharedMemoryTarget] | None = None
     if message.outputs:
@@ -146,6 +141,19 @@ def decode_infer_request(
         outputs=outputs,
         parameters=parameters,
         output_regions=output_regions,
+    )
+
+
+def _raw_count_error(
+    message: pb.ModelInferRequest, raw: Sequence[bytes | memoryview]
+) -> InvalidArgumentError:
+    """raw_input_contents has one entry per input not in shared memory, or this 400."""
+    shared = sum(
+        1 for t in message.inputs if t.parameters and "shared_memory_region" in t.parameters
+    )
+    return InvalidArgumentError(
+        f"raw_input_contents has {len(raw)} entries for "
+        f"{len(message.inputs) - shared} inputs not in shared memory"
     )
 
 
