@@ -38,3 +38,30 @@ def test_ports_chosen_together_are_distinct() -> None:
     for _ in range(200):
         ports = testing.free_ports(3)
         assert len(set(ports)) == 3
+
+
+def test_a_port_that_answers_another_protocol_is_not_live_yet() -> None:
+    """A chosen port that another test's gRPC server took answers with HTTP/2 frames: the
+    live probe reads that as not live (the server then restarts on another port)."""
+    import threading
+
+    other = socket.socket()
+    other.bind(("127.0.0.1", 0))
+    other.listen()
+
+    def answer_in_http2() -> None:
+        conn, _ = other.accept()
+        conn.recv(1024)
+        conn.sendall(b"\x00\x00\x06\x04\x00\x00\x00\x00\x00\x00\x03\x00\x00\x10\x00")
+        conn.close()
+
+    thread = threading.Thread(target=answer_in_http2)
+    thread.start()
+    probe = testing.ServerProcess.__new__(testing.ServerProcess)
+    probe.https = None
+    probe.http_port = other.getsockname()[1]
+    try:
+        assert probe._get("/v2/health/live") == 0
+    finally:
+        thread.join()
+        other.close()

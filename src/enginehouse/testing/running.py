@@ -3,6 +3,7 @@ it is live or ready, its log, and stopping it."""
 
 from __future__ import annotations
 
+import http.client
 import ssl
 import time
 import urllib.error
@@ -92,7 +93,8 @@ class RunningServer(ABC):
 
     def _get(self, path: str) -> int:
         # A short timeout: a port that someone else holds (the server lost the race for it and
-        # is restarting on another) accepts the connection and never answers.
+        # is restarting on another) accepts the connection and never answers, or answers in
+        # another protocol (another test's gRPC server: not an HTTP status line).
         try:
             scheme = "https" if self.https else "http"
             url = f"{scheme}://{self.http_url}{path}"
@@ -100,7 +102,7 @@ class RunningServer(ABC):
                 return int(r.status)
         except urllib.error.HTTPError as exc:
             return int(exc.code)
-        except OSError:
+        except (OSError, http.client.HTTPException):
             return 0
 
     def wait_live(self, timeout_s: float = 120.0, ready_log: bool = True) -> None:
