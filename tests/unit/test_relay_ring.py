@@ -58,7 +58,7 @@ class _Written:
 
 def test_the_core_reads_a_request_in_place_and_frees_it_when_unreferenced() -> None:
     fd = make_ring(1 << 20)
-    worker = WorkerRing(os.dup(fd))
+    worker = WorkerRing(os.dup(fd), 0)
     core = CoreRing(fd)
     os.close(fd)
     written = _Written()
@@ -101,7 +101,7 @@ def test_the_core_refuses_a_place_outside_the_ring() -> None:
 
 def test_answers_go_through_the_second_ring_and_are_freed_by_the_worker() -> None:
     fd = make_ring(1 << 20)
-    worker = WorkerRing(os.dup(fd))
+    worker = WorkerRing(os.dup(fd), 0)
     core = CoreRing(fd)
     os.close(fd)
     output = np.arange(200_000, dtype=np.uint8)

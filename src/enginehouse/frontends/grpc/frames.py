@@ -61,6 +61,7 @@ HELLO = 255  # worker -> core once bound; the payload is its private port, in de
 SERVICE = "inference.GRPCInferenceService"
 HEADER = struct.Struct("!IIB")  # length of the rest, call id, method or status
 STATUS = {code.value[0]: code for code in grpc.StatusCode}
+INTERNAL = grpc.StatusCode.INTERNAL.value[0]
 
 
 async def read_frame(reader: asyncio.StreamReader) -> tuple[int, int, bytes]:

@@ -40,7 +40,14 @@ from tritonclient.grpc import service_pb2 as pb
 from enginehouse.core.server import ServerCore
 from enginehouse.errors import EnginehouseError
 from enginehouse.frontends.grpc.codec import encode_infer_response_wire
-from enginehouse.frontends.grpc.frames import HELLO, METHODS, SERVICE, CallAborted, Coalescer
+from enginehouse.frontends.grpc.frames import (
+    HELLO,
+    INTERNAL,
+    METHODS,
+    SERVICE,
+    CallAborted,
+    Coalescer,
+)
 from enginehouse.frontends.grpc.receive import FrameReceiver
 from enginehouse.frontends.grpc.ring import (
     ANSWER_IN_RING,
@@ -57,7 +64,6 @@ log = logging.getLogger(__name__)
 
 REQUESTS: dict[str, Any] = {name: getattr(pb, f"{name}Request") for name in METHODS}
 INFER = METHODS.index("ModelInfer")
-INTERNAL = grpc.StatusCode.INTERNAL.value[0]
 INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 CANCELLED = grpc.StatusCode.CANCELLED.value[0]
 

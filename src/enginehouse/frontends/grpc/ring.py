@@ -2,7 +2,7 @@
 the relay socket.
 
 Over the socket a megabyte-sized message costs the core a copy of every byte through the
-kernel and a dozen turns of the event loop to collect or drain it. Instead, the core makes
+kernel, in as many reads or writes as the socket's buffer takes to pass it. Instead, the core makes
 one shared-memory object per worker (a ``memfd``, inherited by the worker at spawn) holding
 two rings of the same size:
 
@@ -79,19 +79,19 @@ def _offsets(offsets: list[int]) -> bytes:
 
 
 class RingAllocator:
-    """Where the worker puts the next request: contiguous space after the newest one,
+    """Where a ring's writer puts the next message: contiguous space after the newest one,
     wrapping to the start when the end is taken. Space comes back in any order; it is
-    reused once every request placed before it has come back too (a ring's usual rule)."""
+    reused once every message placed before it has come back too (a ring's usual rule)."""
 
     def __init__(self, size: int) -> None:
         self.size = size
         self._live: deque[tuple[int, int]] = deque()  # (start, end), oldest first
         self._released: set[int] = set()
-        self._head = 0  # where the newest request ends
+        self._head = 0  # where the newest message ends
 
     @property
     def in_use(self) -> int:
-        """Requests placed and not yet released."""
+        """Messages placed and not yet released."""
         return len(self._live) - len(self._released)
 
     def allocate(self, length: int) -> int | None:
@@ -117,7 +117,7 @@ class RingAllocator:
         return offset
 
     def release(self, offset: int) -> None:
-        """The core is done with the request placed at ``offset``."""
+        """The reader is done with the message placed at ``offset``."""
         self._released.add(offset)
         live = self._live
         while live and live[0][0] in self._released:
@@ -154,9 +154,10 @@ class _Writer:
 
 class WorkerRing:
     """The worker's side: it writes requests into the first ring and reads answers from
-    the second."""
+    the second. ``number`` is what the worker's hello names them by."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, number: int) -> None:
+        self.number = number
         self._map = mmap.mmap(fd, os.fstat(fd).st_size)
         os.close(fd)
         view = memoryview(self._map)
@@ -221,7 +222,12 @@ class CoreRing:
     def answer(self, body: bytes | list[bytes | memoryview]) -> bytes | None:
         """Write a large answer into the answer ring; the place to relay, or None when it is
         small or finds no room (it then goes over the socket)."""
-        pieces: list[bytes | memoryview] = body if isinstance(body, list) else [body]
+        if isinstance(body, bytes):
+            if len(body) < THRESHOLD:  # most answers: nothing made for them
+                return None
+            pieces: list[bytes | memoryview] = [body]
+        else:
+            pieces = body
         length = sum(len(piece) for piece in pieces)
         if length < THRESHOLD:
             return None

@@ -4,10 +4,10 @@ Run by :class:`enginehouse.frontends.grpc.relay.GrpcWorkers` as
 ``python -m enginehouse.frontends.grpc.worker RELAY HOST PORT MAX_MESSAGE_BYTES [RESTRICTED
 TLS [FRONTEND [RING_FD RING]]]`` (the restrictions and TLS as JSON; FRONTEND ``native``, the
 HTTP/2 layer of ``native.py``, or ``grpcio``; RING_FD the descriptor of the shared-memory
-ring the core made for this worker, -1 for none, and RING its number, which the hello
-names). Requests of 64 KB and more go to the core through the ring where it has room
-(ring.py). The shared port speaks TLS when the server does; the private
-warm-up port is plain, on loopback only, and restricted alike. Unary
+rings the core made for this worker, -1 for none, and RING their number, which the hello
+names). Requests and answers of 64 KB and more travel between the worker and the core
+through the rings where they have room (ring.py). The shared port speaks TLS when the
+server does; the private warm-up port is plain, on loopback only, and restricted alike. Unary
 calls travel as they arrived (no protobuf work here); a ModelStreamInfer stream is relayed
 as one ModelInfer per message, its answers sent back as they complete, errors in the
 response's ``error_message`` as Triton sends them.
@@ -28,6 +28,7 @@ from tritonclient.grpc import service_pb2 as pb
 from enginehouse.frontends.grpc.access import bind, interceptors
 from enginehouse.frontends.grpc.frames import (
     HELLO,
+    INTERNAL,
     METHODS,
     SERVICE,
     STATUS,
@@ -52,7 +53,6 @@ from enginehouse.runtime.memory import freeze_long_lived
 log = logging.getLogger("enginehouse.grpc.worker")
 _GONE = (grpc.StatusCode.UNAVAILABLE.value[0], b"the server is stopping")
 _INFER = METHODS.index("ModelInfer")
-_INTERNAL = grpc.StatusCode.INTERNAL.value[0]
 
 
 class RelayClient:
@@ -65,8 +65,8 @@ class RelayClient:
         ring: WorkerRing | None = None,
     ) -> None:
         self._reader = reader
-        # This worker's ring, used once the hello has named it to the core (frames arrive in
-        # order, so no request placed in it can come before).
+        # This worker's rings, used once the hello has named them to the core (frames arrive
+        # in order, so no request placed in them can come before).
         self._made_ring = ring
         self._ring: WorkerRing | None = None
         self._out = Coalescer(writer)
@@ -104,15 +104,15 @@ class RelayClient:
         try:
             answer, taken = self._ring.answer(place)
         except ValueError as exc:
-            return _INTERNAL, f"relay: {exc}".encode()
+            return INTERNAL, f"relay: {exc}".encode()
         self.send(0, ANSWERS_TAKEN, taken)
         return 0, answer
 
-    def hello(self, private_port: int, ring_number: int | None) -> None:
-        """Tell the core this worker serves (its private port and its ring's number); large
-        requests go through the ring from then on."""
-        ring = self._made_ring if ring_number is not None else None
-        named = f" {ring_number}" if ring is not None else ""
+    def hello(self, private_port: int) -> None:
+        """Tell the core this worker serves (its private port and its rings' number); large
+        messages go through the rings from then on."""
+        ring = self._made_ring
+        named = f" {ring.number}" if ring is not None else ""
         self.send(0, HELLO, f"{private_port}{named}".encode())
         self._ring = ring
 
@@ -170,12 +170,11 @@ async def serve(
     frontend: str = "grpcio",
     ring: tuple[int, int] | None = None,
 ) -> None:
-    """Serve until stopped; ``ring`` is (descriptor, number) of this worker's ring."""
+    """Serve until stopped; ``ring`` is (descriptor, number) of this worker's rings."""
     reader, writer = await asyncio.open_unix_connection(relay_path, limit=max_message_bytes + 64)
-    relay = RelayClient(reader, writer, WorkerRing(ring[0]) if ring else None)
-    number = ring[1] if ring else None
+    relay = RelayClient(reader, writer, WorkerRing(*ring) if ring else None)
     if frontend == "native":
-        await serve_native(relay, host, port, max_message_bytes, restricted, tls, number)
+        await serve_native(relay, host, port, max_message_bytes, restricted, tls)
         return
     handlers: dict[str, grpc.RpcMethodHandler] = {
         name: grpc.unary_unary_rpc_method_handler(unary(relay, index))
@@ -201,7 +200,7 @@ async def serve(
     # of the collector's full walks, which otherwise pause calls in flight for tens of ms.
     freeze_long_lived(idle=True)
     await server.start()
-    relay.hello(private, number)
+    relay.hello(private)
     gone = await _until_stopped(relay)
     await server.stop(0 if gone else 5.0)
 
@@ -241,7 +240,6 @@ async def serve_native(
     max_message_bytes: int,
     restricted: RestrictedApis,
     tls: TlsSettings | None,
-    ring_number: int | None = None,
 ) -> None:
     """The worker's gRPC on the native HTTP/2 layer, its calls relayed to the core."""
     from enginehouse.frontends.grpc.native_server import NativeGrpcServer
@@ -252,7 +250,7 @@ async def serve_native(
     await server.start()
     private = await server.listen_privately()
     freeze_long_lived(idle=True)
-    relay.hello(private, ring_number)
+    relay.hello(private)
     await _until_stopped(relay)
     await server.stop(5.0)
 
