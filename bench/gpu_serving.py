@@ -11,7 +11,7 @@ batch's time from the server's statistics; then, with the server stopped, run th
 throughput / raw throughput is the figure of merit (goal: >= 80% for BERT, p99 <= 10 ms).
 
     python bench/gpu_serving.py [--seconds 10] [--clients 32,128] [--rates 4000,8000]
-                                [--grpc-workers 8] [--shared-memory none,system,cuda]
+                                [--grpc-workers 8] [--shared-memory none,system,cuda,cuda+out]
                                 [--no-bytecode-cache]
 
 Servers cache Python's compiled bytecode (under bench/out/gpu/pycache) as an installed
@@ -48,12 +48,16 @@ from enginehouse.testing import SERVER_MODULES, ServerProcess, keep_bytecode
 QUEUE_DELAY_US = {"bert": 300, "resnet50": 2000}
 INSTANCES = {"bert": 3, "resnet50": 2}
 MAX_BATCH = {"bert": 64, "resnet50": 64}
+# Each model's output and its FP32 elements per sample (``--shared-memory cuda+out``).
+OUTPUT = {"bert": ("embedding", 768), "resnet50": ("logits", 1000)}
 
 
-def message(model: BenchModel, region: str = "") -> bytes:
+def message(model: BenchModel, region: str = "", output_region: str = "") -> bytes:
     """One request of one sample; with ``region``, its inputs are read from that
     shared-memory region (one after another, as :class:`InputRegion` wrote them) and only
-    their names, shapes and places travel."""
+    their names, shapes and places travel; with ``output_region``, its output is written
+    there rather than sent (every request into the same place, as perf_analyzer's
+    --shared-memory does)."""
     from tritonclient.grpc import service_pb2 as pb
 
     request = pb.ModelInferRequest(model_name=model.name)
@@ -68,36 +72,45 @@ def message(model: BenchModel, region: str = "") -> bytes:
             offset += array.nbytes
         else:
             request.raw_input_contents.append(array.tobytes())
+    if output_region:
+        name, width = OUTPUT[model.name]
+        output = request.outputs.add(name=name)
+        output.parameters["shared_memory_region"].string_param = output_region
+        output.parameters["shared_memory_byte_size"].int64_param = width * 4
     return request.SerializeToString()
 
 
-class InputRegion:
-    """One sample's inputs in a system or CUDA shared-memory region registered with the
-    server, which every client's requests read (as perf_analyzer's --shared-memory does)."""
+class Region:
+    """A system or CUDA shared-memory region registered with the server: one sample's
+    inputs (``arrays``), which every client's requests read, or ``size`` bytes for one
+    sample's output, which every request writes (as perf_analyzer's --shared-memory does)."""
 
-    def __init__(self, kind: str, model: BenchModel, grpc_url: str) -> None:
+    def __init__(
+        self, kind: str, name: str, grpc_url: str, arrays: list[np.ndarray], size: int = 0
+    ) -> None:
         import tritonclient.grpc as grpcclient
 
         self.kind = kind
-        self.name = f"bench_{kind}_{model.name}"
+        self.name = name
         self.client = grpcclient.InferenceServerClient(grpc_url)
-        arrays = list(model.inputs(1).values())
-        size = sum(a.nbytes for a in arrays)
+        size = size or sum(a.nbytes for a in arrays)
         if kind == "system":
             import tritonclient.utils.shared_memory as shm
 
             self._shm: Any = shm
-            self.handle = shm.create_shared_memory_region(self.name, f"/{self.name}", size)
-            shm.set_shared_memory_region(self.handle, arrays)
-            self.client.register_system_shared_memory(self.name, f"/{self.name}", size)
+            self.handle = shm.create_shared_memory_region(name, f"/{name}", size)
+            if arrays:
+                shm.set_shared_memory_region(self.handle, arrays)
+            self.client.register_system_shared_memory(name, f"/{name}", size)
         else:
             import tritonclient.utils.cuda_shared_memory as cudashm
 
             self._shm = cudashm
-            self.handle = cudashm.create_shared_memory_region(self.name, size, 0)
-            cudashm.set_shared_memory_region(self.handle, arrays)
+            self.handle = cudashm.create_shared_memory_region(name, size, 0)
+            if arrays:
+                cudashm.set_shared_memory_region(self.handle, arrays)
             raw = cudashm.get_raw_handle(self.handle)
-            self.client.register_cuda_shared_memory(self.name, raw, 0, size)
+            self.client.register_cuda_shared_memory(name, raw, 0, size)
 
     def close(self) -> None:
         if self.kind == "system":
@@ -105,6 +118,17 @@ class InputRegion:
         else:
             self.client.unregister_cuda_shared_memory(self.name)
         self._shm.destroy_shared_memory_region(self.handle)
+
+
+def regions_for(how: str, model: BenchModel, grpc_url: str) -> list[Region]:
+    """The regions one ``--shared-memory`` choice uses: the inputs' (``system``, ``cuda``),
+    and the output's as well for ``system+out`` and ``cuda+out``."""
+    kind = how.removesuffix("+out")
+    name = f"bench_{kind}_{model.name}"
+    regions = [Region(kind, name, grpc_url, list(model.inputs(1).values()))]
+    if how.endswith("+out"):
+        regions.append(Region(kind, f"{name}_out", grpc_url, [], OUTPUT[model.name][1] * 4))
+    return regions
 
 
 def stats(port: int, model: str) -> dict[str, Any]:
@@ -218,6 +242,7 @@ def serve(model: BenchModel, args: argparse.Namespace) -> list[dict[str, Any]]:
             str(args.grpc_workers),
             "--grpc-frontend",
             args.grpc_frontend,
+            *args.server_flag,
             log_path=OUT / f"serve-{model.name}-{attempt}.log",
         )
         try:
@@ -232,13 +257,19 @@ def serve(model: BenchModel, args: argparse.Namespace) -> list[dict[str, Any]]:
             common |= first
             print(f"  {model.name}: first request {first}", flush=True)
             target = f"127.0.0.1:{server.grpc_port}"
-            regions = [
-                InputRegion(kind, served, target) for kind in args.shared_memory if kind != "none"
-            ]
+            choices = {
+                how: regions_for(how, served, target) for how in args.shared_memory if how != "none"
+            }
+            if "none" in args.shared_memory:
+                choices = {"": [], **choices}
             runs: list[tuple[str, Any]] = []
-            for region in [None, *regions] if "none" in args.shared_memory else regions:
-                request = message(served, region.name if region else "")
-                mark = f" {region.kind}" if region else ""
+            for how, regions in choices.items():
+                request = message(
+                    served,
+                    regions[0].name if regions else "",
+                    regions[1].name if len(regions) > 1 else "",
+                )
+                mark = f" {how}" if how else ""
                 runs += [
                     (
                         f"{clients} clients{mark}",
@@ -272,8 +303,9 @@ def serve(model: BenchModel, args: argparse.Namespace) -> list[dict[str, Any]]:
                     f"batch {batch:.1f}, {cpu}",
                     flush=True,
                 )
-            for region in regions:
-                region.close()
+            for regions in choices.values():
+                for region in regions:
+                    region.close()
         finally:
             server.stop()
     common |= {"cold_start_s": round(starts[0], 2), "cached_start_s": round(starts[1], 2)}
@@ -329,7 +361,8 @@ def main() -> None:
         type=lambda t: t.split(","),
         default=["none"],
         help="how inputs reach the server, one run of the loads each: none (in the "
-        "request), system, cuda; e.g. none,system,cuda",
+        "request), system, cuda, or system+out, cuda+out (the output written into a region "
+        "too); e.g. none,system,cuda+out",
     )
     parser.add_argument(
         "--instances", type=int, default=None, help=f"GPU instances (default: {INSTANCES})"
@@ -339,6 +372,12 @@ def main() -> None:
         type=int,
         default=None,
         help=f"the batcher's max_queue_delay_microseconds (default: per model, {QUEUE_DELAY_US})",
+    )
+    parser.add_argument(
+        "--server-flag",
+        action="append",
+        default=[],
+        help="a further flag for `enginehouse serve`, e.g. --server-flag=--grpc-relay-ring-mb=0",
     )
     parser.add_argument(
         "--no-bytecode-cache",

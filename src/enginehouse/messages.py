@@ -119,8 +119,48 @@ class RegionTensor:
         return array if dtype is None else array.astype(dtype, copy=False)
 
 
+class DeviceOutput:
+    """Where one request's output goes in a client's CUDA shared-memory region on
+    ``device``: a GPU engine on that device copies the request's rows there from its own
+    output buffer (:meth:`copy_from_device`), before its launch is done, and the output
+    never crosses to the host and back. ``written`` is the bytes so copied, None while no
+    engine did (the data plane then writes the output from host memory, as for any other
+    region). ``region`` is the registration it writes into: the data plane checks the name
+    still stands for it when the request is answered."""
+
+    __slots__ = ("__weakref__", "_from_device", "byte_size", "device", "region", "written")
+
+    def __init__(
+        self,
+        region: object,
+        device: int,
+        byte_size: int,
+        from_device: Callable[[int, int, int], bool],
+        release: Callable[[], None] | None = None,
+    ) -> None:
+        self.region = region
+        self.device = device
+        self.byte_size = byte_size
+        self._from_device = from_device
+        self.written: int | None = None
+        if release is not None:
+            weakref.finalize(self, release)
+
+    def copy_from_device(self, address: int, size: int, stream: int) -> bool:
+        """Enqueue a copy of ``size`` bytes from device ``address`` into the target on CUDA
+        ``stream``; False (nothing enqueued) where they do not fit it or the driver refused,
+        which the data plane's write from the host then reports."""
+        if size > self.byte_size or not self._from_device(address, size, stream):
+            return False
+        self.written = size
+        return True
+
+
 # What an input tensor is between the frontends and an engine's gather.
 Tensor = np.ndarray | RegionTensor
+# Per output name, one entry per request of a batch (in the batch's order): where that
+# request's rows of the output go on a device, or None.
+DeviceOutputs = dict[str, list[DeviceOutput | None]]
 
 
 @dataclass(slots=True)
@@ -149,7 +189,8 @@ class OutputTensor:
 @dataclass(frozen=True, slots=True)
 class SharedMemoryTarget:
     """Where a requested output goes instead of the response: bytes of a registered
-    system shared-memory region, from ``offset`` (within the region) for ``byte_size``."""
+    system or CUDA shared-memory region, from ``offset`` (within the region) for
+    ``byte_size``."""
 
     region: str
     offset: int
@@ -173,6 +214,8 @@ class InferRequest:
     admitted_ns: int = 0
     # Outputs to write into shared-memory regions rather than send, by output name.
     output_regions: dict[str, SharedMemoryTarget] | None = None
+    # Of those, the ones in CUDA regions, which a GPU engine may write on the device.
+    device_outputs: dict[str, DeviceOutput] | None = None
 
 
 @dataclass(slots=True)

@@ -245,6 +245,63 @@ def test_device_regions_and_request_bodies_batched_together(served: ServerProces
         regions.close()
 
 
+def test_outputs_into_device_regions_batched_with_answers_in_the_response(
+    served: ServerProcess,
+) -> None:
+    """Half the threads have their logits written into their own part of one CUDA region
+    (copied there on the device from the engine's output buffer), half get them in the
+    response: the batches formed mix both, and every answer is its own image's. An output
+    part smaller than the logits is a 400 naming the region, and nothing is written."""
+    grpc = client_for(grpcclient, served)
+    regions = DeviceRegions(grpc)
+    images = np.random.default_rng(3).standard_normal((8, 1, 3, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        want = net()(torch.from_numpy(images.reshape(-1, 3, 16, 16))).numpy()
+    errors: list[str] = []
+    wrong: list[int] = []
+    try:
+        logits = regions.make("mixed_logits", byte_size=8 * 40)
+
+        def run(i: int) -> None:
+            client = client_for(grpcclient, served)
+            item = grpcclient.InferInput("image", [1, 3, 16, 16], "FP32")
+            item.set_data_from_numpy(images[i])
+            requested = grpcclient.InferRequestedOutput("logits")
+            if i % 2 == 0:
+                requested.set_shared_memory("mixed_logits", 40, offset=i * 40)
+            for _ in range(30):
+                try:
+                    result = client.infer("gpu_net", [item], outputs=[requested])
+                except InferenceServerException as exc:
+                    errors.append(f"{i}: {exc}")
+                    continue
+                if i % 2:
+                    got = result.as_numpy("logits")[0]
+                else:
+                    assert result.as_numpy("logits") is None
+                    got = cudashm.get_contents_as_numpy(logits, np.float32, [8, 10])[i]
+                if not close_to(got, want[i]):
+                    wrong.append(i)
+
+        in_threads(run, 8)
+        assert errors == []
+        assert wrong == []
+
+        before = cudashm.get_contents_as_numpy(logits, np.float32, [8, 10]).copy()
+        item = grpcclient.InferInput("image", [1, 3, 16, 16], "FP32")
+        item.set_data_from_numpy(images[1])
+        short = grpcclient.InferRequestedOutput("logits")
+        short.set_shared_memory("mixed_logits", 39, offset=40)
+        with pytest.raises(InferenceServerException) as refused:
+            grpc.infer("gpu_net", [item], outputs=[short])
+        assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert "mixed_logits" in refused.value.message()
+        after = cudashm.get_contents_as_numpy(logits, np.float32, [8, 10])
+        np.testing.assert_array_equal(after, before)
+    finally:
+        regions.close()
+
+
 def test_a_region_unregistered_while_requests_run(served: ServerProcess) -> None:
     """Requests whose output region goes away meanwhile fail with a 400 naming it; the others
     are answered; the server keeps serving."""

@@ -5,7 +5,8 @@ another device, or in host memory, take the staging path (skipped without a GPU)
 
 The device parts here are :class:`RegionTensor` s over this process's own device memory,
 copied by the same driver call that copies a client's IPC-opened allocation in a server
-(tests/gpu/test_cuda_shared_memory.py serves those)."""
+(tests/gpu/test_cuda_shared_memory.py serves those). Outputs bound for device memory on the
+engine's GPU are copied there from the graph's output buffers."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from enginehouse.backends.cuda_graphs import CudaGraphEngine
 from enginehouse.core import cuda_ipc
-from enginehouse.messages import RegionTensor
+from enginehouse.messages import DeviceOutput, RegionTensor
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -115,3 +116,79 @@ def test_parts_on_another_device_are_read_through_the_host(engine: CudaGraphEngi
     np.testing.assert_allclose(got[0], x + 1.0)
     assert engine.device_fed_batches == 0
     del held
+
+
+def device_target(held: Any, device: int = 0, byte_size: int | None = None) -> DeviceOutput:
+    """A target over ``held`` (this process's device memory), written by the driver call that
+    writes a client's IPC-opened allocation in a server."""
+    cuda = cuda_ipc.driver()
+
+    def from_device(source: int, size: int, stream: int) -> bool:
+        cuda.check(
+            cuda.device_to_device(held.data_ptr(), source, size, ctypes.c_void_p(stream)),
+            "cuMemcpyDtoDAsync",
+        )
+        return True
+
+    size = held.numel() * held.element_size() if byte_size is None else byte_size
+    return DeviceOutput(held, device, size, from_device)
+
+
+def test_outputs_bound_for_the_device_are_copied_there(engine: CudaGraphEngine) -> None:
+    """Three requests in one batch (rows 0-1, 2-4, 5): the first and the last have their
+    output in device memory, the middle one in the host's answer only; every answer also
+    comes back through the host, as the response's shape needs it."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((6, WIDTH)).astype(np.float32)
+    scale = rng.standard_normal((6, 1)).astype(np.float32)
+    first = torch.full((2, WIDTH), -7.0, device="cuda:0")
+    last = torch.full((1, WIDTH), -7.0, device="cuda:0")
+    targets = {"y": [device_target(first), None, device_target(last)]}
+    staged = engine.gather(
+        {"x": [x[:2], x[2:5], x[5:]], "scale": [scale[:2], scale[2:5], scale[5:]]}, targets
+    )
+    got = engine.execute(staged, ["y"])[0]
+    expected = x * scale + 1.0
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    np.testing.assert_allclose(first.cpu().numpy(), expected[:2], rtol=1e-6)
+    np.testing.assert_allclose(last.cpu().numpy(), expected[5:], rtol=1e-6)
+    assert [t.written if t else None for t in targets["y"]] == [2 * WIDTH * 4, None, WIDTH * 4]
+    assert engine.device_written_outputs == 2
+
+
+def test_outputs_fed_and_written_on_the_device(engine: CudaGraphEngine) -> None:
+    """Input and output both on the device: the graph without input copies runs, and the
+    output is copied from that graph's own output buffer."""
+    x = np.arange(3 * WIDTH, dtype=np.float32).reshape(3, WIDTH)
+    x_on_device, held = on_device(x)
+    out = torch.zeros((3, WIDTH), device="cuda:0")
+    target = device_target(out)
+    staged = engine.gather(
+        {"x": [x_on_device], "scale": [np.full((3, 1), 3.0, np.float32)]}, {"y": [target]}
+    )
+    engine.execute(staged, ["y"])
+    np.testing.assert_allclose(out.cpu().numpy(), x * 3.0 + 1.0)
+    assert engine.device_fed_batches == 1
+    assert target.written == x.nbytes
+    del held
+
+
+def test_outputs_that_cannot_be_written_on_the_device_are_left_to_the_host(
+    engine: CudaGraphEngine,
+) -> None:
+    """A target smaller than the rows, or on another device, is not written: the data plane
+    writes it from the host (and reports the one that does not fit)."""
+    x = np.ones((2, WIDTH), np.float32)
+    scale = np.ones((2, 1), np.float32)
+    small = torch.zeros((1, WIDTH), device="cuda:0")
+    elsewhere = torch.zeros((1, WIDTH), device="cuda:0")
+    targets = {
+        "y": [device_target(small, byte_size=WIDTH * 4 - 1), device_target(elsewhere, device=1)]
+    }
+    got = engine.execute(
+        engine.gather({"x": [x[:1], x[1:]], "scale": [scale[:1], scale[1:]]}, targets), ["y"]
+    )
+    np.testing.assert_allclose(got[0], x + 1.0)
+    assert [t.written for t in targets["y"] if t] == [None, None]
+    assert not small.any() and not elsewhere.any()
+    assert engine.device_written_outputs == 0

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
-from enginehouse.messages import Tensor
+from enginehouse.messages import DeviceOutputs, Tensor
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,11 +87,15 @@ class Engine(ABC):
     ) -> list[np.ndarray]:
         """Run the model on named inputs and return the named outputs, in that order."""
 
-    def gather(self, parts: dict[str, list[Tensor]]) -> dict[str, np.ndarray]:
+    def gather(
+        self, parts: dict[str, list[Tensor]], device_outputs: DeviceOutputs | None = None
+    ) -> dict[str, np.ndarray]:
         """The inputs of one execution from the requests' inputs, stacked along the batch
         dimension in order (a tensor still in a shared-memory region is read here). Engines
         that stage inputs in buffers of their own override it to copy each part into place
-        once, instead of joining them first."""
+        once, instead of joining them first. ``device_outputs``: where the execution that
+        follows may write requests' outputs on a device; an engine that cannot leaves them
+        (their outputs are then written from the host)."""
         return {
             name: np.asarray(arrays[0]) if len(arrays) == 1 else np.concatenate(arrays, axis=0)
             for name, arrays in parts.items()

@@ -22,7 +22,9 @@ Inputs in a client's CUDA shared-memory region on the instance's device never cr
 host: the gather leaves them where they are, and the launch copies them device to device into
 the static input buffers, copies the batch's other rows there from the staging buffers, and
 replays the bucket's second graph, captured beside the first: the model and the output copies
-without the input copies (:meth:`CudaGraphEngine._feed_on_device`).
+without the input copies (:meth:`CudaGraphEngine._feed_on_device`). Outputs bound for a CUDA
+region on the device are copied there from the graph's own output buffers, device to device,
+on the same stream before the launch's done event (:meth:`CudaGraphEngine._write_on_device`).
 
 Synchronous executions (warm-up, benchmarks: :meth:`CudaGraphEngine.execute`) wait on the
 blocking event on the calling thread. Shapes that no graph covers (a variable non-batch
@@ -49,7 +51,7 @@ from enginehouse import datatypes
 from enginehouse.backends.base import Engine, Launched
 from enginehouse.backends.host_copies import copied, copy_all, copy_rows
 from enginehouse.backends.stream_wake import StreamWaker, stream_waker
-from enginehouse.messages import RegionTensor, Tensor
+from enginehouse.messages import DeviceOutput, DeviceOutputs, RegionTensor, Tensor
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +146,13 @@ class CudaGraphEngine(Engine):
         # on this device, as (input index, first row, tensor).
         self._on_device: list[tuple[int, int, RegionTensor]] = []
         self.device_fed_batches = 0
+        # Per bucket and graph (fed from staging, fed on the device): the model's outputs on
+        # the device, where outputs bound for CUDA regions are copied from.
+        self._graph_results: dict[tuple[int, bool], tuple[Any, ...]] = {}
+        # Set by gather() for the launch that follows it: outputs to write on this device,
+        # as (output index, first row, rows, target).
+        self._out_on_device: list[tuple[int, int, int, DeviceOutput]] = []
+        self.device_written_outputs = 0
         index = self.device.index
         self._device_index = torch.cuda.current_device() if index is None else index
         # Per bucket, captured on first use by replay(): the model alone (benchmarks).
@@ -196,8 +205,10 @@ class CudaGraphEngine(Engine):
                 if not self._pinned_out:  # the largest bucket comes first
                     self._pinned_out = [self._pin(tuple(t.shape), t.dtype) for t in warm]
                 del warm
-                served = self._graph(size, from_staging=True, to_staging=True)
-                fed = self._graph(size, from_staging=False, to_staging=True)
+                served, results = self._graph(size, from_staging=True, to_staging=True)
+                self._graph_results[size, True] = results
+                fed, results = self._graph(size, from_staging=False, to_staging=True)
+                self._graph_results[size, False] = results
                 # The first launch of a graph uploads it to the device: do it now, not in
                 # the first request that this bucket serves.
                 served.replay()
@@ -218,10 +229,13 @@ class CudaGraphEngine(Engine):
             ",".join(map(str, self.buckets)),
         )
 
-    def _graph(self, size: int, from_staging: bool, to_staging: bool) -> Any:
-        """One bucket's graph: the model on the static input buffers, with the copy from
-        the pinned inputs before it and the copy to the pinned outputs after it where asked.
-        Every graph of the engine shares one memory pool; the caller holds SETUP_LOCK."""
+    def _graph(
+        self, size: int, from_staging: bool, to_staging: bool
+    ) -> tuple[Any, tuple[Any, ...]]:
+        """One bucket's graph and its outputs on the device: the model on the static input
+        buffers, with the copy from the pinned inputs before it and the copy to the pinned
+        outputs after it where asked. Every graph of the engine shares one memory pool; the
+        caller holds SETUP_LOCK."""
         torch = self._torch
         graph = torch.cuda.CUDAGraph()
         # Thread-local capture: other instances keep serving on their own threads.
@@ -235,7 +249,7 @@ class CudaGraphEngine(Engine):
             if to_staging:
                 for pinned, result in zip(self._pinned_out, results):
                     pinned[:size].copy_(result, non_blocking=True)
-        return graph
+        return graph, results
 
     def _pin(self, shape: tuple[int, ...], dtype: Any) -> Any:
         """A CPU tensor on page-locked memory of its own, registered with CUDA here rather
@@ -265,13 +279,17 @@ class CudaGraphEngine(Engine):
         at = bisect.bisect_left(self.buckets, rows)
         return self.buckets[at] if at < len(self.buckets) else None
 
-    def gather(self, parts: dict[str, list[Tensor]]) -> dict[str, np.ndarray]:
+    def gather(
+        self, parts: dict[str, list[Tensor]], device_outputs: DeviceOutputs | None = None
+    ) -> dict[str, np.ndarray]:
         """Requests' inputs copied straight into the pinned staging buffers (one copy, not a
         join and then a copy; an input in a shared-memory region is read from the region
         into place), when the batch fits a captured graph. ``execute`` then finds them in
         place and copies nothing. Parts in CUDA regions on this device are left there for
-        the launch to copy on the device."""
+        the launch to copy on the device, and so are outputs bound for them
+        (``device_outputs``, one entry per part of the first input)."""
         self._on_device = []
+        self._out_on_device = []
         lists = [parts.get(name, []) for name in self._inputs]
         rows = self._stageable_rows(lists)
         if not rows:
@@ -291,7 +309,25 @@ class CudaGraphEngine(Engine):
             staged[name] = host[:rows]
         copy_all(copies)
         self._on_device = on_device
+        if device_outputs:
+            self._out_on_device = self._outputs_here(lists[0], device_outputs)
         return staged
+
+    def _outputs_here(
+        self, firsts: list[Tensor], device_outputs: DeviceOutputs
+    ) -> list[tuple[int, int, int, DeviceOutput]]:
+        """The targets on this engine's device, with the rows of the batch each takes."""
+        found = []
+        for name, targets in device_outputs.items():
+            index = self._index.get(name)
+            if index is None or len(targets) != len(firsts):
+                continue
+            first = 0
+            for part, target in zip(firsts, targets):
+                if target is not None and target.device == self._device_index:
+                    found.append((index, first, part.shape[0], target))
+                first += part.shape[0]
+        return found
 
     def _stageable_rows(self, lists: list[list[Tensor]]) -> int:
         """The rows these parts fill in the staging buffers, or 0 when they do not fit a
@@ -333,6 +369,7 @@ class CudaGraphEngine(Engine):
             raise RuntimeError(f"model '{self.config.name}': the engine is closed")
         torch = self._torch
         on_device, self._on_device = self._on_device, []
+        out_on_device, self._out_on_device = self._out_on_device, []
         staged = True
         for array, host in zip(arrays, self._host_in):
             if not np.may_share_memory(array, host):  # gather() did not stage it already
@@ -340,12 +377,15 @@ class CudaGraphEngine(Engine):
                 staged = False
         started = time.perf_counter()
         with torch.cuda.stream(self.stream):
-            if on_device and staged:
+            fed = bool(on_device) and staged
+            if fed:
                 self._feed_on_device(on_device, rows)
                 self._fed_graphs[size].replay()
                 self.device_fed_batches += 1
             else:
                 self._graphs[size].replay()
+            if out_on_device:
+                self._write_on_device(self._graph_results[size, not fed], out_on_device)
             self._done.record(self.stream)
         return GraphLaunch(self, size, rows, [self._index[n] for n in output_names], started)
 
@@ -369,6 +409,23 @@ class CudaGraphEngine(Engine):
             if copied_to < rows:
                 static[copied_to:rows].copy_(pinned[copied_to:rows], non_blocking=True)
 
+    def _write_on_device(
+        self, results: tuple[Any, ...], targets: list[tuple[int, int, int, DeviceOutput]]
+    ) -> None:
+        """Enqueue, on the instance's stream (current), the copy of each target's rows of
+        the graph's outputs into its CUDA region. A target left unwritten (an output that is
+        not one contiguous buffer, rows that do not fit it) is written from the host
+        instead, by the data plane, which also reports why it does not fit."""
+        stream = int(self.stream.cuda_stream)
+        for index, first, rows, target in targets:
+            result = results[index]
+            if not result.is_contiguous():
+                continue
+            row_bytes = (result.numel() // max(1, result.shape[0])) * result.element_size()
+            address = result.data_ptr() + first * row_bytes
+            if target.copy_from_device(address, rows * row_bytes, stream):
+                self.device_written_outputs += 1
+
     def execute(
         self, inputs: dict[str, np.ndarray], output_names: Sequence[str]
     ) -> list[np.ndarray]:
@@ -390,7 +447,8 @@ class CudaGraphEngine(Engine):
         graph = self._bare.get(size)
         if graph is None:
             with SETUP_LOCK, torch.inference_mode(), torch.cuda.device(self.device):
-                graph = self._bare[size] = self._graph(size, from_staging=False, to_staging=False)
+                graph, _ = self._graph(size, from_staging=False, to_staging=False)
+                self._bare[size] = graph
         with torch.cuda.stream(self.stream):
             graph.replay()
 
@@ -416,6 +474,7 @@ class CudaGraphEngine(Engine):
         self.stream.synchronize()
         self._graphs.clear()
         self._fed_graphs.clear()
+        self._graph_results.clear()
         self._bare.clear()
         self._static_in.clear()
         self._pinned_in.clear()

@@ -212,13 +212,25 @@ class ImportedAllocation:
         ``destination`` on ``stream`` (a ``CUstream``, such as a torch stream's
         ``cuda_stream``): the bytes never leave the device. The allocation must stay open
         until the stream has run the copy."""
+        self._copy_on_device(offset, size, destination, into_allocation=False, stream=stream)
+
+    def copy_from_device(self, offset: int, source: int, size: int, stream: int) -> None:
+        """Enqueue a copy of ``size`` bytes from device address ``source`` to ``offset`` on
+        ``stream``: an output written where the client reads it, without the host. The
+        allocation must stay open until the stream has run the copy."""
+        self._copy_on_device(offset, size, source, into_allocation=True, stream=stream)
+
+    def _copy_on_device(
+        self, offset: int, size: int, other: int, into_allocation: bool, stream: int
+    ) -> None:
         self._bounds(offset, size)
         if not size:
             return
+        here = self.pointer + offset
+        destination, source = (here, other) if into_allocation else (other, here)
         with self._context.current() as cuda:
             cuda.check(
-                cuda.device_to_device(destination, self.pointer + offset, size, stream),
-                "cuMemcpyDtoDAsync",
+                cuda.device_to_device(destination, source, size, stream), "cuMemcpyDtoDAsync"
             )
 
     def _bounds(self, offset: int, size: int) -> None:

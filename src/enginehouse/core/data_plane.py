@@ -38,9 +38,11 @@ class DataPlane:
         """
         if self.draining:
             raise UnavailableError("server is shutting down")
-        result = self.registry.resolve(request.model_name, request.model_version).submit(request)
+        version = self.registry.resolve(request.model_name, request.model_version)
         if request.output_regions is None:
-            return result
+            return version.submit(request)
+        request.device_outputs = self.shared_memory.device_outputs(request.output_regions)
+        result = version.submit(request)
         if isinstance(result, InferResponse):
             return self._into_regions(request, result)
         return self._await_into_regions(request, result)
@@ -49,13 +51,22 @@ class DataPlane:
         """Write the outputs bound for shared memory into their regions; the response then
         names the region of each instead of carrying its data."""
         targets = request.output_regions or {}
+        on_device = request.device_outputs or {}
         outputs = []
         for tensor in response.outputs:
             target = targets.get(tensor.name)
             if target is None:
                 outputs.append(tensor)
                 continue
-            written = self.shared_memory.write(target, tensor.data, tensor.name)
+            device = on_device.get(tensor.name)
+            if (
+                device is not None
+                and device.written is not None
+                and self.shared_memory.registered(target, tensor.name) is device.region
+            ):
+                written = device.written  # the engine copied it there on the device
+            else:
+                written = self.shared_memory.write(target, tensor.data, tensor.name)
             parameters: dict[str, object] = {
                 "shared_memory_region": target.region,
                 "shared_memory_byte_size": written,

@@ -13,7 +13,9 @@ opened, without following links: a key is one path component.
 CUDA regions: a client registers the IPC handle of a device allocation (``cudaMalloc``) and
 its device; the server opens it through the driver (core/cuda_ipc.py), bounds every copy by
 the size the driver reports for the allocation, and copies inputs out of it and outputs into
-it with the driver's copies.
+it with the driver's copies. A GPU engine on the region's own device copies device to
+device instead: inputs into its input buffers (``RegionTensor.copy_to_device``), outputs
+from its output buffers (``DeviceOutput``), so those bytes never cross to the host.
 
 Requests name a region, an offset into it and a byte size for an input or a requested
 output; names are one namespace over both kinds, as in Triton.
@@ -41,7 +43,7 @@ from enginehouse.errors import (
     NotFoundError,
     UnsupportedError,
 )
-from enginehouse.messages import RegionTensor, SharedMemoryTarget, Tensor
+from enginehouse.messages import DeviceOutput, RegionTensor, SharedMemoryTarget, Tensor
 
 SHM_ROOT = "/dev/shm"
 # At most this many regions at once: each holds an open descriptor or a device mapping.
@@ -364,14 +366,48 @@ class SharedMemoryRegions:
         region, offset, size = self._slice(parameters, tensor)
         return SharedMemoryTarget(region.name, offset, size)
 
-    def write(self, target: SharedMemoryTarget, array: np.ndarray, tensor: str) -> int:
-        """Write an output into its region; the bytes written."""
+    def device_outputs(
+        self, targets: Mapping[str, SharedMemoryTarget]
+    ) -> dict[str, DeviceOutput] | None:
+        """The targets in CUDA regions, as outputs a GPU engine on the region's device may
+        write there itself; None when there are none. Each holds its region open until it
+        is gone, as an input tensor in a region does."""
+        found: dict[str, DeviceOutput] = {}
+        for tensor, target in targets.items():
+            region = self._regions.get(target.region)
+            if isinstance(region, CudaRegion):
+                found[tensor] = self._device_output(region, target)
+        return found or None
+
+    @staticmethod
+    def _device_output(region: CudaRegion, target: SharedMemoryTarget) -> DeviceOutput:
+        allocation = region.allocation
+        offset = target.offset
+
+        def from_device(source: int, size: int, stream: int) -> bool:
+            try:
+                allocation.copy_from_device(offset, source, size, stream)
+            except cuda_ipc.CudaIpcError:
+                return False  # the write from the host says why
+            return True
+
+        region.hold()
+        return DeviceOutput(region, region.device_id, target.byte_size, from_device, region.release)
+
+    def registered(self, target: SharedMemoryTarget, tensor: str) -> Region | CudaRegion:
+        """The region an output's target names, still registered (a 400 when the client
+        unregistered it while the request ran)."""
         region = self._regions.get(target.region)
         if region is None:
             raise InvalidArgumentError(
                 f"output '{tensor}': shared-memory region '{target.region}' was unregistered "
                 "while the request ran"
             )
+        return region
+
+    def write(self, target: SharedMemoryTarget, array: np.ndarray, tensor: str) -> int:
+        """Write an output into its region; the bytes written."""
+        region = self.registered(target, tensor)
         data = memoryview(datatypes.wire_view(array))
         if len(data) > target.byte_size:
             raise InvalidArgumentError(

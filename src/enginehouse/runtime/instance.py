@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from enginehouse.backends.base import Engine, Launched, Placement
-from enginehouse.messages import Tensor
+from enginehouse.messages import DeviceOutputs, Tensor
 
 log = logging.getLogger(__name__)
 
@@ -186,9 +186,12 @@ class Instance:
         """Whether the engine's gather reads shared-memory inputs into place itself."""
         return self._engine.reads_regions
 
-    def gather(self, parts: dict[str, list[Tensor]]) -> dict[str, np.ndarray]:
-        """The engine's inputs for several requests' parts (call on the instance thread)."""
-        return self._engine.gather(parts)
+    def gather(
+        self, parts: dict[str, list[Tensor]], device_outputs: DeviceOutputs | None = None
+    ) -> dict[str, np.ndarray]:
+        """The engine's inputs for several requests' parts (call on the instance thread),
+        and where it may write their outputs on a device."""
+        return self._engine.gather(parts, device_outputs)
 
     def execute_sync(
         self, prepare: PrepareInputs, output_names: Sequence[str], finish: FinishOutputs

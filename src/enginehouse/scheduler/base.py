@@ -21,7 +21,13 @@ import numpy as np
 
 from enginehouse.config.tensors import TensorSpec
 from enginehouse.errors import EnginehouseError, InternalError, UnavailableError
-from enginehouse.messages import InferRequest, InferResponse, OutputTensor, Tensor
+from enginehouse.messages import (
+    DeviceOutputs,
+    InferRequest,
+    InferResponse,
+    OutputTensor,
+    Tensor,
+)
 from enginehouse.runtime.instance import FinishOutputs, Instance
 from enginehouse.scheduler.instances import InstanceSupervisor
 from enginehouse.scheduler.statistics import ModelStatistics
@@ -54,12 +60,25 @@ class Work:
 
     def inputs(self, instance: Instance) -> Callable[[], dict[str, np.ndarray]]:
         """What an execution of this request alone takes as its inputs: the feeds, or,
-        where some wait in a region, the instance's gather of them (read into place)."""
+        where some wait in a region or an output may be written on a device, the
+        instance's gather of them (read into place)."""
         feeds = self.feeds
-        if self.in_regions:
-            return lambda: instance.gather({name: [a] for name, a in feeds.items()})
+        device_outputs = device_outputs_of([self])
+        if self.in_regions or device_outputs is not None:
+            return lambda: instance.gather({name: [a] for name, a in feeds.items()}, device_outputs)
         arrays = cast(dict[str, np.ndarray], feeds)  # no RegionTensor among them
         return lambda: arrays
+
+
+def device_outputs_of(works: Sequence[Work]) -> DeviceOutputs | None:
+    """Where a batch's requests' outputs may be written on a device, in the batch's
+    order; None when no request has an output in a CUDA region (almost always)."""
+    if all(work.request.device_outputs is None for work in works):
+        return None
+    names = {name for work in works for name in work.request.device_outputs or ()}
+    return {
+        name: [(work.request.device_outputs or {}).get(name) for work in works] for name in names
+    }
 
 
 def _unchanged(outputs: list[np.ndarray]) -> list[np.ndarray]:

@@ -21,7 +21,13 @@ import numpy as np
 from enginehouse.errors import EnginehouseError, InternalError, InvalidArgumentError
 from enginehouse.messages import InferResponse
 from enginehouse.runtime.instance import Execution, Instance
-from enginehouse.scheduler.base import PendingLimits, Responses, Scheduler, Work
+from enginehouse.scheduler.base import (
+    PendingLimits,
+    Responses,
+    Scheduler,
+    Work,
+    device_outputs_of,
+)
 from enginehouse.scheduler.batcher import DynamicBatcher
 from enginehouse.scheduler.instances import InstanceSupervisor
 from enginehouse.scheduler.queue import BatchingPolicy, Pending
@@ -119,9 +125,12 @@ class DynamicBatchScheduler(Scheduler):
         names = tuple(dict.fromkeys(n for work in works for n in work.names))
         queued = time.perf_counter_ns()
 
+        device_outputs = device_outputs_of(works)
+
         def prepare() -> dict[str, np.ndarray]:
             return instance.gather(
-                {name: [work.feeds[name] for work in works] for name in works[0].feeds}
+                {name: [work.feeds[name] for work in works] for name in works[0].feeds},
+                device_outputs,
             )
 
         finish = self.responses.finisher(names, total)
