@@ -124,7 +124,7 @@ def regions_for(how: str, model: BenchModel, grpc_url: str) -> list[Region]:
     """The regions one ``--shared-memory`` choice uses: the inputs' (``system``, ``cuda``),
     and the output's as well for ``system+out`` and ``cuda+out``."""
     kind = how.removesuffix("+out")
-    name = f"bench_{kind}_{model.name}"
+    name = f"bench_{how.replace('+', '_')}_{model.name}"
     regions = [Region(kind, name, grpc_url, list(model.inputs(1).values()))]
     if how.endswith("+out"):
         regions.append(Region(kind, f"{name}_out", grpc_url, [], OUTPUT[model.name][1] * 4))
