@@ -5,7 +5,9 @@ standalone Inductor artifact from the engine builder, loaded by the pytorch back
 instance with a CUDA graph per batch bucket) against eager PyTorch (fp32, and fp16 with
 channels-last for the convnet). Two figures for our engine: the graph replay on device
 tensors (what the eager figures measure too) and the full execution from host arrays to
-host arrays (pinned copies in and out, what a served request pays). All of a batch's
+host arrays (pinned copies in and out, what a served request pays), on one instance and on
+two instances of the engine taking turns as a server's two instances per GPU do (one batch's
+host copies beside the other's graph). All of a batch's
 engines run side by side in alternating rounds, so that the GPU's drift over a run (clocks,
 neighbours) reaches each of them alike; each figure is an engine's median round.
 
@@ -73,8 +75,11 @@ def timed(
     }
 
 
-def build(model: BenchModel, precision: str, autotune: bool) -> tuple[Any, Any, float, bool]:
-    """Our engine for ``model``: (config, engine, build seconds, cache hit)."""
+def build(
+    model: BenchModel, precision: str, autotune: bool
+) -> tuple[Any, Callable[[], Any], float, bool]:
+    """Our engine for ``model``: (config, a loader of one more instance of it, build
+    seconds, cache hit)."""
     from tritonclient.grpc import model_config_pb2 as mc
 
     from enginehouse.backends.base import Placement
@@ -94,10 +99,37 @@ def build(model: BenchModel, precision: str, autotune: bool) -> tuple[Any, Any, 
         config, backend.name, 1, files[1], location.path, EngineCache(OUT / "cache"), "cuda:0"
     )
     seconds = time.perf_counter() - started
-    engine = TorchBackend().load(
-        config, built.path, Placement(mc.ModelInstanceGroup.KIND_GPU, 0), True
-    )
-    return config, engine, seconds, built.hit
+
+    def instance() -> Any:
+        return TorchBackend().load(
+            config, built.path, Placement(mc.ModelInstanceGroup.KIND_GPU, 0), True
+        )
+
+    return config, instance, seconds, built.hit
+
+
+class TakingTurns:
+    """Two instances of one engine as a server runs them: each call gathers one batch into
+    one instance's staging buffers and launches it (the served path: ``gather``, ``launch``),
+    then takes the outputs of the batch the other instance launched before, once done. So
+    one batch's host copies run beside the other's graph, and each call is one batch."""
+
+    def __init__(self, engines: list[Any], host: dict[str, np.ndarray], outputs: list[str]):
+        self.engines = engines
+        self.parts = {name: [array] for name, array in host.items()}
+        self.outputs = outputs
+        self.turn = 0
+        self.pending: Any = None
+
+    def __call__(self) -> None:
+        engine = self.engines[self.turn]
+        self.turn ^= 1
+        launched = engine.launch(engine.gather(self.parts), self.outputs)
+        previous, self.pending = self.pending, launched
+        if previous is not None:
+            while not previous.done():
+                time.sleep(0)
+            previous.outputs()
 
 
 def eager_runs(
@@ -116,11 +148,12 @@ def eager_runs(
 
 
 def our_runs(
-    model: BenchModel, engine: Any, batch: int, precision: str
+    model: BenchModel, engines: list[Any], batch: int, precision: str
 ) -> dict[str, Callable[[], Any]]:
     """Our graph replay and our host-to-host execution at one batch, the latter also with
     its host copies on one thread (``ENGINEHOUSE_HOST_COPY_THREADS=1``), as before they were
-    split over threads."""
+    split over threads, and on two instances taking turns (:class:`TakingTurns`)."""
+    engine = engines[0]
     host = model.inputs(batch)
     outputs = [t.name for t in engine.config.output]
     engine.execute(host, outputs)  # fills the static buffers that replay() reads
@@ -136,6 +169,7 @@ def our_runs(
         f"ours {precision} replay": lambda: engine.replay(batch),
         f"ours {precision} host->host": lambda: engine.execute(host, outputs),
         f"ours {precision} host->host, 1 copy thread": one_copy_thread,
+        f"ours {precision} host->host, 2 instances": TakingTurns(engines, host, outputs),
     }
 
 
@@ -168,10 +202,11 @@ def main() -> None:
         half = model.module().cuda().half()
         if name == "resnet50":
             half = half.to(memory_format=torch.channels_last)
-        engines: dict[str, Any] = {}
+        engines: dict[str, list[Any]] = {}
         build_seconds: dict[str, float] = {}
         for precision in (args.precision or PRECISION[name]).split(","):
-            _, engines[precision], build_s, hit = build(model, precision, args.autotune)
+            _, instance, build_s, hit = build(model, precision, args.autotune)
+            engines[precision] = [instance(), instance()]
             print(f"  {name} {precision}: {'cache hit' if hit else f'built in {build_s:.0f} s'}")
             build_seconds[precision] = build_s
         # Eager and our engines measured side by side, in alternating rounds (see timed).
@@ -183,8 +218,9 @@ def main() -> None:
             with torch.inference_mode():
                 figures[batch] = timed(torch, runs, args.iters)
             show(batch, figures[batch])
-        for engine in engines.values():
-            engine.close()
+        for pair in engines.values():
+            for engine in pair:
+                engine.close()
         del module, half
         torch.cuda.empty_cache()
         for batch, measured in figures.items():
