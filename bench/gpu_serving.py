@@ -335,6 +335,42 @@ def serve(model: BenchModel, args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def plot(runs: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    """Served requests/s per load (bars, one colour per run) with the ratio to the raw engine
+    at the batch formed written on each; nothing where matplotlib is not installed (the
+    ``bench`` extra has it). ``--plot`` draws saved runs side by side."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    loads = list(dict.fromkeys(f"{r['model']} {r['load']}" for rows in runs.values() for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(loads) * len(runs) ** 0.5), 4.5))
+    width = 0.8 / len(runs)
+    for i, (label, rows) in enumerate(runs.items()):
+        by_load = {f"{r['model']} {r['load']}": r for r in rows}
+        xs = [j + i * width for j, load in enumerate(loads) if load in by_load]
+        found = [by_load[load] for load in loads if load in by_load]
+        bars = ax.bar(xs, [r["served_per_s"] for r in found], width, label=label)
+        for bar, r in zip(bars, found):
+            ax.annotate(
+                f"{r['served_vs_raw']:.2f}x",
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
+    ax.set_xticks([j + width * (len(runs) - 1) / 2 for j in range(len(loads))], loads)
+    ax.set_ylabel("served requests/s (x raw engine at the batch formed)")
+    ax.set_title("bench/gpu_serving.py")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="bert,resnet50")
@@ -385,7 +421,18 @@ def main() -> None:
         action="store_true",
         help="servers compile Python modules from source on every start",
     )
+    parser.add_argument(
+        "--plot",
+        nargs="+",
+        metavar="LABEL=FILE.json",
+        help="only draw saved runs (their gpu_serving.json) side by side into --plot-to",
+    )
+    parser.add_argument("--plot-to", type=Path, default=RESULTS / "gpu_serving.png")
     args = parser.parse_args()
+    if args.plot:
+        saved = dict(item.split("=", 1) for item in args.plot)
+        plot({k: json.loads(Path(v).read_text()) for k, v in saved.items()}, args.plot_to)
+        return
     if not args.no_bytecode_cache:
         keep_bytecode(OUT / "pycache", (*SERVER_MODULES, "torch", "enginehouse.backends.torch"))
     rows = [row for name in args.models.split(",") for row in serve(MODELS[name], args)]
@@ -422,6 +469,7 @@ def main() -> None:
         )
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "gpu_serving.json").write_text(json.dumps(rows, indent=1))
+    plot({"this run": rows}, RESULTS / "gpu_serving.png")
     print(
         "gpu_serving: "
         + "; ".join(
