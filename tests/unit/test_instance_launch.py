@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from enginehouse.backends.base import Engine, Launched, Placement
+from enginehouse.messages import DeviceOutputs, Tensor
 from enginehouse.runtime.instance import EARLY_S, Instance
 
 
@@ -51,9 +52,11 @@ class DoublingEngine(Engine):
         time.sleep(self.delay_s)
         return array * 2
 
-    def gather(self, parts: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
+    def gather(
+        self, parts: dict[str, list[Tensor]], device_outputs: DeviceOutputs | None = None
+    ) -> dict[str, np.ndarray]:
         self.threads["gather"] = threading.get_ident()
-        return super().gather(parts)
+        return super().gather(parts, device_outputs)
 
     def launch(self, inputs: dict[str, np.ndarray], output_names: Sequence[str]) -> Launched | None:
         if inputs["INPUT0"].shape[0] > self.max_rows:
