@@ -360,6 +360,10 @@ class CudaGraphEngine(Engine):
     def _start(
         self, inputs: dict[str, np.ndarray], output_names: Sequence[str]
     ) -> GraphLaunch | None:
+        # What gather() left for this launch, taken either way: a region stays held only
+        # while its launch needs it.
+        on_device, self._on_device = self._on_device, []
+        out_on_device, self._out_on_device = self._out_on_device, []
         arrays = [inputs[name] for name in self._inputs]
         rows = arrays[0].shape[0] if arrays and arrays[0].ndim else 0
         size = self.bucket(rows) if self.buckets else None
@@ -368,8 +372,6 @@ class CudaGraphEngine(Engine):
         if self._run is None:
             raise RuntimeError(f"model '{self.config.name}': the engine is closed")
         torch = self._torch
-        on_device, self._on_device = self._on_device, []
-        out_on_device, self._out_on_device = self._out_on_device, []
         staged = True
         for array, host in zip(arrays, self._host_in):
             if not np.may_share_memory(array, host):  # gather() did not stage it already
