@@ -146,9 +146,12 @@ class CudaGraphEngine(Engine):
         # on this device, as (input index, first row, tensor).
         self._on_device: list[tuple[int, int, RegionTensor]] = []
         self.device_fed_batches = 0
-        # Per bucket and graph (fed from staging, fed on the device): the model's outputs on
-        # the device, where outputs bound for CUDA regions are copied from.
-        self._graph_results: dict[tuple[int, bool], tuple[Any, ...]] = {}
+        # Per bucket and graph (fed from staging, fed on the device): each of the model's
+        # outputs on the device as (address, bytes per row), where outputs bound for CUDA
+        # regions are copied from; None for one that is not a single contiguous buffer.
+        # Known at capture; the tensors stay held so that no later capture reuses them.
+        self._output_places: dict[tuple[int, bool], list[tuple[int, int] | None]] = {}
+        self._held_outputs: list[Any] = []
         # Set by gather() for the launch that follows it: outputs to write on this device,
         # as (output index, first row, rows, target).
         self._out_on_device: list[tuple[int, int, int, DeviceOutput]] = []
@@ -206,9 +209,9 @@ class CudaGraphEngine(Engine):
                     self._pinned_out = [self._pin(tuple(t.shape), t.dtype) for t in warm]
                 del warm
                 served, results = self._graph(size, from_staging=True, to_staging=True)
-                self._graph_results[size, True] = results
+                self._keep_outputs((size, True), results)
                 fed, results = self._graph(size, from_staging=False, to_staging=True)
-                self._graph_results[size, False] = results
+                self._keep_outputs((size, False), results)
                 # The first launch of a graph uploads it to the device: do it now, not in
                 # the first request that this bucket serves.
                 served.replay()
@@ -250,6 +253,17 @@ class CudaGraphEngine(Engine):
                 for pinned, result in zip(self._pinned_out, results):
                     pinned[:size].copy_(result, non_blocking=True)
         return graph, results
+
+    def _keep_outputs(self, key: tuple[int, bool], results: tuple[Any, ...]) -> None:
+        """Hold a graph's output tensors and note where each lies, once, at capture: a
+        launch that writes outputs on the device then asks torch nothing."""
+        self._held_outputs.extend(results)
+        self._output_places[key] = [
+            (r.data_ptr(), r.numel() // max(1, r.shape[0]) * r.element_size())
+            if r.is_contiguous()
+            else None
+            for r in results
+        ]
 
     def _pin(self, shape: tuple[int, ...], dtype: Any) -> Any:
         """A CPU tensor on page-locked memory of its own, registered with CUDA here rather
@@ -387,7 +401,7 @@ class CudaGraphEngine(Engine):
             else:
                 self._graphs[size].replay()
             if out_on_device:
-                self._write_on_device(self._graph_results[size, not fed], out_on_device)
+                self._write_on_device(self._output_places[size, not fed], out_on_device)
             self._done.record(self.stream)
         return GraphLaunch(self, size, rows, [self._index[n] for n in output_names], started)
 
@@ -412,7 +426,9 @@ class CudaGraphEngine(Engine):
                 static[copied_to:rows].copy_(pinned[copied_to:rows], non_blocking=True)
 
     def _write_on_device(
-        self, results: tuple[Any, ...], targets: list[tuple[int, int, int, DeviceOutput]]
+        self,
+        places: list[tuple[int, int] | None],
+        targets: list[tuple[int, int, int, DeviceOutput]],
     ) -> None:
         """Enqueue, on the instance's stream (current), the copy of each target's rows of
         the graph's outputs into its CUDA region. A target left unwritten (an output that is
@@ -420,12 +436,11 @@ class CudaGraphEngine(Engine):
         instead, by the data plane, which also reports why it does not fit."""
         stream = int(self.stream.cuda_stream)
         for index, first, rows, target in targets:
-            result = results[index]
-            if not result.is_contiguous():
+            place = places[index]
+            if place is None:
                 continue
-            row_bytes = (result.numel() // max(1, result.shape[0])) * result.element_size()
-            address = result.data_ptr() + first * row_bytes
-            if target.copy_from_device(address, rows * row_bytes, stream):
+            address, row_bytes = place
+            if target.copy_from_device(address + first * row_bytes, rows * row_bytes, stream):
                 self.device_written_outputs += 1
 
     def execute(
@@ -476,7 +491,8 @@ class CudaGraphEngine(Engine):
         self.stream.synchronize()
         self._graphs.clear()
         self._fed_graphs.clear()
-        self._graph_results.clear()
+        self._output_places.clear()
+        self._held_outputs.clear()
         self._bare.clear()
         self._static_in.clear()
         self._pinned_in.clear()

@@ -63,8 +63,8 @@ class Work:
         where some wait in a region or an output may be written on a device, the
         instance's gather of them (read into place)."""
         feeds = self.feeds
-        device_outputs = device_outputs_of([self])
-        if self.in_regions or device_outputs is not None:
+        if self.in_regions or self.request.device_outputs is not None:
+            device_outputs = device_outputs_of([self])
             return lambda: instance.gather({name: [a] for name, a in feeds.items()}, device_outputs)
         arrays = cast(dict[str, np.ndarray], feeds)  # no RegionTensor among them
         return lambda: arrays

@@ -77,10 +77,9 @@ class RequestHeaders:
     A client sends the same few header blocks call after call: once its fields are in the
     dynamic table, each block is the same handful of index bytes. Decoding them with
     ``hpack`` took about 6% of a profile's samples of small calls, so a block that left the
-    dynamic table
-    as it was is remembered with its headers, and the same bytes later are answered from
-    memory for as long as the table stays unchanged (any change forgets every block, since
-    what an index names may have moved). Only short blocks are kept, a few to a
+    dynamic table as it was is remembered with its headers, and the same bytes later are
+    answered from memory for as long as the table stays unchanged (any change forgets every
+    block, since what an index names may have moved). Only short blocks are kept, a few to a
     connection: a client's repeated block is tens of bytes of indexes, and a connection may
     not make the server hold more than a few kilobytes this way.
     """

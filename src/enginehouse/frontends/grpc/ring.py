@@ -222,16 +222,10 @@ class CoreRing:
     def answer(self, body: bytes | list[bytes | memoryview]) -> bytes | None:
         """Write a large answer into the answer ring; the place to relay, or None when it is
         small or finds no room (it then goes over the socket)."""
-        if isinstance(body, bytes):
-            if len(body) < THRESHOLD:  # most answers: nothing made for them
-                return None
-            pieces: list[bytes | memoryview] = [body]
-        else:
-            pieces = body
-        length = sum(len(piece) for piece in pieces)
-        if length < THRESHOLD:
+        length = len(body) if isinstance(body, bytes) else sum(len(piece) for piece in body)
+        if length < THRESHOLD:  # most answers: nothing is made for them
             return None
-        place = self._answers.place(pieces)
+        place = self._answers.place([body] if isinstance(body, bytes) else body)
         if place is not None:
             self.traffic[2] += 1
             self.traffic[3] += length
