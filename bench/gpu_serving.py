@@ -12,7 +12,7 @@ throughput / raw throughput is the figure of merit (goal: >= 80% for BERT, p99 <
 
     python bench/gpu_serving.py [--seconds 10] [--clients 32,128] [--rates 4000,8000]
                                 [--grpc-workers 8] [--shared-memory none,system,cuda,cuda+out]
-                                [--no-bytecode-cache]
+                                [--no-bytecode-cache] [--profile]
 
 Servers cache Python's compiled bytecode (under bench/out/gpu/pycache) as an installed
 image does; ``--no-bytecode-cache`` runs them as the device image is, which sets
@@ -38,6 +38,7 @@ from cpu_use import CpuSnapshot, cpu_report
 from gpu_engines import OUT, PRECISION, RESULTS
 from gpu_models import MODELS, BenchModel, gpu_config
 from loadgen import grpc_load, grpc_open_load
+from py_spy import find_py_spy, record, report
 
 from enginehouse.testing import SERVER_MODULES, ServerProcess, keep_bytecode
 
@@ -286,9 +287,14 @@ def serve(model: BenchModel, args: argparse.Namespace) -> list[dict[str, Any]]:
                     )
                     for rate in args.rates
                 ]
+            spy = find_py_spy(args.py_spy) if args.profile else None
             for label, run in runs:
                 before = stats(server.http_port, model.name)
                 cpu_before = CpuSnapshot.take(server.process.pid)
+                profile = OUT / f"py-spy-{model.name}-{label.replace(' ', '-')}.txt"
+                sampler = (
+                    record(spy, server.process.pid, args.seconds - 1, profile) if spy else None
+                )
                 load = run()
                 cpu = cpu_report(
                     cpu_before, CpuSnapshot.take(server.process.pid), load.seconds, load.requests
@@ -304,6 +310,9 @@ def serve(model: BenchModel, args: argparse.Namespace) -> list[dict[str, Any]]:
                     f"batch {batch:.1f}, {cpu}",
                     flush=True,
                 )
+                if sampler is not None and sampler.wait() == 0 and profile.is_file():
+                    print(report(profile, "MainThread"), flush=True)
+                    print(report(profile), flush=True)
             for regions in choices.values():
                 for region in regions:
                     region.close()
@@ -416,6 +425,13 @@ def main() -> None:
         default=[],
         help="a further flag for `enginehouse serve`, e.g. --server-flag=--grpc-relay-ring-mb=0",
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="sample the server's Python stacks with py-spy during each load (collapsed "
+        "stacks under bench/out/gpu; the event loop's and all threads' dearest functions printed)",
+    )
+    parser.add_argument("--py-spy", default=None, help="the py-spy executable (default: on PATH)")
     parser.add_argument(
         "--no-bytecode-cache",
         action="store_true",
