@@ -29,13 +29,18 @@ _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
+# Half the cores, at most 8. Counted once: os.cpu_count() reads a file under /sys on every
+# call, which at once per copy was a tenth of the event loop's time under served BERT.
+_DEFAULT_THREADS = max(1, min(_MAX_THREADS, (os.cpu_count() or 1) // 2))
+
+
 def _threads() -> int:
     """Half the cores, at most 8; ``ENGINEHOUSE_HOST_COPY_THREADS`` sets it (1: copy on the
     calling thread only, as an operator may want where the cores are spoken for)."""
     configured = os.environ.get("ENGINEHOUSE_HOST_COPY_THREADS", "")
     if configured.isdigit() and int(configured) > 0:
         return int(configured)
-    return max(1, min(_MAX_THREADS, (os.cpu_count() or 1) // 2))
+    return _DEFAULT_THREADS
 
 
 def _executor() -> ThreadPoolExecutor:
@@ -64,8 +69,11 @@ def copy_rows(destination: np.ndarray, source: Tensor) -> None:
     the machine has the cores."""
     size = destination.nbytes
     rows = destination.shape[0] if destination.ndim else 0
+    if size < PARALLEL_BYTES or rows < 2:
+        _copy(destination, source)
+        return
     threads = _threads()
-    if size < PARALLEL_BYTES or rows < 2 or threads < 2:
+    if threads < 2:
         _copy(destination, source)
         return
     parts = int(min(threads, rows, max(2, size // CHUNK_BYTES)))
@@ -88,8 +96,12 @@ def copy_all(pairs: list[tuple[np.ndarray, Tensor]]) -> None:
     image is 588 KB) while the batch is megabytes, copied on the event loop's thread
     otherwise."""
     total = sum(destination.nbytes for destination, _ in pairs)
+    if total < PARALLEL_BYTES:  # each part is small too: no thread would take any
+        for destination, source in pairs:
+            _copy(destination, source)
+        return
     threads = _threads()
-    if total < PARALLEL_BYTES or threads < 2 or len(pairs) < 2:
+    if threads < 2 or len(pairs) < 2:
         for destination, source in pairs:
             copy_rows(destination, source)
         return
