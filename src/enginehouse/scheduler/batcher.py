@@ -27,6 +27,11 @@ RunBatch = Callable[[Instance, list[Pending[T]]], Coroutine[Any, Any, None]]
 FailItem = Callable[[Pending[T], EnginehouseError], None]
 
 
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class DynamicBatcher(Generic[T]):
     """One model version's queue and the task that turns it into executions."""
 
@@ -45,7 +50,11 @@ class DynamicBatcher(Generic[T]):
         self._run_batch = run_batch
         self._fail = fail
         self._clock = clock
-        self._arrived = asyncio.Event()
+        # What the loop awaits while it waits for an arrival (or for the queue delay to
+        # pass): a bare future that submit() resolves. An asyncio.Event awaited through
+        # wait_for() cost a task and a timeout context per wait, a batch's worth of work
+        # for the event loop at a few thousand batches a second.
+        self._waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
 
@@ -60,7 +69,9 @@ class DynamicBatcher(Generic[T]):
     ) -> None:
         """Queue a request (UnavailableError when its level is full)."""
         self.queue.admit(item, batch_size, shape_key, arrival_ns, priority, timeout_us)
-        self._arrived.set()
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            _resolve(waiter)
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._loop())
 
@@ -72,8 +83,7 @@ class DynamicBatcher(Generic[T]):
         queue = self.queue
         while True:
             if not queue.size:
-                self._arrived.clear()
-                await self._arrived.wait()
+                await self._arrival(None)
             instance = self._pool.try_acquire()
             if instance is None:
                 instance = await self._acquire_or_expire()
@@ -93,12 +103,21 @@ class DynamicBatcher(Generic[T]):
                 if not queue.size:
                     self._pool.release(instance)
                     break
-                self._arrived.clear()
-                delay = max(0.0, (decision.wake_at_ns - self._clock()) / 1e9)
-                try:
-                    await asyncio.wait_for(self._arrived.wait(), delay)
-                except TimeoutError:
-                    pass
+                await self._arrival(max(0.0, (decision.wake_at_ns - self._clock()) / 1e9))
+
+    async def _arrival(self, delay_s: float | None) -> None:
+        """Until the next request arrives, or ``delay_s`` has passed (None: no limit)."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiter = waiter
+        timer = None if delay_s is None else loop.call_later(delay_s, _resolve, waiter)
+        try:
+            await waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if self._waiter is waiter:
+                self._waiter = None
 
     async def _acquire_or_expire(self) -> Instance | None:
         """A free instance; meanwhile requests whose deadline passes are failed."""
