@@ -291,7 +291,8 @@ def serve(model: BenchModel, args: argparse.Namespace) -> list[dict[str, Any]]:
             for label, run in runs:
                 before = stats(server.http_port, model.name)
                 cpu_before = CpuSnapshot.take(server.process.pid)
-                profile = OUT / f"py-spy-{model.name}-{label.replace(' ', '-').replace('/', '')}.txt"
+                named = label.replace(" ", "-").replace("/", "")
+                profile = OUT / f"py-spy-{model.name}-{named}.txt"
                 sampler = (
                     record(spy, server.process.pid, args.seconds - 1, profile) if spy else None
                 )

@@ -1,0 +1,145 @@
+"""Where a GPU engine's host-to-host time goes, phase by phase, against its graph replay.
+
+bench/gpu_engines.py gives host to host as one figure. This splits one synchronous
+execution of the served CUDA-graph engine into its phases (the copy of the inputs into the
+pinned staging buffers, ``gather``; the graph's launch with its done event and wake-up,
+``launch``; the wait on the blocking done event; the output copy), and sets beside them a
+synchronised bare replay, the same execution waited for by polling the event instead of
+blocking on it, and the execution with 1 to 15 host-copy threads.
+
+    python bench/host_phases.py [--model resnet50] [--batches 1,256] [--iters 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu_engines import OUT, PRECISION, build
+from gpu_models import MODELS
+
+THREADS = ("1", "4", "8", "12", "15")
+
+
+def p50_ms(run: Callable[[], Any], iters: int) -> float:
+    times = []
+    for _ in range(iters):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return float(np.median(times) * 1e3)
+
+
+def phases(
+    engine: Any, parts: dict[str, list[np.ndarray]], outputs: list[str], iters: int
+) -> tuple[dict[str, float], float]:
+    """p50 ms of each phase of ``iters`` synchronous executions, and of the same
+    executions waited for by polling the done event."""
+    spent: dict[str, list[float]] = {"gather": [], "launch": [], "wait": [], "outputs": []}
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        staged = engine.gather(parts)
+        t1 = time.perf_counter()
+        launched = engine.launch(staged, outputs)
+        t2 = time.perf_counter()
+        engine._done.synchronize()
+        t3 = time.perf_counter()
+        launched.outputs()
+        t4 = time.perf_counter()
+        for name, since, until in (
+            ("gather", t0, t1),
+            ("launch", t1, t2),
+            ("wait", t2, t3),
+            ("outputs", t3, t4),
+        ):
+            spent[name].append(until - since)
+
+    def polled() -> None:
+        launched = engine.launch(engine.gather(parts), outputs)
+        while not launched.done():
+            pass
+        launched.outputs()
+
+    medians = {name: float(np.median(times) * 1e3) for name, times in spent.items()}
+    return medians, p50_ms(polled, iters)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="resnet50", choices=sorted(MODELS))
+    parser.add_argument("--batches", default="1,256")
+    parser.add_argument("--iters", type=int, default=200)
+    args = parser.parse_args()
+    import torch
+
+    from enginehouse.backends import host_copies
+
+    model = MODELS[args.model]
+    print(f"building {model.name} ...", flush=True)
+    config, instance, seconds, hit = build(model, PRECISION[model.name], False)
+    engine = instance()
+    print(f"  built in {seconds:.1f} s (cache hit: {hit})", flush=True)
+    outputs = [t.name for t in config.output]
+    results: dict[int, dict[str, Any]] = {}
+    for batch in (int(b) for b in args.batches.split(",")):
+        host = model.inputs(batch)
+        parts = {name: [array] for name, array in host.items()}
+        engine.execute(host, outputs)  # fills the static buffers that replay() reads
+        for _ in range(20):
+            engine.replay(batch)
+        torch.cuda.synchronize()
+        iters = args.iters if batch < 64 else max(20, args.iters // 4)
+
+        def replay(batch: int = batch) -> None:
+            engine.replay(batch)
+            torch.cuda.synchronize()
+
+        def execute(host: dict[str, np.ndarray] = host) -> None:
+            engine.execute(host, outputs)
+
+        by_phase, polled = phases(engine, parts, outputs, iters)
+        row: dict[str, Any] = {
+            "replay_ms": p50_ms(replay, iters),
+            "execute_ms": p50_ms(execute, iters),
+            "phases_ms": by_phase,
+            "polled_ms": polled,
+        }
+        for threads in THREADS:
+            os.environ["ENGINEHOUSE_HOST_COPY_THREADS"] = threads
+            host_copies._pool = None  # a pool of the new size
+            row[f"execute_ms_{threads}_threads"] = p50_ms(execute, iters)
+        os.environ.pop("ENGINEHOUSE_HOST_COPY_THREADS")
+        host_copies._pool = None
+        results[batch] = row
+        print(
+            f"  b{batch}: replay {row['replay_ms']:.3f} ms, host->host {row['execute_ms']:.3f} ms"
+            f" (+{row['execute_ms'] - row['replay_ms']:.3f}); "
+            + ", ".join(f"{name} {ms:.3f}" for name, ms in by_phase.items())
+            + f"; polled {polled:.3f} ms; by copy threads "
+            + ", ".join(f"{t}: {row[f'execute_ms_{t}_threads']:.3f}" for t in THREADS),
+            flush=True,
+        )
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "host_phases.json").write_text(json.dumps(results, indent=1))
+    print(
+        "host_phases: "
+        + "; ".join(
+            f"b{b} host->host {r['execute_ms']:.3f} ms vs replay {r['replay_ms']:.3f} ms, "
+            f"polled {r['polled_ms']:.3f} ms"
+            for b, r in results.items()
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
