@@ -64,12 +64,6 @@ STATUS = {code.value[0]: code for code in grpc.StatusCode}
 INTERNAL = grpc.StatusCode.INTERNAL.value[0]
 
 
-async def read_frame(reader: asyncio.StreamReader) -> tuple[int, int, bytes]:
-    """(call id, method or status, payload) of the next frame."""
-    length, call, code = HEADER.unpack(await reader.readexactly(HEADER.size))
-    return call, code, await reader.readexactly(length - 5)
-
-
 class Coalescer:
     """Writes the frames of one event-loop turn with one system call: a write per frame
     costs more than the rest of relaying a small call."""

@@ -21,6 +21,7 @@ import logging
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from tritonclient.grpc import service_pb2 as pb
@@ -34,10 +35,10 @@ from enginehouse.frontends.grpc.frames import (
     STATUS,
     CallAborted,
     Coalescer,
-    read_frame,
     varint,
 )
 from enginehouse.frontends.grpc.options import server_options
+from enginehouse.frontends.grpc.receive import FrameReceiver
 from enginehouse.frontends.grpc.ring import (
     ANSWER_IN_RING,
     ANSWERS_TAKEN,
@@ -50,55 +51,97 @@ from enginehouse.frontends.grpc.streams import answer_concurrently, stream_error
 from enginehouse.frontends.security import RestrictedApis, TlsSettings
 from enginehouse.runtime.memory import freeze_long_lived
 
+if TYPE_CHECKING:
+    from enginehouse.frontends.grpc.native import Body
+
 log = logging.getLogger("enginehouse.grpc.worker")
 _GONE = (grpc.StatusCode.UNAVAILABLE.value[0], b"the server is stopping")
 _INFER = METHODS.index("ModelInfer")
 
 
+Reply = tuple[int, bytes | memoryview]
+
+
+class _RelayReceiver(FrameReceiver):
+    """The worker's end of the relay socket: frames cut out as they arrive (no stream
+    reader's awaits per frame) and handed to the client."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.client: RelayClient | None = None
+
+    def frame(self, call: int, code: int, payload: bytes | memoryview) -> None:
+        if self.client is not None:
+            self.client.received(call, code, payload)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.client is not None:
+            self.client.lost()
+
+
 class RelayClient:
-    """One Unix-socket connection to the core, with calls multiplexed by id."""
+    """One Unix-socket connection to the core, with calls multiplexed by id. A call's
+    answer resolves its future from the socket's callback: a unary call relayed by the
+    native frontend costs no task here."""
 
     def __init__(
         self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        transport: asyncio.WriteTransport,
+        receiver: _RelayReceiver,
         ring: WorkerRing | None = None,
     ) -> None:
-        self._reader = reader
         # This worker's rings, used once the hello has named them to the core (frames arrive
         # in order, so no request placed in them can come before).
         self._made_ring = ring
         self._ring: WorkerRing | None = None
-        self._out = Coalescer(writer)
+        self._out = Coalescer(transport)
         self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[tuple[int, bytes]]] = {}
+        # Each call's future, and whether it takes the answer's body alone (a failed call
+        # then raises CallAborted) rather than (status, body).
+        self._pending: dict[int, tuple[asyncio.Future[Any], bool]] = {}
         # Set when the core went away: the worker then stops instead of holding the port.
         self.closed = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(self._read())
+        receiver.client = self
 
-    async def _read(self) -> None:
-        try:
-            while True:
-                call, status, payload = await read_frame(self._reader)
-                if call == 0 and status == RELEASED and self._ring is not None:
-                    self._ring.released(payload)
-                    continue
-                if status == ANSWER_IN_RING and self._ring is not None:
-                    status, payload = self._answer_in_ring(payload)
-                future = self._pending.pop(call, None)
-                if future is not None and not future.done():
-                    future.set_result((status, payload))
-        except (asyncio.IncompleteReadError, ConnectionError):
-            log.info("the relay to the core closed; this worker stops")
+    @classmethod
+    async def connect(cls, path: str, ring: WorkerRing | None = None) -> RelayClient:
+        receiver = _RelayReceiver()
+        transport, _ = await asyncio.get_running_loop().create_unix_connection(
+            lambda: receiver, path
+        )
+        return cls(transport, receiver, ring)  # type: ignore[arg-type]
+
+    def received(self, call: int, status: int, payload: bytes | memoryview) -> None:
+        """One frame from the core: a release of request places, or a call's answer."""
+        if call == 0 and status == RELEASED and self._ring is not None:
+            self._ring.released(bytes(payload))
+            return
+        if status == ANSWER_IN_RING and self._ring is not None:
+            status, payload = self._answer_in_ring(bytes(payload))
+        waiting = self._pending.pop(call, None)
+        if waiting is None:
+            return
+        future, body_only = waiting
+        if future.done():
+            return
+        if not body_only:
+            future.set_result((status, payload))
+        elif status:
+            future.set_exception(CallAborted(STATUS[status], _text(payload)))
+        else:
+            future.set_result(payload if isinstance(payload, bytes) else [payload])
+
+    def lost(self) -> None:
+        log.info("the relay to the core closed; this worker stops")
         self.closed.set()
-        for future in self._pending.values():
-            if not future.done():
-                future.set_result(_GONE)
+        pending, self._pending = self._pending, {}
+        for future, body_only in pending.values():
+            _stopping(future, body_only)
 
     def send(self, call: int, method: int, payload: bytes | memoryview) -> None:
         self._out.send(call, method, payload)
 
-    def _answer_in_ring(self, place: bytes) -> tuple[int, bytes]:
+    def _answer_in_ring(self, place: bytes) -> Reply:
         """An answer the core left in the answer ring: copied out, its place freed."""
         assert self._ring is not None
         try:
@@ -116,18 +159,41 @@ class RelayClient:
         self.send(0, HELLO, f"{private_port}{named}".encode())
         self._ring = ring
 
-    async def call(self, method: int, payload: bytes | memoryview) -> tuple[int, bytes]:
+    def request(
+        self, method: int, payload: bytes | memoryview, body_only: bool = False
+    ) -> asyncio.Future[Any]:
+        """Send one call; its future gets (status, body), or with ``body_only`` the body
+        (bytes, or one memoryview in a list) and CallAborted for a failed call."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if self.closed.is_set():
-            return _GONE
+            _stopping(future, body_only)
+            return future
         call = next(self._ids)
-        future: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
-        self._pending[call] = future
+        self._pending[call] = (future, body_only)
         if method == _INFER and len(payload) >= THRESHOLD and self._ring is not None:
             place = self._ring.place(payload)
             if place is not None:
                 method, payload = INFER_IN_RING, place
         self.send(call, method, payload)
-        return await future
+        return future
+
+    async def call(self, method: int, payload: bytes | memoryview) -> Reply:
+        result: Reply = await self.request(method, payload)
+        return result
+
+
+def _stopping(future: asyncio.Future[Any], body_only: bool) -> None:
+    """Answer a call the core will never answer: the server is stopping."""
+    if future.done():
+        return
+    if body_only:
+        future.set_exception(CallAborted(STATUS[_GONE[0]], _GONE[1].decode()))
+    else:
+        future.set_result(_GONE)
+
+
+def _text(payload: bytes | memoryview) -> str:
+    return bytes(payload).decode("utf-8", "replace")
 
 
 def unary(
@@ -136,8 +202,8 @@ def unary(
     async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         status, payload = await relay.call(method, request)
         if status:
-            await context.abort(STATUS[status], payload.decode("utf-8", "replace"))
-        return payload
+            await context.abort(STATUS[status], _text(payload))
+        return bytes(payload)
 
     return handle
 
@@ -148,8 +214,10 @@ def stream(relay: RelayClient) -> Callable[..., AsyncIterator[pb.ModelStreamInfe
     async def answer(message: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
         status, payload = await relay.call(infer, message.SerializeToString())
         if status:
-            return stream_error(message, payload.decode("utf-8", "replace"))
-        return pb.ModelStreamInferResponse(infer_response=pb.ModelInferResponse.FromString(payload))
+            return stream_error(message, _text(payload))
+        return pb.ModelStreamInferResponse(
+            infer_response=pb.ModelInferResponse.FromString(bytes(payload))
+        )
 
     async def handle(
         requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
@@ -171,8 +239,7 @@ async def serve(
     ring: tuple[int, int] | None = None,
 ) -> None:
     """Serve until stopped; ``ring`` is (descriptor, number) of this worker's rings."""
-    reader, writer = await asyncio.open_unix_connection(relay_path, limit=max_message_bytes + 64)
-    relay = RelayClient(reader, writer, WorkerRing(*ring) if ring else None)
+    relay = await RelayClient.connect(relay_path, WorkerRing(*ring) if ring else None)
     if frontend == "native":
         await serve_native(relay, host, port, max_message_bytes, restricted, tls)
         return
@@ -212,14 +279,8 @@ class RelayCalls:
     def __init__(self, relay: RelayClient) -> None:
         self._relay = relay
 
-    def unary(self, method: str, payload: bytes | memoryview) -> Awaitable[bytes]:
-        return self._call(METHODS.index(method), payload)
-
-    async def _call(self, method: int, payload: bytes | memoryview) -> bytes:
-        status, body = await self._relay.call(method, payload)
-        if status:
-            raise CallAborted(STATUS[status], body.decode("utf-8", "replace"))
-        return body
+    def unary(self, method: str, payload: bytes | memoryview) -> Awaitable[Body]:
+        return self._relay.request(METHODS.index(method), payload, body_only=True)
 
     def stream_message(self, payload: bytes | memoryview) -> Awaitable[bytes]:
         return self._stream(payload)
@@ -228,9 +289,9 @@ class RelayCalls:
         status, body = await self._relay.call(_INFER, payload)
         if status:
             message = pb.ModelInferRequest.FromString(payload)
-            return bytes(stream_error(message, body.decode("utf-8", "replace")).SerializeToString())
+            return bytes(stream_error(message, _text(body)).SerializeToString())
         # ModelStreamInferResponse { infer_response (field 2) = the core's ModelInferResponse }
-        return b"\x12" + varint(len(body)) + body
+        return b"\x12" + varint(len(body)) + bytes(body)
 
 
 async def serve_native(
