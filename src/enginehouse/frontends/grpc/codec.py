@@ -77,7 +77,7 @@ def _parameters(parameters: Any) -> dict[str, Any]:
 
 def decode_infer_request(
     message: pb.ModelInferRequest,
-    raw_contents: Sequence[memoryview] | None = None,
+    raw_contents: Sequence[bytes | memoryview] | None = None,
     regions: SharedMemoryRegions | None = None,
 ) -> InferRequest:
     """The core request for a ModelInferRequest, or a 400-class error. ``raw_contents``

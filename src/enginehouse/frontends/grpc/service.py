@@ -34,6 +34,7 @@ from enginehouse.frontends.grpc.frames import UNSUPPORTED_RPCS
 from enginehouse.frontends.grpc.options import server_options
 from enginehouse.frontends.grpc.receive import LARGE_FRAME
 from enginehouse.frontends.grpc.streams import answer_concurrently, stream_error
+from enginehouse.frontends.grpc.templates import RequestTemplates
 from enginehouse.frontends.security import RestrictedApis, TlsSettings
 from enginehouse.messages import InferResponse
 
@@ -48,6 +49,8 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     def __init__(self, core: ServerCore) -> None:
         self.core = core
+        # Small ModelInfer requests' metadata, decoded once per kind (templates.py).
+        self._templates = RequestTemplates()
 
     async def warm(self, version: ModelVersion) -> None:
         """Run warm-up requests through the gRPC decoding, the new version (called directly:
@@ -179,7 +182,9 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         if len(payload) >= LARGE_FRAME:
             rest, raw = split_raw_contents(payload)
             return self.infer_message(pb.ModelInferRequest.FromString(rest), arrival, raw)
-        return self.infer_message(pb.ModelInferRequest.FromString(payload), arrival)
+        request = self._templates.decode(payload, self.core.shared_memory)
+        request.arrival_ns = arrival
+        return self.core.submit(request)
 
     async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         result = self.infer_message(request, time.perf_counter_ns())
