@@ -4,19 +4,18 @@ only in its tensors' bytes.
 Decoding a ModelInferRequest walks every input's name, datatype and shape through protobuf's
 Python objects: 11-16 us of the core's time for three small inputs on the 2-core machine,
 the largest single share of the event loop in a profile of served BERT. Clients send the
-same metadata again and again. So
-the serialized metadata (the message's bytes before its raw_input_contents, which a
-canonical serialization puts last) is remembered with what it decoded to and where its
-tensors lie. A request of the same size that starts with those bytes and has its tensors'
-tags and lengths where they lay is that kind: it is not parsed at all, its tensors are
-views of it.
+same metadata again and again. So the serialized metadata (the message's bytes before its
+raw_input_contents, which a canonical serialization puts last) is remembered with what it
+decoded to and where its tensors lie. A request of the same size that starts with those
+bytes and has its tensors' tags and lengths where they lay is that kind: it is not parsed
+at all, and its tensors are views of it.
 
 A request is remembered only when its metadata alone says everything: no request or tensor
-parameters (shared memory, priorities, timeouts), no typed contents, one raw entry per
-input; everything else, and anything not serialized canonically, is decoded as always.
-Equal bytes decode equally, and a message whose raw contents are not all at its end cannot
-match remembered bytes (they would hold a raw_input_contents field at the top level,
-which remembered metadata never does), so a match is never wrong.
+parameters (shared memory, priorities, timeouts), no typed contents, no BYTES tensors, one
+raw entry per input, and a canonical serialization (checked byte for byte when the kind is
+remembered); everything else is decoded as always. A match is never wrong: the remembered
+metadata holds no raw_input_contents field, and the rest of a matching message is exactly
+its raw entries, so it decodes to the same metadata and these tensors.
 """
 
 from __future__ import annotations
