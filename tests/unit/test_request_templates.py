@@ -76,18 +76,32 @@ def test_wrong_sizes_and_counts_fail_as_the_full_decode_fails() -> None:
     assert from_memory.value.message == in_full.value.message
 
 
+def test_request_parameters_are_remembered_and_each_request_has_its_own() -> None:
+    templates = RequestTemplates()
+    for seed in range(4):
+        sent = message(seed)
+        sent.parameters["priority"].int64_param = 2
+        sent.parameters["triton_enable_empty_final_response"].bool_param = True
+        got = templates.decode(sent.SerializeToString(), None)
+        same(got, decode_infer_request(sent))
+        assert got.parameters == {"priority": 2, "triton_enable_empty_final_response": True}
+        got.parameters.clear()
+    assert templates.hits == 2
+
+
 def test_requests_whose_metadata_does_not_say_everything_are_decoded_in_full() -> None:
     templates = RequestTemplates()
-    with_parameters = message()
-    with_parameters.parameters["priority"].int64_param = 2
     shared = message()
     shared.inputs[0].parameters["shared_memory_region"].string_param = "nowhere"
     shared.inputs[0].parameters["shared_memory_byte_size"].int64_param = 128
     del shared.raw_input_contents[0]
-    for _ in range(4):
-        got = templates.decode(with_parameters.SerializeToString(), None)
-        assert got.parameters == {"priority": 2}
-    assert templates.hits == 0
+    output_region = message()
+    output_region.outputs.add(name="embedding")
+    output_region.outputs[0].parameters["shared_memory_region"].string_param = "elsewhere"
+    output_region.outputs[0].parameters["shared_memory_byte_size"].int64_param = 64
+    for _ in range(3):
+        with pytest.raises(EnginehouseError, match="elsewhere"):
+            templates.decode(output_region.SerializeToString(), SharedMemoryRegions())
     for _ in range(3):  # an unregistered region is named, every time
         with pytest.raises(EnginehouseError, match="nowhere"):
             templates.decode(shared.SerializeToString(), SharedMemoryRegions())

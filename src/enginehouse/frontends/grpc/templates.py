@@ -10,12 +10,14 @@ decoded to and where its tensors lie. A request of the same size that starts wit
 bytes and has its tensors' tags and lengths where they lay is that kind: it is not parsed
 at all, and its tensors are views of it.
 
-A request is remembered only when its metadata alone says everything: no request or tensor
-parameters (shared memory, priorities, timeouts), no typed contents, no BYTES tensors, one
-raw entry per input, and a canonical serialization (checked byte for byte when the kind is
-remembered); everything else is decoded as always. A match is never wrong: the remembered
-metadata holds no raw_input_contents field, and the rest of a matching message is exactly
-its raw entries, so it decodes to the same metadata and these tensors.
+A request is remembered only when its metadata alone says everything: no tensor or output
+parameters (shared memory, classification), no typed contents, no BYTES tensors, one raw
+entry per input, and a canonical serialization (checked byte for byte when the kind is
+remembered); everything else is decoded as always. Request parameters are part of the
+metadata (perf_analyzer sends one with every request) and each request gets its own copy.
+A match is never wrong: the remembered metadata holds no raw_input_contents field, and the
+rest of a matching message is exactly its raw entries, so it decodes to the same metadata
+and these tensors.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class _Template:
     id: str
     inputs: tuple[_Input, ...]
     outputs: tuple[str, ...] | None
+    parameters: dict[str, Any]
 
     def matches(self, payload: bytes) -> bool:
         """Whether ``payload`` is this metadata followed by exactly its raw entries."""
@@ -90,6 +93,7 @@ class _Template:
             model_version=self.model_version,
             id=self.id,
             outputs=list(self.outputs) if self.outputs is not None else None,
+            parameters=dict(self.parameters),
         )
 
 
@@ -126,7 +130,7 @@ def _template(
 ) -> _Template | None:
     """The kind of ``message`` (already decoded into ``request``; ``contents`` its raw
     contents, which start at ``cut``), where its metadata alone says everything."""
-    if message.parameters or len(contents) != len(message.inputs):
+    if len(contents) != len(message.inputs):
         return None
     if not _canonical(payload, cut, contents):
         return None
@@ -164,6 +168,7 @@ def _template(
         request.id,
         tuple(inputs),
         tuple(request.outputs) if request.outputs is not None else None,
+        dict(request.parameters),
     )
 
 
