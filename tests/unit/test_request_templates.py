@@ -129,3 +129,18 @@ def test_memory_stays_bounded_when_every_request_is_a_new_kind() -> None:
         templates.decode(wire, None)
         assert len(templates._seen) <= 4 and len(templates._known) <= 4
     assert templates.hits == 0
+
+
+def test_kinds_of_one_size_are_all_remembered() -> None:
+    templates = RequestTemplates()
+    kinds = []
+    for name in ("bert_a", "bert_b", "bert_c"):
+        kind = message()
+        kind.model_name = name
+        kinds.append(kind)
+    assert len({len(k.SerializeToString()) for k in kinds}) == 1
+    for _ in range(4):
+        for kind in kinds:
+            got = templates.decode(kind.SerializeToString(), None)
+            assert got.model_name == kind.model_name
+    assert templates.hits == 3 * 2

@@ -40,6 +40,8 @@ _RAW_TAG = pb.ModelInferRequest.RAW_INPUT_CONTENTS_FIELD_NUMBER << 3 | 2
 # metadata remembered.
 CAPACITY = 256
 MAX_METADATA_BYTES = 4096
+# Kinds remembered per message size.
+KINDS_PER_SIZE = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,12 +176,14 @@ def _template(
 
 class RequestTemplates:
     """The kinds of ModelInfer requests seen, by the size of their messages (the metadata
-    fixes every tensor's size, so a kind has one). A kind is remembered the second time it
-    is seen: one sighting costs only its metadata bytes."""
+    fixes every tensor's size, so a kind has one size; a few kinds may share it). A kind is
+    remembered the second time it is seen: one sighting costs only its metadata bytes."""
 
     def __init__(self, capacity: int = CAPACITY) -> None:
         self.capacity = capacity
-        self._known: dict[int, _Template] = {}
+        # By message size, the kinds of that size (models with names of one length and the
+        # same shapes share one), newest last.
+        self._known: dict[int, list[_Template]] = {}
         self._seen: set[bytes] = set()
         self.hits = 0
 
@@ -189,10 +193,10 @@ class RequestTemplates:
         """The core request for a serialized ModelInferRequest, as decode_infer_request
         makes it (the same request, the same errors)."""
         data = payload if isinstance(payload, bytes) else bytes(payload)
-        known = self._known.get(len(data))
-        if known is not None and known.matches(data):
-            self.hits += 1
-            return known.request(data)
+        for known in self._known.get(len(data), ()):
+            if known.matches(data):
+                self.hits += 1
+                return known.request(data)
         message = pb.ModelInferRequest.FromString(data)
         contents = list(message.raw_input_contents)
         request = decode_infer_request(message, contents, regions)
@@ -206,5 +210,7 @@ class RequestTemplates:
         elif (template := _template(message, request, data, contents, len(key))) is not None:
             if len(self._known) >= self.capacity:
                 self._known.clear()
-            self._known[template.size] = template
+            same_size = self._known.setdefault(template.size, [])
+            same_size.append(template)
+            del same_size[:-KINDS_PER_SIZE]
         return request
