@@ -99,42 +99,31 @@ class _Template:
         )
 
 
-def _metadata(payload: bytes | memoryview, contents: list[bytes]) -> bytes | None:
+def _prefix(size: int) -> bytes:
+    """A raw_input_contents entry's tag and shortest length prefix, as serializers write it."""
+    return bytes([_RAW_TAG]) + varint(size)
+
+
+def _metadata(payload: bytes, contents: list[bytes]) -> bytes | None:
     """The bytes before the raw contents, where they all come last; None otherwise."""
-    section = 0
-    for raw in contents:
-        size = len(raw)
-        section += 1 + max(1, (size.bit_length() + 6) // 7) + size
-    cut = len(payload) - section
+    cut = len(payload) - sum(len(_prefix(len(raw))) + len(raw) for raw in contents)
     if not contents or cut <= 0 or cut > MAX_METADATA_BYTES or payload[cut] != _RAW_TAG:
         return None
-    return bytes(payload[:cut])
-
-
-def _canonical(payload: bytes | memoryview, cut: int, contents: list[bytes]) -> bool:
-    """Whether everything from ``cut`` on is the raw contents, one after another, each with
-    its shortest length prefix: then the bytes before ``cut`` are the whole metadata."""
-    position = cut
-    for raw in contents:
-        prefix = bytes([_RAW_TAG]) + varint(len(raw))
-        if payload[position : position + len(prefix)] != prefix:
-            return False
-        position += len(prefix) + len(raw)
-    return position == len(payload)
+    return payload[:cut]
 
 
 def _template(
     message: pb.ModelInferRequest,
     request: InferRequest,
-    payload: bytes | memoryview,
+    payload: bytes,
     contents: list[bytes],
     cut: int,
 ) -> _Template | None:
     """The kind of ``message`` (already decoded into ``request``; ``contents`` its raw
-    contents, which start at ``cut``), where its metadata alone says everything."""
+    contents, which start at ``cut``), where its metadata alone says everything: None
+    unless everything from ``cut`` on is the raw contents, one after another, each with its
+    shortest length prefix, so that the bytes before ``cut`` are the whole metadata."""
     if len(contents) != len(message.inputs):
-        return None
-    if not _canonical(payload, cut, contents):
         return None
     for tensor in message.inputs:
         if tensor.parameters or tensor.HasField("contents"):
@@ -145,25 +134,28 @@ def _template(
     position = cut
     for item, raw in zip(request.inputs, contents):
         dtype = datatypes.from_name(item.datatype)
-        if dtype.name == "BYTES":  # its elements are parsed, not viewed
+        prefix = _prefix(len(raw))
+        # BYTES elements are parsed, not viewed.
+        if dtype.name == "BYTES" or not payload.startswith(prefix, position):
             return None
-        prefix = bytes([_RAW_TAG]) + varint(len(raw))
         start = position + len(prefix)
+        position = start + len(raw)
         inputs.append(
             _Input(
                 item.name,
                 item.datatype,
                 np.dtype(dtype.numpy),
                 item.shape,
-                position,
+                start - len(prefix),
                 prefix,
                 start,
-                start + len(raw),
+                position,
             )
         )
-        position = start + len(raw)
+    if position != len(payload):
+        return None
     return _Template(
-        bytes(payload[:cut]),
+        payload[:cut],
         len(payload),
         request.model_name,
         request.model_version,
