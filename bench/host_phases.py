@@ -4,8 +4,9 @@ bench/gpu_engines.py gives host to host as one figure. This splits one synchrono
 execution of the served CUDA-graph engine into its phases (the copy of the inputs into the
 pinned staging buffers, ``gather``; the graph's launch with its done event and wake-up,
 ``launch``; the wait on the blocking done event; the output copy), and sets beside them a
-synchronised bare replay, the same execution waited for by polling the event instead of
-blocking on it, and the execution with 1 to 15 host-copy threads.
+synchronised bare replay, the engine's own synchronous execution (``execute``: asleep until
+shortly before the expected end, then checking the event), the same execution waited for by
+polling the event from the launch on, and the execution with 1 to 15 host-copy threads.
 
     python bench/host_phases.py [--model resnet50] [--batches 1,256] [--iters 200]
 """

@@ -60,6 +60,10 @@ WARM_RUNS = 3
 # compile in one thread invalidates a capture running in another. Replays and copies of
 # instances already serving go on meanwhile.
 SETUP_LOCK = threading.RLock()
+# A synchronous execution wakes this long before its expected end and then checks its done
+# event, for at most SPIN_S past that end (see CudaGraphEngine._wait).
+SPIN_EARLY_S = 0.0002
+SPIN_S = 0.0005
 
 
 # Streams of closed engines, by device, for the next engine. cuBLAS keeps a workspace per
@@ -450,8 +454,28 @@ class CudaGraphEngine(Engine):
         if launched is None:
             arrays = [inputs[name] for name in self._inputs]
             return self._execute_direct(arrays, output_names)
-        self._done.synchronize()
+        self._wait(launched.expected_at)
         return launched.outputs()
+
+    def _wait(self, expected_at: float) -> None:
+        """Wait for the done event: asleep until shortly before the launch is expected to
+        end, then checking the event, then blocked on it. A blocking event's wake-up costs
+        about 0.1 ms, a quarter of ResNet-50's whole replay at batch 1. The checks yield the
+        GIL between them and stop SPIN_S after the expected end, so a launch that ends late
+        costs a core for no longer than that; one whose time is not known yet blocks."""
+        done = self._done
+        if expected_at <= 0.0:
+            done.synchronize()
+            return
+        lead = expected_at - SPIN_EARLY_S - time.perf_counter()
+        if lead > 0.0:
+            time.sleep(lead)
+        give_up = max(time.perf_counter(), expected_at) + SPIN_S
+        while not done.query():
+            if time.perf_counter() > give_up:
+                done.synchronize()
+                return
+            time.sleep(0)
 
     def replay(self, rows: int) -> None:
         """Replay the model alone for ``rows`` on the data already in the static buffers,
@@ -524,7 +548,8 @@ class GraphLaunch(Launched):
         self._rows = rows
         self._picks = picks
         self._started = started
-        self.expected_at = started + engine.took.get(size, 0.0)
+        took = engine.took.get(size)
+        self.expected_at = 0.0 if took is None else started + took  # 0: not known yet
 
     def done(self) -> bool:
         return bool(self._engine._done.query())
