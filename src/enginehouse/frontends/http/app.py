@@ -43,6 +43,7 @@ from enginehouse.frontends.http.protocol import (
     HttpResponse,
     error_response,
 )
+from enginehouse.frontends.http.templates import HeaderTemplates
 from enginehouse.frontends.security import RestrictedApis, TlsSettings
 from enginehouse.messages import InferResponse, ModelMetadata
 
@@ -134,6 +135,8 @@ class HttpApp:
         self.core = core
         self.restricted = restricted or RestrictedApis()
         self._restricted = bool(self.restricted)  # read per request: a plain attribute
+        # Binary-tensor requests' JSON headers, decoded once per kind (templates.py).
+        self._templates = HeaderTemplates()
 
     async def warm(self, version: ModelVersion) -> None:
         """Run warm-up requests through decoding, the new version and encoding, in process.
@@ -255,7 +258,7 @@ class HttpApp:
                 raise InvalidArgumentError(
                     f"Inference-Header-Content-Length '{raw_length}' is not an integer"
                 ) from None
-        infer_request, options = decode_infer_request(
+        infer_request, options = self._templates.decode(
             name, version, request.body, header_length, self.core.shared_memory
         )
         infer_request.arrival_ns = arrival
