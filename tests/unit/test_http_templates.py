@@ -65,6 +65,15 @@ def same(got: tuple[InferRequest, OutputOptions], want: tuple[InferRequest, Outp
         np.testing.assert_array_equal(a.data, b.data)
 
 
+def same_error(templates: HeaderTemplates, raw: bytes, header_length: int | None) -> None:
+    """The body is refused with the error the full decode gives it."""
+    with pytest.raises(EnginehouseError) as remembered:
+        templates.decode("bert", "", raw, header_length)
+    with pytest.raises(EnginehouseError) as full:
+        decode_infer_request("bert", "", raw, header_length)
+    assert remembered.value.message == full.value.message
+
+
 def test_a_header_seen_before_is_not_parsed_and_decodes_to_the_same_request() -> None:
     templates = HeaderTemplates()
     first, length = body(0)
@@ -99,11 +108,7 @@ def test_a_body_of_another_length_is_decoded_in_full_with_its_error() -> None:
     raw, length = body(0)
     templates.decode("bert", "", raw, length)
     for broken in (raw[:-8], raw + b"\0" * 8):
-        with pytest.raises(EnginehouseError) as remembered:
-            templates.decode("bert", "", broken, length)
-        with pytest.raises(EnginehouseError) as full:
-            decode_infer_request("bert", "", broken, length)
-        assert remembered.value.message == full.value.message
+        same_error(templates, broken, length)
     assert templates.hits == 0
 
 
@@ -129,11 +134,7 @@ def test_json_only_bodies_and_bad_header_lengths_take_the_full_decode() -> None:
     templates = HeaderTemplates()
     raw, _ = body(0)
     for header_length in (None, 0, len(raw) + 1, -1):
-        with pytest.raises(EnginehouseError) as remembered:
-            templates.decode("bert", "", raw, header_length)
-        with pytest.raises(EnginehouseError) as full:
-            decode_infer_request("bert", "", raw, header_length)
-        assert remembered.value.message == full.value.message
+        same_error(templates, raw, header_length)
     assert templates.hits == 0
 
 

@@ -23,7 +23,6 @@ and these tensors.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
@@ -32,7 +31,8 @@ from enginehouse import datatypes
 from enginehouse.core.shared_memory import SharedMemoryRegions
 from enginehouse.frontends.grpc.codec import decode_infer_request
 from enginehouse.frontends.grpc.frames import varint
-from enginehouse.messages import InferInput, InferRequest
+from enginehouse.frontends.request_kinds import RequestKind, TensorPlace
+from enginehouse.messages import InferRequest
 
 _RAW_TAG = pb.ModelInferRequest.RAW_INPUT_CONTENTS_FIELD_NUMBER << 3 | 2
 # Kinds of requests remembered at once (the memory is emptied when full: a client that
@@ -45,58 +45,27 @@ KINDS_PER_SIZE = 8
 
 
 @dataclass(frozen=True, slots=True)
-class _Input:
-    name: str
-    datatype: str
-    dtype: np.dtype[Any]
-    shape: tuple[int, ...]
-    # Where its raw entry's tag and length prefix lie in the message, and its bytes.
-    prefix_at: int
-    prefix: bytes
-    start: int
-    stop: int
-
-
-@dataclass(frozen=True, slots=True)
 class _Template:
     """What a kind of request decoded to, but for its tensors: its metadata bytes, the
-    message's whole size, and where each tensor's bytes lie."""
+    message's whole size, and where each tensor's raw entry lies (its tag and length prefix
+    at ``prefixes``, its bytes at the kind's tensor places)."""
 
     key: bytes
     size: int
     model_name: str
     model_version: str
-    id: str
-    inputs: tuple[_Input, ...]
-    outputs: tuple[str, ...] | None
-    parameters: dict[str, Any]
+    kind: RequestKind
+    prefixes: tuple[tuple[int, bytes], ...]
 
     def matches(self, payload: bytes) -> bool:
         """Whether ``payload`` is this metadata followed by exactly its raw entries."""
         if len(payload) != self.size or not payload.startswith(self.key):
             return False
-        return all(payload.startswith(spec.prefix, spec.prefix_at) for spec in self.inputs)
+        return all(payload.startswith(prefix, at) for at, prefix in self.prefixes)
 
     def request(self, payload: bytes) -> InferRequest:
         """A request of this kind, its tensors views of ``payload`` (which matches)."""
-        view = memoryview(payload)
-        inputs = [
-            InferInput(
-                spec.name,
-                spec.datatype,
-                spec.shape,
-                np.frombuffer(view[spec.start : spec.stop], spec.dtype).reshape(spec.shape),
-            )
-            for spec in self.inputs
-        ]
-        return InferRequest(
-            model_name=self.model_name,
-            inputs=inputs,
-            model_version=self.model_version,
-            id=self.id,
-            outputs=list(self.outputs) if self.outputs is not None else None,
-            parameters=dict(self.parameters),
-        )
+        return self.kind.request(self.model_name, self.model_version, memoryview(payload))
 
 
 def _prefix(size: int) -> bytes:
@@ -130,7 +99,8 @@ def _template(
             return None
     if any(output.parameters for output in message.outputs):
         return None
-    inputs = []
+    places = []
+    prefixes = []
     position = cut
     for item, raw in zip(request.inputs, contents):
         dtype = datatypes.from_name(item.datatype)
@@ -138,18 +108,12 @@ def _template(
         # BYTES elements are parsed, not viewed.
         if dtype.name == "BYTES" or not payload.startswith(prefix, position):
             return None
+        prefixes.append((position, prefix))
         start = position + len(prefix)
         position = start + len(raw)
-        inputs.append(
-            _Input(
-                item.name,
-                item.datatype,
-                np.dtype(dtype.numpy),
-                item.shape,
-                start - len(prefix),
-                prefix,
-                start,
-                position,
+        places.append(
+            TensorPlace(
+                item.name, item.datatype, np.dtype(dtype.numpy), item.shape, start, position
             )
         )
     if position != len(payload):
@@ -159,10 +123,8 @@ def _template(
         len(payload),
         request.model_name,
         request.model_version,
-        request.id,
-        tuple(inputs),
-        tuple(request.outputs) if request.outputs is not None else None,
-        dict(request.parameters),
+        RequestKind.of(request, places),
+        tuple(prefixes),
     )
 
 

@@ -21,14 +21,12 @@ first decode checked against every input's size, is checked again.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
 
 from enginehouse import datatypes
 from enginehouse.core.shared_memory import SharedMemoryRegions
 from enginehouse.frontends.http.codec import OutputOptions, decode_infer_request
-from enginehouse.messages import InferInput, InferRequest, RegionTensor
+from enginehouse.frontends.request_kinds import RequestKind, TensorPlace
+from enginehouse.messages import InferRequest, RegionTensor
 
 # Kinds remembered at once (emptied when full: a client that sends a new request id every
 # time fills it with headers never seen again), and the longest header remembered.
@@ -37,48 +35,12 @@ MAX_HEADER_BYTES = 4096
 
 
 @dataclass(frozen=True, slots=True)
-class _Input:
-    name: str
-    datatype: str
-    dtype: np.dtype[Any]
-    shape: tuple[int, ...]
-    # Where its bytes lie in the binary part.
-    start: int
-    stop: int
-
-
-@dataclass(frozen=True, slots=True)
 class _Template:
     """What one header decoded to, but for the model and the tensors' bytes."""
 
     binary_bytes: int
-    id: str
-    inputs: tuple[_Input, ...]
-    outputs: tuple[str, ...] | None
-    parameters: dict[str, Any]
+    kind: RequestKind
     options: OutputOptions
-
-    def request(
-        self, model_name: str, model_version: str, binary: memoryview
-    ) -> tuple[InferRequest, OutputOptions]:
-        inputs = [
-            InferInput(
-                spec.name,
-                spec.datatype,
-                spec.shape,
-                np.frombuffer(binary[spec.start : spec.stop], spec.dtype).reshape(spec.shape),
-            )
-            for spec in self.inputs
-        ]
-        request = InferRequest(
-            model_name=model_name,
-            inputs=inputs,
-            model_version=model_version,
-            id=self.id,
-            outputs=list(self.outputs) if self.outputs is not None else None,
-            parameters=dict(self.parameters),
-        )
-        return request, self.options
 
 
 def _template(request: InferRequest, options: OutputOptions, binary_bytes: int) -> _Template | None:
@@ -89,24 +51,19 @@ def _template(request: InferRequest, options: OutputOptions, binary_bytes: int) 
     elements and no bytes, and a view of no bytes is the same empty tensor)."""
     if request.output_regions is not None:
         return None
-    inputs = []
+    places = []
     position = 0
     for item in request.inputs:
         data = item.data
         if isinstance(data, RegionTensor) or datatypes.from_name(item.datatype).name == "BYTES":
             return None
         start, position = position, position + data.nbytes
-        inputs.append(_Input(item.name, item.datatype, data.dtype, item.shape, start, position))
+        places.append(
+            TensorPlace(item.name, item.datatype, data.dtype, item.shape, start, position)
+        )
     if position != binary_bytes:
         return None
-    return _Template(
-        binary_bytes,
-        request.id,
-        tuple(inputs),
-        tuple(request.outputs) if request.outputs is not None else None,
-        dict(request.parameters),
-        options,
-    )
+    return _Template(binary_bytes, RequestKind.of(request, places), options)
 
 
 class HeaderTemplates:
@@ -134,7 +91,8 @@ class HeaderTemplates:
         binary_bytes = len(body) - header_length
         if known is not None and known.binary_bytes == binary_bytes:
             self.hits += 1
-            return known.request(model_name, model_version, memoryview(body)[header_length:])
+            binary = memoryview(body)[header_length:]
+            return known.kind.request(model_name, model_version, binary), known.options
         request, options = decode_infer_request(
             model_name, model_version, body, header_length, regions
         )
