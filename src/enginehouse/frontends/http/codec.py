@@ -29,13 +29,17 @@ class OutputOptions:
 
 
 def _shape(value: Any, name: str) -> tuple[int, ...]:
-    if not isinstance(value, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value
-    ):
-        raise InvalidArgumentError(
-            f"input '{name}': 'shape' must be a list of non-negative integers, got {value!r}"
-        )
-    return tuple(value)
+    # ``type(d) is int``: JSON's true and false arrive as bools, an int subclass, and are no
+    # dimensions. A loop, not all() over a generator: a third of the cost, per input.
+    if type(value) is list:
+        for d in value:
+            if type(d) is not int or d < 0:
+                break
+        else:
+            return tuple(value)
+    raise InvalidArgumentError(
+        f"input '{name}': 'shape' must be a list of non-negative integers, got {value!r}"
+    )
 
 
 def _ragged(name: str) -> InvalidArgumentError:
