@@ -112,9 +112,7 @@ def _template(
         start = position + len(prefix)
         position = start + len(raw)
         places.append(
-            TensorPlace(
-                item.name, item.datatype, np.dtype(dtype.numpy), item.shape, start, position
-            )
+            TensorPlace(item.name, item.datatype, np.dtype(dtype.numpy), item.shape, start)
         )
     if position != len(payload):
         return None

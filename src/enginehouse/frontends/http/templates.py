@@ -58,9 +58,7 @@ def _template(request: InferRequest, options: OutputOptions, binary_bytes: int) 
         if isinstance(data, RegionTensor) or datatypes.from_name(item.datatype).name == "BYTES":
             return None
         start, position = position, position + data.nbytes
-        places.append(
-            TensorPlace(item.name, item.datatype, data.dtype, item.shape, start, position)
-        )
+        places.append(TensorPlace(item.name, item.datatype, data.dtype, item.shape, start))
     if position != binary_bytes:
         return None
     return _Template(binary_bytes, RequestKind.of(request, places), options)
