@@ -67,7 +67,8 @@ class OnnxRuntimeEngine(Engine):
         # the execution provider still goes through run(), which falls back.
         native_session: Any = getattr(session, "_sess", session)
         self._run: Callable[..., Any] = native_session.run
-        self._ep_failure = getattr(native, "EPFail", RuntimeError)
+        # Caught to fall back; an ONNX Runtime without the type catches nothing (``()``).
+        self._ep_failure: type[BaseException] | tuple[()] = getattr(native, "EPFail", ())
         self._new_run_options = ort.RunOptions
         # Set to terminate by cancel(); replaced after a terminated run.
         self._run_options = ort.RunOptions()
