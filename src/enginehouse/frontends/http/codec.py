@@ -99,15 +99,14 @@ def _json_tensor(
             # A number past a float type's range becomes inf (integers: a 400); `serve` turns
             # NumPy's warning about it off once (a context manager here costs microseconds a
             # request).
-            array = np.asarray(data, dtype=dtype.numpy).reshape(-1)
+            array = np.asarray(data, dtype=dtype.numpy)
     except (ValueError, TypeError, OverflowError) as exc:
         raise InvalidArgumentError(
             f"input '{name}': cannot read 'data' as {dtype.name}: {exc}"
         ) from None
-    if array.shape[0] != count:
+    if array.size != count:
         raise InvalidArgumentError(
-            f"input '{name}': shape {list(shape)} needs {count} elements, 'data' has "
-            f"{array.shape[0]}"
+            f"input '{name}': shape {list(shape)} needs {count} elements, 'data' has {array.size}"
         )
     return array.reshape(shape)
 
@@ -121,10 +120,12 @@ def decode_infer_request(
 ) -> tuple[InferRequest, OutputOptions]:
     """The request a body holds, or a 400 naming the first thing that is wrong. Tensors
     that name a shared-memory region are read from ``regions``."""
-    view = memoryview(body)
-    if header_length is None:
-        header, binary = view, view[len(view) :]
+    header: bytes | memoryview
+    binary: bytes | memoryview
+    if header_length is None:  # all JSON: no view to cut
+        header, binary = body, b""
     else:
+        view = memoryview(body)
         if header_length < 0 or header_length > len(view):
             raise InvalidArgumentError(
                 f"Inference-Header-Content-Length {header_length} is outside the body of "
