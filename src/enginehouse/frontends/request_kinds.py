@@ -50,9 +50,10 @@ class RequestKind:
             dict(request.parameters),
         )
 
-    def request(self, model_name: str, model_version: str, data: memoryview) -> InferRequest:
-        """A request of this kind for the model, its tensors views of ``data``; its own
-        copies of the output list and the parameters."""
+    def request(self, model_name: str, model_version: str, data: bytes) -> InferRequest:
+        """A request of this kind for the model, its tensors views of ``data`` (the whole
+        message: the places' offsets count from its start); its own copies of the output
+        list and the parameters."""
         # An array over the buffer at the place's offset: the same read-only view as a
         # slice through np.frombuffer and a reshape, for two thirds of the cost.
         inputs = [

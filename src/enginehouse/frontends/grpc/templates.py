@@ -65,7 +65,7 @@ class _Template:
 
     def request(self, payload: bytes) -> InferRequest:
         """A request of this kind, its tensors views of ``payload`` (which matches)."""
-        return self.kind.request(self.model_name, self.model_version, memoryview(payload))
+        return self.kind.request(self.model_name, self.model_version, payload)
 
 
 def _prefix(size: int) -> bytes:

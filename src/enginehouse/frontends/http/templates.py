@@ -43,23 +43,26 @@ class _Template:
     options: OutputOptions
 
 
-def _template(request: InferRequest, options: OutputOptions, binary_bytes: int) -> _Template | None:
+def _template(
+    request: InferRequest, options: OutputOptions, header_length: int, binary_bytes: int
+) -> _Template | None:
     """The kind of a decoded request whose header says everything; None otherwise. Its
-    inputs' bytes lie one after another in the binary part, in the order of the inputs:
-    that is how the decoder took them, and where their sizes add up to the whole binary
-    part, no input took its data from anywhere else (one with JSON data then has no
-    elements and no bytes, and a view of no bytes is the same empty tensor)."""
+    inputs' bytes lie one after another in the binary part, which starts where the header
+    ends (the header's bytes fix its length), in the order of the inputs: that is how the
+    decoder took them, and where their sizes add up to the whole binary part, no input took
+    its data from anywhere else (one with JSON data then has no elements and no bytes, and
+    a view of no bytes is the same empty tensor). The places count from the body's start."""
     if request.output_regions is not None:
         return None
     places = []
-    position = 0
+    position = header_length
     for item in request.inputs:
         data = item.data
         if isinstance(data, RegionTensor) or datatypes.from_name(item.datatype).name == "BYTES":
             return None
         start, position = position, position + data.nbytes
         places.append(TensorPlace(item.name, item.datatype, data.dtype, item.shape, start))
-    if position != binary_bytes:
+    if position != header_length + binary_bytes:
         return None
     return _Template(binary_bytes, RequestKind.of(request, places), options)
 
@@ -89,8 +92,7 @@ class HeaderTemplates:
         binary_bytes = len(body) - header_length
         if known is not None and known.binary_bytes == binary_bytes:
             self.hits += 1
-            binary = memoryview(body)[header_length:]
-            return known.kind.request(model_name, model_version, binary), known.options
+            return known.kind.request(model_name, model_version, body), known.options
         request, options = decode_infer_request(
             model_name, model_version, body, header_length, regions
         )
@@ -98,5 +100,5 @@ class HeaderTemplates:
             if len(self._known) >= self.capacity:
                 self._known.clear()
             # None: a header that does not say everything, not looked at again.
-            self._known[header] = _template(request, options, binary_bytes)
+            self._known[header] = _template(request, options, header_length, binary_bytes)
         return request, options
