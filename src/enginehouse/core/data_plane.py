@@ -23,12 +23,12 @@ _NO_DATA = np.empty(0, np.uint8)
 class DataPlane:
     """Requests, model metadata, configs and statistics over the registry's served models."""
 
-    def __init__(self, registry: ModelRegistry) -> None:
+    def __init__(self, registry: ModelRegistry, map_shared_memory: bool = False) -> None:
         self.registry = registry
         self.draining = False
         # The system and CUDA shared-memory regions clients registered (both protocols
         # share them).
-        self.shared_memory = SharedMemoryRegions()
+        self.shared_memory = SharedMemoryRegions(map_shared_memory)
 
     def submit(self, request: InferRequest) -> InferResponse | Awaitable[InferResponse]:
         """The response at once when the model ran inline, else an awaitable of it.

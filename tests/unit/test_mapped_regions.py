@@ -1,0 +1,97 @@
+"""Mapped system regions (``--map-shared-memory``): inputs handed over in place and kept open
+while any view of them lives, and sizes checked against the object before every access."""
+
+from __future__ import annotations
+
+import gc
+import os
+import uuid
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from enginehouse import datatypes
+from enginehouse.core.shared_memory import Region, SharedMemoryRegions
+from enginehouse.errors import InvalidArgumentError
+
+INT32 = datatypes.from_name("INT32")
+
+
+@pytest.fixture
+def key() -> Iterator[str]:
+    name = f"eh_map_{uuid.uuid4().hex[:8]}"
+    fd = os.open(f"/dev/shm/{name}", os.O_CREAT | os.O_RDWR, 0o600)
+    os.pwrite(fd, np.arange(2048, dtype=np.int32).tobytes(), 0)
+    os.close(fd)
+    yield f"/{name}"
+    os.unlink(f"/dev/shm/{name}")
+
+
+def _input(regions: SharedMemoryRegions, name: str, offset: int = 0) -> object:
+    parameters = {
+        "shared_memory_region": name,
+        "shared_memory_byte_size": 64,
+        "shared_memory_offset": offset,
+    }
+    return regions.read_input(parameters, INT32, (1, 16), "INPUT0")
+
+
+def _region(regions: SharedMemoryRegions, name: str) -> Region:
+    region = regions.status(name)[0]
+    assert isinstance(region, Region)
+    return region
+
+
+def test_an_input_is_the_mapping_itself_and_holds_the_region(key: str) -> None:
+    regions = SharedMemoryRegions(mapped=True)
+    regions.register("r", key, 4096, 256)
+    array = _input(regions, "r")
+    assert isinstance(array, np.ndarray)
+    assert array.tolist() == [list(range(1024, 1040))]
+    assert not array.flags.writeable  # an engine cannot write into the client's memory
+    region = _region(regions, "r")
+    # A reshape outlives the array it came from; the region stays held while it lives.
+    rows = array.reshape(16)[4:]
+    del array
+    gc.collect()
+    regions.unregister("r")
+    assert os.fstat(region.fd)  # still open: a view of the input lives
+    assert rows.tolist() == list(range(1028, 1040))
+    del rows
+    gc.collect()
+    with pytest.raises(OSError):
+        os.fstat(region.fd)
+
+
+def test_a_region_truncated_before_a_request_is_refused_not_faulted(key: str) -> None:
+    regions = SharedMemoryRegions(mapped=True)
+    regions.register("r", key, 0, 4096)
+    os.truncate(f"/dev/shm/{key.lstrip('/')}", 32)
+    with pytest.raises(InvalidArgumentError, match="truncated"):
+        _input(regions, "r")
+    region = _region(regions, "r")
+    destination = np.zeros(16, np.int32)
+    assert region.read(0, memoryview(destination)) == 32  # as far as the object goes
+    assert destination[:8].tolist() == list(range(8))
+    assert region.write(16, memoryview(np.ones(16, np.int32))) == 16
+    regions.close()
+
+
+def test_unaligned_inputs_are_copied_and_outputs_written_in_place(key: str) -> None:
+    regions = SharedMemoryRegions(mapped=True)
+    regions.register("r", key, 2, 1024)
+    tensor = _input(regions, "r")
+    assert not isinstance(tensor, np.ndarray)  # read into an array of its own
+    assert np.asarray(tensor).view(np.uint8).tobytes() == (
+        np.arange(2048, dtype=np.int32).view(np.uint8)[2:66].tobytes()
+    )
+    region = _region(regions, "r")
+    assert region.write(0, memoryview(np.full(4, 7, np.int32))) == 16
+    fd = os.open(f"/dev/shm/{key.lstrip('/')}", os.O_RDONLY)
+    try:
+        assert os.pread(fd, 16, 2) == np.full(4, 7, np.int32).tobytes()
+    finally:
+        os.close(fd)
+    del tensor
+    regions.close()
