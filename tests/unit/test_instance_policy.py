@@ -8,24 +8,44 @@ from enginehouse.runtime.instance import InlinePolicy
 def test_first_run_is_threaded_and_seeds_the_average() -> None:
     policy = InlinePolicy(threshold_ns=100_000)
     assert not policy.inline(16)
-    policy.observe(20_000, inline=False)
+    policy.observe(20_000, inline=False, input_bytes=64)
     assert policy.inline(16)
-    assert not policy.inline(10**6), "large inputs never run on the event loop"
+    assert policy.inline(64)
+    # Four times the data measured: judged at four times the time, still under 100 us.
+    assert policy.inline(4 * 64)
+    assert not policy.inline(10**6), "a much larger request is judged slow, not run inline"
+
+
+def test_large_tensors_run_inline_where_the_model_is_fast_on_them() -> None:
+    policy = InlinePolicy(threshold_ns=100_000)
+    policy.seed(40_000, input_bytes=1 << 20)  # a 1 MB identity, measured at warm-up
+    assert policy.inline(1 << 20)
+    assert not policy.inline(64 << 20)
+    for _ in range(100):
+        policy.observe(30_000, inline=True, input_bytes=1 << 20)
+    assert policy.inline(1 << 20)
+
+
+def test_a_request_larger_than_those_measured_is_never_a_probe() -> None:
+    policy = InlinePolicy(threshold_ns=100_000, probe_every=2)
+    policy.seed(150_000, input_bytes=1024)
+    assert [policy.inline(4096) for _ in range(8)] == [False] * 8
+    assert [policy.inline(1024) for _ in range(4)].count(True) == 2
 
 
 def test_one_preempted_run_does_not_flip_the_mode() -> None:
     policy = InlinePolicy(threshold_ns=100_000)
-    policy.observe(20_000, inline=False)
-    policy.observe(5_000_000, inline=True)
+    policy.observe(20_000, inline=False, input_bytes=64)
+    policy.observe(5_000_000, inline=True, input_bytes=64)
     assert policy.inline(16)
 
 
 def test_a_slow_model_goes_to_its_thread_and_probes_back() -> None:
     policy = InlinePolicy(threshold_ns=100_000, probe_every=8)
-    policy.observe(20_000, inline=False)
+    policy.observe(20_000, inline=False, input_bytes=64)
     runs = 0
     while policy.inline(16):
-        policy.observe(1_000_000, inline=True)
+        policy.observe(1_000_000, inline=True, input_bytes=64)
         runs += 1
     assert runs < 20
     decisions = [policy.inline(16) for _ in range(16)]
@@ -35,7 +55,7 @@ def test_a_slow_model_goes_to_its_thread_and_probes_back() -> None:
 def test_fixed_modes() -> None:
     assert InlinePolicy("always").inline(10**9)
     never = InlinePolicy("never")
-    never.observe(1, inline=True)
+    never.observe(1, inline=True, input_bytes=1)
     assert not never.inline(1)
     with pytest.raises(ValueError):
         InlinePolicy("sometimes")

@@ -150,7 +150,7 @@ def warm(instance: Instance, config: mc.ModelConfig, warmups: list[WarmupSample]
         best = min(
             _run(instance, config, warmups[0].name, prepared[0], names).infer_ns for _ in range(3)
         )
-        instance.policy.seed(best)
+        instance.policy.seed(best, sum(a.nbytes for a in prepared[0].values()))
     return time.perf_counter() - started
 
 
