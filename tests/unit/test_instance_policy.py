@@ -26,6 +26,15 @@ def test_large_tensors_run_inline_where_the_model_is_fast_on_them() -> None:
     assert policy.inline(1 << 20)
 
 
+def test_smaller_batches_than_the_largest_measured_are_judged_by_the_average() -> None:
+    policy = InlinePolicy(threshold_ns=100_000)
+    for rows in (1, 2, 4, 8, 16, 32, 64):  # warm-up: every batch size the batcher forms
+        policy.observe(15_000, inline=True, input_bytes=128 * rows)
+    policy.seed(14_000, input_bytes=128)
+    assert policy.inline(128 * 64)
+    assert not policy.inline(128 * 64 * 16)
+
+
 def test_a_request_larger_than_those_measured_is_never_a_probe() -> None:
     policy = InlinePolicy(threshold_ns=100_000, probe_every=2)
     policy.seed(150_000, input_bytes=1024)

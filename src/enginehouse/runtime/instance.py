@@ -67,10 +67,10 @@ class InlinePolicy:
     """Decides per execution whether to run on the event loop thread.
 
     ``mode`` "auto" runs inline while the moving average of inline execution times stays
-    under ``threshold_ns``; "always" and "never" fix the choice. The average describes runs
-    of a certain size (the moving average of their input bytes): a larger request is judged
-    by that time scaled to its bytes, so a model measured fast on small tensors is not run
-    inline on a huge one. Only inline executions are measured: on the instance thread, a
+    under ``threshold_ns``; "always" and "never" fix the choice. A request larger than any
+    the instance has measured (warm-up runs every batch size it expects) is judged by that
+    time scaled to its bytes, so a model measured fast on small tensors is not run inline
+    on a huge one. Only inline executions are measured: on the instance thread, a
     run's wall time includes waiting for the GIL, which says nothing about the model. An
     instance that went to its thread tries inline again every ``probe_every`` executions
     (no larger than those measured), so a model that was slow only while cold comes back.
@@ -94,7 +94,8 @@ class InlinePolicy:
         self.threshold_ns = threshold_ns
         self.probe_every = probe_every
         self._average_ns: float | None = None
-        self._average_bytes = 1.0
+        # The largest inputs measured, in bytes.
+        self._largest_bytes = 1
         self._skipped = 0
 
     @property
@@ -108,9 +109,9 @@ class InlinePolicy:
         average = self._average_ns
         if average is None:
             return False
-        larger = input_bytes > self._average_bytes
+        larger = input_bytes > self._largest_bytes
         if larger:
-            average *= input_bytes / self._average_bytes
+            average *= input_bytes / self._largest_bytes
         if average < self.threshold_ns:
             return True
         if larger:
@@ -125,7 +126,7 @@ class InlinePolicy:
         """Start from a known execution time (a warm run measured during warm-up) of
         ``input_bytes`` of inputs."""
         self._average_ns = float(min(infer_ns, 2 * self.threshold_ns))
-        self._average_bytes = float(max(input_bytes, 1))
+        self._largest_bytes = max(self._largest_bytes, input_bytes)
         self._skipped = 0
 
     def observe(self, infer_ns: int, inline: bool, input_bytes: int) -> None:
@@ -136,13 +137,13 @@ class InlinePolicy:
         A model that is really slow crosses the threshold within about 14 runs.
         """
         sample = min(infer_ns, 2 * self.threshold_ns)
-        size = max(input_bytes, 1)
         if self._average_ns is None:
             self._average_ns = float(sample)
-            self._average_bytes = float(size)
         elif inline:
             self._average_ns += (sample - self._average_ns) * 0.05
-            self._average_bytes += (size - self._average_bytes) * 0.05
+        else:
+            return
+        self._largest_bytes = max(self._largest_bytes, input_bytes)
 
 
 class ExecutionTimeout(Exception):
