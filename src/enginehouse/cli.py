@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_bool,
         default=False,
         help="map system shared-memory regions, as Triton does: inputs are read in place and "
-        "outputs copied into the mapping (a third of the CPU per 1 MB tensor), but a client "
+        "outputs copied into the mapping (about half the CPU per 1 MB tensor), but a client "
         "that truncates a region while a request uses it can crash the server (SIGBUS); off, "
         "regions are read and written through their descriptor, which such a client cannot "
         "harm",

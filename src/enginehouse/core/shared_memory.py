@@ -13,7 +13,7 @@ opened, without following links: a key is one path component.
 Mapped system regions (``serve --map-shared-memory``, off by default): the server maps each
 region as Triton does, hands the engine its inputs in place (no copy at all) and copies
 outputs into the mapping. On the 2-core machine a 1 MB read through the descriptor took
-57-86 us and a 1 MB write 156-173 us, against 40-51 us for a copy through a mapping: the
+57-86 us and a 1 MB write 156-173 us, against 29-51 us for a copy through a mapping: the
 kernel's page-by-page path, not memory, is the cost. The price is the SIGBUS above: a client
 that truncates a region it registered while a request reads or writes it can kill the
 server, so the mode is for hosts whose clients are trusted. Sizes are still checked against
