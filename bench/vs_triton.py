@@ -17,8 +17,9 @@ request (its process and children, from /proc, over the requests its statistics 
         /tmp/tritonserver/pytriton/tritonserver/bin/tritonserver
     python bench/vs_triton.py --quick      # one round, shorter windows
 
-``--tritonserver`` is any install's binary (NGC container, or what ../shared/peers/triton/
-setup.sh makes here); its backends are looked for beside it (``--backend-directory``).
+``--tritonserver`` is any install's binary (the NGC container's, or the one in the PyPI wheel
+nvidia-pytriton with Triton's onnxruntime backend beside it); its backends are looked for
+beside it (``--backend-directory``).
 perf_analyzer comes from the tritonclient 2.50.0 wheel, downloaded into ``--tools`` with
 libcudart from PyPI (it needs no GPU for these loads) and Debian's libb64-0d.
 
@@ -438,7 +439,7 @@ def main() -> int:
     if args.quick:
         args.rounds, args.seconds = 1, 1.5
     if not args.tritonserver.exists():
-        print(f"no tritonserver at {args.tritonserver}: run ../shared/peers/triton/setup.sh")
+        print(f"no tritonserver at {args.tritonserver}: give an install's binary (--tritonserver)")
         return 2
     backends = args.backend_directory or args.tritonserver.parent.parent / "backends"
     loads = [load for load in LOADS if not args.loads or load.name in args.loads.split(",")]
