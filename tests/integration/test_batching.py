@@ -66,7 +66,10 @@ def batching_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProc
         max_batch_size=64,
         dims="1024",
         extra="dynamic_batching { max_queue_delay_microseconds: 0 default_queue_policy { "
-        "default_timeout_microseconds: 100000000 allow_timeout_override: true } }",
+        "default_timeout_microseconds: 100000000 allow_timeout_override: true } }\n"
+        # On its thread: the held execution must leave the event loop free to queue the
+        # others (measured fast at warm-up, it would otherwise run on the loop).
+        'parameters { key: "inline_execution" value: { string_value: "never" } }',
     )
     save(
         loop_model(batch=True),
