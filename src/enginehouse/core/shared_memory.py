@@ -130,12 +130,13 @@ class Region(_HeldRegion):
         self.offset = offset
         self.fd = fd
         self._mapping: mmap.mmap | None = None
-        # The region's bytes in the mapping, where it is mapped.
+        # The region's bytes in the mapping, where it is mapped; a mapping starts on a
+        # page, the region this far into it.
         self._bytes: np.ndarray | None = None
+        self._lead = offset % mmap.ALLOCATIONGRANULARITY
         if mapped:
-            start = offset - offset % mmap.ALLOCATIONGRANULARITY
-            self._mapping = mmap.mmap(fd, offset - start + byte_size, offset=start)
-            self._bytes = np.frombuffer(self._mapping, np.uint8, byte_size, offset - start)
+            self._mapping = mmap.mmap(fd, self._lead + byte_size, offset=offset - self._lead)
+            self._bytes = np.frombuffer(self._mapping, np.uint8, byte_size, self._lead)
 
     @property
     def mapped(self) -> bool:
@@ -147,10 +148,9 @@ class Region(_HeldRegion):
         longer holds them."""
         if self._mapping is None or self.available() < offset + size:
             return None
-        start = self.offset % mmap.ALLOCATIONGRANULARITY + offset
         # The views' common base: NumPy's views of views all refer to it, so its end is
         # the end of the last of them (an array's own lifetime is not: a reshape outlives it).
-        owner = (ctypes.c_char * size).from_buffer(self._mapping, start)
+        owner = (ctypes.c_char * size).from_buffer(self._mapping, self._lead + offset)
         view = np.frombuffer(cast(Any, owner), np.uint8)
         view.flags.writeable = False
         self.hold()
@@ -162,7 +162,7 @@ class Region(_HeldRegion):
             if not destination.nbytes:
                 return 0
             return os.preadv(self.fd, [destination], self.offset + offset)
-        count = max(0, min(destination.nbytes, self.available() - offset))
+        count = self._within(offset, destination.nbytes)
         if count:
             np.copyto(np.frombuffer(destination, np.uint8, count), self._bytes[offset:][:count])
         return count
@@ -170,10 +170,15 @@ class Region(_HeldRegion):
     def write(self, offset: int, source: memoryview) -> int:
         if self._bytes is None:
             return os.pwrite(self.fd, source, self.offset + offset)
-        count = max(0, min(source.nbytes, self.available() - offset))
+        count = self._within(offset, source.nbytes)
         if count:
             self._bytes[offset : offset + count] = np.frombuffer(source, np.uint8, count)
         return count
+
+    def _within(self, offset: int, size: int) -> int:
+        """How many of ``size`` bytes from ``offset`` the object still holds: a mapping is
+        never touched past its object's end."""
+        return max(0, min(size, self.available() - offset))
 
     def available(self) -> int:
         """The bytes of the region its object still holds (a client may truncate it)."""
@@ -416,12 +421,12 @@ class SharedMemoryRegions:
         region: Region, offset: int, size: int, dtype: datatypes.DataType, shape: tuple[int, ...]
     ) -> np.ndarray | None:
         """The input as an array over the mapped region itself; None where it cannot be
-        (truncated, or not aligned for its type: then it is read like any other)."""
-        view = region.view(offset, size)
-        if view is None:
+        (not aligned for its type, or truncated: then it is read like any other). The
+        mapping starts on a page, so the offset into the object says the alignment."""
+        if (region.offset + offset) % dtype.numpy.alignment:
             return None
-        array = view.view(dtype.numpy).reshape(shape)
-        return array if array.flags.aligned else None
+        view = region.view(offset, size)
+        return None if view is None else view.view(dtype.numpy).reshape(shape)
 
     def _read_exactly(
         self, region: Region | CudaRegion, offset: int, destination: memoryview, tensor: str

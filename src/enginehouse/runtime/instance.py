@@ -186,6 +186,7 @@ class Instance:
         output_names: Sequence[str],
         finish: FinishOutputs,
         inline: bool = False,
+        input_bytes: int = 0,
     ) -> Execution:
         clock = time.perf_counter_ns
         t0 = clock()
@@ -195,7 +196,7 @@ class Instance:
         t2 = clock()
         outputs = finish(outputs)
         t3 = clock()
-        self.policy.observe(t2 - t1, inline, sum(a.nbytes for a in inputs.values()))
+        self.policy.observe(t2 - t1, inline, input_bytes)
         return Execution(outputs, t1 - t0, t2 - t1, t3 - t2)
 
     @property
@@ -211,27 +212,42 @@ class Instance:
         return self._engine.gather(parts, device_outputs)
 
     def execute_sync(
-        self, prepare: PrepareInputs, output_names: Sequence[str], finish: FinishOutputs
+        self,
+        prepare: PrepareInputs,
+        output_names: Sequence[str],
+        finish: FinishOutputs,
+        input_bytes: int = 0,
     ) -> Execution:
-        """Run on the calling thread (small models, warm-up); the run is measured."""
-        return self._run(prepare, output_names, finish, inline=True)
+        """Run on the calling thread (small models, warm-up); the run is measured, as one
+        of ``input_bytes`` of inputs (what the caller already counted for the policy)."""
+        return self._run(prepare, output_names, finish, True, input_bytes)
 
     def execute(
-        self, prepare: PrepareInputs, output_names: Sequence[str], finish: FinishOutputs
+        self,
+        prepare: PrepareInputs,
+        output_names: Sequence[str],
+        finish: FinishOutputs,
+        input_bytes: int = 0,
     ) -> asyncio.Future[Execution]:
         """Run on the instance thread, or launch from this one where the engine can; the
         future resolves on the caller's event loop."""
         loop = asyncio.get_running_loop()
         if self._engine.launches:
-            future = self._launch(loop, prepare, output_names, finish)
+            future = self._launch(loop, prepare, output_names, finish, input_bytes)
         else:
-            future = self._in_thread(prepare, output_names, finish)
+            future = self._in_thread(prepare, output_names, finish, input_bytes)
         return self._bounded(loop, future) if self.timeout_s else future
 
     def _in_thread(
-        self, prepare: PrepareInputs, output_names: Sequence[str], finish: FinishOutputs
+        self,
+        prepare: PrepareInputs,
+        output_names: Sequence[str],
+        finish: FinishOutputs,
+        input_bytes: int,
     ) -> asyncio.Future[Execution]:
-        self._running = self._executor.submit(self._run, prepare, output_names, finish)
+        self._running = self._executor.submit(
+            self._run, prepare, output_names, finish, False, input_bytes
+        )
         return asyncio.wrap_future(self._running)
 
     def _bounded(
@@ -280,6 +296,7 @@ class Instance:
         prepare: PrepareInputs,
         output_names: Sequence[str],
         finish: FinishOutputs,
+        input_bytes: int,
     ) -> asyncio.Future[Execution]:
         clock = time.perf_counter_ns
         future: asyncio.Future[Execution] = loop.create_future()
@@ -292,7 +309,7 @@ class Instance:
             future.set_exception(exc)
             return future
         if launched is None:  # a shape no launch covers: the thread runs it as usual
-            return self._in_thread(lambda: inputs, output_names, finish)
+            return self._in_thread(lambda: inputs, output_names, finish, input_bytes)
         _LaunchWatch(loop, launched, finish, future, t0, t1).check()
         return future
 

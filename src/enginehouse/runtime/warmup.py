@@ -162,7 +162,9 @@ def _run(
     names: list[str],
 ) -> Execution:
     try:
-        execution = instance.execute_sync(_constant(inputs), names, _unchanged)
+        execution = instance.execute_sync(
+            _constant(inputs), names, _unchanged, sum(a.nbytes for a in inputs.values())
+        )
     except Exception as exc:
         raise ModelLoadError(
             f"model '{config.name}': warm-up '{sample}' failed on instance {instance.name}: {exc}"

@@ -37,7 +37,10 @@ class DefaultScheduler(Scheduler):
         names = work.names
         try:
             execution = instance.execute_sync(
-                work.inputs(instance), names, self.responses.finisher(names, work.batch_size)
+                work.inputs(instance),
+                names,
+                self.responses.finisher(names, work.batch_size),
+                work.nbytes,
             )
         except BaseException as exc:
             raise self.failed(instance, exc, (work.start_ns,)) from exc
@@ -60,7 +63,10 @@ class DefaultScheduler(Scheduler):
             queued = time.perf_counter_ns()
             names = work.names
             future = instance.execute(
-                work.inputs(instance), names, self.responses.finisher(names, work.batch_size)
+                work.inputs(instance),
+                names,
+                self.responses.finisher(names, work.batch_size),
+                work.nbytes,
             )
             try:
                 # Shielded: a cancelled request must not free an instance still executing.

@@ -137,9 +137,11 @@ class DynamicBatchScheduler(Scheduler):
         input_bytes = sum(work.nbytes for work in works)
         try:
             if instance.policy.inline(input_bytes):
-                execution = instance.execute_sync(prepare, names, finish)
+                execution = instance.execute_sync(prepare, names, finish, input_bytes)
             else:
-                execution = await asyncio.shield(instance.execute(prepare, names, finish))
+                execution = await asyncio.shield(
+                    instance.execute(prepare, names, finish, input_bytes)
+                )
             short = execution.short_output(names, total)
             if short is not None:
                 # The model's fault, not the instance's (an EnginehouseError: it stays).
