@@ -222,6 +222,13 @@ class CudaGraphEngine(Engine):
                 fed.replay()
                 self._graphs[size] = served
                 self._fed_graphs[size] = fed
+                log.debug(
+                    "model '%s': batch %d warmed and captured on %s (%.3f s into the capture)",
+                    self.config.name,
+                    size,
+                    self.device,
+                    time.perf_counter() - started,
+                )
             self.stream.synchronize()
         self._host_in = [t.numpy() for t in self._pinned_in]
         self._host_out = [t.numpy() for t in self._pinned_out]
