@@ -11,7 +11,9 @@ alike. Every answer is checked: perf_analyzer validates each response against
 `validation_data`, wrk's script counts the answers that do not carry the expected sums.
 
 For each server and load: requests/s, p50 and p99 (client-side), and the server's CPU per
-request (its process and children, from /proc, over the requests its statistics API counted).
+request (its process and children, from /proc, over the requests its statistics API counted);
+for the batched model also the mean batch each server formed (requests per execution, from
+the same statistics).
 
     python bench/vs_triton.py --tritonserver \
         /tmp/tritonserver/pytriton/tritonserver/bin/tritonserver
@@ -108,6 +110,8 @@ class Measured:
     p99_ms: float
     cpu_us: float
     errors: int = 0
+    # Requests per model execution: how large the batches were that the server formed.
+    mean_batch: float = 1.0
 
 
 def identity_model(size: int) -> onnx.ModelProto:
@@ -290,11 +294,13 @@ def _ready(port: int) -> bool:
         return False
 
 
-def served(http_port: int, model: str) -> int:
-    """Requests the server's statistics API counts as answered for ``model``."""
+def served(http_port: int, model: str) -> tuple[int, int]:
+    """Requests the server's statistics API counts as answered for ``model``, and the model
+    executions that answered them."""
     with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/models/{model}/stats") as r:
-        stats = json.load(r)
-    return sum(int(s["inference_stats"]["success"]["count"]) for s in stats["model_stats"])
+        stats = json.load(r)["model_stats"]
+    requests = sum(int(s["inference_stats"]["success"]["count"]) for s in stats)
+    return requests, sum(int(s.get("execution_count", 0)) for s in stats)
 
 
 def run_perf_analyzer(
@@ -358,7 +364,7 @@ def measure(
     seconds: float,
     out: Path,
 ) -> Measured:
-    before_count = served(http_port, load.model)
+    before_count, before_runs = served(http_port, load.model)
     before_cpu = CpuSnapshot.take(pid)
     errors = 0
     if load.tool == "wrk":
@@ -385,9 +391,10 @@ def measure(
         inputs = data[f"{load.model}/shm" if load.shared_memory else load.model]
         rps, p50, p99 = run_perf_analyzer(tool, load, port, inputs, seconds, out)
     after_cpu = CpuSnapshot.take(pid)
-    count = served(http_port, load.model) - before_count
+    after_count, after_runs = served(http_port, load.model)
+    count, runs = after_count - before_count, after_runs - before_runs
     cpu_s = after_cpu.seconds_since(before_cpu)
-    return Measured(rps, p50, p99, cpu_s * 1e6 / max(count, 1), errors)
+    return Measured(rps, p50, p99, cpu_s * 1e6 / max(count, 1), errors, count / max(runs, 1))
 
 
 def plot(rows: dict[str, dict[str, list[Measured]]], path: Path) -> None:
@@ -474,10 +481,12 @@ def main() -> int:
                         )
                         rows[load.name][server].append(measured)
                         done += 1
+                        batch = measured.mean_batch
                         print(
                             f"[{done}/{total}] round {round_ + 1} {load.name:18s} {server:11s} "
                             f"{measured.rps:8.0f} req/s  p50 {measured.p50_ms:6.2f} ms  "
                             f"p99 {measured.p99_ms:6.2f} ms  CPU {measured.cpu_us:6.0f} us/req"
+                            + (f"  batch {batch:.1f}" if batch > 1 else "")
                             + (f"  {measured.errors} WRONG" if measured.errors else ""),
                             flush=True,
                         )
