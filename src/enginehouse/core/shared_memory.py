@@ -164,7 +164,9 @@ class Region(_HeldRegion):
             return os.preadv(self.fd, [destination], self.offset + offset)
         count = self._within(offset, destination.nbytes)
         if count:
-            np.copyto(np.frombuffer(destination, np.uint8, count), self._bytes[offset:][:count])
+            np.copyto(
+                np.frombuffer(destination, np.uint8, count), self._bytes[offset : offset + count]
+            )
         return count
 
     def write(self, offset: int, source: memoryview) -> int:
