@@ -1,6 +1,6 @@
 """Served GPU engines: BERT-base and ResNet-50 through `enginehouse serve` under gRPC load.
 
-For each model: start the server (dynamic batching, 2-3 GPU instances, 8 gRPC worker
+For each model: start the server (dynamic batching, 3 GPU instances, 8 gRPC worker
 processes) on the engine cache of bench/gpu_engines.py, and time process start -> ready and
 the first request against the steady p50; drive it with closed-loop clients in many
 processes (pre-serialised ModelInfer messages, bench/loadgen.py) and with open-loop loads at
@@ -43,11 +43,13 @@ from py_spy import find_py_spy, record, report
 from enginehouse.testing import SERVER_MODULES, ServerProcess, keep_bytecode
 
 # The dynamic batcher's longest wait for a fuller batch (--queue-delay-us), and the GPU
-# instances (--instances), per model. BERT: 3 instances with a 300 us delay served 16 clients
-# at 0.91x raw, against 0.28x with 2 instances and 2 ms (H100, 2026-11-23): the longer wait
-# formed bigger batches while the GPU waited.
-QUEUE_DELAY_US = {"bert": 300, "resnet50": 2000}
-INSTANCES = {"bert": 3, "resnet50": 2}
+# instances (--instances), per model, from sweeps on the H200 (bench/RESULTS.md, 2026-12-03).
+# BERT, 3 instances: 100 us served 16 clients at 1.03x raw and 32 at 1.05x, against 0.66x and
+# 0.88x with 300 us in the same run; 0 us formed smaller batches at more CPU per request
+# (1.15x, but 4,912/s against 5,848/s at 16 clients). ResNet-50 at 64 clients: 3 instances
+# and 1000 us served 0.75x raw, against 0.60x for 2 instances and 2000 us.
+QUEUE_DELAY_US = {"bert": 100, "resnet50": 1000}
+INSTANCES = {"bert": 3, "resnet50": 3}
 MAX_BATCH = {"bert": 64, "resnet50": 64}
 # Each model's output and its FP32 elements per sample (``--shared-memory cuda+out``).
 OUTPUT = {"bert": ("embedding", 768), "resnet50": ("logits", 1000)}
