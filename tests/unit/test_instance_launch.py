@@ -212,3 +212,18 @@ def test_a_launch_with_a_waker_is_checked_when_woken_not_polled() -> None:
         assert engine.waker.received == 2
 
     _on_a_loop(instance, main)
+
+
+def test_an_execution_on_the_thread_tells_the_policy_what_its_hand_off_cost() -> None:
+    engine = DoublingEngine(max_rows=0)  # nothing launches: every execution is threaded
+    instance = Instance("doubling", engine, Placement(0))
+
+    async def main() -> None:
+        assert instance.policy.handoff_ns is None
+        for _ in range(3):
+            await _run(instance, [np.ones((1, 3), np.float32)])
+        await asyncio.sleep(0)  # the done callbacks run once the loop turns
+        handoff = instance.policy.handoff_ns
+        assert handoff is not None and 0 <= handoff < 1e9
+
+    _on_a_loop(instance, main)

@@ -68,3 +68,58 @@ def test_fixed_modes() -> None:
     assert not never.inline(1)
     with pytest.raises(ValueError):
         InlinePolicy("sometimes")
+
+
+def test_a_model_faster_than_its_hand_off_runs_inline() -> None:
+    """Over the threshold but under what handing it to the thread costs: on the loop."""
+    policy = InlinePolicy(threshold_ns=100_000, probe_every=8, spare=lambda: 0.0)
+    policy.seed(215_000, input_bytes=1 << 20)  # a 1 MB identity on a slow machine
+    assert not policy.inline(1 << 20)
+    for _ in range(30):
+        policy.observe_handoff(600_000)
+    assert policy.limit_ns > 500_000
+    decisions = [policy.inline(1 << 20) for _ in range(16)]
+    assert decisions.count(True) == 14, "inline, but every 8th goes to the thread to re-measure"
+
+
+def test_the_hand_off_allowance_is_capped() -> None:
+    """However much hand-offs cost, a model slower than ten times the threshold stays on
+    its thread (and probes back as before)."""
+    policy = InlinePolicy(threshold_ns=100_000, probe_every=8, spare=lambda: 0.0)
+    policy.seed(180_000, input_bytes=64)
+    for _ in range(50):
+        policy.observe_handoff(50_000_000)
+    assert policy.limit_ns == pytest.approx(1_000_000)
+    runs = 0
+    for _ in range(100):
+        if policy.inline(64):
+            policy.observe(3_000_000, inline=True, input_bytes=64)
+            runs += 1
+        if (policy.average_ns or 0) >= policy.limit_ns:
+            break
+    assert runs < 40, "a 3 ms model leaves the loop within a few dozen runs"
+    assert [policy.inline(64) for _ in range(16)].count(True) == 2
+
+
+def test_cheap_hand_offs_send_such_a_model_back_to_its_thread() -> None:
+    policy = InlinePolicy(threshold_ns=100_000, probe_every=4, spare=lambda: 0.0)
+    policy.seed(300_000, input_bytes=64)
+    policy.observe_handoff(900_000)
+    assert policy.inline(64)
+    for _ in range(60):  # the machine got quieter: hand-offs measured at 40 us
+        policy.observe_handoff(40_000)
+    assert policy.limit_ns < 110_000
+    assert [policy.inline(64) for _ in range(8)].count(True) == 2  # the usual probes only
+
+
+def test_with_a_core_to_spare_the_threshold_holds() -> None:
+    """Hand-offs however slow: where a core is idle the thread runs beside the loop, so a
+    model over the threshold stays there (instances keep computing in parallel)."""
+    spare = [3.0]
+    policy = InlinePolicy(threshold_ns=100_000, probe_every=8, spare=lambda: spare[0])
+    policy.seed(215_000, input_bytes=64)
+    for _ in range(30):
+        policy.observe_handoff(600_000)
+    assert [policy.inline(64) for _ in range(16)].count(True) == 2  # the usual probes only
+    spare[0] = 0.2
+    assert [policy.inline(64) for _ in range(16)].count(True) == 14

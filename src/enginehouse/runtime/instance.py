@@ -20,11 +20,13 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
 from enginehouse.backends.base import Engine, Launched, Placement
 from enginehouse.messages import DeviceOutputs, Tensor
+from enginehouse.runtime.spare_cores import spare_cores
 
 log = logging.getLogger(__name__)
 
@@ -61,25 +63,40 @@ FinishOutputs = Callable[[list[np.ndarray]], list[np.ndarray]]
 # then at every turn of the event loop: an idle loop's timers wake up to a millisecond late
 # (epoll counts in milliseconds), and every check after the first costs a turn.
 EARLY_S = 0.0012
+# At most this many times its threshold does an inline policy allow an execution on the
+# event loop because hand-offs to the thread cost that much: a model that computes for
+# longer still runs on its thread, whatever the hand-offs cost, so the loop is never
+# blocked for longer than about this (1 ms by default).
+HANDOFF_FACTOR = 10
 
 
 class InlinePolicy:
     """Decides per execution whether to run on the event loop thread.
 
     ``mode`` "auto" runs inline while the moving average of inline execution times stays
-    under ``threshold_ns``; "always" and "never" fix the choice. A request larger than any
-    the instance has measured (warm-up runs every batch size it expects) is judged by that
-    time scaled to its bytes, so a model measured fast on small tensors is not run inline
-    on a huge one. Only inline executions are measured: on the instance thread, a
-    run's wall time includes waiting for the GIL, which says nothing about the model. An
-    instance that went to its thread tries inline again every ``probe_every`` executions
-    (no larger than those measured), so a model that was slow only while cold comes back.
-    The first execution of an instance runs in its thread (a large model must not stall
-    the event loop even once) and seeds the average, unless warm-up already did.
+    under ``threshold_ns``; "always" and "never" fix the choice. While no core of the
+    machine is idle (``spare``, runtime/spare_cores.py), the thread cannot run beside the
+    loop anyway, and the limit is what handing an execution to the thread currently costs
+    where that is more than the threshold (up to :data:`HANDOFF_FACTOR` times it): an
+    execution shorter than its own hand-off is then cheaper on the loop in every way. With
+    cores to spare the threshold holds, so instances keep computing in parallel. A request
+    larger than any the instance has measured (warm-up runs every batch size it expects) is
+    judged by that time scaled to its bytes, so a model measured fast on small tensors is
+    not run inline on a huge one.
+    Only inline executions are measured: on the instance thread, a run's wall time includes
+    waiting for the GIL, which says nothing about the model. An instance that went to its
+    thread tries inline again every ``probe_every`` executions (no larger than those
+    measured), so a model that was slow only while cold comes back; one that runs inline
+    only because hand-offs cost more than the threshold goes to its thread as often, so the
+    hand-off's cost is measured again. The first execution of an instance runs in its thread
+    (a large model must not stall the event loop even once) and seeds the average, unless
+    warm-up already did.
 
     A 1 MB identity model on the 2-core machine ran in 31-46 us; handed to its thread each
     request cost 430-560 us of CPU in all, run inline 130-180 us: the hand-offs' context
-    switches, not the data, were the cost.
+    switches, not the data, were the cost. On a slower, busier 2-core machine the same model
+    ran in about 215 us, over the threshold, and a hand-off took longer still: with 1 MB in
+    shared memory it served 1,102-1,227 req/s on its thread against 1,661 inline.
     """
 
     def __init__(
@@ -87,13 +104,19 @@ class InlinePolicy:
         mode: str = "auto",
         threshold_ns: int = 100_000,
         probe_every: int = 64,
+        spare: Callable[[], float] = spare_cores,
     ) -> None:
         if mode not in ("auto", "always", "never"):
             raise ValueError(f"inline execution mode must be auto, always or never, not {mode!r}")
         self.mode = mode
         self.threshold_ns = threshold_ns
         self.probe_every = probe_every
+        self._spare = spare
         self._average_ns: float | None = None
+        # Moving average of what a hand-off to the thread added to an execution (ns).
+        self._handoff_ns: float | None = None
+        # The limit inline executions are held to: the threshold, or the hand-off's cost.
+        self._limit_ns = float(threshold_ns)
         # The largest inputs measured, in bytes.
         self._largest_bytes = 1
         self._skipped = 0
@@ -102,6 +125,16 @@ class InlinePolicy:
     def average_ns(self) -> float | None:
         """Moving average of the inline executions' time; None before the first run."""
         return self._average_ns
+
+    @property
+    def handoff_ns(self) -> float | None:
+        """Moving average of what a hand-off to the thread adds; None before one ran there."""
+        return self._handoff_ns
+
+    @property
+    def limit_ns(self) -> float:
+        """The execution time under which ``auto`` runs inline."""
+        return self._limit_ns
 
     def inline(self, input_bytes: int) -> bool:
         if self.mode != "auto":
@@ -113,6 +146,13 @@ class InlinePolicy:
         if larger:
             average *= input_bytes / self._largest_bytes
         if average < self.threshold_ns:
+            return True
+        if average < self._limit_ns and self._spare() < 1.0:
+            # Inline only because hand-offs cost more: now and then one, to measure that again.
+            self._skipped += 1
+            if self._skipped >= self.probe_every:
+                self._skipped = 0
+                return False
             return True
         if larger:
             return False  # never probed with more data than was measured
@@ -132,11 +172,12 @@ class InlinePolicy:
     def observe(self, infer_ns: int, inline: bool, input_bytes: int) -> None:
         """Account for one execution; only the first threaded one and inline ones count.
 
-        Samples are clipped at twice the threshold and weigh 5%: on a busy machine a run is
-        now and then preempted, and one such run must not send a small model to its thread.
-        A model that is really slow crosses the threshold within about 14 runs.
+        Samples are clipped at twice the threshold or twice the average, whichever is more,
+        and weigh 5%: on a busy machine a run is now and then preempted, and one such run
+        must not send a small model to its thread. A model that is really slow crosses the
+        threshold within about 14 runs, and the largest hand-off allowance within about 35.
         """
-        sample = min(infer_ns, 2 * self.threshold_ns)
+        sample = min(infer_ns, 2 * max(self.threshold_ns, self._average_ns or 0.0))
         if self._average_ns is None:
             self._average_ns = float(sample)
         elif inline:
@@ -144,6 +185,17 @@ class InlinePolicy:
         else:
             return
         self._largest_bytes = max(self._largest_bytes, input_bytes)
+
+    def observe_handoff(self, extra_ns: int) -> None:
+        """Account for one execution on the thread: ``extra_ns`` is how much longer it took,
+        seen from the event loop, than its own run (the hand-off there and back, and the
+        waits for the GIL on the way). Samples weigh 10%."""
+        sample = float(min(max(extra_ns, 0), HANDOFF_FACTOR * self.threshold_ns))
+        if self._handoff_ns is None:
+            self._handoff_ns = sample
+        else:
+            self._handoff_ns += (sample - self._handoff_ns) * 0.1
+        self._limit_ns = max(float(self.threshold_ns), self._handoff_ns)
 
 
 class ExecutionTimeout(Exception):
@@ -245,10 +297,22 @@ class Instance:
         finish: FinishOutputs,
         input_bytes: int,
     ) -> asyncio.Future[Execution]:
+        started = time.perf_counter_ns()
         self._running = self._executor.submit(
             self._run, prepare, output_names, finish, False, input_bytes
         )
-        return asyncio.wrap_future(self._running)
+        future = asyncio.wrap_future(self._running)
+        future.add_done_callback(partial(self._handed_back, started))
+        return future
+
+    def _handed_back(self, started: int, future: asyncio.Future[Execution]) -> None:
+        """Tell the policy what the hand-off added to an execution on the thread: the time
+        from submitting it to the event loop seeing its result, less the run's own."""
+        if future.cancelled() or future.exception() is not None:
+            return
+        run = future.result()
+        spent = time.perf_counter_ns() - started
+        self.policy.observe_handoff(spent - run.input_ns - run.infer_ns - run.output_ns)
 
     def _bounded(
         self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[Execution]
