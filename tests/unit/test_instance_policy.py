@@ -123,3 +123,17 @@ def test_with_a_core_to_spare_the_threshold_holds() -> None:
     assert [policy.inline(64) for _ in range(16)].count(True) == 2  # the usual probes only
     spare[0] = 0.2
     assert [policy.inline(64) for _ in range(16)].count(True) == 14
+
+
+def test_a_slow_model_is_never_taken_for_one_within_the_allowance() -> None:
+    """A warm-up measuring tens of milliseconds keeps the model on its thread however much
+    hand-offs cost (its time is not clipped down into the allowance)."""
+    for first in ("seed", "observe"):
+        policy = InlinePolicy(threshold_ns=100_000, probe_every=8, spare=lambda: 0.0)
+        if first == "seed":
+            policy.seed(20_000_000, input_bytes=64)
+        else:
+            policy.observe(20_000_000, inline=False, input_bytes=64)
+        for _ in range(30):
+            policy.observe_handoff(5_000_000)
+        assert [policy.inline(64) for _ in range(16)].count(True) == 2, first

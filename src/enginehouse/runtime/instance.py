@@ -117,6 +117,8 @@ class InlinePolicy:
         self._handoff_ns: float | None = None
         # The limit inline executions are held to: the threshold, or the hand-off's cost.
         self._limit_ns = float(threshold_ns)
+        # Above this a measured time says only "too slow for the loop, whatever the limit".
+        self._ceiling_ns = 2.0 * HANDOFF_FACTOR * threshold_ns
         # The largest inputs measured, in bytes.
         self._largest_bytes = 1
         self._skipped = 0
@@ -165,22 +167,24 @@ class InlinePolicy:
     def seed(self, infer_ns: int, input_bytes: int) -> None:
         """Start from a known execution time (a warm run measured during warm-up) of
         ``input_bytes`` of inputs."""
-        self._average_ns = float(min(infer_ns, 2 * self.threshold_ns))
+        self._average_ns = float(min(infer_ns, self._ceiling_ns))
         self._largest_bytes = max(self._largest_bytes, input_bytes)
         self._skipped = 0
 
     def observe(self, infer_ns: int, inline: bool, input_bytes: int) -> None:
         """Account for one execution; only the first threaded one and inline ones count.
 
-        Samples are clipped at twice the threshold or twice the average, whichever is more,
-        and weigh 5%: on a busy machine a run is now and then preempted, and one such run
-        must not send a small model to its thread. A model that is really slow crosses the
-        threshold within about 14 runs, and the largest hand-off allowance within about 35.
+        Later samples are clipped at twice the threshold or twice the average, whichever is
+        more, and weigh 5%: on a busy machine a run is now and then preempted, and one such
+        run must not send a small model to its thread. A model that is really slow crosses
+        the threshold within about 14 runs, and the largest hand-off allowance within about
+        35. The first sample (and a warm-up's seed) is clipped only above that allowance, so
+        a slow model is never taken for one that fits it.
         """
-        sample = min(infer_ns, 2 * max(self.threshold_ns, self._average_ns or 0.0))
         if self._average_ns is None:
-            self._average_ns = float(sample)
+            self._average_ns = float(min(infer_ns, self._ceiling_ns))
         elif inline:
+            sample = min(infer_ns, 2 * max(self.threshold_ns, self._average_ns))
             self._average_ns += (sample - self._average_ns) * 0.05
         else:
             return
