@@ -60,6 +60,10 @@ WARM_RUNS = 3
 # compile in one thread invalidates a capture running in another. Replays and copies of
 # instances already serving go on meanwhile.
 SETUP_LOCK = threading.RLock()
+# Held while cuBLAS's workspace cache is dropped (before and after each capture) and while
+# an execution runs outside a graph: that cache is one map for the process, which another
+# thread's cuBLAS call must not read while it is being cleared.
+_CUBLAS_CACHE_LOCK = threading.Lock()
 # A synchronous execution wakes this long before its expected end and then checks its done
 # event, for at most SPIN_S past that end (see CudaGraphEngine._wait).
 SPIN_EARLY_S = 0.0002
@@ -89,12 +93,14 @@ def _captured_cublas_workspace(torch: Any) -> Iterator[None]:
     tests/gpu)."""
     clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
     if clear is not None:
-        clear()
+        with _CUBLAS_CACHE_LOCK:
+            clear()
     try:
         yield
     finally:
         if clear is not None:
-            clear()
+            with _CUBLAS_CACHE_LOCK:
+                clear()
 
 
 def default_buckets(max_batch_size: int, preferred: Sequence[int] = ()) -> list[int]:
@@ -527,7 +533,7 @@ class CudaGraphEngine(Engine):
         self, arrays: list[np.ndarray], output_names: Sequence[str]
     ) -> list[np.ndarray]:
         torch = self._torch
-        with torch.inference_mode(), torch.cuda.stream(self.stream):
+        with _CUBLAS_CACHE_LOCK, torch.inference_mode(), torch.cuda.stream(self.stream):
             tensors = [
                 torch.from_numpy(np.ascontiguousarray(a)).to(self.device, non_blocking=True)
                 for a in arrays
