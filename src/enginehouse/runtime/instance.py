@@ -115,8 +115,6 @@ class InlinePolicy:
         self._average_ns: float | None = None
         # Moving average of what a hand-off to the thread added to an execution (ns).
         self._handoff_ns: float | None = None
-        # The limit inline executions are held to: the threshold, or the hand-off's cost.
-        self._limit_ns = float(threshold_ns)
         # Above this a measured time says only "too slow for the loop, whatever the limit".
         self._ceiling_ns = 2.0 * HANDOFF_FACTOR * threshold_ns
         # The largest inputs measured, in bytes.
@@ -135,8 +133,9 @@ class InlinePolicy:
 
     @property
     def limit_ns(self) -> float:
-        """The execution time under which ``auto`` runs inline."""
-        return self._limit_ns
+        """The execution time under which ``auto`` runs inline while no core is idle: the
+        threshold, or the hand-off's cost where that is more."""
+        return max(float(self.threshold_ns), self._handoff_ns or 0.0)
 
     def inline(self, input_bytes: int) -> bool:
         if self.mode != "auto":
@@ -149,7 +148,7 @@ class InlinePolicy:
             average *= input_bytes / self._largest_bytes
         if average < self.threshold_ns:
             return True
-        if average < self._limit_ns and self._spare() < 1.0:
+        if average < self.limit_ns and self._spare() < 1.0:
             # Inline only because hand-offs cost more: now and then one, to measure that again.
             self._skipped += 1
             if self._skipped >= self.probe_every:
@@ -199,7 +198,6 @@ class InlinePolicy:
             self._handoff_ns = sample
         else:
             self._handoff_ns += (sample - self._handoff_ns) * 0.1
-        self._limit_ns = max(float(self.threshold_ns), self._handoff_ns)
 
 
 class ExecutionTimeout(Exception):
