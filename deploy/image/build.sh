@@ -56,6 +56,8 @@ trap 'rm -rf "$CONTEXT"' EXIT
 cp "$ROOT/Containerfile" "$ROOT/pyproject.toml" "$ROOT/README.md" "$ROOT/LICENSE" "$CONTEXT/"
 cp -r "$ROOT/src" "$CONTEXT/src"
 find "$CONTEXT/src" -name __pycache__ -prune -exec rm -rf {} +
+# A compiled part built for this host's Python is not the image's: its own guard stage builds it.
+find "$CONTEXT/src" -name "*.so" -delete
 mkdir -p "$CONTEXT/deploy/image/wheels"
 if [ -z "$REPOSITORY" ]; then
     "$PYTHON" "$ROOT/examples/make_repository.py" --no-torch "$CONTEXT/model_repository" >&2

@@ -150,12 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--map-shared-memory",
         type=_bool,
-        default=False,
+        default=None,
         help="map system shared-memory regions, as Triton does: inputs are read in place and "
-        "outputs copied into the mapping (about half the CPU per 1 MB tensor), but a client "
-        "that truncates a region while a request uses it can crash the server (SIGBUS); off, "
-        "regions are read and written through their descriptor, which such a client cannot "
-        "harm",
+        "outputs copied into the mapping (about half the CPU per 1 MB tensor), with a guard "
+        "that turns a region truncated under its mapping into a 400 for the request that met "
+        "it (default: on where the guard is built, which needs a C compiler at install); "
+        "false reads and writes regions through their descriptor",
     )
     serve.add_argument(
         "--http-max-input-size",

@@ -219,6 +219,9 @@ class InferRequest:
     output_regions: dict[str, SharedMemoryTarget] | None = None
     # Of those, the ones in CUDA regions, which a GPU engine may write on the device.
     device_outputs: dict[str, DeviceOutput] | None = None
+    # Mapped system regions whose bytes inputs are read from in place: the request fails
+    # where one of them was truncated under its mapping before the request finished.
+    regions_in_place: list[Any] | None = None
 
 
 @dataclass(slots=True)

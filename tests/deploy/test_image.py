@@ -162,6 +162,7 @@ def test_the_image_serves_from_a_read_only_root_with_cache_hits(
     assert "engine cache hit" in log
     assert "building" not in log  # every engine was built into the image
     assert "Traceback" not in log
+    assert "mapping guard was not built" not in log  # shared-memory regions are mapped
 
 
 def test_the_runtime_stage_is_lean_and_unprivileged(image: tuple[Path, str, float]) -> None:
@@ -185,6 +186,8 @@ def test_the_runtime_stage_is_lean_and_unprivileged(image: tuple[Path, str, floa
         )
         for compiler in ("usr/bin/gcc", "usr/bin/cc", "usr/bin/make", "usr/bin/g++"):
             assert not (root / compiler).exists(), compiler
+        # The mapping guard, compiled in a stage of its own for the image's Python.
+        assert list((root / "opt" / "app" / "enginehouse" / "core").glob("_mapping_guard*.so"))
         compiled = list((root / "opt" / "app" / "enginehouse").rglob("*.pyc"))
         sources = list((root / "opt" / "app" / "enginehouse").rglob("*.py"))
         assert len(compiled) >= len(sources)  # bytecode compiled at build time

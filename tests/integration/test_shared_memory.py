@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import base64
 import os
+import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -323,3 +325,62 @@ def test_registration_is_a_restricted_api(example_repo: Path) -> None:
             client.get_system_shared_memory_status()
         assert info.value.status() == "403"
         assert client.get_system_shared_memory_status(headers={"admin-key": "secret"}) == []
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_a_region_truncated_while_a_request_reads_it(tmp_path: Path, protocol: str) -> None:
+    """The client truncates its object while the engine is about to read the input in
+    place: that request gets a 400, the region is refused until registered again, and the
+    server serves on (unguarded, the read would end the server with SIGBUS)."""
+    from enginehouse.core import mapping_guard
+    from enginehouse.testing import fake_backend
+
+    if not mapping_guard.AVAILABLE:
+        pytest.skip("the mapping guard is not built: regions are read through descriptors")
+    fake_backend.write_model(tmp_path / "repo", "held", max_batch_size=0, dims="1024")
+    controls = fake_backend.controls("held")
+    module: Any = httpclient if protocol == "http" else grpcclient
+    with InProcessServer.live([tmp_path / "repo"]) as server:
+        connection = module.InferenceServerClient(
+            server.http_url if protocol == "http" else server.grpc_url
+        )
+        regions = Regions(connection)
+        data = np.arange(1024, dtype=np.float32)
+
+        def request(region: str) -> Any:
+            # A client of its own: tritonclient's HTTP client serves the thread it was made on.
+            caller = module.InferenceServerClient(
+                server.http_url if protocol == "http" else server.grpc_url
+            )
+            item = module.InferInput("INPUT0", [1024], "FP32")
+            item.set_shared_memory(region, data.nbytes)
+            try:
+                return caller.infer("held", [item])
+            finally:
+                caller.close()
+
+        try:
+            region, key, handle = regions.make(data.nbytes)
+            shm.set_shared_memory_region(handle, [data])
+            controls.hang.set()
+            ran = len(controls.batches)  # the warm-up's
+            with ThreadPoolExecutor(1) as pool:
+                answer = pool.submit(request, region)
+                while len(controls.batches) == ran:  # the engine holds it, input unread
+                    time.sleep(0.01)
+                os.truncate(f"/dev/shm/{key.lstrip('/')}", 0)
+                controls.hang.clear()
+                with pytest.raises(InferenceServerException) as info:
+                    answer.result(timeout=30)
+            assert _bad(str(info.value.status())), info.value
+            assert "truncated while a request used it" in info.value.message()
+            # Grown back, the region is still refused: its pages are not the client's now.
+            os.truncate(f"/dev/shm/{key.lstrip('/')}", data.nbytes)
+            shm.set_shared_memory_region(handle, [data])
+            with pytest.raises(InferenceServerException, match="register it again"):
+                request(region)
+            connection.unregister_system_shared_memory(region)
+            connection.register_system_shared_memory(region, key, data.nbytes)
+            np.testing.assert_array_equal(request(region).as_numpy("OUTPUT0"), data)
+        finally:
+            regions.close()

@@ -6,11 +6,13 @@ once the server drains. Nothing here loads or unloads.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable
 
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
+from enginehouse.core import mapping_guard
 from enginehouse.core.registry import ModelRegistry
 from enginehouse.core.shared_memory import SharedMemoryRegions
 from enginehouse.errors import InvalidArgumentError, UnavailableError
@@ -18,17 +20,26 @@ from enginehouse.messages import InferRequest, InferResponse, ModelMetadata, Out
 from enginehouse.scheduler.statistics import ModelStatistics
 
 _NO_DATA = np.empty(0, np.uint8)
+log = logging.getLogger(__name__)
 
 
 class DataPlane:
     """Requests, model metadata, configs and statistics over the registry's served models."""
 
-    def __init__(self, registry: ModelRegistry, map_shared_memory: bool = False) -> None:
+    def __init__(self, registry: ModelRegistry, map_shared_memory: bool | None = None) -> None:
         self.registry = registry
         self.draining = False
         # The system and CUDA shared-memory regions clients registered (both protocols
-        # share them).
-        self.shared_memory = SharedMemoryRegions(map_shared_memory)
+        # share them); system regions are mapped where the mapping guard is built, unless
+        # asked otherwise.
+        if map_shared_memory is None and not mapping_guard.AVAILABLE:
+            log.warning(
+                "system shared-memory regions are read through their descriptors: the "
+                "mapping guard was not built (no C compiler at install)"
+            )
+        self.shared_memory = SharedMemoryRegions(
+            mapping_guard.AVAILABLE if map_shared_memory is None else map_shared_memory
+        )
 
     def submit(self, request: InferRequest) -> InferResponse | Awaitable[InferResponse]:
         """The response at once when the model ran inline, else an awaitable of it.
@@ -39,9 +50,10 @@ class DataPlane:
         if self.draining:
             raise UnavailableError("server is shutting down")
         version = self.registry.resolve(request.model_name, request.model_version)
-        if request.output_regions is None:
+        if request.output_regions is None and request.regions_in_place is None:
             return version.submit(request)
-        request.device_outputs = self.shared_memory.device_outputs(request.output_regions)
+        if request.output_regions is not None:
+            request.device_outputs = self.shared_memory.device_outputs(request.output_regions)
         result = version.submit(request)
         if isinstance(result, InferResponse):
             return self._into_regions(request, result)
@@ -49,7 +61,11 @@ class DataPlane:
 
     def _into_regions(self, request: InferRequest, response: InferResponse) -> InferResponse:
         """Write the outputs bound for shared memory into their regions; the response then
-        names the region of each instead of carrying its data."""
+        names the region of each instead of carrying its data. Inputs read in place from
+        a mapped region are checked first: one truncated under its mapping while the request
+        ran was read as zeros, so the request fails (400)."""
+        for region in request.regions_in_place or ():
+            region.check_whole("input")
         targets = request.output_regions or {}
         on_device = request.device_outputs or {}
         outputs = []

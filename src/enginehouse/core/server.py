@@ -68,7 +68,7 @@ class ServerCore:
         engine_cache: EngineCache | None = None,
         poll_s: float = 15.0,
         pending_limits: PendingLimits | None = None,
-        map_shared_memory: bool = False,
+        map_shared_memory: bool | None = None,
     ) -> None:
         from enginehouse.version import __version__
 

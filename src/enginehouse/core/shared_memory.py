@@ -2,22 +2,21 @@
 read from and written to them instead of travelling in the request and the response.
 
 System regions: a client makes a POSIX shared-memory object (``shm_open``: a file under
-/dev/shm) and registers a part of it (key, offset, byte size) under a name. The server opens
-the object once, at registration, and keeps the descriptor; it never maps it. Inputs are read
-with ``preadv`` straight into the array the engine reads, outputs written with ``pwrite``: one
-copy each way, and no access that a client could turn into a fault (a mapping read after the
-client truncated its object would kill the server with SIGBUS; a read of a truncated file
-just comes back short, which is a 400 for that request). Only names under /dev/shm are
-opened, without following links: a key is one path component.
-
-Mapped system regions (``serve --map-shared-memory``, off by default): the server maps each
-region as Triton does, hands the engine its inputs in place (no copy at all) and copies
+/dev/shm) and registers a part of it (key, offset, byte size) under a name. Only names under
+/dev/shm are opened, without following links: a key is one path component. The server maps
+each region, as Triton does, hands the engine its inputs in place (no copy at all) and copies
 outputs into the mapping. On the 2-core machine a 1 MB read through the descriptor took
-57-86 us and a 1 MB write 156-173 us, against 29-51 us for a copy through a mapping: the
-kernel's page-by-page path, not memory, is the cost. The price is the SIGBUS above: a client
-that truncates a region it registered while a request reads or writes it can kill the
-server, so the mode is for hosts whose clients are trusted. Sizes are still checked against
-the object before every access, so a region truncated before a request is a 400 there too.
+57-86 us and a 1 MB write 156-173 us, against 29-51 us for a copy through a mapping.
+
+A mapping is what a client could turn into a crash: a page past its object's end faults with
+SIGBUS when touched, and a client may truncate its object at any time. Mapped regions are
+therefore guarded (core/mapping_guard.py): a fault inside one is absorbed and counted, the
+request that met it fails with a 400, and the region is refused until it is registered
+again. Sizes are checked against the object before every access as well, so a region
+truncated before a request is a 400 there without a fault. Where the guard could not be
+built, or with ``serve --map-shared-memory false``, regions are read with ``preadv`` straight
+into the array the engine reads and written with ``pwrite``: one copy each way, and a read
+of a truncated object just comes back short, a 400 for that request.
 
 CUDA regions: a client registers the IPC handle of a device allocation (``cudaMalloc``) and
 its device; the server opens it through the driver (core/cuda_ipc.py), bounds every copy by
@@ -49,7 +48,7 @@ from typing import Any, cast
 import numpy as np
 
 from enginehouse import datatypes
-from enginehouse.core import cuda_ipc
+from enginehouse.core import cuda_ipc, mapping_guard
 from enginehouse.errors import (
     EnginehouseError,
     InvalidArgumentError,
@@ -134,13 +133,29 @@ class Region(_HeldRegion):
         # page, the region this far into it.
         self._bytes: np.ndarray | None = None
         self._lead = offset % mmap.ALLOCATIONGRANULARITY
+        self._guard: mapping_guard.GuardedMapping | None = None
         if mapped:
             self._mapping = mmap.mmap(fd, self._lead + byte_size, offset=offset - self._lead)
+            self._guard = mapping_guard.GuardedMapping(self._mapping)
             self._bytes = np.frombuffer(self._mapping, np.uint8, byte_size, self._lead)
 
     @property
     def mapped(self) -> bool:
         return self._bytes is not None
+
+    def faults(self) -> int:
+        """How many accesses through the mapping found the object truncated (the guard
+        answered them with zeros); a region that has taken one is refused from then on."""
+        return self._guard.faults() if self._guard is not None else 0
+
+    def check_whole(self, tensor: str) -> None:
+        """A 400 for ``tensor`` where the region's object was truncated under its mapping
+        while a request used it: the bytes read or written since are not the client's."""
+        if self._guard is not None and self._guard.faults():
+            raise InvalidArgumentError(
+                f"'{tensor}': shared-memory region '{self.name}': its object was truncated "
+                "while a request used it; unregister the region and register it again"
+            )
 
     def view(self, offset: int, size: int) -> np.ndarray | None:
         """``size`` bytes from ``offset`` in place, read-only, holding the region open until
@@ -167,7 +182,7 @@ class Region(_HeldRegion):
             np.copyto(
                 np.frombuffer(destination, np.uint8, count), self._bytes[offset : offset + count]
             )
-        return count
+        return 0 if self.faults() else count
 
     def write(self, offset: int, source: memoryview) -> int:
         if self._bytes is None:
@@ -175,7 +190,7 @@ class Region(_HeldRegion):
         count = self._within(offset, source.nbytes)
         if count:
             self._bytes[offset : offset + count] = np.frombuffer(source, np.uint8, count)
-        return count
+        return 0 if self.faults() else count
 
     def _within(self, offset: int, size: int) -> int:
         """How many of ``size`` bytes from ``offset`` the object still holds: a mapping is
@@ -188,6 +203,8 @@ class Region(_HeldRegion):
 
     def _free(self) -> None:
         mapping, self._mapping, self._bytes = self._mapping, None, None
+        if self._guard is not None:
+            self._guard.close()
         if mapping is not None:
             # The last view's base may still be on its way out (its finalizer is what
             # released the region): then the mapping goes with it, unmapped once unused.
@@ -233,6 +250,12 @@ class SharedMemoryRegions:
     """The system and CUDA shared-memory regions registered with this server, by name."""
 
     def __init__(self, mapped: bool = False) -> None:
+        if mapped and not mapping_guard.AVAILABLE:
+            raise UnsupportedError(
+                "system shared-memory regions can be mapped only with the mapping guard, "
+                "which this install lacks (it was built without a C compiler); read them "
+                "through their descriptors (--map-shared-memory false)"
+            )
         self._regions: dict[str, Region | CudaRegion] = {}
         # Whether system regions are mapped (see the module's docstring).
         self.mapped = mapped
@@ -371,11 +394,16 @@ class SharedMemoryRegions:
         dtype: datatypes.DataType,
         shape: tuple[int, ...],
         tensor: str,
+        in_place: list[Region] | None = None,
     ) -> Tensor:
-        """The input tensor the parameters place in a region: a :class:`RegionTensor` read
-        when its batch is gathered (BYTES tensors, whose elements must be parsed, are read
-        now into an array of their own)."""
+        """The input tensor the parameters place in a region: an array over a mapped region
+        itself (the region is then added to ``in_place``, whose faults the request checks
+        once it has run), else a :class:`RegionTensor` read when its batch is gathered
+        (BYTES tensors, whose elements must be parsed, are read now into an array of their
+        own)."""
         region, offset, size = self._slice(parameters, tensor)
+        if isinstance(region, Region):
+            region.check_whole(tensor)
         if dtype.name == "BYTES":
             buffer = np.empty(size, np.uint8)  # not zero-filled: the read fills it
             view = memoryview(cast(Any, buffer))
@@ -387,10 +415,11 @@ class SharedMemoryRegions:
                 f"input '{tensor}': shape {list(shape)} of {dtype.name} is {needed} bytes, "
                 f"shared_memory_byte_size says {size}"
             )
-        if isinstance(region, Region) and region.mapped:
-            in_place = self._in_place(region, offset, size, dtype, shape)
-            if in_place is not None:
-                return in_place
+        if isinstance(region, Region) and region.mapped and in_place is not None:
+            array = self._in_place(region, offset, size, dtype, shape)
+            if array is not None:
+                in_place.append(region)
+                return array
         if region.available() < offset + size:
             raise self._truncated(region, tensor, region.available() - offset, size)
 
@@ -494,6 +523,8 @@ class SharedMemoryRegions:
     def write(self, target: SharedMemoryTarget, array: np.ndarray, tensor: str) -> int:
         """Write an output into its region; the bytes written."""
         region = self.registered(target, tensor)
+        if isinstance(region, Region):
+            region.check_whole(tensor)
         data = memoryview(datatypes.wire_view(array))
         if len(data) > target.byte_size:
             raise InvalidArgumentError(

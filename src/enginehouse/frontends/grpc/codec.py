@@ -14,7 +14,7 @@ from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 
 from enginehouse import datatypes
-from enginehouse.core.shared_memory import SharedMemoryRegions, served_regions
+from enginehouse.core.shared_memory import Region, SharedMemoryRegions, served_regions
 from enginehouse.errors import InvalidArgumentError, UnsupportedError
 from enginehouse.frontends.grpc.frames import varint
 from enginehouse.messages import InferInput, InferRequest, InferResponse, SharedMemoryTarget
@@ -87,6 +87,7 @@ def decode_infer_request(
         message.raw_input_contents if raw_contents is None else raw_contents
     )
     inputs: list[InferInput] = []
+    in_place: list[Region] = []
     index = 0
     for tensor in message.inputs:
         name = tensor.name
@@ -100,7 +101,9 @@ def decode_infer_request(
                 raise InvalidArgumentError(
                     f"input '{name}' names a shared-memory region and carries contents as well"
                 )
-            array = served_regions(regions).read_input(_parameters(parameters), dtype, shape, name)
+            array = served_regions(regions).read_input(
+                _parameters(parameters), dtype, shape, name, in_place
+            )
         elif raw:
             if index == len(raw):
                 raise _raw_count_error(message, raw)
@@ -141,6 +144,7 @@ def decode_infer_request(
         outputs=outputs,
         parameters=parameters,
         output_regions=output_regions,
+        regions_in_place=in_place or None,
     )
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import orjson
 
 from enginehouse import datatypes
-from enginehouse.core.shared_memory import SharedMemoryRegions, served_regions
+from enginehouse.core.shared_memory import Region, SharedMemoryRegions, served_regions
 from enginehouse.errors import InvalidArgumentError, UnsupportedError
 from enginehouse.messages import InferInput, InferRequest, InferResponse, SharedMemoryTarget
 
@@ -149,6 +149,7 @@ def decode_infer_request(
         raise InvalidArgumentError("request 'id' must be a string")
 
     inputs: list[InferInput] = []
+    in_place: list[Region] = []
     offset = 0
     for raw in raw_inputs:
         if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
@@ -168,7 +169,9 @@ def decode_infer_request(
                 raise InvalidArgumentError(
                     f"input '{name}' names a shared-memory region and carries data as well"
                 )
-            array = served_regions(regions).read_input(input_parameters, dtype, shape, name)
+            array = served_regions(regions).read_input(
+                input_parameters, dtype, shape, name, in_place
+            )
         elif size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise InvalidArgumentError(f"input '{name}': invalid binary_data_size {size!r}")
@@ -229,6 +232,7 @@ def decode_infer_request(
         outputs=names,
         parameters=parameters,
         output_regions=output_regions,
+        regions_in_place=in_place or None,
     )
     return request, OutputOptions(binary_default, binary_outputs)
 
