@@ -32,6 +32,7 @@ class RegionTensor:
 
     __slots__ = (
         "__weakref__",
+        "_in_place",
         "_offset",
         "_parent",
         "_read",
@@ -51,6 +52,7 @@ class RegionTensor:
         parent: RegionTensor | None = None,
         device: int | None = None,
         to_device: Callable[[int, int, int, int], None] | None = None,
+        in_place: Callable[[int, tuple[int, ...]], np.ndarray | None] | None = None,
     ) -> None:
         self._read = read
         self._offset = offset
@@ -58,6 +60,9 @@ class RegionTensor:
         self.dtype = dtype
         self.device = device
         self._to_device = to_device
+        # For a mapped system region: the bytes at (offset, shape) as an array over the
+        # mapping itself, or None where they cannot be.
+        self._in_place = in_place
         # A view holds the tensor it came from: the region stays held while any is alive.
         self._parent = parent
         if release is not None:
@@ -86,6 +91,7 @@ class RegionTensor:
             parent=self,
             device=self.device,
             to_device=self._to_device,
+            in_place=self._in_place,
         )
 
     def reshape(self, shape: tuple[int, ...]) -> RegionTensor:
@@ -115,6 +121,17 @@ class RegionTensor:
                 f"as many, not {destination.nbytes} bytes"
             )
         self._read(self._offset, memoryview(cast(Any, destination)).cast("B"))
+
+    def array(self) -> np.ndarray:
+        """The tensor as an array: over the region's mapping itself where it is mapped (no
+        copy; read-only), else read into an array of its own. What an engine that does not
+        read regions itself is given; one that stages inputs reads them straight into its
+        staging buffers instead (:meth:`read_into`)."""
+        if self._in_place is not None:
+            array = self._in_place(self._offset, self.shape)
+            if array is not None:
+                return array
+        return self.__array__()
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         array = np.empty(self.shape, self.dtype)

@@ -340,7 +340,7 @@ def test_a_region_truncated_while_a_request_reads_it(tmp_path: Path, protocol: s
     fake_backend.write_model(tmp_path / "repo", "held", max_batch_size=0, dims="1024")
     controls = fake_backend.controls("held")
     module: Any = httpclient if protocol == "http" else grpcclient
-    with InProcessServer.live([tmp_path / "repo"]) as server:
+    with InProcessServer.live([tmp_path / "repo"], "--map-shared-memory", "true") as server:
         connection = module.InferenceServerClient(
             server.http_url if protocol == "http" else server.grpc_url
         )

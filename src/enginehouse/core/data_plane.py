@@ -6,6 +6,7 @@ once the server drains. Nothing here loads or unloads.
 
 from __future__ import annotations
 
+import glob
 import logging
 from collections.abc import Awaitable
 
@@ -30,16 +31,8 @@ class DataPlane:
         self.registry = registry
         self.draining = False
         # The system and CUDA shared-memory regions clients registered (both protocols
-        # share them); system regions are mapped where the mapping guard is built, unless
-        # asked otherwise.
-        if map_shared_memory is None and not mapping_guard.AVAILABLE:
-            log.warning(
-                "system shared-memory regions are read through their descriptors: the "
-                "mapping guard was not built (no C compiler at install)"
-            )
-        self.shared_memory = SharedMemoryRegions(
-            mapping_guard.AVAILABLE if map_shared_memory is None else map_shared_memory
-        )
+        # share them).
+        self.shared_memory = SharedMemoryRegions(_mapped_by_default(map_shared_memory))
 
     def submit(self, request: InferRequest) -> InferResponse | Awaitable[InferResponse]:
         """The response at once when the model ran inline, else an awaitable of it.
@@ -126,3 +119,23 @@ class DataPlane:
             registry.resolve(name)
             return []
         return [v.statistics for v in model.versions.values()]
+
+
+def _mapped_by_default(asked: bool | None) -> bool:
+    """Whether system regions are mapped: as asked, else where the mapping guard is built
+    and the machine has no GPU. Mapped, a CPU model reads its inputs in place (1 MB in and
+    out over HTTP: 0.37x tritonserver's rate through descriptors, 0.54-0.56x mapped, on the
+    2-core machine); a GPU model reads them into its pinned staging buffers either way, and
+    on the GPU machine served ResNet-50 from system shared memory ran 4-15% slower with
+    regions mapped (the cause was not found)."""
+    if asked is not None:
+        return asked
+    if not mapping_guard.AVAILABLE:
+        log.warning(
+            "system shared-memory regions are read through their descriptors: the mapping "
+            "guard was not built (no C compiler at install)"
+        )
+        return False
+    # The device files, not the driver: initialising CUDA here, before the gRPC workers
+    # start, is what the server otherwise never does.
+    return not glob.glob("/dev/nvidia[0-9]*")

@@ -35,6 +35,7 @@ import base64
 import binascii
 import contextlib
 import ctypes
+import math
 import mmap
 import os
 import re
@@ -173,16 +174,14 @@ class Region(_HeldRegion):
         return view
 
     def read(self, offset: int, destination: memoryview) -> int:
-        if self._bytes is None:
-            if not destination.nbytes:
-                return 0
-            return os.preadv(self.fd, [destination], self.offset + offset)
-        count = self._within(offset, destination.nbytes)
-        if count:
-            np.copyto(
-                np.frombuffer(destination, np.uint8, count), self._bytes[offset : offset + count]
-            )
-        return 0 if self.faults() else count
+        """A read into a buffer of the caller's (a GPU engine's staging buffer) goes
+        through the descriptor even where the region is mapped: on the GPU machine, served
+        ResNet-50 from system shared memory ran 10-20% faster so than with copies out of
+        the mapping (measured; the cause was not found). Only a read in place, which copies
+        nothing, gains from the mapping."""
+        if not destination.nbytes:
+            return 0
+        return os.preadv(self.fd, [destination], self.offset + offset)
 
     def write(self, offset: int, source: memoryview) -> int:
         if self._bytes is None:
@@ -396,11 +395,12 @@ class SharedMemoryRegions:
         tensor: str,
         in_place: list[Region] | None = None,
     ) -> Tensor:
-        """The input tensor the parameters place in a region: an array over a mapped region
-        itself (the region is then added to ``in_place``, whose faults the request checks
-        once it has run), else a :class:`RegionTensor` read when its batch is gathered
-        (BYTES tensors, whose elements must be parsed, are read now into an array of their
-        own)."""
+        """The input tensor the parameters place in a region: a :class:`RegionTensor`, read
+        when its batch is gathered, straight into an engine's staging buffer where the
+        engine has one, else handed over as an array over the mapping itself where the
+        region is mapped (and then added to ``in_place``, whose faults the request checks
+        once it has run). BYTES tensors, whose elements must be parsed, are read now into an
+        array of their own."""
         region, offset, size = self._slice(parameters, tensor)
         if isinstance(region, Region):
             region.check_whole(tensor)
@@ -415,11 +415,6 @@ class SharedMemoryRegions:
                 f"input '{tensor}': shape {list(shape)} of {dtype.name} is {needed} bytes, "
                 f"shared_memory_byte_size says {size}"
             )
-        if isinstance(region, Region) and region.mapped and in_place is not None:
-            array = self._in_place(region, offset, size, dtype, shape)
-            if array is not None:
-                in_place.append(region)
-                return array
         if region.available() < offset + size:
             raise self._truncated(region, tensor, region.available() - offset, size)
 
@@ -428,7 +423,17 @@ class SharedMemoryRegions:
 
         region.hold()
         if not isinstance(region, CudaRegion):
-            return RegionTensor(read, offset, shape, dtype.numpy, release=region.release)
+            if not region.mapped or in_place is None:
+                return RegionTensor(read, offset, shape, dtype.numpy, release=region.release)
+            in_place.append(region)
+            mapped = region
+
+            def over_mapping(at: int, dims: tuple[int, ...]) -> np.ndarray | None:
+                return self._in_place(mapped, at, dims, dtype)
+
+            return RegionTensor(
+                read, offset, shape, dtype.numpy, release=region.release, in_place=over_mapping
+            )
         allocation = region.allocation
 
         def to_device(at: int, address: int, size: int, stream: int) -> None:
@@ -449,14 +454,14 @@ class SharedMemoryRegions:
 
     @staticmethod
     def _in_place(
-        region: Region, offset: int, size: int, dtype: datatypes.DataType, shape: tuple[int, ...]
+        region: Region, offset: int, shape: tuple[int, ...], dtype: datatypes.DataType
     ) -> np.ndarray | None:
-        """The input as an array over the mapped region itself; None where it cannot be
+        """An input as an array over the mapped region itself; None where it cannot be
         (not aligned for its type, or truncated: then it is read like any other). The
         mapping starts on a page, so the offset into the object says the alignment."""
         if (region.offset + offset) % dtype.numpy.alignment:
             return None
-        view = region.view(offset, size)
+        view = region.view(offset, math.prod(shape) * dtype.itemsize)
         return None if view is None else view.view(dtype.numpy).reshape(shape)
 
     def _read_exactly(

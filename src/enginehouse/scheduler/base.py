@@ -26,6 +26,7 @@ from enginehouse.messages import (
     InferRequest,
     InferResponse,
     OutputTensor,
+    RegionTensor,
     Tensor,
 )
 from enginehouse.runtime.instance import FinishOutputs, Instance
@@ -184,7 +185,10 @@ class Scheduler(ABC):
         if work.in_regions and not self.reads_regions:
             # Read now, on the event loop, while the instances run other requests.
             try:
-                work.feeds = {name: np.asarray(tensor) for name, tensor in work.feeds.items()}
+                work.feeds = {
+                    name: tensor.array() if isinstance(tensor, RegionTensor) else tensor
+                    for name, tensor in work.feeds.items()
+                }
             except EnginehouseError:
                 self.statistics.record_failure(time.perf_counter_ns() - work.start_ns)
                 raise
