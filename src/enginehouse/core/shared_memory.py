@@ -3,9 +3,10 @@ read from and written to them instead of travelling in the request and the respo
 
 System regions: a client makes a POSIX shared-memory object (``shm_open``: a file under
 /dev/shm) and registers a part of it (key, offset, byte size) under a name. Only names under
-/dev/shm are opened, without following links: a key is one path component. The server maps
-each region, as Triton does, hands the engine its inputs in place (no copy at all) and copies
-outputs into the mapping. On the 2-core machine a 1 MB read through the descriptor took
+/dev/shm are opened, without following links: a key is one path component. Where regions
+are mapped (the default on machines without a GPU: core/data_plane.py says why), the server
+maps each one, as Triton does, hands a CPU engine its inputs in place (no copy at all) and
+copies outputs into the mapping. On the 2-core machine a 1 MB read through the descriptor took
 57-86 us and a 1 MB write 156-173 us, against 29-51 us for a copy through a mapping.
 
 A mapping is what a client could turn into a crash: a page past its object's end faults with
@@ -175,10 +176,11 @@ class Region(_HeldRegion):
 
     def read(self, offset: int, destination: memoryview) -> int:
         """A read into a buffer of the caller's (a GPU engine's staging buffer) goes
-        through the descriptor even where the region is mapped: on the GPU machine, served
-        ResNet-50 from system shared memory ran 10-20% faster so than with copies out of
-        the mapping (measured; the cause was not found). Only a read in place, which copies
-        nothing, gains from the mapping."""
+        through the descriptor even where the region is mapped, the path measured at least
+        as fast on the GPU machine: served ResNet-50 from system shared memory ran 15%
+        slower with such reads copied out of the mapping, and 3-10% slower mapped with them
+        through the descriptor (the rest of that cost was not found). Only a read in place,
+        which copies nothing, gains from the mapping."""
         if not destination.nbytes:
             return 0
         return os.preadv(self.fd, [destination], self.offset + offset)
