@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,19 @@ parameters { key: "inline_execution" value: { string_value: "never" } }
 TRIPS = 600_000
 
 
+def _wait_until_pending(server: ServerProcess, model: str, count: int) -> None:
+    """Until the server's metrics count ``count`` requests of ``model`` admitted and not
+    answered (a fixed sleep lost the last of them to a busy machine)."""
+    line = f'nv_inference_pending_request_count{{model="{model}",version="1"}} {float(count)}'
+    deadline = time.monotonic() + 30
+    while True:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics") as reply:
+            if line in reply.read().decode():
+                return
+        assert time.monotonic() < deadline, f"never {count} pending"
+        time.sleep(0.01)
+
+
 @pytest.mark.parametrize("batching", [False, True], ids=["default", "dynamic"])
 def test_sigterm_finishes_admitted_requests(tmp_path: Path, batching: bool) -> None:
     repo = tmp_path / "repo"
@@ -37,7 +51,7 @@ def test_sigterm_finishes_admitted_requests(tmp_path: Path, batching: bool) -> N
     item = httpclient.InferInput("COUNT", [1, 1], "INT64")
     item.set_data_from_numpy(np.array([[TRIPS]], np.int64))
     pending = [client.async_infer("slow", [item]) for _ in range(6)]
-    time.sleep(0.2)
+    _wait_until_pending(server, "slow", 6)  # every one admitted, none answered yet
     server.process.send_signal(15)
     probe = httpclient.InferenceServerClient(server.http_url)
     deadline = time.monotonic() + 10
