@@ -161,9 +161,10 @@ class Region(_HeldRegion):
 
     def view(self, offset: int, size: int) -> np.ndarray | None:
         """``size`` bytes from ``offset`` in place, read-only, holding the region open until
-        the last view of them is gone; None where the region is not mapped or its object no
-        longer holds them."""
-        if self._mapping is None or self.available() < offset + size:
+        the last view of them is gone; None where the region is not mapped. The object's
+        size was checked when the request was decoded; a truncation since is the guard's
+        (:meth:`check_whole`)."""
+        if self._mapping is None:
             return None
         # The views' common base: NumPy's views of views all refer to it, so its end is
         # the end of the last of them (an array's own lifetime is not: a reshape outlives it).
@@ -177,8 +178,8 @@ class Region(_HeldRegion):
     def read(self, offset: int, destination: memoryview) -> int:
         """A read into a buffer of the caller's (a GPU engine's staging buffer) goes
         through the descriptor even where the region is mapped, the path measured at least
-        as fast on the GPU machine: served ResNet-50 from system shared memory ran 15%
-        slower with such reads copied out of the mapping, and 3-10% slower mapped with them
+        as fast on the GPU machine: served ResNet-50 from system shared memory ran 16%
+        slower with such reads copied out of the mapping, and 7% slower mapped with them
         through the descriptor (the rest of that cost was not found). Only a read in place,
         which copies nothing, gains from the mapping."""
         if not destination.nbytes:
@@ -459,7 +460,7 @@ class SharedMemoryRegions:
         region: Region, offset: int, shape: tuple[int, ...], dtype: datatypes.DataType
     ) -> np.ndarray | None:
         """An input as an array over the mapped region itself; None where it cannot be
-        (not aligned for its type, or truncated: then it is read like any other). The
+        (not aligned for its type: then it is read like any other). The
         mapping starts on a page, so the offset into the object says the alignment."""
         if (region.offset + offset) % dtype.numpy.alignment:
             return None

@@ -87,7 +87,8 @@ def decode_infer_request(
         message.raw_input_contents if raw_contents is None else raw_contents
     )
     inputs: list[InferInput] = []
-    in_place: list[Region] = []
+    # Mapped regions read in place; made only for a request with a tensor in a region.
+    in_place: list[Region] | None = None
     index = 0
     for tensor in message.inputs:
         name = tensor.name
@@ -101,6 +102,7 @@ def decode_infer_request(
                 raise InvalidArgumentError(
                     f"input '{name}' names a shared-memory region and carries contents as well"
                 )
+            in_place = [] if in_place is None else in_place
             array = served_regions(regions).read_input(
                 _parameters(parameters), dtype, shape, name, in_place
             )

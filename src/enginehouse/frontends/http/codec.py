@@ -149,7 +149,8 @@ def decode_infer_request(
         raise InvalidArgumentError("request 'id' must be a string")
 
     inputs: list[InferInput] = []
-    in_place: list[Region] = []
+    # Mapped regions read in place; made only for a request with a tensor in a region.
+    in_place: list[Region] | None = None
     offset = 0
     for raw in raw_inputs:
         if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
@@ -169,6 +170,7 @@ def decode_infer_request(
                 raise InvalidArgumentError(
                     f"input '{name}' names a shared-memory region and carries data as well"
                 )
+            in_place = [] if in_place is None else in_place
             array = served_regions(regions).read_input(
                 input_parameters, dtype, shape, name, in_place
             )
