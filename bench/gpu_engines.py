@@ -76,12 +76,14 @@ def timed(
 
 
 def build(
-    model: BenchModel, precision: str, autotune: bool
-) -> tuple[Any, Callable[[], Any], float, bool]:
+    model: BenchModel, precision: str, autotune: bool, static: str = ""
+) -> tuple[Any, Callable[[], Any], float, bool, dict[str, Any]]:
     """Our engine for ``model``: (config, a loader of one more instance of it, build
-    seconds, cache hit)."""
+    seconds, cache hit, the builder's measurement of fixed-batch engines for the sizes in
+    ``static``)."""
     from tritonclient.grpc import model_config_pb2 as mc
 
+    from enginehouse.backends import inductor_artifact
     from enginehouse.backends.base import Placement
     from enginehouse.backends.torch import TorchBackend
     from enginehouse.builder import artifacts
@@ -90,7 +92,13 @@ def build(
     from enginehouse.repository import ModelRepository
 
     extra = 'parameters { key: "engine_autotune" value: { string_value: "true" } }\n'
-    model.write(OUT / "repo", gpu_config(precision, extra=extra if autotune else ""))
+    extra = extra if autotune else ""
+    if static:
+        extra += (
+            'parameters { key: "engine_static_batch_sizes" '
+            f'value: {{ string_value: "{static}" }} }}\n'
+        )
+    model.write(OUT / "repo", gpu_config(precision, extra=extra))
     location = ModelRepository([OUT / "repo"]).locate(model.name)
     config, backend, files = loader.prepare_config(location, strict=False)
     started = time.perf_counter()
@@ -105,7 +113,9 @@ def build(
             config, built.path, Placement(mc.ModelInstanceGroup.KIND_GPU, 0), True
         )
 
-    return config, instance, seconds, built.hit
+    index = built.path.parent / inductor_artifact.STATIC_INDEX
+    measured = json.loads(index.read_text()) if index.is_file() else {}
+    return config, instance, seconds, built.hit, measured
 
 
 class TakingTurns:
@@ -190,10 +200,19 @@ def main() -> None:
     )
     parser.add_argument("--iters", type=int, default=200)
     parser.add_argument("--autotune", action="store_true")
+    parser.add_argument(
+        "--static-batches",
+        choices=("largest", "none"),
+        default="largest",
+        help="build a fixed-batch engine for each model's largest batch here beside the one of "
+        "symbolic batch (engine_static_batch_sizes; the builder keeps it where it measures "
+        "faster, and its figures are printed)",
+    )
     args = parser.parse_args()
     import torch
 
     rows: list[dict[str, Any]] = []
+    fixed_batches: list[dict[str, Any]] = []
     device = torch.cuda.get_device_name(0)
     print(f"{device}, torch {torch.__version__}")
     for name in args.models.split(","):
@@ -204,10 +223,23 @@ def main() -> None:
             half = half.to(memory_format=torch.channels_last)
         engines: dict[str, list[Any]] = {}
         build_seconds: dict[str, float] = {}
+        static = str(BATCHES[name][-1]) if args.static_batches == "largest" else ""
         for precision in (args.precision or PRECISION[name]).split(","):
-            _, instance, build_s, hit = build(model, precision, args.autotune)
+            _, instance, build_s, hit, measured = build(model, precision, args.autotune, static)
             engines[precision] = [instance(), instance()]
             print(f"  {name} {precision}: {'cache hit' if hit else f'built in {build_s:.0f} s'}")
+            for verdict, batches in measured.items():
+                for batch, facts in batches.items():
+                    print(f"    fixed batch {batch} {verdict}: {facts}", flush=True)
+                    fixed_batches.append(
+                        {
+                            "model": name,
+                            "precision": precision,
+                            "batch": int(batch),
+                            "kept": verdict == "kept",
+                            **facts,
+                        }
+                    )
             build_seconds[precision] = build_s
         # Eager and our engines measured side by side, in alternating rounds (see timed).
         figures: dict[int, dict[str, tuple[float, float]]] = {}
@@ -253,7 +285,15 @@ def main() -> None:
         )
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "gpu_engines.json").write_text(
-        json.dumps({"device": device, "torch": torch.__version__, "rows": rows}, indent=1)
+        json.dumps(
+            {
+                "device": device,
+                "torch": torch.__version__,
+                "rows": rows,
+                "fixed_batches": fixed_batches,
+            },
+            indent=1,
+        )
     )
     summary = [
         f"{r['model']} b{r['batch']} {r['p50_ms']:.2f} ms {r['vs']}"

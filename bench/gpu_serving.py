@@ -200,7 +200,7 @@ def raw_engine(model: BenchModel, batch: int, seconds: float) -> float:
     """Items per second of one engine instance executing host arrays of ``batch`` rows."""
     from gpu_engines import build
 
-    _, instance, _, _ = build(model, PRECISION[model.name], False)
+    _, instance, _, _, _ = build(model, PRECISION[model.name], False)
     engine = instance()
     host = model.inputs(batch)
     outputs = [t.name for t in engine.config.output]

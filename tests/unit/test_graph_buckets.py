@@ -54,3 +54,10 @@ def test_graph_buckets_refuse_bad_lists(text: str) -> None:
     chosen = f'parameters {{ key: "cuda_graph_batch_buckets" value: {{ string_value: "{text}" }} }}'
     with pytest.raises(ModelLoadError, match="cuda_graph_batch_buckets"):
         graph_buckets(_config(chosen))
+
+
+def test_fixed_batch_engines_sizes_are_buckets() -> None:
+    static = 'parameters { key: "engine_static_batch_sizes" value: { string_value: "36" } }'
+    assert 36 in graph_buckets(_config(static))
+    chosen = 'parameters { key: "cuda_graph_batch_buckets" value: { string_value: "1,8" } }'
+    assert graph_buckets(_config(f"{static}\n{chosen}")) == [1, 8, 36]

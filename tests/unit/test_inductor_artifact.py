@@ -100,3 +100,42 @@ def test_weights_sized_like_the_example_batch_do_not_fix_the_batch(tmp_path: Pat
     for rows in (1, 5):
         ids = torch.arange(rows * 16).reshape(rows, 16)
         torch.testing.assert_close(runner(ids)[0], program.module()(ids))
+
+
+def test_the_runner_calls_the_artifact_made_for_the_calls_batch() -> None:
+    def symbolic(*args: torch.Tensor) -> str:
+        return "symbolic"
+
+    def fixed(*args: torch.Tensor) -> str:
+        return "fixed"
+
+    runner = inductor_artifact.ArtifactRunner(symbolic, [torch.ones(1)], {4: fixed})
+    assert runner(torch.zeros(4, 3)) == "fixed"
+    assert runner(torch.zeros(3, 3)) == "symbolic"
+
+
+def test_a_fixed_batch_artifact_loads_beside_the_symbolic_one(tmp_path: Path) -> None:
+    module = torch_convnet(8)
+    inductor_artifact.save(torch, _exported(module), False, tmp_path)
+    weights = inductor_artifact.lifted_weights(torch, _exported(module))
+    fixed = torch.export.export(module, (torch.randn(4, 3, 16, 16),))
+    artifact = inductor_artifact.compile_static(torch, fixed, weights, False, False)
+    inductor_artifact.save_static(artifact, 4, tmp_path)
+    inductor_artifact.write_static_index(
+        tmp_path, {4: {"static_ms": 1.0}}, {8: {"reason": "not 2% faster"}}
+    )
+    assert inductor_artifact.static_batches(tmp_path) == [4]
+
+    loaded = inductor_artifact.load(torch, tmp_path / inductor_artifact.ARTIFACT, "cpu", "m")
+    assert sorted(loaded.by_batch) == [4]
+    with torch.inference_mode():
+        for batch in (4, 3):
+            x = torch.randn(batch, 3, 16, 16)
+            torch.testing.assert_close(loaded(x)[0], module(x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_fixed_batch_program_of_other_weights_is_refused() -> None:
+    weights = inductor_artifact.lifted_weights(torch, _exported(torch_convnet(8)))
+    other = torch.export.export(torch_convnet(4), (torch.randn(4, 3, 16, 16),))
+    with pytest.raises(inductor_artifact.Unsupported, match="other weights"):
+        inductor_artifact.compile_static(torch, other, weights, False, False)

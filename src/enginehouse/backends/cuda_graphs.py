@@ -82,7 +82,7 @@ def _take_stream(torch: Any, device: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _captured_cublas_workspace(torch: Any) -> Iterator[None]:
+def captured_cublas_workspace(torch: Any) -> Iterator[None]:
     """Around one graph's capture: cuBLAS's cached workspaces are dropped before it, so that
     the captured calls allocate theirs from the graph's own memory pool, and again after it,
     so that no call outside the graph finds that memory still cached (PyTorch's CUDA-graph
@@ -280,7 +280,7 @@ class CudaGraphEngine(Engine):
         graph = torch.cuda.CUDAGraph()
         # Thread-local capture: other instances keep serving on their own threads.
         with (
-            _captured_cublas_workspace(torch),
+            captured_cublas_workspace(torch),
             torch.cuda.graph(
                 graph, pool=self._pool, stream=self.stream, capture_error_mode="thread_local"
             ),

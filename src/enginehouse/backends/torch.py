@@ -31,6 +31,7 @@ from enginehouse.backends.torch_programs import (
 )
 from enginehouse.config import model_config
 from enginehouse.config.autocomplete import GraphSignature, read_signature
+from enginehouse.config.build_spec import static_batch_sizes
 from enginehouse.errors import ModelLoadError
 
 TORCH_BACKEND = "pytorch"
@@ -196,11 +197,15 @@ class TorchBackend(Backend):
 
 def graph_buckets(config: mc.ModelConfig) -> list[int]:
     """The batch sizes to capture CUDA graphs for: ``cuda_graph_batch_buckets`` (e.g.
-    ``"1,8,32"``) or powers of two up to max_batch_size plus the preferred batch sizes."""
+    ``"1,8,32"``) or powers of two up to max_batch_size plus the preferred batch sizes; and
+    in either case the sizes that fixed-batch engines are built for
+    (``engine_static_batch_sizes``), whose kernels only a graph of their own size runs."""
+    static = static_batch_sizes(config)
     text = model_config.parameter(config, "cuda_graph_batch_buckets").strip()
     if not text:
         return default_buckets(
-            config.max_batch_size, list(config.dynamic_batching.preferred_batch_size)
+            config.max_batch_size,
+            [*config.dynamic_batching.preferred_batch_size, *static],
         )
     try:
         sizes = sorted({int(item) for item in text.split(",")})
@@ -211,7 +216,7 @@ def graph_buckets(config: mc.ModelConfig) -> list[int]:
             f"model '{config.name}': cuda_graph_batch_buckets must be batch sizes between 1 and "
             f"max_batch_size ({config.max_batch_size}), got '{text}'"
         )
-    return sizes
+    return sorted({*sizes, *static})
 
 
 def _load_runner(

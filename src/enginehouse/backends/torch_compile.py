@@ -120,7 +120,11 @@ def acquire(torch: Any, path: Path, config: mc.ModelConfig, index: int) -> Any:
         started = time.perf_counter()
         device = f"cuda:{index}"
         if path.name == inductor_artifact.ARTIFACT:
-            run, how = inductor_artifact.load(torch, path, device, config.name), "loaded"
+            run = inductor_artifact.load(torch, path, device, config.name)
+            how = "loaded"
+            if run.by_batch:
+                sizes = ",".join(map(str, sorted(run.by_batch)))
+                how += f" with fixed-batch engines for batch {sizes}"
         else:
             run, how = _compile_cached(torch, path, config, device), "compiled from cached kernels"
         log.info(

@@ -34,6 +34,7 @@ from enginehouse.backends.torch_programs import (
     program_on,
 )
 from enginehouse.backends.torch_quantize import QUANTIZED
+from enginehouse.builder import static_batches
 from enginehouse.builder.accuracy import OutputErrors, build_manifest
 from enginehouse.builder.onnx_builder import cpu_model
 from enginehouse.builder.samples import Sample, load_calibration, random_samples
@@ -181,6 +182,10 @@ def _build(
             runner, artefact = _build_compiled(
                 torch, exported, example, config, spec, out, channels_last
             )
+        if spec.static_batches:
+            _build_static_batches(
+                torch, wrapped, runner, exported, config, spec, samples, dynamic, out, channels_last
+            )
     except ModelLoadError:
         raise
     except Exception as exc:  # export and inductor raise many types
@@ -201,11 +206,11 @@ def _user_input_dtypes(program: Any) -> list[Any]:
 
 
 def _example(
-    torch: Any, config: mc.ModelConfig, samples: list[Sample], device: str
+    torch: Any, config: mc.ModelConfig, samples: list[Sample], device: str, rows: int = 2
 ) -> tuple[Any, ...]:
     """The inputs to trace with: torch.export specialises dims of size 1, so a batch of two
-    where the model batches."""
-    repeat = 2 if config.max_batch_size >= 2 else 1
+    (``rows``) where the model batches."""
+    repeat = min(rows, config.max_batch_size) if config.max_batch_size >= 1 else 1
     return tuple(
         torch.from_numpy(
             np.concatenate([samples[0][t.name]] * repeat)
@@ -295,6 +300,43 @@ def _build_compiled(
     if artifacts is not None:
         (out / torch_compile.KERNELS).write_bytes(artifacts[0])
     return compiled, torch_compile.PROGRAM
+
+
+def _build_static_batches(
+    torch: Any,
+    wrapped: Any,
+    runner: Any,
+    exported: Any,
+    config: mc.ModelConfig,
+    spec: BuildSpec,
+    samples: list[Sample],
+    dynamic: list[dict[int, Any]],
+    out: Path,
+    channels_last: bool,
+) -> None:
+    """Fixed-batch engines beside a standalone GPU one (builder/static_batches.py). An
+    AOTInductor package for the CPU, or an engine built for torch.compile (quantised, or
+    refused standalone), has no place for them."""
+    if not isinstance(runner, inductor_artifact.ArtifactRunner):
+        log.warning(
+            "model '%s': engine_static_batch_sizes applies to standalone GPU engines only, "
+            "not to this %s engine: ignored",
+            config.name,
+            "cpu" if spec.target == "cpu" else "torch.compile",
+        )
+        return
+    static_batches.build(
+        torch,
+        config.name,
+        wrapped,
+        lambda rows: _example(torch, config, samples, spec.target, rows),
+        dynamic,
+        spec,
+        runner,
+        inductor_artifact.lifted_weights(torch, exported),
+        out,
+        channels_last,
+    )
 
 
 def _accuracy(

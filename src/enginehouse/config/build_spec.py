@@ -20,6 +20,9 @@ Triton's own fields are used where they exist (``optimization.graph.level``,
   (max |built - source| / max |source| over every output); defaults per precision.
 - ``engine_force``: ``true`` keeps a build that fails the accuracy gate.
 - ``engine_autotune``: ``true`` lets Inductor benchmark kernel choices (PyTorch builds).
+- ``engine_static_batch_sizes``: batch sizes (``"128,256"``) for which a PyTorch GPU build
+  also compiles the model with that batch fixed, kept only where it measures faster than the
+  engine of symbolic batch (builder/static_batches.py).
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ class BuildSpec:
     force: bool = False
     # Let Inductor benchmark kernel choices while building (slower builds, faster engines).
     autotune: bool = False
+    # Batch sizes to compile a fixed-batch engine for beside the symbolic one (GPU builds).
+    static_batches: tuple[int, ...] = ()
 
     def key_parts(self) -> dict[str, Any]:
         """The fields that change the artefact. The tolerance and force only decide whether a
@@ -75,6 +80,8 @@ class BuildSpec:
         # The builder's fingerprint names the device (model and index: GPU engines are
         # compiled for one device), so the spec keeps only the kind.
         parts["target"] = self.target.split(":")[0]
+        if not self.static_batches:  # keys made before the field existed stay valid
+            parts.pop("static_batches")
         return parts
 
 
@@ -115,6 +122,23 @@ def _profiles(config: mc.ModelConfig, raw: str) -> tuple[ShapeProfile, ...]:
                 )
             found.append(ShapeProfile(name, dim, low, opt, high, tuple(sorted(set(buckets)))))
     return tuple(found)
+
+
+def static_batch_sizes(config: mc.ModelConfig) -> tuple[int, ...]:
+    """``engine_static_batch_sizes``: distinct batch sizes within the model's batch range."""
+    text = parameter(config, "engine_static_batch_sizes", "").strip()
+    if not text:
+        return ()
+    try:
+        sizes = tuple(sorted({int(item) for item in text.split(",")}))
+    except ValueError:
+        sizes = (0,)
+    if config.max_batch_size < 1 or sizes[0] < 1 or sizes[-1] > config.max_batch_size:
+        raise ModelLoadError(
+            f"model '{config.name}': engine_static_batch_sizes must be batch sizes between 1 "
+            f"and max_batch_size ({config.max_batch_size}) of a batching model, got '{text}'"
+        )
+    return sizes
 
 
 def engine_precision(config: mc.ModelConfig) -> str:
@@ -159,4 +183,5 @@ def build_spec(config: mc.ModelConfig, backend: str, target: str = "cpu") -> Bui
         tolerance=tolerance,
         force=flag_parameter(config, "engine_force", False),
         autotune=flag_parameter(config, "engine_autotune", False),
+        static_batches=static_batch_sizes(config),
     )
