@@ -11,7 +11,13 @@ host copies beside the other's graph). All of a batch's
 engines run side by side in alternating rounds, so that the GPU's drift over a run (clocks,
 neighbours) reaches each of them alike; each figure is an engine's median round.
 
-    python bench/gpu_engines.py [--models resnet50,bert] [--precision bf16,int8,fp8] [--iters 200]
+Each engine is built with a fixed-batch engine for the model's largest batch beside the one of
+symbolic batch (``engine_static_batch_sizes``); the builder keeps it where it replays faster,
+and what it measured is printed and saved. ``resnet50_fp16_image`` is ResNet-50 with its image
+declared FP16 in the config (half the bytes cross).
+
+    python bench/gpu_engines.py [--models resnet50,bert,resnet50_fp16_image]
+        [--precision bf16,int8,fp8] [--iters 200] [--static-batches largest|none]
 """
 
 from __future__ import annotations
@@ -146,7 +152,10 @@ def eager_runs(
     torch: Any, model: BenchModel, module: Any, half: Any, batch: int
 ) -> dict[str, Callable[[], Any]]:
     """Eager fp32 and eager fp16 (channels-last for the convnet) at one batch."""
-    device_inputs = [torch.from_numpy(a).cuda() for a in model.inputs(batch).values()]
+    device_inputs = [
+        torch.from_numpy(a).cuda().float() if a.dtype.kind == "f" else torch.from_numpy(a).cuda()
+        for a in model.inputs(batch).values()
+    ]
     half_inputs = [
         t.half().contiguous(memory_format=torch.channels_last) if t.ndim == 4 else t
         for t in device_inputs
@@ -219,12 +228,12 @@ def main() -> None:
         model = MODELS[name]
         module = model.module().cuda()
         half = model.module().cuda().half()
-        if name == "resnet50":
+        if model.kind == "resnet50":
             half = half.to(memory_format=torch.channels_last)
         engines: dict[str, list[Any]] = {}
         build_seconds: dict[str, float] = {}
-        static = str(BATCHES[name][-1]) if args.static_batches == "largest" else ""
-        for precision in (args.precision or PRECISION[name]).split(","):
+        static = str(BATCHES[model.kind][-1]) if args.static_batches == "largest" else ""
+        for precision in (args.precision or PRECISION[model.kind]).split(","):
             _, instance, build_s, hit, measured = build(model, precision, args.autotune, static)
             engines[precision] = [instance(), instance()]
             print(f"  {name} {precision}: {'cache hit' if hit else f'built in {build_s:.0f} s'}")
@@ -243,7 +252,7 @@ def main() -> None:
             build_seconds[precision] = build_s
         # Eager and our engines measured side by side, in alternating rounds (see timed).
         figures: dict[int, dict[str, tuple[float, float]]] = {}
-        for batch in BATCHES[name]:
+        for batch in BATCHES[model.kind]:
             runs = eager_runs(torch, model, module, half, batch)
             for precision, engine in engines.items():
                 runs |= our_runs(model, engine, batch, precision)

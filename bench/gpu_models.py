@@ -7,7 +7,7 @@ torch.export into a model repository folder with a config.pbtxt for the pytorch 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +23,21 @@ class BenchModel:
     name: str
     max_batch_size: int
     tensors: str  # input/output sections of config.pbtxt
+    # The network (``resnet50``, ``bert``) where the name is a variant's.
+    network: str = ""
+    # The NumPy type of the image as the config declares it (``float16``: half the bytes
+    # cross; the program stays fp32 and the engine takes the narrow image as it is).
+    image_dtype: str = "float32"
+
+    @property
+    def kind(self) -> str:
+        return self.network or self.name
 
     def module(self) -> Any:
         import torch
 
         torch.manual_seed(0)
-        if self.name == "resnet50":
+        if self.kind == "resnet50":
             import torchvision
 
             return torchvision.models.resnet50(weights=None).eval()
@@ -47,8 +56,8 @@ class BenchModel:
 
     def inputs(self, batch: int, seed: int = -1) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(batch if seed < 0 else 1000 + seed)
-        if self.name == "resnet50":
-            return {"image": rng.standard_normal((batch, 3, 224, 224)).astype(np.float32)}
+        if self.kind == "resnet50":
+            return {"image": rng.standard_normal((batch, 3, 224, 224)).astype(self.image_dtype)}
         return {
             "input_ids": rng.integers(1000, 30000, (batch, SEQUENCE)).astype(np.int64),
             "attention_mask": np.ones((batch, SEQUENCE), np.int64),
@@ -62,7 +71,10 @@ class BenchModel:
         program = folder / "1" / "model.pt2"
         if not program.is_file():
             program.parent.mkdir(parents=True, exist_ok=True)
-            example = tuple(torch.from_numpy(a) for a in self.inputs(2).values())
+            example = tuple(
+                torch.from_numpy(a.astype(np.float32) if a.dtype.kind == "f" else a)
+                for a in self.inputs(2).values()
+            )
             batch = torch.export.Dim("batch", min=1, max=self.max_batch_size)
             dynamic = tuple({0: batch} for _ in example)
             exported = torch.export.export(self.module(), example, dynamic_shapes=dynamic)
@@ -95,7 +107,14 @@ BERT = BenchModel(
     f'       {{ name: "attention_mask" data_type: TYPE_INT64 dims: [{SEQUENCE}] }}]\n'
     'output [{ name: "embedding" data_type: TYPE_FP32 dims: [768] }]\n',
 )
-MODELS = {m.name: m for m in (RESNET50, BERT)}
+RESNET50_FP16_IMAGE = replace(
+    RESNET50,
+    name="resnet50_fp16_image",
+    network="resnet50",
+    image_dtype="float16",
+    tensors=RESNET50.tensors.replace("TYPE_FP32 dims: [3", "TYPE_FP16 dims: [3"),
+)
+MODELS = {m.name: m for m in (RESNET50, BERT, RESNET50_FP16_IMAGE)}
 
 
 def gpu_config(precision: str, count: int = 1, buckets: str = "", extra: str = "") -> str:

@@ -200,7 +200,7 @@ def raw_engine(model: BenchModel, batch: int, seconds: float) -> float:
     """Items per second of one engine instance executing host arrays of ``batch`` rows."""
     from gpu_engines import build
 
-    _, instance, _, _, _ = build(model, PRECISION[model.name], False)
+    _, instance, _, _, _ = build(model, PRECISION[model.kind], False)
     engine = instance()
     host = model.inputs(batch)
     outputs = [t.name for t in engine.config.output]
@@ -224,7 +224,7 @@ def serve(model: BenchModel, args: argparse.Namespace) -> list[dict[str, Any]]:
     delay = QUEUE_DELAY_US[model.name] if args.queue_delay_us is None else args.queue_delay_us
     instances = INSTANCES[model.name] if args.instances is None else args.instances
     batching = f"dynamic_batching {{ max_queue_delay_microseconds: {delay} }}\n"
-    config = gpu_config(PRECISION[model.name], count=instances, extra=batching)
+    config = gpu_config(PRECISION[model.kind], count=instances, extra=batching)
     print(f"  {model.name}: {instances} instances, queue delay {delay} us", flush=True)
     served.write(OUT / "serve-repo", config)
     starts: list[float] = []

@@ -87,7 +87,7 @@ def main() -> None:
 
     model = MODELS[args.model]
     print(f"building {model.name} ...", flush=True)
-    config, instance, seconds, hit, _ = build(model, PRECISION[model.name], False)
+    config, instance, seconds, hit, _ = build(model, PRECISION[model.kind], False)
     engine = instance()
     print(f"  built in {seconds:.1f} s (cache hit: {hit})", flush=True)
     outputs = [t.name for t in config.output]
