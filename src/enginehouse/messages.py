@@ -176,11 +176,33 @@ class DeviceOutput:
         return True
 
 
+class HostOutput:
+    """Where one request's output goes in a mapped system shared-memory region: ``buffer``,
+    the target's bytes in the mapping itself (writable). A CPU engine whose runtime can
+    write an output into memory given to it (ONNX Runtime's I/O binding) puts the output
+    there and sets ``written``; otherwise the data plane copies it there after the run, as
+    before. ``region`` as for :class:`DeviceOutput`; the data plane also checks that the
+    region's object was not truncated under the write. The buffer holds the region open
+    while it lives (a view of a region does), so the target needs no hold of its own."""
+
+    __slots__ = ("buffer", "region", "written")
+
+    def __init__(self, region: object, buffer: np.ndarray) -> None:
+        self.region = region
+        self.buffer = buffer
+        self.written: int | None = None
+
+    @property
+    def byte_size(self) -> int:
+        return int(self.buffer.nbytes)
+
+
 # What an input tensor is between the frontends and an engine's gather.
 Tensor = np.ndarray | RegionTensor
 # Per output name, one entry per request of a batch (in the batch's order): where that
-# request's rows of the output go on a device, or None.
-DeviceOutputs = dict[str, list[DeviceOutput | None]]
+# request's rows of the output may be written in place (on a device, or in a mapped region
+# on the host), or None.
+OutputTargets = dict[str, list[DeviceOutput | HostOutput | None]]
 
 
 @dataclass(slots=True)
@@ -234,8 +256,9 @@ class InferRequest:
     admitted_ns: int = 0
     # Outputs to write into shared-memory regions rather than send, by output name.
     output_regions: dict[str, SharedMemoryTarget] | None = None
-    # Of those, the ones in CUDA regions, which a GPU engine may write on the device.
-    device_outputs: dict[str, DeviceOutput] | None = None
+    # Of those, the ones an engine may write in place: in CUDA regions (a GPU engine on
+    # the device) and large ones in mapped system regions (a CPU engine).
+    output_targets: dict[str, DeviceOutput | HostOutput] | None = None
     # Mapped system regions whose bytes inputs are read from in place: the request fails
     # where one of them was truncated under its mapping before the request finished.
     regions_in_place: list[Any] | None = None

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from enginehouse.backends.base import Engine, Launched, Placement
-from enginehouse.messages import DeviceOutputs, Tensor
+from enginehouse.messages import OutputTargets, Tensor
 from enginehouse.runtime.instance import EARLY_S, Instance
 
 
@@ -53,10 +53,10 @@ class DoublingEngine(Engine):
         return array * 2
 
     def gather(
-        self, parts: dict[str, list[Tensor]], device_outputs: DeviceOutputs | None = None
+        self, parts: dict[str, list[Tensor]], output_targets: OutputTargets | None = None
     ) -> dict[str, np.ndarray]:
         self.threads["gather"] = threading.get_ident()
-        return super().gather(parts, device_outputs)
+        return super().gather(parts, output_targets)
 
     def launch(self, inputs: dict[str, np.ndarray], output_names: Sequence[str]) -> Launched | None:
         if inputs["INPUT0"].shape[0] > self.max_rows:

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
-from enginehouse.messages import DeviceOutputs, Tensor
+from enginehouse.messages import OutputTargets, Tensor
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,12 +88,12 @@ class Engine(ABC):
         """Run the model on named inputs and return the named outputs, in that order."""
 
     def gather(
-        self, parts: dict[str, list[Tensor]], device_outputs: DeviceOutputs | None = None
+        self, parts: dict[str, list[Tensor]], output_targets: OutputTargets | None = None
     ) -> dict[str, np.ndarray]:
         """The inputs of one execution from the requests' inputs, stacked along the batch
         dimension in order (a tensor still in a shared-memory region is read here). Engines
         that stage inputs in buffers of their own override it to copy each part into place
-        once, instead of joining them first. ``device_outputs``: where the execution that
+        once, instead of joining them first. ``output_targets``: where the execution that
         follows may write requests' outputs on a device; an engine that cannot leaves them
         (their outputs are then written from the host)."""
         return {

@@ -51,7 +51,7 @@ from enginehouse import datatypes
 from enginehouse.backends.base import Engine, Launched
 from enginehouse.backends.host_copies import copied, copy_all, copy_rows
 from enginehouse.backends.stream_wake import StreamWaker, stream_waker
-from enginehouse.messages import DeviceOutput, DeviceOutputs, RegionTensor, Tensor
+from enginehouse.messages import DeviceOutput, OutputTargets, RegionTensor, Tensor
 
 log = logging.getLogger(__name__)
 
@@ -334,14 +334,14 @@ class CudaGraphEngine(Engine):
         return self.buckets[at] if at < len(self.buckets) else None
 
     def gather(
-        self, parts: dict[str, list[Tensor]], device_outputs: DeviceOutputs | None = None
+        self, parts: dict[str, list[Tensor]], output_targets: OutputTargets | None = None
     ) -> dict[str, np.ndarray]:
         """Requests' inputs copied straight into the pinned staging buffers (one copy, not a
         join and then a copy; an input in a shared-memory region is read from the region
         into place), when the batch fits a captured graph. ``execute`` then finds them in
         place and copies nothing. Parts in CUDA regions on this device are left there for
         the launch to copy on the device, and so are outputs bound for them
-        (``device_outputs``, one entry per part of the first input)."""
+        (``output_targets``, one entry per part of the first input)."""
         self._on_device = []
         self._out_on_device = []
         lists = [parts.get(name, []) for name in self._inputs]
@@ -363,22 +363,22 @@ class CudaGraphEngine(Engine):
             staged[name] = host[:rows]
         copy_all(copies)
         self._on_device = on_device
-        if device_outputs:
-            self._out_on_device = self._outputs_here(lists[0], device_outputs)
+        if output_targets:
+            self._out_on_device = self._outputs_here(lists[0], output_targets)
         return staged
 
     def _outputs_here(
-        self, firsts: list[Tensor], device_outputs: DeviceOutputs
+        self, firsts: list[Tensor], output_targets: OutputTargets
     ) -> list[tuple[int, int, int, DeviceOutput]]:
         """The targets on this engine's device, with the rows of the batch each takes."""
         found = []
-        for name, targets in device_outputs.items():
+        for name, targets in output_targets.items():
             index = self._index.get(name)
             if index is None or len(targets) != len(firsts):
                 continue
             first = 0
             for part, target in zip(firsts, targets):
-                if target is not None and target.device == self._device_index:
+                if isinstance(target, DeviceOutput) and target.device == self._device_index:
                     found.append((index, first, part.shape[0], target))
                 first += part.shape[0]
         return found

@@ -18,9 +18,11 @@ import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
 from enginehouse.backends.base import Backend, Engine, Placement, SourceFacts
+from enginehouse.backends.output_binding import OutputBinding
 from enginehouse.config import autocomplete
 from enginehouse.config.model_config import ONNX_BACKEND, ONNX_PLATFORM, parameter
 from enginehouse.errors import InvalidArgumentError, ModelLoadError
+from enginehouse.messages import HostOutput, OutputTargets, Tensor
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +50,17 @@ def _to_bytes(array: np.ndarray) -> np.ndarray:
 
 
 class OnnxRuntimeEngine(Engine):
-    """An ONNX Runtime session and the knowledge of which tensors are strings."""
+    """An ONNX Runtime session and the knowledge of which tensors are strings. Where the
+    request's outputs all go into mapped shared-memory regions (``HostOutput`` targets, set
+    by :meth:`gather` for the execution that follows it), ONNX Runtime writes them there
+    itself (:class:`~enginehouse.backends.output_binding.OutputBinding`)."""
 
-    def __init__(self, session: object, string_inputs: frozenset[str]) -> None:
+    def __init__(
+        self,
+        session: object,
+        string_inputs: frozenset[str],
+        binding: OutputBinding | None = None,
+    ) -> None:
         import onnxruntime as ort
         from onnxruntime.capi import onnxruntime_pybind11_state as native
 
@@ -73,10 +83,32 @@ class OnnxRuntimeEngine(Engine):
         # Set to terminate by cancel(); replaced after a terminated run.
         self._run_options = ort.RunOptions()
         self._cancelled = False
+        self._binding = binding if not string_inputs else None
+        # Set by gather() for the execute() that follows it: (its inputs, their targets).
+        self._targets: tuple[dict[str, np.ndarray], dict[str, HostOutput]] | None = None
+
+    def gather(
+        self, parts: dict[str, list[Tensor]], output_targets: OutputTargets | None = None
+    ) -> dict[str, np.ndarray]:
+        inputs = super().gather(parts)
+        if output_targets and self._binding is not None:
+            # One request's outputs only: a batch's rows of one output go to several places.
+            host = {
+                name: targets[0]
+                for name, targets in output_targets.items()
+                if len(targets) == 1 and isinstance(targets[0], HostOutput)
+            }
+            self._targets = (inputs, host) if host else None
+        return inputs
 
     def execute(
         self, inputs: dict[str, np.ndarray], output_names: Sequence[str]
     ) -> list[np.ndarray]:
+        targets, self._targets = self._targets, None
+        if targets is not None and targets[0] is inputs and self._binding is not None:
+            written = self._execute_into(inputs, output_names, targets[1], self._binding)
+            if written is not None:
+                return written
         if self._string_inputs:
             inputs = {
                 name: _to_text(value, name) if name in self._string_inputs else value
@@ -98,6 +130,37 @@ class OnnxRuntimeEngine(Engine):
             _to_bytes(r) if isinstance(r, np.ndarray) and r.dtype == np.object_ else r
             for r in results
         ]
+
+    def _execute_into(
+        self,
+        inputs: dict[str, np.ndarray],
+        output_names: Sequence[str],
+        targets: dict[str, HostOutput],
+        binding: OutputBinding,
+    ) -> list[np.ndarray] | None:
+        """Run with the outputs written into their targets; None where they cannot be (the
+        plain run then follows)."""
+        outputs = binding.outputs_in(inputs, output_names, targets)
+        if outputs is None:
+            return None
+        try:
+            binding.run(inputs, output_names, outputs, self._run_options)
+        except Exception as exc:
+            if self._cancelled:
+                raise
+            # The config's output shapes are not what the model computes: run as before.
+            log.warning(
+                "outputs in place turned off for this instance: a bound run failed: %s", exc
+            )
+            self._binding = None
+            return None
+        finally:
+            if self._cancelled:
+                self._cancelled = False
+                self._run_options = self._new_run_options()
+        for name, (array, _) in zip(output_names, outputs):
+            targets[name].written = array.nbytes
+        return [array for array, _ in outputs]
 
     def cancel(self) -> None:
         """ONNX Runtime checks the flag between kernels and in loops, and the run ends."""
@@ -216,7 +279,10 @@ class OnnxRuntimeBackend(Backend):
                 f"model '{config.name}': onnxruntime cannot load it: {exc}"
             ) from None
         strings = frozenset(t.name for t in config.input if t.data_type == mc.TYPE_STRING)
-        return OnnxRuntimeEngine(session, strings)
+        cpu = placement.kind != mc.ModelInstanceGroup.KIND_GPU
+        return OnnxRuntimeEngine(
+            session, strings, OutputBinding.of(config, session) if cpu else None
+        )
 
 
 def _compatible(a: Sequence[int], b: Sequence[int]) -> bool:

@@ -46,7 +46,7 @@ class DataPlane:
         if request.output_regions is None and request.regions_in_place is None:
             return version.submit(request)
         if request.output_regions is not None:
-            request.device_outputs = self.shared_memory.device_outputs(request.output_regions)
+            request.output_targets = self.shared_memory.output_targets(request.output_regions)
         result = version.submit(request)
         if isinstance(result, InferResponse):
             return self._into_regions(request, result)
@@ -60,20 +60,21 @@ class DataPlane:
         for region in request.regions_in_place or ():
             region.check_whole("input")
         targets = request.output_regions or {}
-        on_device = request.device_outputs or {}
+        in_place = request.output_targets or {}
         outputs = []
         for tensor in response.outputs:
             target = targets.get(tensor.name)
             if target is None:
                 outputs.append(tensor)
                 continue
-            device = on_device.get(tensor.name)
+            engine = in_place.get(tensor.name)
             if (
-                device is not None
-                and device.written is not None
-                and self.shared_memory.registered(target, tensor.name) is device.region
+                engine is not None
+                and engine.written is not None
+                and self.shared_memory.registered(target, tensor.name) is engine.region
             ):
-                written = device.written  # the engine copied it there on the device
+                # The engine wrote it there itself (on the device, or in the mapping).
+                written = self.shared_memory.written_in_place(target, engine, tensor.name)
             else:
                 written = self.shared_memory.write(target, tensor.data, tensor.name)
             parameters: dict[str, object] = {

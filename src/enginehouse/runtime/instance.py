@@ -25,7 +25,7 @@ from functools import partial
 import numpy as np
 
 from enginehouse.backends.base import Engine, Launched, Placement
-from enginehouse.messages import DeviceOutputs, Tensor
+from enginehouse.messages import OutputTargets, Tensor
 from enginehouse.runtime.spare_cores import spare_cores
 
 log = logging.getLogger(__name__)
@@ -259,11 +259,11 @@ class Instance:
         return self._engine.reads_regions
 
     def gather(
-        self, parts: dict[str, list[Tensor]], device_outputs: DeviceOutputs | None = None
+        self, parts: dict[str, list[Tensor]], output_targets: OutputTargets | None = None
     ) -> dict[str, np.ndarray]:
         """The engine's inputs for several requests' parts (call on the instance thread),
         and where it may write their outputs on a device."""
-        return self._engine.gather(parts, device_outputs)
+        return self._engine.gather(parts, output_targets)
 
     def execute_sync(
         self,

@@ -22,9 +22,9 @@ import numpy as np
 from enginehouse.config.tensors import TensorSpec
 from enginehouse.errors import EnginehouseError, InternalError, UnavailableError
 from enginehouse.messages import (
-    DeviceOutputs,
     InferRequest,
     InferResponse,
+    OutputTargets,
     OutputTensor,
     RegionTensor,
     Tensor,
@@ -64,21 +64,21 @@ class Work:
         where some wait in a region or an output may be written on a device, the
         instance's gather of them (read into place)."""
         feeds = self.feeds
-        if self.in_regions or self.request.device_outputs is not None:
-            device_outputs = device_outputs_of([self])
-            return lambda: instance.gather({name: [a] for name, a in feeds.items()}, device_outputs)
+        if self.in_regions or self.request.output_targets is not None:
+            output_targets = output_targets_of([self])
+            return lambda: instance.gather({name: [a] for name, a in feeds.items()}, output_targets)
         arrays = cast(dict[str, np.ndarray], feeds)  # no RegionTensor among them
         return lambda: arrays
 
 
-def device_outputs_of(works: Sequence[Work]) -> DeviceOutputs | None:
+def output_targets_of(works: Sequence[Work]) -> OutputTargets | None:
     """Where a batch's requests' outputs may be written on a device, in the batch's
     order; None when no request has an output in a CUDA region (almost always)."""
-    if all(work.request.device_outputs is None for work in works):
+    if all(work.request.output_targets is None for work in works):
         return None
-    names = {name for work in works for name in work.request.device_outputs or ()}
+    names = {name for work in works for name in work.request.output_targets or ()}
     return {
-        name: [(work.request.device_outputs or {}).get(name) for work in works] for name in names
+        name: [(work.request.output_targets or {}).get(name) for work in works] for name in names
     }
 
 

@@ -26,7 +26,7 @@ from enginehouse.scheduler.base import (
     Responses,
     Scheduler,
     Work,
-    device_outputs_of,
+    output_targets_of,
 )
 from enginehouse.scheduler.batcher import DynamicBatcher
 from enginehouse.scheduler.instances import InstanceSupervisor
@@ -125,12 +125,12 @@ class DynamicBatchScheduler(Scheduler):
         names = tuple(dict.fromkeys(n for work in works for n in work.names))
         queued = time.perf_counter_ns()
 
-        device_outputs = device_outputs_of(works)
+        output_targets = output_targets_of(works)
 
         def prepare() -> dict[str, np.ndarray]:
             return instance.gather(
                 {name: [work.feeds[name] for work in works] for name in works[0].feeds},
-                device_outputs,
+                output_targets,
             )
 
         finish = self.responses.finisher(names, total)

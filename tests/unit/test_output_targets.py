@@ -13,7 +13,7 @@ import numpy as np
 from enginehouse.backends.base import Engine
 from enginehouse.core.shared_memory import SharedMemoryRegions
 from enginehouse.messages import DeviceOutput, InferRequest, SharedMemoryTarget
-from enginehouse.scheduler.base import Work, device_outputs_of
+from enginehouse.scheduler.base import Work, output_targets_of
 
 
 def target(byte_size: int, accepts: bool = True) -> tuple[DeviceOutput, list[tuple[int, ...]]]:
@@ -51,17 +51,17 @@ def test_a_target_releases_its_region_once_gone() -> None:
     assert released == [True]
 
 
-def work(device_outputs: dict[str, DeviceOutput] | None, rows: int = 1) -> Work:
-    request = InferRequest("m", [], device_outputs=device_outputs)
+def work(output_targets: dict[str, DeviceOutput] | None, rows: int = 1) -> Work:
+    request = InferRequest("m", [], output_targets=output_targets)
     return Work(request, {"x": np.zeros((rows, 2), np.float32)}, ("y", "z"), rows, 0, 8 * rows)
 
 
 def test_a_batch_s_targets_line_up_with_its_requests() -> None:
-    assert device_outputs_of([work(None), work(None)]) is None
+    assert output_targets_of([work(None), work(None)]) is None
     y0, _ = target(8)
     z2, _ = target(8)
     y2, _ = target(8)
-    lined_up = device_outputs_of([work({"y": y0}), work(None, rows=3), work({"y": y2, "z": z2})])
+    lined_up = output_targets_of([work({"y": y0}), work(None, rows=3), work({"y": y2, "z": z2})])
     assert lined_up == {"y": [y0, None, y2], "z": [None, None, z2]}
 
 
@@ -84,8 +84,8 @@ def test_system_regions_have_no_device_targets() -> None:
     regions = SharedMemoryRegions()
     try:
         regions.register("sys", f"/{key}", 0, 64)
-        assert regions.device_outputs({"y": SharedMemoryTarget("sys", 0, 64)}) is None
-        assert regions.device_outputs({"y": SharedMemoryTarget("unknown", 0, 64)}) is None
+        assert regions.output_targets({"y": SharedMemoryTarget("sys", 0, 64)}) is None
+        assert regions.output_targets({"y": SharedMemoryTarget("unknown", 0, 64)}) is None
     finally:
         regions.close()
         os.unlink(f"/dev/shm/{key}")
