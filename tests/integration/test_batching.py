@@ -364,18 +364,26 @@ def test_warmup_gates_readiness(tmp_path: Path) -> None:
         server.stop()
 
 
-def test_metrics_move_with_batches(batching_server: InProcessServer) -> None:
-    concurrent_grpc(batching_server, "batched", [np.ones((1, 4), np.float32)] * 8)
-    text = (
-        urllib.request.urlopen(f"http://127.0.0.1:{batching_server.metrics_port}/metrics")
-        .read()
-        .decode()
-    )
+def _scrape(server: InProcessServer) -> tuple[str, dict[str, float]]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics").read().decode()
     values = {
         line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()
         if line and not line.startswith("#")
     }
+    return text, values
+
+
+def test_metrics_move_with_batches(batching_server: InProcessServer) -> None:
+    concurrent_grpc(batching_server, "batched", [np.ones((1, 4), np.float32)] * 8)
+    idle = 'enginehouse_instances{model="batched",state="idle",version="1"}'
+    # The instance goes back to idle just after the last answer, and a health check may
+    # hold it for a moment: the scrape that counts it idle is the one checked.
+    deadline = time.monotonic() + 10
+    text, values = _scrape(batching_server)
+    while values.get(idle) != 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        text, values = _scrape(batching_server)
     key = '{model="batched",version="1"}'
     assert values["nv_inference_exec_count" + key] < values["nv_inference_count" + key]
     assert (
@@ -385,7 +393,7 @@ def test_metrics_move_with_batches(batching_server: InProcessServer) -> None:
     assert values['enginehouse_batch_size_bucket{le="+Inf",model="batched",version="1"}'] >= 1
     assert values["enginehouse_batch_size_sum" + key] == values["nv_inference_count" + key]
     assert 'enginehouse_instances{model="fragile",state="failed",version="1"}' in values
-    assert values['enginehouse_instances{model="batched",state="idle",version="1"}'] == 1
+    assert values[idle] == 1
     assert (
         values['enginehouse_warmup_seconds{instance="batched_0_0_v1",model="batched",version="1"}']
         > 0
