@@ -157,7 +157,16 @@ def test_outputs_that_cannot_be_written_in_place_take_the_plain_run(
         (result,) = engine.execute(inputs, ["OUTPUT0"])
         assert small.written is None
         np.testing.assert_array_equal(result, -x)
-    del result, first, second, target, small
+    # An input over the target's own bytes (one region named for both): a run reading it
+    # while writing there would read its own output.
+    shared = _target(regions)
+    over = shared.buffer[: x.nbytes].view(np.float32).reshape(x.shape)
+    over[...] = 3
+    inputs = engine.gather({"INPUT0": [over]}, {"OUTPUT0": [shared]})
+    (result,) = engine.execute(inputs, ["OUTPUT0"])
+    assert shared.written is None
+    np.testing.assert_array_equal(result, np.full(x.shape, -3, np.float32))
+    del result, first, second, target, small, shared, over, inputs
     regions.close()
 
 

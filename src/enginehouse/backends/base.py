@@ -94,8 +94,8 @@ class Engine(ABC):
         dimension in order (a tensor still in a shared-memory region is read here). Engines
         that stage inputs in buffers of their own override it to copy each part into place
         once, instead of joining them first. ``output_targets``: where the execution that
-        follows may write requests' outputs on a device; an engine that cannot leaves them
-        (their outputs are then written from the host)."""
+        follows may write requests' outputs itself (on a device, or in a mapped region); an
+        engine that cannot leaves them (the data plane then writes those outputs)."""
         return {
             name: np.asarray(arrays[0]) if len(arrays) == 1 else np.concatenate(arrays, axis=0)
             for name, arrays in parts.items()

@@ -47,7 +47,9 @@ class ArtifactRunner:
     graph compiled for the call's batch where there is one (``by_batch``), else the one of
     symbolic batch."""
 
-    def __init__(self, artifact: Any, weights: list[Any], by_batch: dict[int, Any] | None = None):
+    def __init__(
+        self, artifact: Any, weights: list[Any], by_batch: dict[int, Any] | None = None
+    ) -> None:
         self._artifact = artifact
         self._weights = weights
         self.by_batch = by_batch or {}
@@ -158,6 +160,7 @@ def compile_static(
 
 
 def save_static(artifact: Any, batch: int, out: Path) -> None:
+    """Write a kept fixed-batch artifact beside the engine's own."""
     artifact.save(path=str(out / static_name(batch)), format="binary")
 
 

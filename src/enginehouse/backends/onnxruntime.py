@@ -148,9 +148,12 @@ class OnnxRuntimeEngine(Engine):
         except Exception as exc:
             if self._cancelled:
                 raise
-            # The config's output shapes are not what the model computes: run as before.
+            # The config's output shapes are not what the model computes, or the model
+            # fails on these inputs: the plain run follows, and says which.
             log.warning(
-                "outputs in place turned off for this instance: a bound run failed: %s", exc
+                "outputs in place turned off for this instance: a run with its outputs bound "
+                "failed (%s); it is run again without",
+                exc,
             )
             self._binding = None
             return None

@@ -6,7 +6,8 @@ loop's samples serving it on the 2-core machine. ONNX Runtime's I/O binding lets
 an output into a buffer given to it, of the exact shape it computes. The shape must be known
 before the run: the config's dims (the engine's, after any ``reshape``) with the request's
 rows in front where the model batches. An output with a variable dim, or of strings, is not
-bound, and then neither are the request's others (one plain run serves them all).
+bound, nor one whose target overlaps an input or another output (a run reads its inputs
+while it writes), and then neither are the request's others (one plain run serves them all).
 
 Binding costs about 7 us a run on that machine, against the copy it saves (30 us for 1 MB
 from cache): the data plane offers only outputs of at least 128 KiB
@@ -74,7 +75,7 @@ class OutputBinding:
             rows = first.shape[0]
         if not all(a.flags.c_contiguous for a in inputs.values()):
             return None
-        arrays = []
+        arrays: list[tuple[np.ndarray, int]] = []
         for name in names:
             spec, target = self._outputs.get(name), targets.get(name)
             if spec is None or target is None:
@@ -86,7 +87,14 @@ class OutputBinding:
             address = buffer.ctypes.data
             if size > buffer.nbytes or address % ALIGNMENT:
                 return None
-            arrays.append((buffer[:size].view(dtype).reshape(shape), address))
+            array = buffer[:size].view(dtype).reshape(shape)
+            # A run reads its inputs while it writes its outputs: no output may lie over an
+            # input (a client may name one region for both) or over another output.
+            if any(np.may_share_memory(array, a) for a in inputs.values()) or any(
+                np.may_share_memory(array, other) for other, _ in arrays
+            ):
+                return None
+            arrays.append((array, address))
         return arrays
 
     def run(
