@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import mmap
 import os
-import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from tritonclient.utils import InferenceServerException
 from enginehouse.core import mapping_guard
 from enginehouse.core.shared_memory import IN_PLACE_OUTPUT_BYTES
 from tests.conftest import InProcessServer
+from tests.integration.test_shared_memory import Regions
 
 pytestmark = pytest.mark.skipif(not mapping_guard.AVAILABLE, reason="needs the mapping guard")
 
@@ -73,37 +74,29 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessServer
         yield server
 
 
+@dataclass
 class Client:
-    """A tritonclient connection and the regions it made, destroyed after the test."""
+    """A tritonclient module, its connection, and the regions the test made through it."""
 
-    def __init__(self, module: Any, url: str) -> None:
-        self.module = module
-        self.connection = module.InferenceServerClient(url)
-        self.handles: list[Any] = []
+    module: Any
+    connection: Any
+    regions: Regions
 
     def region(self, size: int) -> tuple[str, str, Any]:
-        """A new object of ``size`` bytes registered whole: (name, key, handle)."""
-        name = f"o{uuid.uuid4().hex[:8]}"
-        key = f"/eh_{name}"
-        handle = shm.create_shared_memory_region(name, key, size)
-        self.handles.append(handle)
-        self.connection.register_system_shared_memory(name, key, size)
-        return name, key, handle
-
-    def close(self) -> None:
-        self.connection.unregister_system_shared_memory()
-        for handle in self.handles:
-            shm.destroy_shared_memory_region(handle)
+        return self.regions.make(size)
 
 
 @pytest.fixture(params=[(httpclient, "http"), (grpcclient, "grpc")], ids=["http", "grpc"])
 def client(request: pytest.FixtureRequest, served: InProcessServer) -> Iterator[Client]:
     module, protocol = request.param
-    made = Client(module, served.http_url if protocol == "http" else served.grpc_url)
+    connection = module.InferenceServerClient(
+        served.http_url if protocol == "http" else served.grpc_url
+    )
+    regions = Regions(connection)
     try:
-        yield made
+        yield Client(module, connection, regions)
     finally:
-        made.close()
+        regions.close()
 
 
 def _infer(client: Client, image: np.ndarray, output: str) -> Any:
