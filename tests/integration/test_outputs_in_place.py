@@ -25,6 +25,7 @@ from enginehouse.core import mapping_guard
 from enginehouse.core.shared_memory import IN_PLACE_OUTPUT_BYTES
 from tests.conftest import InProcessServer
 from tests.integration.test_shared_memory import Regions
+from tests.models import save
 
 pytestmark = pytest.mark.skipif(not mapping_guard.AVAILABLE, reason="needs the mapping guard")
 
@@ -54,17 +55,13 @@ def _twice() -> onnx.ModelProto:
             helper.make_tensor_value_info("OUTPUT1", TensorProto.FLOAT, shape),
         ],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessServer]:
     repo = tmp_path_factory.mktemp("repo")
-    (repo / "twice" / "1").mkdir(parents=True)
-    onnx.save(_twice(), str(repo / "twice" / "1" / "model.onnx"))
-    (repo / "twice" / "config.pbtxt").write_text(CONFIG)
+    save(_twice(), repo, "twice", CONFIG)
     with InProcessServer.live(
         [repo],
         "--map-shared-memory",

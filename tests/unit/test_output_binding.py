@@ -89,6 +89,9 @@ def test_large_outputs_of_mapped_regions_are_offered(key: str) -> None:
     small = SharedMemoryTarget("r", 0, IN_PLACE_OUTPUT_BYTES - 4)
     assert mapped.output_targets({"OUTPUT0": small}) is None  # the copy is cheaper
     assert _target(mapped).byte_size == SIZE
+    # Not for a model whose engines cannot write them (decided once, at load).
+    whole = SharedMemoryTarget("r", 0, SIZE)
+    assert mapped.output_targets({"OUTPUT0": whole}, host=False) is None
     mapped.close()
     through_descriptors = SharedMemoryRegions(mapped=False)
     through_descriptors.register("r", key, 0, SIZE)

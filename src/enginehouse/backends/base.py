@@ -75,6 +75,10 @@ class Engine(ABC):
     # buffers of its own. Where it does not, the scheduler reads them into arrays when a
     # request arrives, on the event loop, beside the instance threads, as any input arrives.
     reads_regions: bool = False
+    # Whether the engine may write an output into a mapped region itself, as :meth:`gather`'s
+    # ``output_targets`` offer (``HostOutput``). Where none of a model's engines can, the
+    # data plane does not make such targets for its requests.
+    writes_host_outputs: bool = False
 
     def launch(self, inputs: dict[str, np.ndarray], output_names: Sequence[str]) -> Launched | None:
         """Start an execution and return without waiting for it, or None when this one

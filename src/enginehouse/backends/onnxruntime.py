@@ -84,6 +84,7 @@ class OnnxRuntimeEngine(Engine):
         self._run_options = ort.RunOptions()
         self._cancelled = False
         self._binding = binding if not string_inputs else None
+        self.writes_host_outputs = self._binding is not None
         # Set by gather() for the execute() that follows it: (its inputs, their targets).
         self._targets: tuple[dict[str, np.ndarray], dict[str, HostOutput]] | None = None
 

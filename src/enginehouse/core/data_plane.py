@@ -46,7 +46,9 @@ class DataPlane:
         if request.output_regions is None and request.regions_in_place is None:
             return version.submit(request)
         if request.output_regions is not None:
-            request.output_targets = self.shared_memory.output_targets(request.output_regions)
+            request.output_targets = self.shared_memory.output_targets(
+                request.output_regions, host=version.writes_host_outputs
+            )
         result = version.submit(request)
         if isinstance(result, InferResponse):
             return self._into_regions(request, result)

@@ -75,6 +75,11 @@ class ModelVersion:
         """Requests admitted and not yet answered."""
         return self.scheduler.in_flight
 
+    @property
+    def writes_host_outputs(self) -> bool:
+        """Whether its instances may write outputs into mapped regions themselves."""
+        return self.scheduler.writes_host_outputs
+
     def metadata(self, versions: Sequence[str]) -> ModelMetadata:
         batch = (-1,) if self.batching else ()
         return ModelMetadata(

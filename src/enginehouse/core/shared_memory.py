@@ -210,12 +210,12 @@ class Region(_HeldRegion):
     def write(self, offset: int, source: memoryview) -> int:
         if self._bytes is None:
             return os.pwrite(self.fd, source, self.offset + offset)
-        count = self._within(offset, source.nbytes)
+        count = self.within(offset, source.nbytes)
         if count:
             self._bytes[offset : offset + count] = np.frombuffer(source, np.uint8, count)
         return 0 if self.faults() else count
 
-    def _within(self, offset: int, size: int) -> int:
+    def within(self, offset: int, size: int) -> int:
         """How many of ``size`` bytes from ``offset`` the object still holds: a mapping is
         never touched past its object's end."""
         return max(0, min(size, self.available() - offset))
@@ -511,19 +511,20 @@ class SharedMemoryRegions:
         return SharedMemoryTarget(region.name, offset, size)
 
     def output_targets(
-        self, targets: Mapping[str, SharedMemoryTarget]
+        self, targets: Mapping[str, SharedMemoryTarget], host: bool = True
     ) -> dict[str, DeviceOutput | HostOutput] | None:
         """The targets an engine may write in place: in CUDA regions (a GPU engine on the
-        region's device), and of at least :data:`IN_PLACE_OUTPUT_BYTES` in mapped system
-        regions (a CPU engine); None when there are none. Each holds its region open until
-        it is gone, as an input tensor in a region does."""
+        region's device), and, where ``host`` (the model's engines can), of at least
+        :data:`IN_PLACE_OUTPUT_BYTES` in mapped system regions; None when there are none.
+        Each holds its region open until it is gone, as an input tensor in a region does."""
         found: dict[str, DeviceOutput | HostOutput] = {}
         for tensor, target in targets.items():
             region = self._regions.get(target.region)
             if isinstance(region, CudaRegion):
                 found[tensor] = self._device_output(region, target)
             elif (
-                isinstance(region, Region)
+                host
+                and isinstance(region, Region)
                 and region.mapped
                 and target.byte_size >= IN_PLACE_OUTPUT_BYTES
                 and (buffer := region.writable_view(target.offset, target.byte_size)) is not None
@@ -567,12 +568,9 @@ class SharedMemoryRegions:
         written = output.written or 0
         if isinstance(region, Region):
             region.check_whole(tensor)
-            if region.available() < target.offset + written:
-                raise InvalidArgumentError(
-                    f"output '{tensor}': only {max(0, region.available() - target.offset)} of "
-                    f"{written} bytes reached shared-memory region '{target.region}' (its "
-                    "object was truncated)"
-                )
+            held = region.within(target.offset, written)
+            if held != written:
+                raise _short_write(tensor, held, written, target)
         return written
 
     def write(self, target: SharedMemoryTarget, array: np.ndarray, tensor: str) -> int:
@@ -588,10 +586,7 @@ class SharedMemoryRegions:
             )
         written = self._copy(region, region.write, target.offset, data, tensor)
         if written != len(data):
-            raise InvalidArgumentError(
-                f"output '{tensor}': only {written} of {len(data)} bytes reached "
-                f"shared-memory region '{target.region}'"
-            )
+            raise _short_write(tensor, written, len(data), target)
         return written
 
     @staticmethod
@@ -602,6 +597,16 @@ class SharedMemoryRegions:
             return int(copy(offset, buffer))
         except cuda_ipc.CudaIpcError as exc:
             raise _refused(region, tensor, exc) from None
+
+
+def _short_write(
+    tensor: str, written: int, size: int, target: SharedMemoryTarget
+) -> InvalidArgumentError:
+    """Only part of an output reached its system region: the object was truncated."""
+    return InvalidArgumentError(
+        f"output '{tensor}': only {written} of {size} bytes reached shared-memory region "
+        f"'{target.region}' (its object was truncated)"
+    )
 
 
 def _refused(

@@ -258,11 +258,16 @@ class Instance:
         """Whether the engine's gather reads shared-memory inputs into place itself."""
         return self._engine.reads_regions
 
+    @property
+    def writes_host_outputs(self) -> bool:
+        """Whether the engine may write outputs into mapped regions itself."""
+        return self._engine.writes_host_outputs
+
     def gather(
         self, parts: dict[str, list[Tensor]], output_targets: OutputTargets | None = None
     ) -> dict[str, np.ndarray]:
         """The engine's inputs for several requests' parts (call on the instance thread),
-        and where it may write their outputs on a device."""
+        and where it may write their outputs itself (on a device, or in a mapped region)."""
         return self._engine.gather(parts, output_targets)
 
     def execute_sync(

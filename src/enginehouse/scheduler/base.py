@@ -61,8 +61,8 @@ class Work:
 
     def inputs(self, instance: Instance) -> Callable[[], dict[str, np.ndarray]]:
         """What an execution of this request alone takes as its inputs: the feeds, or,
-        where some wait in a region or an output may be written on a device, the
-        instance's gather of them (read into place)."""
+        where some wait in a region or an output may be written in place, the instance's
+        gather of them (read into place)."""
         feeds = self.feeds
         if self.in_regions or self.request.output_targets is not None:
             output_targets = output_targets_of([self])
@@ -72,8 +72,8 @@ class Work:
 
 
 def output_targets_of(works: Sequence[Work]) -> OutputTargets | None:
-    """Where a batch's requests' outputs may be written on a device, in the batch's
-    order; None when no request has an output in a CUDA region (almost always)."""
+    """Where a batch's requests' outputs may be written in place, in the batch's order;
+    None when no request has such a target (almost always)."""
     if all(work.request.output_targets is None for work in works):
         return None
     names = {name for work in works for name in work.request.output_targets or ()}
@@ -153,6 +153,8 @@ class Scheduler(ABC):
         # once, at load: replacements come from the same factory.
         loaded = instances.all()
         self.reads_regions = bool(loaded) and all(i.reads_regions for i in loaded)
+        # Whether they may write outputs into mapped regions themselves (likewise once).
+        self.writes_host_outputs = bool(loaded) and all(i.writes_host_outputs for i in loaded)
 
     @abstractmethod
     def submit(self, work: Work) -> InferResponse | Awaitable[InferResponse]:
