@@ -158,6 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
         "false reads and writes regions through their descriptor",
     )
     serve.add_argument(
+        "--pin-shared-memory",
+        type=_bool,
+        default=None,
+        help="page-lock system shared-memory regions with the CUDA driver when they are "
+        "registered, so that GPU models copy their inputs from the client's pages to the "
+        "device by DMA, with no CPU copy (default: on where the machine has an NVIDIA GPU; "
+        "at most 16 GiB of regions are pinned, the rest are read as before)",
+    )
+    serve.add_argument(
         "--http-max-input-size",
         type=int,
         default=64 * 1024 * 1024,
@@ -316,6 +325,7 @@ def assemble(args: argparse.Namespace) -> Server:
             args.model_max_pending_requests or 2**62, args.model_max_pending_bytes or 2**62
         ),
         map_shared_memory=args.map_shared_memory,
+        pin_shared_memory=args.pin_shared_memory,
     )
     frontends: list[Frontend] = []
     if args.allow_http:

@@ -16,6 +16,10 @@ from typing import Any, cast
 
 import numpy as np
 
+# A RegionTensor's ``device`` where it is in page-locked host memory: every device's engines
+# can copy it in (``copy_to_device``), none holds it.
+ANY_DEVICE = -1
+
 
 class RegionTensor:
     """An input tensor left in a client's shared-memory region until its batch is gathered,
@@ -28,7 +32,9 @@ class RegionTensor:
     ``release`` is called once this tensor and every view of it are gone (the region then
     may close). A tensor in a CUDA region also names its ``device`` and can be copied on
     it: ``to_device(offset, address, size, stream)`` enqueues a device-to-device copy on a
-    CUDA stream, which is how a GPU engine on that device takes it (``copy_to_device``)."""
+    CUDA stream, which is how a GPU engine on that device takes it (``copy_to_device``).
+    A tensor in a page-locked system region names :data:`ANY_DEVICE`: its copy is a DMA
+    transfer from the client's pages to whichever device the engine is on."""
 
     __slots__ = (
         "__weakref__",
@@ -107,10 +113,12 @@ class RegionTensor:
 
     def copy_to_device(self, address: int, stream: int) -> None:
         """Enqueue a copy of this tensor's bytes to device ``address`` on CUDA ``stream``;
-        only a tensor in a CUDA region (``device`` not None) can. The tensor must stay alive
-        until the stream has run the copy: it holds the region open."""
+        only a tensor in a CUDA region or a page-locked one (``device`` not None) can. The
+        tensor must stay alive until the stream has run the copy: it holds the region open."""
         if self._to_device is None:
-            raise ValueError("only a tensor in a CUDA shared-memory region is copied on a device")
+            raise ValueError(
+                "only a tensor in a CUDA or page-locked shared-memory region is copied to a device"
+            )
         self._to_device(self._offset, address, self.nbytes, stream)
 
     def read_into(self, destination: np.ndarray) -> None:

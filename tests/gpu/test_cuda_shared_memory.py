@@ -2,11 +2,13 @@
 utilities: device buffers made by the client (this process), opened by the server (a child
 process: an IPC handle cannot be opened by the process that made it), for a CPU model and
 for a GPU model with two instances, over both protocols (its inputs copied device to device
-into the engine's buffers); one allocation registered by two clients under two names; a region unregistered while requests bound for it run (skipped
-without a GPU)."""
+into the engine's buffers); one allocation registered by two clients under two names; a
+region unregistered while requests bound for it run; system regions read by a GPU model,
+pinned and unpinned, and a pinned one truncated (skipped without a GPU)."""
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -348,27 +350,55 @@ def test_a_region_unregistered_while_requests_run(served: ServerProcess) -> None
         regions.close()
 
 
-def test_gpu_model_reads_system_regions_into_its_staging(served: ServerProcess) -> None:
-    """Images in system shared memory, batched: each read from its region straight into the
-    instance's pinned staging rows."""
+@pytest.fixture(scope="module")
+def served_unpinned(
+    tmp_path_factory: pytest.TempPathFactory, served: ServerProcess
+) -> Iterator[ServerProcess]:
+    """The same repository and engine cache served with system regions left unpinned."""
+    root = tmp_path_factory.mktemp("unpinned")
+    repo = Path(served.repositories[0])
+    cache = repo.parent / "cache"
+    with ServerProcess(
+        [repo],
+        "--engine-cache",
+        str(cache),
+        "--pin-shared-memory",
+        "false",
+        log_path=root / "serve.log",
+    ) as server:
+        server.wait_live(timeout_s=900)
+        yield server
+
+
+@pytest.mark.parametrize("pinned", [True, False], ids=["pinned", "staged"])
+def test_gpu_model_reads_system_regions(pinned: bool, request: pytest.FixtureRequest) -> None:
+    """Images in system shared memory, batched with images in request bodies: pinned, each
+    region's image is copied to the device by DMA when its batch launches; unpinned, it is
+    read from the region straight into the instance's pinned staging rows."""
     import tritonclient.utils.shared_memory as shm
 
-    grpc = client_for(grpcclient, served)
+    server: ServerProcess = request.getfixturevalue("served" if pinned else "served_unpinned")
+    grpc = client_for(grpcclient, server)
     images = np.random.default_rng(1).standard_normal((8, 1, 3, 16, 16)).astype(np.float32)
     with torch.no_grad():
         want = net()(torch.from_numpy(images.reshape(-1, 3, 16, 16))).numpy()
-    handle = shm.create_shared_memory_region("sys_images", "/eh_gpu_sys_images", images.nbytes)
+    key = f"/eh_gpu_sys_images_{pinned}"
+    handle = shm.create_shared_memory_region("sys_images", key, images.nbytes)
     errors: list[str] = []
     answers: dict[int, np.ndarray] = {}
     try:
         shm.set_shared_memory_region(handle, [images])
-        grpc.register_system_shared_memory("sys_images", "/eh_gpu_sys_images", images.nbytes)
+        grpc.register_system_shared_memory("sys_images", key, images.nbytes)
+        assert ("region 'sys_images' pinned for GPU models" in server.log()) is pinned
         one = images[0].nbytes
 
         def run(i: int) -> None:
-            client = client_for(grpcclient, served)
+            client = client_for(grpcclient, server)
             item = grpcclient.InferInput("image", [1, 3, 16, 16], "FP32")
-            item.set_shared_memory("sys_images", one, offset=i * one)
+            if i % 2:
+                item.set_data_from_numpy(images[i])
+            else:
+                item.set_shared_memory("sys_images", one, offset=i * one)
             for _ in range(10):
                 try:
                     answers[i] = client.infer("gpu_net", [item]).as_numpy("logits")
@@ -381,6 +411,34 @@ def test_gpu_model_reads_system_regions_into_its_staging(served: ServerProcess) 
             assert close_to(answers[i][0], want[i]), i
     finally:
         grpc.unregister_system_shared_memory("sys_images")
+        shm.destroy_shared_memory_region(handle)
+
+
+def test_a_pinned_region_truncated_is_a_400_and_the_server_serves_on(
+    served: ServerProcess,
+) -> None:
+    import tritonclient.utils.shared_memory as shm
+
+    grpc = client_for(grpcclient, served)
+    image = np.ones((1, 3, 16, 16), np.float32)
+    handle = shm.create_shared_memory_region("shrinking", "/eh_gpu_shrinking", image.nbytes)
+    try:
+        shm.set_shared_memory_region(handle, [image])
+        grpc.register_system_shared_memory("shrinking", "/eh_gpu_shrinking", image.nbytes)
+        item = grpcclient.InferInput("image", [1, 3, 16, 16], "FP32")
+        item.set_shared_memory("shrinking", image.nbytes)
+        before = grpc.infer("gpu_net", [item]).as_numpy("logits")
+        os.truncate("/dev/shm/eh_gpu_shrinking", 512)
+        with pytest.raises(InferenceServerException, match="truncated") as refused:
+            grpc.infer("gpu_net", [item])
+        assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+        body = grpcclient.InferInput("image", [1, 3, 16, 16], "FP32")
+        body.set_data_from_numpy(image)
+        np.testing.assert_allclose(
+            grpc.infer("gpu_net", [body]).as_numpy("logits"), before, rtol=1e-5
+        )
+    finally:
+        grpc.unregister_system_shared_memory("shrinking")
         shm.destroy_shared_memory_region(handle)
 
 

@@ -16,7 +16,7 @@ import pytest
 from enginehouse import datatypes
 from enginehouse.backends import host_copies
 from enginehouse.backends.base import Engine
-from enginehouse.core.shared_memory import SharedMemoryRegions
+from enginehouse.core.shared_memory import Region, SharedMemoryRegions
 from enginehouse.errors import InvalidArgumentError
 from enginehouse.messages import RegionTensor
 
@@ -150,3 +150,25 @@ def test_a_region_truncated_before_or_after_the_request_is_a_400(
         _tensor(regions, 2)
     with pytest.raises(InvalidArgumentError, match="truncated"):
         np.asarray(waiting)
+
+
+def test_pinning_asked_where_the_driver_cannot_pin_reads_as_before(
+    region: tuple[SharedMemoryRegions, str, np.ndarray],
+) -> None:
+    """Pinning is asked of every region on a GPU machine; where the CUDA driver refuses (here:
+    none is loaded, or no device), the region registers and is read through its descriptor."""
+    from enginehouse.core import cuda_ipc
+
+    if cuda_ipc.available():
+        pytest.skip("this machine can pin: tests/gpu/test_pinned_regions.py covers it")
+    _, key, data = region
+    regions = SharedMemoryRegions(pinned=True)
+    try:
+        regions.register("r", f"/{key}", 0, data.nbytes)
+        [registered] = regions.status("r")
+        assert isinstance(registered, Region) and not registered.pinned
+        tensor = _tensor(regions, 3, offset_rows=5)
+        assert tensor.device is None
+        np.testing.assert_array_equal(np.asarray(tensor), data[5:8])
+    finally:
+        regions.close()

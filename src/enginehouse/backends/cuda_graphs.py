@@ -22,9 +22,11 @@ Inputs in a client's CUDA shared-memory region on the instance's device never cr
 host: the gather leaves them where they are, and the launch copies them device to device into
 the static input buffers, copies the batch's other rows there from the staging buffers, and
 replays the bucket's second graph, captured beside the first: the model and the output copies
-without the input copies (:meth:`CudaGraphEngine._feed_on_device`). Outputs bound for a CUDA
-region on the device are copied there from the graph's own output buffers, device to device,
-on the same stream before the launch's done event (:meth:`CudaGraphEngine._write_on_device`).
+without the input copies (:meth:`CudaGraphEngine._feed_on_device`). Inputs in a pinned system
+region take the same way, by DMA from the client's pages: no CPU copies them. Outputs bound
+for a CUDA region on the device are copied there from the graph's own output buffers, device
+to device, on the same stream before the launch's done event
+(:meth:`CudaGraphEngine._write_on_device`).
 
 Synchronous executions (warm-up, benchmarks: :meth:`CudaGraphEngine.execute`) wait on the
 blocking event on the calling thread. Shapes that no graph covers (a variable non-batch
@@ -51,7 +53,13 @@ from enginehouse import datatypes
 from enginehouse.backends.base import Engine, Launched
 from enginehouse.backends.host_copies import copied, copy_all, copy_rows
 from enginehouse.backends.stream_wake import StreamWaker, stream_waker
-from enginehouse.messages import DeviceOutput, OutputTargets, RegionTensor, Tensor
+from enginehouse.messages import (
+    ANY_DEVICE,
+    DeviceOutput,
+    OutputTargets,
+    RegionTensor,
+    Tensor,
+)
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +181,7 @@ class CudaGraphEngine(Engine):
         # are already in the static buffers (fed on the device).
         self._fed_graphs: dict[int, Any] = {}
         # Set by gather() for the launch that follows it: the inputs it left in CUDA regions
-        # on this device, as (input index, first row, tensor).
+        # on this device or in page-locked ones, as (input index, first row, tensor).
         self._on_device: list[tuple[int, int, RegionTensor]] = []
         self.device_fed_batches = 0
         # Per bucket and graph (fed from staging, fed on the device): each of the model's
@@ -188,6 +196,9 @@ class CudaGraphEngine(Engine):
         self.device_written_outputs = 0
         index = self.device.index
         self._device_index = torch.cuda.current_device() if index is None else index
+        # The devices whose region tensors the launch copies in itself: this one's (CUDA
+        # regions on it) and any (page-locked system regions, by DMA).
+        self._copied_in = (self._device_index, ANY_DEVICE)
         # Per bucket, captured on first use by replay(): the model alone (benchmarks).
         self._bare: dict[int, Any] = {}
         self._pool: Any = None
@@ -339,9 +350,10 @@ class CudaGraphEngine(Engine):
         """Requests' inputs copied straight into the pinned staging buffers (one copy, not a
         join and then a copy; an input in a shared-memory region is read from the region
         into place), when the batch fits a captured graph. ``execute`` then finds them in
-        place and copies nothing. Parts in CUDA regions on this device are left there for
-        the launch to copy on the device, and so are outputs bound for them
-        (``output_targets``, one entry per part of the first input)."""
+        place and copies nothing. Parts in CUDA regions on this device, and in page-locked
+        system regions, are left there for the launch to copy to the device, and so are
+        outputs bound for CUDA regions (``output_targets``, one entry per part of the first
+        input)."""
         self._on_device = []
         self._out_on_device = []
         lists = [parts.get(name, []) for name in self._inputs]
@@ -355,7 +367,7 @@ class CudaGraphEngine(Engine):
             offset = 0
             for array in arrays:
                 end = offset + array.shape[0]
-                if isinstance(array, RegionTensor) and array.device == self._device_index:
+                if isinstance(array, RegionTensor) and array.device in self._copied_in:
                     on_device.append((index, offset, array))
                 else:
                     copies.append((host[offset:end], array))

@@ -10,6 +10,10 @@ current on the calling thread for each copy. A GPU engine on the allocation's de
 its inputs from it with device-to-device copies on its own stream (``copy_to_device``); other
 readers copy to host memory. Every copy is bounds-checked against the size
 the driver reports for the allocation; nothing here touches memory past it.
+
+The same driver page-locks a client's system region on a GPU machine (``PageLockedHost``):
+a GPU engine then has the DMA engine take an input from the client's pages to the device,
+where it would otherwise first copy it on a CPU into its own pinned staging buffer.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import numpy as np
 
 IPC_HANDLE_SIZE = 64
 _LAZY_ENABLE_PEER_ACCESS = 1
+# cuMemHostRegister: page-locked for every context, not only the one current at the call.
+_HOST_REGISTER_PORTABLE = 0x01
 
 
 class CudaIpcError(Exception):
@@ -68,6 +74,17 @@ class _Driver:
         self.device_to_device.argtypes = [
             ctypes.c_uint64,
             ctypes.c_uint64,
+            ctypes.c_size_t,
+            ctypes.c_void_p,
+        ]
+        self.host_register = self._entry("cuMemHostRegister_v2", "cuMemHostRegister")
+        self.host_register.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
+        self.host_unregister = self._entry("cuMemHostUnregister")
+        self.host_unregister.argtypes = [ctypes.c_void_p]
+        self.host_to_device = self._entry("cuMemcpyHtoDAsync_v2", "cuMemcpyHtoDAsync")
+        self.host_to_device.argtypes = [
+            ctypes.c_uint64,
+            ctypes.c_void_p,
             ctypes.c_size_t,
             ctypes.c_void_p,
         ]
@@ -248,5 +265,61 @@ class ImportedAllocation:
         try:
             with self._context.current() as cuda:
                 cuda.close(self.pointer)
+        finally:
+            self._context.release()
+
+
+class PageLockedHost:
+    """Host memory (a client's system region, mapped) page-locked by the driver for as long
+    as this is open, for every device (``PORTABLE``), so that a GPU engine's copy of an input
+    in it is one DMA transfer from the client's pages to the device, with no CPU copy.
+
+    Locking takes the pages as they are when it is made: the driver holds them, so a client
+    that truncates its object afterwards cannot make a copy fault (it reads the pages it
+    held), and the server's checks of the object's size answer its requests with a 400.
+    Registering costs about as much as touching every page once, so it is done once, when
+    the region is registered, and undone when the region is freed.
+    """
+
+    def __init__(self, address: int, size: int) -> None:
+        self._context = _PrimaryContext(0)  # any context will do: PORTABLE locks for all
+        try:
+            with self._context.current() as cuda:
+                cuda.check(
+                    cuda.host_register(address, size, _HOST_REGISTER_PORTABLE),
+                    "cuMemHostRegister",
+                )
+        except BaseException:
+            self._context.release()
+            raise
+        self.address = address
+        self.size = size
+        self._closed = False
+
+    def copy_to_device(self, offset: int, destination: int, size: int, stream: int) -> None:
+        """Enqueue a copy of ``size`` bytes from ``offset`` to device address ``destination``
+        on ``stream``, in the context current on the calling thread (a GPU engine's, whose
+        stream it is). The memory must stay locked until the stream has run the copy."""
+        if self._closed:
+            raise CudaIpcError("the page-locked memory was released")
+        if offset < 0 or offset + size > self.size:
+            raise CudaIpcError(
+                f"{size} bytes at offset {offset} run past the locked memory ({self.size} bytes)"
+            )
+        if not size:
+            return
+        cuda = self._context.cuda
+        cuda.check(
+            cuda.host_to_device(destination, self.address + offset, size, stream),
+            "cuMemcpyHtoDAsync",
+        )
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            with self._context.current() as cuda:
+                cuda.host_unregister(self.address)
         finally:
             self._context.release()

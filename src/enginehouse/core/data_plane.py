@@ -27,12 +27,20 @@ log = logging.getLogger(__name__)
 class DataPlane:
     """Requests, model metadata, configs and statistics over the registry's served models."""
 
-    def __init__(self, registry: ModelRegistry, map_shared_memory: bool | None = None) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        map_shared_memory: bool | None = None,
+        pin_shared_memory: bool | None = None,
+    ) -> None:
         self.registry = registry
         self.draining = False
         # The system and CUDA shared-memory regions clients registered (both protocols
         # share them).
-        self.shared_memory = SharedMemoryRegions(_mapped_by_default(map_shared_memory))
+        self.shared_memory = SharedMemoryRegions(
+            _mapped_by_default(map_shared_memory),
+            _has_gpu() if pin_shared_memory is None else pin_shared_memory,
+        )
 
     def submit(self, request: InferRequest) -> InferResponse | Awaitable[InferResponse]:
         """The response at once when the model ran inline, else an awaitable of it.
@@ -139,6 +147,12 @@ def _mapped_by_default(asked: bool | None) -> bool:
             "guard was not built (no C compiler at install)"
         )
         return False
-    # The device files, not the driver: initialising CUDA here, before the gRPC workers
-    # start, is what the server otherwise never does.
-    return not glob.glob("/dev/nvidia[0-9]*")
+    return not _has_gpu()
+
+
+def _has_gpu() -> bool:
+    """Whether the machine has an NVIDIA GPU. Its device files say, not the driver:
+    initialising CUDA here, before the gRPC workers start, is what the server otherwise never
+    does. Where it has one, system regions are pinned when registered (after the workers
+    started), so that GPU models take inputs from them by DMA."""
+    return bool(glob.glob("/dev/nvidia[0-9]*"))

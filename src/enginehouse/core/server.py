@@ -69,6 +69,7 @@ class ServerCore:
         poll_s: float = 15.0,
         pending_limits: PendingLimits | None = None,
         map_shared_memory: bool | None = None,
+        pin_shared_memory: bool | None = None,
     ) -> None:
         from enginehouse.version import __version__
 
@@ -88,7 +89,7 @@ class ServerCore:
         )
         self.lifecycle = Lifecycle(repository, self.registry, control_mode, settings)
         self.poller = RepositoryPoller(self.lifecycle, poll_s)
-        self.data = DataPlane(self.registry, map_shared_memory)
+        self.data = DataPlane(self.registry, map_shared_memory, pin_shared_memory)
         # The request path and the questions clients ask, straight to their owners: the
         # facade adds no call on the way.
         self.submit = self.data.submit

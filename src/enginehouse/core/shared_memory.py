@@ -22,6 +22,15 @@ built, or with ``serve --map-shared-memory false``, regions are read with ``prea
 into the array the engine reads and written with ``pwrite``: one copy each way, and a read
 of a truncated object just comes back short, a 400 for that request.
 
+On a machine with a GPU, system regions are also pinned when registered (page-locked by the
+CUDA driver, ``serve --pin-shared-memory``): a GPU model's input in one is then copied from
+the client's pages to the device by DMA when its batch launches, where it would otherwise be
+read on a CPU into the instance's pinned staging buffer first. CPU models read them as
+before. The driver holds the pages it locked, so a client truncating its object cannot make
+a copy fault; each request is checked against the object's size as before. A client that
+shrinks its object and then grows it again while it is registered is read from the pages it
+had when it registered them: unregister and register again after resizing.
+
 CUDA regions: a client registers the IPC handle of a device allocation (``cudaMalloc``) and
 its device; the server opens it through the driver (core/cuda_ipc.py), bounds every copy by
 the size the driver reports for the allocation, and copies inputs out of it and outputs into
@@ -39,6 +48,7 @@ import base64
 import binascii
 import contextlib
 import ctypes
+import logging
 import math
 import mmap
 import os
@@ -47,7 +57,7 @@ import stat
 import threading
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import numpy as np
@@ -61,12 +71,15 @@ from enginehouse.errors import (
     UnsupportedError,
 )
 from enginehouse.messages import (
+    ANY_DEVICE,
     DeviceOutput,
     HostOutput,
     RegionTensor,
     SharedMemoryTarget,
     Tensor,
 )
+
+log = logging.getLogger(__name__)
 
 SHM_ROOT = "/dev/shm"
 # At most this many regions at once: each holds an open descriptor or a device mapping.
@@ -75,6 +88,10 @@ MAX_REGIONS = 1024
 # Binding an output costs ONNX Runtime about 7 us a run on the 2-core machine, and saves a
 # copy: 30 us for 1 MB from cache, more from memory; under 128 KiB the copy is the cheaper.
 IN_PLACE_OUTPUT_BYTES = 128 << 10
+# At most this many bytes of system regions are page-locked at once; regions registered past
+# it are read through their descriptors. Locking pins a client's pages in memory (they cannot
+# be swapped out), so it is bounded as the number of regions is.
+MAX_PINNED_BYTES = 16 << 30
 _KEY = re.compile(r"/?[A-Za-z0-9_.\-]{1,255}")
 SYSTEM = "system"
 CUDA = "cuda"
@@ -137,7 +154,14 @@ class Region(_HeldRegion):
     kind = SYSTEM
 
     def __init__(
-        self, name: str, key: str, offset: int, byte_size: int, fd: int, mapped: bool = False
+        self,
+        name: str,
+        key: str,
+        offset: int,
+        byte_size: int,
+        fd: int,
+        mapped: bool = False,
+        pinned: bool = False,
     ) -> None:
         super().__init__(name, byte_size)
         self.key = key
@@ -153,6 +177,42 @@ class Region(_HeldRegion):
             self._mapping = mmap.mmap(fd, self._lead + byte_size, offset=offset - self._lead)
             self._guard = mapping_guard.GuardedMapping(self._mapping)
             self._bytes = np.frombuffer(self._mapping, np.uint8, byte_size, self._lead)
+        # A mapping of its own, page-locked by the CUDA driver, that GPU engines copy from
+        # and nothing on a CPU reads.
+        self._pinned_mapping: mmap.mmap | None = None
+        self._pinned: cuda_ipc.PageLockedHost | None = None
+        if pinned:
+            self._pin_pages()
+
+    def _pin_pages(self) -> None:
+        """Page-lock the region for GPU engines' copies; left unpinned (read through the
+        descriptor, as before) where the driver refuses."""
+        length = self._lead + self.byte_size
+        mapping = mmap.mmap(self.fd, length, offset=self.offset - self._lead)
+        pointer = ctypes.c_char.from_buffer(mapping)
+        address = ctypes.addressof(pointer)
+        del pointer  # the address stays valid for the mapping's life; the export must go
+        try:
+            self._pinned = cuda_ipc.PageLockedHost(address, length)
+        except cuda_ipc.CudaIpcError as exc:
+            mapping.close()
+            log.info("shared-memory region '%s' is read through its descriptor: %s", self.name, exc)
+            return
+        self._pinned_mapping = mapping
+        log.info("shared-memory region '%s' pinned for GPU models (%d bytes)", self.name, length)
+
+    @property
+    def pinned(self) -> bool:
+        """Whether GPU engines take inputs from it by DMA (:meth:`copy_to_device`)."""
+        return self._pinned is not None
+
+    def copy_to_device(self, offset: int, address: int, size: int, stream: int) -> None:
+        """Enqueue a DMA copy of ``size`` bytes from ``offset`` to device ``address`` on
+        ``stream`` (the calling thread's context's). Only for a pinned region, whose object's
+        size the request was checked against when decoded."""
+        if self._pinned is None:
+            raise cuda_ipc.CudaIpcError("the region is not page-locked")
+        self._pinned.copy_to_device(self._lead + offset, address, size, stream)
 
     @property
     def mapped(self) -> bool:
@@ -233,6 +293,12 @@ class Region(_HeldRegion):
             # released the region): then the mapping goes with it, unmapped once unused.
             with contextlib.suppress(BufferError):
                 mapping.close()
+        pinned, self._pinned = self._pinned, None
+        if pinned is not None:
+            pinned.close()
+        if self._pinned_mapping is not None:
+            self._pinned_mapping.close()
+            self._pinned_mapping = None
         os.close(self.fd)
 
 
@@ -272,7 +338,7 @@ def _integer(value: Any, what: str, minimum: int = 0) -> int:
 class SharedMemoryRegions:
     """The system and CUDA shared-memory regions registered with this server, by name."""
 
-    def __init__(self, mapped: bool = False) -> None:
+    def __init__(self, mapped: bool = False, pinned: bool = False) -> None:
         if mapped and not mapping_guard.AVAILABLE:
             raise UnsupportedError(
                 "system shared-memory regions can be mapped only with the mapping guard, "
@@ -282,6 +348,10 @@ class SharedMemoryRegions:
         self._regions: dict[str, Region | CudaRegion] = {}
         # Whether system regions are mapped (see the module's docstring).
         self.mapped = mapped
+        # Whether system regions are page-locked for GPU engines, up to
+        # MAX_PINNED_BYTES of them (see the module's docstring).
+        self.pinned = pinned
+        self._pinned_bytes = 0
 
     def __len__(self) -> int:
         return len(self._regions)
@@ -327,10 +397,13 @@ class SharedMemoryRegions:
                     f"shared-memory region '{name}': key {key!r} holds {info.st_size} bytes, "
                     f"fewer than offset {offset} + byte_size {byte_size}"
                 )
-            region = Region(name, key, offset, byte_size, fd, self.mapped)
+            pin = self.pinned and self._pinned_bytes + byte_size <= MAX_PINNED_BYTES
+            region = Region(name, key, offset, byte_size, fd, self.mapped, pin)
         except BaseException:
             os.close(fd)
             raise
+        if region.pinned:
+            self._pinned_bytes += byte_size
         self._regions[name] = region
 
     def register_cuda(self, name: str, raw_handle: Any, device_id: Any, byte_size: Any) -> None:
@@ -366,6 +439,8 @@ class SharedMemoryRegions:
             region = self._regions.get(each)
             if region is not None and region.kind == kind:
                 del self._regions[each]
+                if isinstance(region, Region) and region.pinned:
+                    self._pinned_bytes -= region.byte_size
                 region.close()
 
     def status(self, name: str = "", kind: str = SYSTEM) -> list[Region | CudaRegion]:
@@ -381,6 +456,7 @@ class SharedMemoryRegions:
         for region in self._regions.values():
             region.close()
         self._regions.clear()
+        self._pinned_bytes = 0
 
     def _region(
         self, name: Any, missing: type[EnginehouseError] = InvalidArgumentError
@@ -447,16 +523,34 @@ class SharedMemoryRegions:
 
         region.hold()
         if not isinstance(region, CudaRegion):
-            if not region.mapped or in_place is None:
-                return RegionTensor(read, offset, shape, dtype.numpy, release=region.release)
-            in_place.append(region)
-            mapped = region
+            system = region
+            device, by_dma = (None, None)
+            if system.pinned:
+                device, by_dma = ANY_DEVICE, self._dma(system, tensor)
+            if not system.mapped or in_place is None:
+                return RegionTensor(
+                    read,
+                    offset,
+                    shape,
+                    dtype.numpy,
+                    release=system.release,
+                    device=device,
+                    to_device=by_dma,
+                )
+            in_place.append(system)
 
             def over_mapping(at: int, dims: tuple[int, ...]) -> np.ndarray | None:
-                return self._in_place(mapped, at, dims, dtype)
+                return self._in_place(system, at, dims, dtype)
 
             return RegionTensor(
-                read, offset, shape, dtype.numpy, release=region.release, in_place=over_mapping
+                read,
+                offset,
+                shape,
+                dtype.numpy,
+                release=system.release,
+                device=device,
+                to_device=by_dma,
+                in_place=over_mapping,
             )
         allocation = region.allocation
 
@@ -475,6 +569,18 @@ class SharedMemoryRegions:
             device=region.device_id,
             to_device=to_device,
         )
+
+    @staticmethod
+    def _dma(region: Region, tensor: str) -> Callable[[int, int, int, int], None]:
+        """A pinned region's copy to a device, a 400 naming the tensor where it fails."""
+
+        def to_device(at: int, address: int, size: int, stream: int) -> None:
+            try:
+                region.copy_to_device(at, address, size, stream)
+            except cuda_ipc.CudaIpcError as exc:
+                raise _refused(region, tensor, exc) from None
+
+        return to_device
 
     @staticmethod
     def _in_place(
@@ -613,7 +719,8 @@ def _refused(
     region: Region | CudaRegion, tensor: str, exc: cuda_ipc.CudaIpcError
 ) -> InvalidArgumentError:
     """A 400 for a copy the CUDA driver refused, naming the tensor and the region."""
-    return InvalidArgumentError(f"'{tensor}': CUDA shared-memory region '{region.name}': {exc}")
+    kind = "CUDA" if isinstance(region, CudaRegion) else "system"
+    return InvalidArgumentError(f"'{tensor}': {kind} shared-memory region '{region.name}': {exc}")
 
 
 def region_status(region: Region | CudaRegion) -> dict[str, Any]:
