@@ -188,14 +188,16 @@ class Region(_HeldRegion):
         """Page-lock the region for GPU engines' copies; left unpinned (read through the
         descriptor, as before) where the driver refuses."""
         length = self._lead + self.byte_size
-        mapping = mmap.mmap(self.fd, length, offset=self.offset - self._lead)
-        pointer = ctypes.c_char.from_buffer(mapping)
-        address = ctypes.addressof(pointer)
-        del pointer  # the address stays valid for the mapping's life; the export must go
+        mapping: mmap.mmap | None = None
         try:
+            mapping = mmap.mmap(self.fd, length, offset=self.offset - self._lead)
+            pointer = ctypes.c_char.from_buffer(mapping)
+            address = ctypes.addressof(pointer)
+            del pointer  # the address stays valid for the mapping's life; the export must go
             self._pinned = cuda_ipc.PageLockedHost(address, length)
-        except cuda_ipc.CudaIpcError as exc:
-            mapping.close()
+        except (OSError, ValueError, cuda_ipc.CudaIpcError) as exc:
+            if mapping is not None:
+                mapping.close()
             log.info("shared-memory region '%s' is read through its descriptor: %s", self.name, exc)
             return
         self._pinned_mapping = mapping
