@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -167,8 +168,45 @@ def _address(buffer: memoryview) -> int:
     return int(np.frombuffer(buffer, np.uint8).ctypes.data)
 
 
-class ImportedAllocation:
+class _OpenedInContext(ABC):
+    """What an opened allocation and page-locked host memory share: a hold on a primary
+    context, a size that bounds every copy, and a close that undoes the opening in that
+    context, once."""
+
+    _what = ""
+
+    def __init__(self, context: _PrimaryContext) -> None:
+        self._context = context
+        self.size = 0
+        self._closed = False
+
+    def _bounds(self, offset: int, size: int) -> None:
+        if self._closed:
+            raise CudaIpcError(f"the {self._what} was closed")
+        if offset < 0 or offset + size > self.size:
+            raise CudaIpcError(
+                f"{size} bytes at offset {offset} run past the {self._what} ({self.size} bytes)"
+            )
+
+    @abstractmethod
+    def _undo(self, cuda: _Driver) -> None:
+        """Undo the opening (the context is current)."""
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            with self._context.current() as cuda:
+                self._undo(cuda)
+        finally:
+            self._context.release()
+
+
+class ImportedAllocation(_OpenedInContext):
     """A client's device allocation opened from its IPC handle; closed by :meth:`close`."""
+
+    _what = "allocation"
 
     def __init__(self, handle: bytes, device_id: int) -> None:
         if len(handle) != IPC_HANDLE_SIZE:
@@ -182,7 +220,7 @@ class ImportedAllocation:
         raw = _Handle()
         ctypes.memmove(ctypes.addressof(raw), handle, IPC_HANDLE_SIZE)
         pointer = ctypes.c_uint64()
-        self._context = _PrimaryContext(device_id)
+        super().__init__(_PrimaryContext(device_id))
         try:
             with self._context.current() as cuda:
                 cuda.check(
@@ -200,7 +238,6 @@ class ImportedAllocation:
         self.pointer = pointer.value
         # What the allocation holds from the opened pointer on: the most any copy may touch.
         self.size = int(size.value) - (self.pointer - int(base.value))
-        self._closed = False
 
     def read(self, offset: int, destination: memoryview) -> None:
         """Fill ``destination`` (contiguous host memory) from ``offset``."""
@@ -250,26 +287,11 @@ class ImportedAllocation:
                 cuda.device_to_device(destination, source, size, stream), "cuMemcpyDtoDAsync"
             )
 
-    def _bounds(self, offset: int, size: int) -> None:
-        if self._closed:
-            raise CudaIpcError("the allocation was closed")
-        if offset < 0 or offset + size > self.size:
-            raise CudaIpcError(
-                f"{size} bytes at offset {offset} run past the allocation ({self.size} bytes)"
-            )
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            with self._context.current() as cuda:
-                cuda.close(self.pointer)
-        finally:
-            self._context.release()
+    def _undo(self, cuda: _Driver) -> None:
+        cuda.close(self.pointer)
 
 
-class PageLockedHost:
+class PageLockedHost(_OpenedInContext):
     """Host memory (a client's system region, mapped) page-locked by the driver for as long
     as this is open, for every device (``PORTABLE``), so that a GPU engine's copy of an input
     in it is one DMA transfer from the client's pages to the device, with no CPU copy.
@@ -281,8 +303,10 @@ class PageLockedHost:
     the region is registered, and undone when the region is freed.
     """
 
+    _what = "page-locked memory"
+
     def __init__(self, address: int, size: int) -> None:
-        self._context = _PrimaryContext(0)  # any context will do: PORTABLE locks for all
+        super().__init__(_PrimaryContext(0))  # any context will do: PORTABLE locks for all
         try:
             with self._context.current() as cuda:
                 cuda.check(
@@ -294,18 +318,12 @@ class PageLockedHost:
             raise
         self.address = address
         self.size = size
-        self._closed = False
 
     def copy_to_device(self, offset: int, destination: int, size: int, stream: int) -> None:
         """Enqueue a copy of ``size`` bytes from ``offset`` to device address ``destination``
         on ``stream``, in the context current on the calling thread (a GPU engine's, whose
         stream it is). The memory must stay locked until the stream has run the copy."""
-        if self._closed:
-            raise CudaIpcError("the page-locked memory was released")
-        if offset < 0 or offset + size > self.size:
-            raise CudaIpcError(
-                f"{size} bytes at offset {offset} run past the locked memory ({self.size} bytes)"
-            )
+        self._bounds(offset, size)
         if not size:
             return
         cuda = self._context.cuda
@@ -314,12 +332,5 @@ class PageLockedHost:
             "cuMemcpyHtoDAsync",
         )
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            with self._context.current() as cuda:
-                cuda.host_unregister(self.address)
-        finally:
-            self._context.release()
+    def _undo(self, cuda: _Driver) -> None:
+        cuda.host_unregister(self.address)

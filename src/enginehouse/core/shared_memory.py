@@ -529,20 +529,12 @@ class SharedMemoryRegions:
             device, by_dma = (None, None)
             if system.pinned:
                 device, by_dma = ANY_DEVICE, self._dma(system, tensor)
-            if not system.mapped or in_place is None:
-                return RegionTensor(
-                    read,
-                    offset,
-                    shape,
-                    dtype.numpy,
-                    release=system.release,
-                    device=device,
-                    to_device=by_dma,
-                )
-            in_place.append(system)
+            over_mapping: Callable[[int, tuple[int, ...]], np.ndarray | None] | None = None
+            if system.mapped and in_place is not None:
+                in_place.append(system)
 
-            def over_mapping(at: int, dims: tuple[int, ...]) -> np.ndarray | None:
-                return self._in_place(system, at, dims, dtype)
+                def over_mapping(at: int, dims: tuple[int, ...]) -> np.ndarray | None:
+                    return self._in_place(system, at, dims, dtype)
 
             return RegionTensor(
                 read,
