@@ -28,16 +28,28 @@ parameters { key: "inline_execution" value: { string_value: "never" } }
 TRIPS = 600_000
 
 
-def _wait_until_pending(server: ServerProcess, model: str, count: int) -> None:
-    """Until the server's metrics count ``count`` requests of ``model`` admitted and not
-    answered (a fixed sleep lost the last of them to a busy machine)."""
-    line = f'nv_inference_pending_request_count{{model="{model}",version="1"}} {float(count)}'
+def _metric(text: str, name: str, model: str) -> float:
+    prefix = f'{name}{{model="{model}",version="1"}} '
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            return float(line[len(prefix) :])
+    return 0.0
+
+
+def _wait_until_admitted(server: ServerProcess, model: str, count: int) -> None:
+    """Until the server's metrics count ``count`` requests of ``model`` admitted (pending or
+    answered) with some still pending: a fixed sleep lost the last of them to a busy
+    machine, and waiting for all of them pending at once lost the race to the first answers
+    there."""
     deadline = time.monotonic() + 30
     while True:
         with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics") as reply:
-            if line in reply.read().decode():
-                return
-        assert time.monotonic() < deadline, f"never {count} pending"
+            text = reply.read().decode()
+        pending = _metric(text, "nv_inference_pending_request_count", model)
+        answered = _metric(text, "nv_inference_request_success", model)
+        if pending and pending + answered >= count:
+            return
+        assert time.monotonic() < deadline, f"never {count} admitted ({text})"
         time.sleep(0.01)
 
 
@@ -51,7 +63,7 @@ def test_sigterm_finishes_admitted_requests(tmp_path: Path, batching: bool) -> N
     item = httpclient.InferInput("COUNT", [1, 1], "INT64")
     item.set_data_from_numpy(np.array([[TRIPS]], np.int64))
     pending = [client.async_infer("slow", [item]) for _ in range(6)]
-    _wait_until_pending(server, "slow", 6)  # every one admitted, none answered yet
+    _wait_until_admitted(server, "slow", 6)  # every one admitted, some not answered yet
     server.process.send_signal(15)
     probe = httpclient.InferenceServerClient(server.http_url)
     deadline = time.monotonic() + 10
