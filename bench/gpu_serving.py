@@ -47,8 +47,10 @@ from enginehouse.testing import SERVER_MODULES, ServerProcess, keep_bytecode
 # BERT, 3 instances: 100 us served 16 clients at 1.03x raw and 32 at 1.05x, against 0.66x and
 # 0.88x with 300 us in the same run; 0 us formed smaller batches at more CPU per request
 # (1.15x, but 4,912/s against 5,848/s at 16 clients). ResNet-50 at 64 clients: 3 instances
-# and 1000 us served 0.75x raw, against 0.60x for 2 instances and 2000 us.
-QUEUE_DELAY_US = {"bert": 100, "resnet50": 1000}
+# and 1000 us served 0.75x raw, against 0.60x for 2 instances and 2000 us (2026-12-03). Once
+# system regions were pinned (2026-12-04), 300 us served them at 0.94-0.99x raw against
+# 0.72x with 1000 us, and images in the request at 0.86x in the same run.
+QUEUE_DELAY_US = {"bert": 100, "resnet50": 300}
 INSTANCES = {"bert": 3, "resnet50": 3}
 MAX_BATCH = {"bert": 64, "resnet50": 64}
 # Each model's output and its FP32 elements per sample (``--shared-memory cuda+out``).
