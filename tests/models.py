@@ -112,6 +112,45 @@ def torch_convnet(width: int) -> Any:
     ).eval()
 
 
+def torch_residual_convnet(width: int) -> Any:
+    """A seeded PyTorch classifier for 3x16x16 images built as ResNet's blocks are: a stem
+    convolution, batch norm and ReLU, then a block of two such convolutions whose second
+    output is added to the block's input before its ReLU; global pool, 10 logits. Its batch
+    norms carry statistics of their own, so folding them changes the weights."""
+    import torch
+
+    class Block(torch.nn.Module):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = torch.nn.Conv2d(width, width, 3, padding=1, bias=False)
+            self.norm1 = torch.nn.BatchNorm2d(width)
+            self.conv2 = torch.nn.Conv2d(width, width, 1)
+            self.norm2 = torch.nn.BatchNorm2d(width)
+
+        def forward(self, x: Any) -> Any:
+            y = torch.relu(self.norm1(self.conv1(x)))
+            return torch.relu(self.norm2(self.conv2(y)) + x)
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, width, 3, stride=2, padding=1),
+        torch.nn.BatchNorm2d(width),
+        torch.nn.ReLU(),
+        Block(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(width, 10),
+    ).eval()
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+    return net
+
+
 def loop_model(batch: bool = False) -> onnx.ModelProto:
     """OUTPUT0 = 1 added COUNT times (the largest COUNT of the batch), in every row: a model
     that runs as long as a request asks, for hung executions and for holding an instance

@@ -25,6 +25,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+from enginehouse.backends import cudnn_fused
 from enginehouse.errors import ModelLoadError
 
 ARTIFACT = "inductor.art"
@@ -184,6 +185,7 @@ def static_batches(folder: Path) -> list[int]:
 def load(torch: Any, path: Path, device: str, model: str) -> ArtifactRunner:
     """The artifact at ``path``, those beside it of fixed batch, and their weights, read
     onto ``device``."""
+    cudnn_fused.register(torch)  # the builder may have fused the program's convolutions
     try:
         weights = torch.load(
             str(path.with_name(WEIGHTS)), map_location=device, mmap=True, weights_only=True

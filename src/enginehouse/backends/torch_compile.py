@@ -92,8 +92,10 @@ def module_on(torch: Any, path: Path, config: mc.ModelConfig, device: str, preci
     """The saved program at ``path`` on ``device``, its linear layers quantised when the
     precision asks for it (the cache keeps the bf16 program): what both the build and every
     load compile."""
+    from enginehouse.backends import cudnn_fused
     from enginehouse.backends.torch_programs import load_program, program_on
 
+    cudnn_fused.register(torch)  # the builder may have fused the program's convolutions
     module = program_on(load_program(path, config.name), device)
     if precision in QUANTIZED:
         example = zero_inputs(torch, config, device, 1)

@@ -34,7 +34,7 @@ from enginehouse.backends.torch_programs import (
     program_on,
 )
 from enginehouse.backends.torch_quantize import QUANTIZED
-from enginehouse.builder import static_batches
+from enginehouse.builder import conv_fusion, static_batches
 from enginehouse.builder.accuracy import OutputErrors, build_manifest
 from enginehouse.builder.onnx_builder import cpu_model
 from enginehouse.builder.samples import Sample, load_calibration, random_samples
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 ARTEFACT = "aoti.pt2"
 TORCHSCRIPT_ARTEFACT = "frozen.pt"
-BUILDER_VERSION = 4
+BUILDER_VERSION = 5
 # int8 and fp8 engines quantise the linear layers of a bf16 program (torch_quantize.py).
 _DTYPES = {
     "fp32": "float32",
@@ -54,6 +54,12 @@ _DTYPES = {
     "int8": "bfloat16",
     "fp8": "bfloat16",
 }
+
+# GPU precisions whose convolutions are fused for cuDNN, and how far (relative to the largest
+# output) the fused program's answers may lie from the unfused one's: folding a batch norm
+# rounds the weights once more in that precision.
+_CUDNN_FUSED = ("fp16", "bf16")
+_FUSED_TOLERANCE = 2e-2
 
 
 @functools.lru_cache(maxsize=8)
@@ -167,8 +173,10 @@ def _build(
     )
     if channels_last:
         inner = inner.to(memory_format=torch.channels_last)
-    wrapped = Cast(inner).to(device)  # exported graphs have no train/eval modes
     example = _example(torch, config, samples, device)
+    if channels_last and spec.precision in _CUDNN_FUSED:
+        inner = _fuse_convolutions(torch, model, inner, lambda m: Cast(m).to(device), example)
+    wrapped = Cast(inner).to(device)  # exported graphs have no train/eval modes
     try:
         exported = torch.export.export(wrapped, example, dynamic_shapes=(tuple(dynamic),))
         if device == "cpu":
@@ -192,6 +200,39 @@ def _build(
         raise ModelLoadError(f"model '{model}': engine build failed: {exc}") from None
     errors = _accuracy(torch, config, samples, reference, runner, device, source_dtypes)
     return _manifest(source, spec, artefact, errors)
+
+
+def _fuse_convolutions(
+    torch: Any, model: str, inner: Any, wrap: Any, example: tuple[Any, ...]
+) -> Any:
+    """``inner`` with its convolutions fused with their batch norms, residual adds and
+    ReLUs for cuDNN (builder/conv_fusion.py), where cuDNN runs the fused program on this
+    device and it answers as ``inner`` does (within the precision's rounding); else
+    ``inner`` as it was. ``wrap`` makes a module callable with ``example``."""
+    candidate = copy.deepcopy(inner)
+    try:
+        fused = conv_fusion.fuse(torch, candidate)
+        if not fused:
+            return inner
+        with torch.inference_mode():
+            want, got = wrap(inner)(*example), wrap(candidate)(*example)
+        want = (want,) if isinstance(want, torch.Tensor) else tuple(want)
+        got = (got,) if isinstance(got, torch.Tensor) else tuple(got)
+        for w, g in zip(want, got):
+            scale = float(w.float().abs().max()) or 1.0
+            error = float((w.float() - g.float()).abs().max()) / scale
+            if not error <= _FUSED_TOLERANCE:
+                raise ValueError(f"answers differ from the unfused program's by {error:.3g}")
+    except Exception as exc:  # cuDNN and tracing raise many types
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        log.info("model '%s': convolutions left as they were (%s)", model, message)
+        return inner
+    log.info(
+        "model '%s': %d convolutions fused with their batch norm, residual add and ReLU",
+        model,
+        fused,
+    )
+    return candidate
 
 
 def _user_input_dtypes(program: Any) -> list[Any]:

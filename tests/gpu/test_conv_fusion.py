@@ -1,0 +1,56 @@
+"""Convolutions fused for cuDNN in built GPU engines: the builder folds the batch norms and
+fuses the ReLUs and residual adds (builder/conv_fusion.py), keeps the result where its answers
+match, and the engine serves those answers with a batch of any size (skipped without a GPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+
+from enginehouse.testing import ServerProcess
+from tests.models import torch_residual_convnet
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+CONFIG = """backend: "pytorch"
+max_batch_size: 16
+input [{{ name: "image" data_type: TYPE_FP32 dims: [3, 16, 16] }}]
+output [{{ name: "logits" data_type: TYPE_FP32 dims: [10] }}]
+instance_group [{{ count: 1 kind: KIND_GPU gpus: [0] }}]
+parameters {{ key: "engine_precision" value: {{ string_value: "{precision}" }} }}
+"""
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_a_residual_convnet_is_fused_built_and_served(tmp_path: Path, precision: str) -> None:
+    repo = tmp_path / "repo"
+    folder = repo / "residual" / "1"
+    folder.mkdir(parents=True)
+    batch = torch.export.Dim("batch", min=1, max=16)
+    module = torch_residual_convnet(16)
+    program = torch.export.export(
+        module, (torch.randn(2, 3, 16, 16),), dynamic_shapes=({0: batch},)
+    )
+    torch.export.save(program, str(folder / "model.pt2"))
+    (repo / "residual" / "config.pbtxt").write_text(CONFIG.format(precision=precision))
+    with ServerProcess(
+        [repo], "--engine-cache", str(tmp_path / "cache"), log_path=tmp_path / "serve.log"
+    ) as server:
+        server.wait_live(timeout_s=600)
+        assert "3 convolutions fused with their batch norm, residual add and ReLU" in (
+            server.log()
+        ), server.log()
+        client = httpclient.InferenceServerClient(server.http_url)
+        for rows in (1, 5, 16):
+            image = np.random.default_rng(rows).standard_normal((rows, 3, 16, 16), np.float32)
+            tensor = httpclient.InferInput("image", list(image.shape), "FP32")
+            tensor.set_data_from_numpy(image)
+            got = client.infer("residual", [tensor]).as_numpy("logits")
+            with torch.inference_mode():
+                want = module(torch.from_numpy(image)).numpy()
+            scale = np.abs(want).max()
+            assert np.abs(got - want).max() <= 3e-2 * scale, (precision, rows)

@@ -1,0 +1,119 @@
+"""The convolution fusion pass (builder/conv_fusion.py) on exported programs, on the CPU.
+
+cuDNN's fused ops have kernels for CUDA only; here they get CPU kernels written from their
+definition (convolution, bias, optional residual, ReLU), so the rewritten graph can be run and
+compared with the program as exported. tests/gpu/test_conv_fusion.py runs cuDNN's own."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from enginehouse.builder import conv_fusion
+from tests.models import torch_residual_convnet
+
+torch = pytest.importorskip("torch")
+
+FUSED = {"aten.cudnn_convolution_relu.default", "aten.cudnn_convolution_add_relu.default"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cpu_kernels() -> Iterator[None]:
+    library = torch.library.Library("aten", "IMPL", "CPU")
+
+    def relu(x: Any, w: Any, b: Any, stride: Any, padding: Any, dilation: Any, groups: Any) -> Any:
+        return torch.relu(torch.nn.functional.conv2d(x, w, b, stride, padding, dilation, groups))
+
+    def add_relu(
+        x: Any, w: Any, z: Any, alpha: Any, b: Any, stride: Any, padding: Any, dilation: Any, g: Any
+    ) -> Any:
+        conv = torch.nn.functional.conv2d(x, w, b, stride, padding, dilation, g)
+        return torch.relu(conv + alpha * z)
+
+    library.impl("cudnn_convolution_relu", relu)
+    library.impl("cudnn_convolution_add_relu", add_relu)
+    yield
+    library._destroy()
+
+
+def _exported(module: Any) -> Any:
+    batch = torch.export.Dim("batch", min=1, max=16)
+    example = (torch.randn(2, 3, 16, 16),)
+    return torch.export.export(module, example, dynamic_shapes=({0: batch},)).module()
+
+
+def _calls(module: Any) -> list[str]:
+    return [str(n.target) for n in module.graph.nodes if n.op == "call_function"]
+
+
+def test_batch_norms_fold_and_chains_fuse_with_the_same_answers() -> None:
+    module = _exported(torch_residual_convnet(8))
+    image = torch.randn(5, 3, 16, 16)
+    with torch.inference_mode():
+        want = module(image)
+    assert conv_fusion.fuse(torch, module) == 3
+    calls = _calls(module)
+    assert calls.count("aten.cudnn_convolution_relu.default") == 2
+    assert calls.count("aten.cudnn_convolution_add_relu.default") == 1
+    assert not [c for c in calls if "batch_norm" in c]
+    assert not {"aten.relu.default", "aten.add.Tensor", "aten.conv2d.default"} & set(calls)
+    with torch.inference_mode():
+        got = module(image)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # The statistics and the weights they were folded into are gone; the folded ones stay.
+    names = [n for n, _ in (*module.named_parameters(), *module.named_buffers())]
+    assert not [n for n in names if "running" in n or "norm" in n]
+    assert len([n for n in names if n.startswith("_fused_conv_")]) == 6
+
+
+def test_a_fused_program_exports_again_with_its_batch_symbolic() -> None:
+    module = _exported(torch_residual_convnet(8))
+    conv_fusion.fuse(torch, module)
+    batch = torch.export.Dim("batch", min=1, max=16)
+    again = torch.export.export(module, (torch.randn(2, 3, 16, 16),), dynamic_shapes=({0: batch},))
+    shapes = [
+        tuple(str(d) for d in n.meta["val"].shape)
+        for n in again.graph.nodes
+        if str(n.target) in FUSED
+    ]
+    assert len(shapes) == 3 and all(s[0] != "2" and s[1:] == ("8", "8", "8") for s in shapes)
+    with torch.inference_mode():
+        assert again.module()(torch.randn(7, 3, 16, 16)).shape == (7, 10)
+
+
+def test_an_intermediate_read_twice_is_left_unfused() -> None:
+    class Twice(torch.nn.Module):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x: Any) -> Any:
+            y = self.conv(x)
+            return torch.relu(y) + y  # the convolution's output is read beside its ReLU
+
+    module = _exported(Twice().eval())
+    assert conv_fusion.fuse(torch, module) == 0
+    assert not FUSED & set(_calls(module))
+    assert "aten.conv2d.default" in _calls(module)
+
+
+def test_a_broadcast_residual_is_not_taken_for_the_fused_add() -> None:
+    class Broadcast(torch.nn.Module):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.shift = torch.nn.Parameter(torch.randn(4, 1, 1))
+
+        def forward(self, x: Any) -> Any:
+            return torch.relu(self.conv(x) + self.shift)
+
+    module = _exported(Broadcast().eval())
+    image = torch.randn(3, 3, 16, 16)
+    with torch.inference_mode():
+        want = module(image)
+    assert conv_fusion.fuse(torch, module) == 0
+    assert "aten.cudnn_convolution_add_relu.default" not in _calls(module)
+    with torch.inference_mode():
+        torch.testing.assert_close(module(image), want)
