@@ -99,6 +99,13 @@ def test_an_intermediate_read_twice_is_left_unfused() -> None:
     assert "aten.conv2d.default" in _calls(module)
 
 
+def test_a_depthwise_convolution_is_left_unfused() -> None:
+    depthwise = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1, groups=3), torch.nn.ReLU())
+    module = _exported(depthwise.eval())
+    assert conv_fusion.fuse(torch, module) == 0
+    assert not FUSED & set(_calls(module))
+
+
 def test_a_broadcast_residual_is_not_taken_for_the_fused_add() -> None:
     class Broadcast(torch.nn.Module):  # type: ignore[misc]
         def __init__(self) -> None:

@@ -14,8 +14,11 @@ eager fp16 15.27 ms.
 
 The pass works on the graph of the program's module, whose weights are attributes: only
 convolutions of constant 2-D weights are touched, and only where each intermediate has no
-other user. The builder runs it for GPU engines in fp16 and bf16 and keeps the result where
-its answers match the unfused program's (builder/torch_builder.py).
+other user. Grouped and depthwise convolutions are left as they are: cuDNN's fused path was
+not measured for them, and a slower kernel there would cost more than the fusion saves.
+The builder runs the pass for GPU engines in fp16 and bf16 and keeps the result where its
+answers match the unfused program's (builder/torch_builder.py). Engines built on an H200
+measured 7.09 ms against 15.52 ms eager (2.17x; bench/RESULTS.md, 2026-12-04).
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ class _Convolution:
             and weight.ndim == 4
             and (self.bias is None or isinstance(_attribute(module, self.bias), torch.Tensor))
             and all(isinstance(v, int) for v in (*self.stride, *self.padding, *self.dilation))
-            and isinstance(self.groups, int)
+            and self.groups == 1
         )
 
     def call(self, torch: Any, residual: Any = None) -> tuple[Any, tuple[Any, ...]]:
