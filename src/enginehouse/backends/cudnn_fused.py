@@ -49,31 +49,12 @@ def register(torch: Any = None) -> None:
     torch = torch or import_torch()
     library = torch.library.Library("aten", "IMPL", "Meta")
 
-    def relu(
-        image: Any,
-        weight: Any,
-        bias: Any,
-        stride: Any,
-        padding: Any,
-        dilation: Any,
-        groups: Any,
-    ) -> Any:
+    def kernel(image: Any, weight: Any, *rest: Any) -> Any:
+        # Both ops end with the convolution's geometry: stride, padding, dilation, groups.
+        stride, padding, dilation, _ = rest[-4:]
         return _output(torch, image, weight, stride, padding, dilation)
 
-    def add_relu(
-        image: Any,
-        weight: Any,
-        residual: Any,
-        alpha: Any,
-        bias: Any,
-        stride: Any,
-        padding: Any,
-        dilation: Any,
-        groups: Any,
-    ) -> Any:
-        return _output(torch, image, weight, stride, padding, dilation)
-
-    for name, kernel in ((RELU, relu), (ADD_RELU, add_relu)):
+    for name in (RELU, ADD_RELU):
         if not torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{name}", "Meta"):
             library.impl(name, kernel)
     _LIBRARY = library
