@@ -6,6 +6,7 @@ compared with the program as exported. tests/gpu/test_conv_fusion.py runs cuDNN'
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -124,3 +125,21 @@ def test_a_broadcast_residual_is_not_taken_for_the_fused_add() -> None:
     assert "aten.cudnn_convolution_add_relu.default" not in _calls(module)
     with torch.inference_mode():
         torch.testing.assert_close(module(image), want)
+
+
+def test_the_builder_keeps_the_fused_program_only_where_it_answers_alike(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from enginehouse.builder import torch_builder
+
+    inner = _exported(torch_residual_convnet(8))
+    example = (torch.randn(3, 3, 16, 16),)
+    with caplog.at_level(logging.INFO, logger="enginehouse.builder.torch_builder"):
+        kept = torch_builder._fuse_convolutions(torch, "net", inner, lambda m: m, example)
+        assert kept is not inner and FUSED & set(_calls(kept))
+        assert not FUSED & set(_calls(inner))  # fused on a copy
+        assert "model 'net': 3 convolutions fused" in caplog.text
+        monkeypatch.setattr(torch_builder, "_FUSED_TOLERANCE", -1.0)  # no answer is close
+        left = torch_builder._fuse_convolutions(torch, "net", inner, lambda m: m, example)
+    assert left is inner
+    assert "model 'net': convolutions left as they were (answers differ" in caplog.text
