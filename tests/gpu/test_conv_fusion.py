@@ -1,6 +1,8 @@
 """Convolutions fused for cuDNN in built GPU engines: the builder folds the batch norms and
 fuses the ReLUs and residual adds (builder/conv_fusion.py), keeps the result where its answers
-match, and the engine serves those answers with a batch of any size (skipped without a GPU)."""
+match, and the engine serves those answers with a batch of any size; with
+``engine_fuse_convolutions: false`` the convolutions are compiled as they are (skipped
+without a GPU)."""
 
 from __future__ import annotations
 
@@ -22,11 +24,14 @@ input [{{ name: "image" data_type: TYPE_FP32 dims: [3, 16, 16] }}]
 output [{{ name: "logits" data_type: TYPE_FP32 dims: [10] }}]
 instance_group [{{ count: 1 kind: KIND_GPU gpus: [0] }}]
 parameters {{ key: "engine_precision" value: {{ string_value: "{precision}" }} }}
+parameters {{ key: "engine_fuse_convolutions" value: {{ string_value: "{fuse}" }} }}
 """
 
 
-@pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_a_residual_convnet_is_fused_built_and_served(tmp_path: Path, precision: str) -> None:
+@pytest.mark.parametrize(("precision", "fuse"), [("fp16", True), ("bf16", True), ("fp16", False)])
+def test_a_residual_convnet_is_fused_built_and_served(
+    tmp_path: Path, precision: str, fuse: bool
+) -> None:
     repo = tmp_path / "repo"
     folder = repo / "residual" / "1"
     folder.mkdir(parents=True)
@@ -36,14 +41,15 @@ def test_a_residual_convnet_is_fused_built_and_served(tmp_path: Path, precision:
         module, (torch.randn(2, 3, 16, 16),), dynamic_shapes=({0: batch},)
     )
     torch.export.save(program, str(folder / "model.pt2"))
-    (repo / "residual" / "config.pbtxt").write_text(CONFIG.format(precision=precision))
+    (repo / "residual" / "config.pbtxt").write_text(
+        CONFIG.format(precision=precision, fuse=str(fuse).lower())
+    )
     with ServerProcess(
         [repo], "--engine-cache", str(tmp_path / "cache"), log_path=tmp_path / "serve.log"
     ) as server:
         server.wait_live(timeout_s=600)
-        assert "3 convolutions fused with their batch norm, residual add and ReLU" in (
-            server.log()
-        ), server.log()
+        fused = "3 convolutions fused with their batch norm, residual add and ReLU"
+        assert (fused in server.log()) == fuse, server.log()
         client = httpclient.InferenceServerClient(server.http_url)
         for rows in (1, 5, 16):
             image = np.random.default_rng(rows).standard_normal((rows, 3, 16, 16), np.float32)

@@ -1,4 +1,5 @@
-"""The build spec's ``engine_static_batch_sizes``: parsed, checked, and keyed only when set."""
+"""The build spec's ``engine_static_batch_sizes`` and ``engine_fuse_convolutions``: parsed,
+checked, and keyed only when they differ from the default."""
 
 from __future__ import annotations
 
@@ -36,3 +37,13 @@ def test_a_spec_without_sizes_keeps_the_key_it_had() -> None:
 def test_bad_sizes_are_a_clear_error(static: str, max_batch_size: int) -> None:
     with pytest.raises(ModelLoadError, match="engine_static_batch_sizes must be batch sizes"):
         build_spec(_config(static, max_batch_size), "pytorch", "cuda:0")
+
+
+def test_convolutions_are_fused_unless_the_config_says_not() -> None:
+    fused = build_spec(_config(""), "pytorch", "cuda:0")
+    assert fused is not None and fused.fuse_convolutions
+    assert "fuse_convolutions" not in fused.key_parts()
+    text = 'name: "m" max_batch_size: 8\nparameters { key: "engine_fuse_convolutions" value: { string_value: "false" } }'
+    plain = build_spec(text_format.Parse(text, mc.ModelConfig()), "pytorch", "cuda:0")
+    assert plain is not None and not plain.fuse_convolutions
+    assert plain.key_parts()["fuse_convolutions"] is False

@@ -174,7 +174,7 @@ def _build(
     if channels_last:
         inner = inner.to(memory_format=torch.channels_last)
     example = _example(torch, config, samples, device)
-    if channels_last and spec.precision in _CUDNN_FUSED:
+    if channels_last and spec.precision in _CUDNN_FUSED and spec.fuse_convolutions:
         inner = _fuse_convolutions(torch, model, inner, lambda m: Cast(m).to(device), example)
     wrapped = Cast(inner).to(device)  # exported graphs have no train/eval modes
     try:

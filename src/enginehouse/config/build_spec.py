@@ -23,6 +23,9 @@ Triton's own fields are used where they exist (``optimization.graph.level``,
 - ``engine_static_batch_sizes``: batch sizes (``"128,256"``) for which a PyTorch GPU build
   also compiles the model with that batch fixed, kept only where it measures faster than the
   engine of symbolic batch (builder/static_batches.py).
+- ``engine_fuse_convolutions``: ``true`` (default) lets a PyTorch GPU build in fp16 or bf16
+  fold batch norms into convolutions and run convolution -> [add ->] ReLU chains as one
+  cuDNN call (builder/conv_fusion.py); ``false`` compiles the convolutions as they are.
 """
 
 from __future__ import annotations
@@ -70,6 +73,8 @@ class BuildSpec:
     autotune: bool = False
     # Batch sizes to compile a fixed-batch engine for beside the symbolic one (GPU builds).
     static_batches: tuple[int, ...] = ()
+    # Fold batch norms and fuse convolution chains for cuDNN (GPU builds in fp16 and bf16).
+    fuse_convolutions: bool = True
 
     def key_parts(self) -> dict[str, Any]:
         """The fields that change the artefact. The tolerance and force only decide whether a
@@ -82,6 +87,8 @@ class BuildSpec:
         parts["target"] = self.target.split(":")[0]
         if not self.static_batches:  # keys made before the field existed stay valid
             parts.pop("static_batches")
+        if self.fuse_convolutions:  # the default: keys made before the field stay valid
+            parts.pop("fuse_convolutions")
         return parts
 
 
@@ -184,4 +191,5 @@ def build_spec(config: mc.ModelConfig, backend: str, target: str = "cpu") -> Bui
         force=flag_parameter(config, "engine_force", False),
         autotune=flag_parameter(config, "engine_autotune", False),
         static_batches=static_batch_sizes(config),
+        fuse_convolutions=flag_parameter(config, "engine_fuse_convolutions", True),
     )
