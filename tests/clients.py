@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 from tritonclient.utils import np_to_triton_dtype
 
 
@@ -34,3 +35,19 @@ def infer_all_at_once(
         assert output is not None, f"request {index}'s answer has no output data"
         outputs[index] = output
     return [o for o in outputs if o is not None]
+
+
+def served_and_eager_logits(
+    client: httpclient.InferenceServerClient, model: str, module: Any, rows: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """A batch of ``rows`` seeded 3x16x16 images sent to ``model`` as its ``image`` over HTTP:
+    the ``logits`` it answers, and the eager PyTorch ``module``'s own for the same images."""
+    import torch
+
+    image = np.random.default_rng(rows).standard_normal((rows, 3, 16, 16), np.float32)
+    tensor = httpclient.InferInput("image", list(image.shape), "FP32")
+    tensor.set_data_from_numpy(image)
+    served = client.infer(model, [tensor]).as_numpy("logits")
+    with torch.inference_mode():
+        eager = module(torch.from_numpy(image)).numpy()
+    return served, eager

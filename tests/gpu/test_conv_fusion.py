@@ -13,6 +13,7 @@ import pytest
 import tritonclient.http as httpclient
 
 from enginehouse.testing import ServerProcess
+from tests.clients import served_and_eager_logits
 from tests.models import torch_residual_convnet
 
 torch = pytest.importorskip("torch")
@@ -52,11 +53,6 @@ def test_a_residual_convnet_is_fused_built_and_served(
         assert (fused in server.log()) == fuse, server.log()
         client = httpclient.InferenceServerClient(server.http_url)
         for rows in (1, 5, 16):
-            image = np.random.default_rng(rows).standard_normal((rows, 3, 16, 16), np.float32)
-            tensor = httpclient.InferInput("image", list(image.shape), "FP32")
-            tensor.set_data_from_numpy(image)
-            got = client.infer("residual", [tensor]).as_numpy("logits")
-            with torch.inference_mode():
-                want = module(torch.from_numpy(image)).numpy()
+            got, want = served_and_eager_logits(client, "residual", module, rows)
             scale = np.abs(want).max()
             assert np.abs(got - want).max() <= 3e-2 * scale, (precision, rows)

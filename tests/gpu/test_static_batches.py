@@ -17,6 +17,7 @@ from enginehouse.builder.cache import EngineCache
 from enginehouse.core import loader
 from enginehouse.repository import ModelRepository
 from enginehouse.testing import ServerProcess
+from tests.clients import served_and_eager_logits
 from tests.models import torch_convnet
 
 torch = pytest.importorskip("torch")
@@ -75,12 +76,7 @@ def test_a_kept_fixed_batch_engine_is_served_for_its_batch(
         assert "engine loaded with fixed-batch engines for batch 12 onto cuda:0" in server.log()
         client = httpclient.InferenceServerClient(server.http_url)
         for rows in (12, 5, 16):  # its own bucket, then buckets of the symbolic engine
-            image = np.random.default_rng(rows).standard_normal((rows, 3, 16, 16), np.float32)
-            tensor = httpclient.InferInput("image", list(image.shape), "FP32")
-            tensor.set_data_from_numpy(image)
-            got = client.infer("fixed", [tensor]).as_numpy("logits")
-            with torch.inference_mode():
-                want = module(torch.from_numpy(image)).numpy()
+            got, want = served_and_eager_logits(client, "fixed", module, rows)
             np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2)
 
 
