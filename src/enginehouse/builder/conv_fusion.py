@@ -102,7 +102,8 @@ class _Graph:
         self.relus = {aten.relu.default, aten.relu_.default}
         self.adds = {aten.add.Tensor, aten.add_.Tensor}
         self.norms = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default}
-        self._added = 0
+        # How many buffers the folds added (each a folded weight or bias).
+        self.added = 0
 
     def convolution(self, node: Any) -> _Convolution | None:
         if node.op != "call_function" or node.target not in self.convolutions:
@@ -112,8 +113,8 @@ class _Graph:
 
     def constant(self, tensor: Any, like: Any) -> Any:
         """A get_attr node for a new buffer, placed before ``like``."""
-        name = f"_fused_conv_{self._added}"
-        self._added += 1
+        name = f"_fused_conv_{self.added}"
+        self.added += 1
         self.module.register_buffer(name, tensor)
         with self.graph.inserting_before(like):
             return self.graph.get_attr(name)
@@ -249,7 +250,7 @@ def fuse(torch: Any, module: Any) -> int:
     for node in list(graph.graph.nodes):
         if _fuse_activation(graph, node):
             fused += 1
-    if fused or graph._added:
+    if fused or graph.added:
         graph.graph.eliminate_dead_code()
         graph.graph.lint()
         module.recompile()
