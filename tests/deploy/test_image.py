@@ -186,8 +186,10 @@ def test_the_runtime_stage_is_lean_and_unprivileged(image: tuple[Path, str, floa
         )
         for compiler in ("usr/bin/gcc", "usr/bin/cc", "usr/bin/make", "usr/bin/g++"):
             assert not (root / compiler).exists(), compiler
-        # The mapping guard, compiled in a stage of its own for the image's Python.
+        # The mapping guard and the FP16 staging conversion, compiled in a stage of their own
+        # for the image's Python.
         assert list((root / "opt" / "app" / "enginehouse" / "core").glob("_mapping_guard*.so"))
+        assert list((root / "opt" / "app" / "enginehouse" / "backends").glob("_half*.so"))
         compiled = list((root / "opt" / "app" / "enginehouse").rglob("*.pyc"))
         sources = list((root / "opt" / "app" / "enginehouse").rglob("*.py"))
         assert len(compiled) >= len(sources)  # bytecode compiled at build time

@@ -28,6 +28,13 @@ for a CUDA region on the device are copied there from the graph's own output buf
 to device, on the same stream before the launch's done event
 (:meth:`CudaGraphEngine._write_on_device`).
 
+An engine whose program casts its floating inputs to fp16 first (``half_inputs``: an fp16
+engine from the builder) stages FP32 inputs as FP16: the gather converts them into the
+page-locked buffers (host_copies.py), the graph copies half the bytes to the device into a
+landing buffer and widens them there into the static FP32 input, which the program then
+narrows again, exactly: the values are those the program's own cast would have made. An FP32
+input in a region is copied to the static buffer as it is.
+
 Synchronous executions (warm-up, benchmarks: :meth:`CudaGraphEngine.execute`) wait on the
 blocking event on the calling thread. Shapes that no graph covers (a variable non-batch
 dimension, or graphs turned off) run the model directly on the instance's stream, on the
@@ -51,7 +58,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from enginehouse import datatypes
 from enginehouse.backends.base import Engine, Launched
-from enginehouse.backends.host_copies import copied, copy_all, copy_rows
+from enginehouse.backends.host_copies import HALF_STAGING, copied, copy_all, copy_rows
 from enginehouse.backends.stream_wake import StreamWaker, stream_waker
 from enginehouse.messages import (
     ANY_DEVICE,
@@ -150,6 +157,7 @@ class CudaGraphEngine(Engine):
         config: mc.ModelConfig,
         device: str,
         buckets: Sequence[int],
+        half_inputs: bool = False,
     ) -> None:
         self._torch = torch
         self._run = run
@@ -166,6 +174,13 @@ class CudaGraphEngine(Engine):
         specs = input_specs(torch, config)
         self._dims = [dims for dims, _ in specs]
         self._dtypes = [dtype for _, dtype in specs]
+        self._wire_dtypes = [np.dtype(datatypes.BY_CONFIG[t.data_type].numpy) for t in config.input]
+        # What each input is staged as on the host: FP16 for an FP32 input of a program that
+        # narrows it to fp16 first anyway, else its own dtype.
+        half = half_inputs and HALF_STAGING
+        self._staged_dtypes = [
+            torch.float16 if half and dtype == torch.float32 else dtype for dtype in self._dtypes
+        ]
         fixed = config.max_batch_size > 0 and all(d > 0 for dims in self._dims for d in dims)
         self.buckets = sorted(set(buckets)) if fixed else []
         self.launches = bool(self.buckets)
@@ -209,6 +224,9 @@ class CudaGraphEngine(Engine):
         self._host_in: list[np.ndarray] = []
         self._host_out: list[np.ndarray] = []
         self._static_in: list[Any] = []
+        # Per input, the device buffer its narrower staging lands in before being widened
+        # into the static buffer; None where it is staged as it is.
+        self._landing: list[Any] = []
         # Called once the engine is closed (releases a module shared with other instances).
         self.on_close: Callable[[], None] | None = None
         if self.buckets:
@@ -233,8 +251,20 @@ class CudaGraphEngine(Engine):
             for dims, dtype in zip(self._dims, self._dtypes)
         ]
         self._pinned_in = [
-            self._pin((largest, *dims), dtype) for dims, dtype in zip(self._dims, self._dtypes)
+            self._pin((largest, *dims), staged)
+            for dims, staged in zip(self._dims, self._staged_dtypes)
         ]
+        self._landing = [
+            None
+            if staged == dtype
+            else torch.empty((largest, *dims), dtype=staged, device=self.device)
+            for dims, dtype, staged in zip(self._dims, self._dtypes, self._staged_dtypes)
+        ]
+        if any(landing is not None for landing in self._landing):
+            log.info(
+                "model '%s': FP32 inputs staged as FP16 (the program narrows them first)",
+                self.config.name,
+            )
         self._pool = torch.cuda.graph_pool_handle()
         warming = 0.0
         with SETUP_LOCK, torch.inference_mode(), torch.cuda.device(self.device):
@@ -297,13 +327,28 @@ class CudaGraphEngine(Engine):
             ),
         ):
             if from_staging:
-                for pinned, static in zip(self._pinned_in, self._static_in):
-                    static[:size].copy_(pinned[:size], non_blocking=True)
+                for index in range(len(self._static_in)):
+                    self._from_staging(index, 0, size)
             results = self._as_tuple(self._run(*(t[:size] for t in self._static_in)))
             if to_staging:
                 for pinned, result in zip(self._pinned_out, results):
                     pinned[:size].copy_(result, non_blocking=True)
         return graph, results
+
+    def _from_staging(self, index: int, start: int, stop: int) -> None:
+        """Enqueue rows ``start:stop`` of input ``index`` from its page-locked staging buffer
+        into its static device buffer, on the current stream: through the landing buffer,
+        and widened there, where the input is staged narrower."""
+        static, pinned, landing = (
+            self._static_in[index],
+            self._pinned_in[index],
+            self._landing[index],
+        )
+        if landing is None:
+            static[start:stop].copy_(pinned[start:stop], non_blocking=True)
+        else:
+            landing[start:stop].copy_(pinned[start:stop], non_blocking=True)
+            static[start:stop].copy_(landing[start:stop])
 
     def _keep_outputs(self, key: tuple[int, bool], results: tuple[Any, ...]) -> None:
         """Hold a graph's output tensors and note where each lies, once, at capture: a
@@ -401,10 +446,10 @@ class CudaGraphEngine(Engine):
         if not lists or len(lists) != len(self._host_in):
             return 0
         rows = 0
-        for index, (arrays, dims, host) in enumerate(zip(lists, self._dims, self._host_in)):
+        for index, (arrays, dims, wire) in enumerate(zip(lists, self._dims, self._wire_dtypes)):
             if not arrays or any(a.ndim == 0 for a in arrays):
                 return 0
-            if any(a.shape[1:] != dims or a.dtype != host.dtype for a in arrays):
+            if any(a.shape[1:] != dims or a.dtype != wire for a in arrays):
                 return 0
             total = sum(a.shape[0] for a in arrays)
             if index and total != rows:
@@ -465,17 +510,17 @@ class CudaGraphEngine(Engine):
         by_input: dict[int, list[tuple[int, RegionTensor]]] = {}
         for index, first, tensor in on_device:
             by_input.setdefault(index, []).append((first, tensor))
-        for index, (static, pinned) in enumerate(zip(self._static_in, self._pinned_in)):
+        for index, static in enumerate(self._static_in):
             row_bytes = static.stride(0) * static.element_size()
             address = static.data_ptr()
             copied_to = 0
             for first, tensor in sorted(by_input.get(index, []), key=lambda part: part[0]):
                 if first > copied_to:
-                    static[copied_to:first].copy_(pinned[copied_to:first], non_blocking=True)
+                    self._from_staging(index, copied_to, first)
                 tensor.copy_to_device(address + first * row_bytes, stream)
                 copied_to = first + tensor.shape[0]
             if copied_to < rows:
-                static[copied_to:rows].copy_(pinned[copied_to:rows], non_blocking=True)
+                self._from_staging(index, copied_to, rows)
 
     def _write_on_device(
         self,
@@ -567,6 +612,7 @@ class CudaGraphEngine(Engine):
         self._held_outputs.clear()
         self._bare.clear()
         self._static_in.clear()
+        self._landing.clear()
         self._pinned_in.clear()
         self._pinned_out.clear()
         self._host_in.clear()

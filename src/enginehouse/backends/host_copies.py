@@ -6,6 +6,9 @@ for a batch of images the copy into the staging buffer, not the bus, is the cost
 releases the GIL while it copies plain arrays, so a copy split into row ranges runs on that
 many cores at once. Small copies stay on the calling thread: handing work to a thread costs
 tens of microseconds.
+
+A destination of another dtype than its source is an FP16 staging buffer for FP32 rows (see
+cuda_graphs.py): those rows are converted on the way by ``_half`` (F16C, without the GIL).
 """
 
 from __future__ import annotations
@@ -14,10 +17,20 @@ import itertools
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from types import ModuleType
 
 import numpy as np
 
 from enginehouse.messages import RegionTensor, Tensor
+
+_half: ModuleType | None
+try:
+    import enginehouse.backends._half as _half
+except ImportError:  # built without a C compiler
+    _half = None
+
+# Whether FP32 inputs can be staged as FP16: the conversion is built and this CPU runs it.
+HALF_STAGING = _half is not None and bool(_half.available())
 
 # Below this many bytes a copy stays on the calling thread.
 PARALLEL_BYTES = 4 << 20
@@ -52,11 +65,24 @@ def _executor() -> ThreadPoolExecutor:
 
 
 def _copy(destination: np.ndarray, source: Tensor) -> None:
-    """One copy: an array's elements, or a region tensor's bytes read into place."""
-    if isinstance(source, RegionTensor):
+    """One copy: an array's elements, or a region tensor's bytes read into place; FP32 rows
+    into an FP16 destination converted."""
+    if destination.dtype != source.dtype:
+        _to_half(destination, source)
+    elif isinstance(source, RegionTensor):
         source.read_into(destination)
     else:
         np.copyto(destination, source, casting="no")
+
+
+def _to_half(destination: np.ndarray, source: Tensor) -> None:
+    if _half is None or destination.dtype != np.float16 or source.dtype != np.float32:
+        raise TypeError(f"cannot stage {source.dtype} rows in a {destination.dtype} buffer")
+    if isinstance(source, RegionTensor):
+        read = np.empty(source.shape, source.dtype)
+        source.read_into(read)
+        source = read
+    _half.to_half(destination, np.ascontiguousarray(source))
 
 
 def _rows(source: Tensor, start: int, stop: int) -> Tensor:

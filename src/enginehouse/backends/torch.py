@@ -31,7 +31,7 @@ from enginehouse.backends.torch_programs import (
 )
 from enginehouse.config import model_config
 from enginehouse.config.autocomplete import GraphSignature, read_signature
-from enginehouse.config.build_spec import static_batch_sizes
+from enginehouse.config.build_spec import engine_precision, static_batch_sizes
 from enginehouse.errors import ModelLoadError
 
 TORCH_BACKEND = "pytorch"
@@ -179,7 +179,9 @@ class TorchBackend(Backend):
                     else []
                 )
                 try:
-                    engine = CudaGraphEngine(torch, runner, config, device, buckets)
+                    # The builder's fp16 engines narrow every floating input first.
+                    half_inputs = shared and engine_precision(config) == "fp16"
+                    engine = CudaGraphEngine(torch, runner, config, device, buckets, half_inputs)
                 except BaseException:
                     if shared:
                         torch_compile.release(model_file, index)
