@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from enginehouse.builder import conv_fusion
@@ -143,3 +145,63 @@ def test_the_builder_keeps_the_fused_program_only_where_it_answers_alike(
         left = torch_builder._fuse_convolutions(torch, "net", inner, lambda m: m, example)
     assert left is inner
     assert "model 'net': convolutions left as they were (answers differ" in caplog.text
+
+
+def test_an_onnx_convnet_converted_to_pytorch_is_folded_and_fused(tmp_path: Path) -> None:
+    """The converter's forms (functional conv2d with a bias, batch_norm, relu, add) are the
+    ones the pass rewrites: a Conv, BatchNormalization, Relu, then a Conv whose output is added
+    to that Relu's before a last Relu."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from enginehouse.backends.onnx_to_torch import onnx_module
+
+    rng = np.random.default_rng(3)
+
+    def weight(name: str, *shape: int, low: float = -0.5, high: float = 0.5) -> Any:
+        return numpy_helper.from_array(rng.uniform(low, high, shape).astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node(
+            "BatchNormalization", ["c1", "scale", "shift", "mean", "var"], ["n1"], epsilon=1e-5
+        ),
+        helper.make_node("Relu", ["n1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"]),
+        helper.make_node("Add", ["c2", "r1"], ["s"]),
+        helper.make_node("Relu", ["s"], ["y"]),
+    ]
+    initializers = [
+        weight("w1", 4, 4, 3, 3),
+        weight("b1", 4),
+        weight("scale", 4, low=0.5, high=1.5),
+        weight("shift", 4),
+        weight("mean", 4),
+        weight("var", 4, low=0.5, high=2.0),
+        weight("w2", 4, 4, 1, 1),
+        weight("b2", 4),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 8, 8])],
+        initializers,
+    )
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    batch = torch.export.Dim("batch", min=1, max=16)
+    program = torch.export.export(  # the converted module takes its inputs as *args
+        onnx_module(path, "m"), (torch.randn(2, 4, 8, 8),), dynamic_shapes=(({0: batch},),)
+    )
+    module = program.module()
+    image = torch.randn(3, 4, 8, 8)
+    with torch.inference_mode():
+        want = module(image)
+    assert conv_fusion.fuse(torch, module) == 2
+    calls = _calls(module)
+    assert calls.count("aten.cudnn_convolution_relu.default") == 1
+    assert calls.count("aten.cudnn_convolution_add_relu.default") == 1
+    assert not [c for c in calls if "batch_norm" in c]
+    with torch.inference_mode():
+        torch.testing.assert_close(module(image), want, rtol=1e-4, atol=1e-5)
