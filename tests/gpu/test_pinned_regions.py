@@ -16,7 +16,8 @@ import pytest
 
 from enginehouse import datatypes
 from enginehouse.core import cuda_ipc
-from enginehouse.core.shared_memory import Region, SharedMemoryRegions
+from enginehouse.core.regions import Region
+from enginehouse.core.shared_memory import SharedMemoryRegions
 from enginehouse.errors import InvalidArgumentError
 from enginehouse.messages import ANY_DEVICE, RegionTensor
 

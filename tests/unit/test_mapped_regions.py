@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from enginehouse import datatypes
-from enginehouse.core.shared_memory import Region, SharedMemoryRegions
+from enginehouse.core.regions import Region
+from enginehouse.core.shared_memory import SharedMemoryRegions
 from enginehouse.errors import InvalidArgumentError
 from enginehouse.messages import RegionTensor, SharedMemoryTarget
 

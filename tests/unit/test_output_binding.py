@@ -23,7 +23,8 @@ from enginehouse.backends.base import Placement
 from enginehouse.backends.onnxruntime import OnnxRuntimeBackend, OnnxRuntimeEngine
 from enginehouse.backends.output_binding import OutputBinding
 from enginehouse.core import mapping_guard
-from enginehouse.core.shared_memory import IN_PLACE_OUTPUT_BYTES, Region, SharedMemoryRegions
+from enginehouse.core.regions import Region
+from enginehouse.core.shared_memory import IN_PLACE_OUTPUT_BYTES, SharedMemoryRegions
 from enginehouse.messages import HostOutput, SharedMemoryTarget
 
 pytestmark = pytest.mark.skipif(not mapping_guard.AVAILABLE, reason="needs the mapping guard")

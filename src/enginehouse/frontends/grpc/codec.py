@@ -14,7 +14,8 @@ from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 
 from enginehouse import datatypes
-from enginehouse.core.shared_memory import Region, SharedMemoryRegions, served_regions
+from enginehouse.core.regions import Region
+from enginehouse.core.shared_memory import SharedMemoryRegions, served_regions
 from enginehouse.errors import InvalidArgumentError, UnsupportedError
 from enginehouse.frontends.grpc.frames import varint
 from enginehouse.messages import InferInput, InferRequest, InferResponse, SharedMemoryTarget

@@ -20,8 +20,9 @@ from tritonclient.grpc import service_pb2_grpc
 
 from enginehouse import datatypes
 from enginehouse.core.model import ModelVersion
+from enginehouse.core.regions import CUDA, SYSTEM
 from enginehouse.core.server import SERVER_NAME, ServerCore
-from enginehouse.core.shared_memory import CUDA, SYSTEM, region_status
+from enginehouse.core.shared_memory import region_status
 from enginehouse.errors import EnginehouseError, InvalidArgumentError
 from enginehouse.frontends.grpc.access import bind, interceptors
 from enginehouse.frontends.grpc.codec import (

@@ -21,8 +21,9 @@ import orjson
 from enginehouse import datatypes
 from enginehouse.config.protojson import message_to_json_dict
 from enginehouse.core.model import ModelVersion
+from enginehouse.core.regions import CUDA, SYSTEM
 from enginehouse.core.server import SERVER_NAME, ServerCore
-from enginehouse.core.shared_memory import CUDA, SYSTEM, decode_raw_handle, region_status
+from enginehouse.core.shared_memory import decode_raw_handle, region_status
 from enginehouse.errors import (
     EnginehouseError,
     InternalError,

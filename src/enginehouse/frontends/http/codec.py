@@ -15,7 +15,8 @@ import numpy as np
 import orjson
 
 from enginehouse import datatypes
-from enginehouse.core.shared_memory import Region, SharedMemoryRegions, served_regions
+from enginehouse.core.regions import Region
+from enginehouse.core.shared_memory import SharedMemoryRegions, served_regions
 from enginehouse.errors import InvalidArgumentError, UnsupportedError
 from enginehouse.messages import InferInput, InferRequest, InferResponse, SharedMemoryTarget
 
