@@ -51,20 +51,25 @@ def _calls(module: Any) -> list[str]:
     return [str(n.target) for n in module.graph.nodes if n.op == "call_function"]
 
 
-def test_batch_norms_fold_and_chains_fuse_with_the_same_answers() -> None:
-    module = _exported(torch_residual_convnet(8))
-    image = torch.randn(5, 3, 16, 16)
+def _fused_alike(module: Any, image: Any, relus: int, add_relus: int) -> list[str]:
+    """Fuse ``module`` in place, check what it now calls and that it answers ``image`` as it
+    did; returns its calls."""
     with torch.inference_mode():
         want = module(image)
-    assert conv_fusion.fuse(torch, module) == 3
+    assert conv_fusion.fuse(torch, module) == relus + add_relus
     calls = _calls(module)
-    assert calls.count("aten.cudnn_convolution_relu.default") == 2
-    assert calls.count("aten.cudnn_convolution_add_relu.default") == 1
+    assert calls.count("aten.cudnn_convolution_relu.default") == relus
+    assert calls.count("aten.cudnn_convolution_add_relu.default") == add_relus
     assert not [c for c in calls if "batch_norm" in c]
-    assert not {"aten.relu.default", "aten.add.Tensor", "aten.conv2d.default"} & set(calls)
     with torch.inference_mode():
-        got = module(image)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(module(image), want, rtol=1e-4, atol=1e-5)
+    return calls
+
+
+def test_batch_norms_fold_and_chains_fuse_with_the_same_answers() -> None:
+    module = _exported(torch_residual_convnet(8))
+    calls = _fused_alike(module, torch.randn(5, 3, 16, 16), relus=2, add_relus=1)
+    assert not {"aten.relu.default", "aten.add.Tensor", "aten.conv2d.default"} & set(calls)
     # The statistics and the weights they were folded into are gone; the folded ones stay.
     names = [n for n, _ in (*module.named_parameters(), *module.named_buffers())]
     assert not [n for n in names if "running" in n or "norm" in n]
@@ -194,14 +199,4 @@ def test_an_onnx_convnet_converted_to_pytorch_is_folded_and_fused(tmp_path: Path
     program = torch.export.export(  # the converted module takes its inputs as *args
         onnx_module(path, "m"), (torch.randn(2, 4, 8, 8),), dynamic_shapes=(({0: batch},),)
     )
-    module = program.module()
-    image = torch.randn(3, 4, 8, 8)
-    with torch.inference_mode():
-        want = module(image)
-    assert conv_fusion.fuse(torch, module) == 2
-    calls = _calls(module)
-    assert calls.count("aten.cudnn_convolution_relu.default") == 1
-    assert calls.count("aten.cudnn_convolution_add_relu.default") == 1
-    assert not [c for c in calls if "batch_norm" in c]
-    with torch.inference_mode():
-        torch.testing.assert_close(module(image), want, rtol=1e-4, atol=1e-5)
+    _fused_alike(program.module(), torch.randn(3, 4, 8, 8), relus=1, add_relus=1)
