@@ -6,7 +6,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from enginehouse.backends.cuda_graphs import default_buckets
+from enginehouse.backends.graph_setup import default_buckets
 from enginehouse.backends.torch import graph_buckets
 from enginehouse.errors import ModelLoadError
 

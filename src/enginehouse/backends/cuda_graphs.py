@@ -48,9 +48,8 @@ import contextlib
 import logging
 import math
 import mmap
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -58,6 +57,14 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from enginehouse import datatypes
 from enginehouse.backends.base import Engine, Launched
+from enginehouse.backends.graph_setup import (
+    CUBLAS_CACHE_LOCK,
+    SETUP_LOCK,
+    captured_cublas_workspace,
+    give_back_stream,
+    input_specs,
+    take_stream,
+)
 from enginehouse.backends.host_copies import HALF_STAGING, copied, copy_all, copy_rows
 from enginehouse.backends.stream_wake import StreamWaker, stream_waker
 from enginehouse.messages import (
@@ -71,80 +78,10 @@ from enginehouse.messages import (
 log = logging.getLogger(__name__)
 
 WARM_RUNS = 3
-# One compile or capture at a time in the process: a device-wide synchronisation or a
-# compile in one thread invalidates a capture running in another. Replays and copies of
-# instances already serving go on meanwhile.
-SETUP_LOCK = threading.RLock()
-# Held while cuBLAS's workspace cache is dropped (before and after each capture) and while
-# an execution runs outside a graph: that cache is one map for the process, which another
-# thread's cuBLAS call must not read while it is being cleared.
-_CUBLAS_CACHE_LOCK = threading.Lock()
 # A synchronous execution wakes this long before its expected end and then checks its done
 # event, for at most SPIN_S past that end (see CudaGraphEngine._wait).
 SPIN_EARLY_S = 0.0002
 SPIN_S = 0.0005
-
-
-# Streams of closed engines, by device, for the next engine. cuBLAS keeps a workspace per
-# stream for the life of the process, so new streams on every load would leak device memory.
-_FREE_STREAMS: dict[Any, list[Any]] = {}
-
-
-def _take_stream(torch: Any, device: Any) -> Any:
-    with SETUP_LOCK:
-        free = _FREE_STREAMS.get(device)
-        return free.pop() if free else torch.cuda.Stream(device)
-
-
-@contextlib.contextmanager
-def captured_cublas_workspace(torch: Any) -> Iterator[None]:
-    """Around one graph's capture: cuBLAS's cached workspaces are dropped before it, so that
-    the captured calls allocate theirs from the graph's own memory pool, and again after it,
-    so that no call outside the graph finds that memory still cached (PyTorch's CUDA-graph
-    trees do the same). Torch 2.11 caches one workspace per cuBLAS handle and stream, and an
-    engine's stream outlives it (``_take_stream``): without this, a model's second load on
-    the first load's streams ran a kernel that never ended (an H200: hung in 2 of 3 runs, and
-    in 3 of 6 before), and passed 7 of 7 with it (``test_unload_returns_device_memory`` in
-    tests/gpu)."""
-    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
-    if clear is not None:
-        with _CUBLAS_CACHE_LOCK:
-            clear()
-    try:
-        yield
-    finally:
-        if clear is not None:
-            with _CUBLAS_CACHE_LOCK:
-                clear()
-
-
-def default_buckets(max_batch_size: int, preferred: Sequence[int] = ()) -> list[int]:
-    """1, 2, 4, 8, then steps of a quarter of the power of two below (12, 16, 20, 24, 28, 32,
-    40, 48, ...), up to the max batch size, plus it and the preferred sizes.
-
-    A batch runs padded to the next bucket. With powers of two alone a batch of 33 ran as 64,
-    and the engine spent almost half its time on padding whenever the batcher formed batches
-    just past a power of two; quarter steps keep the padding under a fifth from 16 rows up
-    (a third below). The graphs share one memory pool: their intermediates reuse the same
-    device memory."""
-    sizes = {max_batch_size, *(p for p in preferred if 0 < p <= max_batch_size)}
-    size = 1
-    while size < max_batch_size:
-        sizes.add(size)
-        power = 1 << (size.bit_length() - 1)
-        size = size * 2 if size < 8 else size + max(4, power // 4)
-    return sorted(sizes)
-
-
-def input_specs(torch: Any, config: mc.ModelConfig) -> list[tuple[tuple[int, ...], Any]]:
-    """(dims the engine sees, after any reshape, and torch dtype) of every input."""
-    return [
-        (
-            tuple(t.reshape.shape) if t.HasField("reshape") else tuple(t.dims),
-            torch.from_numpy(np.empty(0, datatypes.BY_CONFIG[t.data_type].numpy)).dtype,
-        )
-        for t in config.input
-    ]
 
 
 class CudaGraphEngine(Engine):
@@ -163,7 +100,7 @@ class CudaGraphEngine(Engine):
         self._run = run
         self.config = config
         self.device = torch.device(device)
-        self.stream = _take_stream(torch, self.device)
+        self.stream = take_stream(torch, self.device)
         # Executions wait on a blocking event: the thread sleeps until the copies are done.
         # A stream synchronize spins a core per instance for the whole execution, which on a
         # server takes CPU from the frontends (BERT at 8k req/s: 0.3 cores for two instances
@@ -590,7 +527,7 @@ class CudaGraphEngine(Engine):
         self, arrays: list[np.ndarray], output_names: Sequence[str]
     ) -> list[np.ndarray]:
         torch = self._torch
-        with _CUBLAS_CACHE_LOCK, torch.inference_mode(), torch.cuda.stream(self.stream):
+        with CUBLAS_CACHE_LOCK, torch.inference_mode(), torch.cuda.stream(self.stream):
             tensors = [
                 torch.from_numpy(np.ascontiguousarray(a)).to(self.device, non_blocking=True)
                 for a in arrays
@@ -625,8 +562,7 @@ class CudaGraphEngine(Engine):
         if self.on_close is not None:
             self.on_close()
             self.on_close = None
-        with SETUP_LOCK:
-            _FREE_STREAMS.setdefault(self.device, []).append(self.stream)
+        give_back_stream(self.device, self.stream)
 
 
 class GraphLaunch(Launched):

@@ -18,7 +18,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from enginehouse.backends import torch_compile
 from enginehouse.backends.base import Backend, Engine, Placement, SourceFacts
-from enginehouse.backends.cuda_graphs import CudaGraphEngine, default_buckets
+from enginehouse.backends.cuda_graphs import CudaGraphEngine
+from enginehouse.backends.graph_setup import default_buckets
 from enginehouse.backends.torch_programs import (
     TORCH_LOCK,
     import_torch,

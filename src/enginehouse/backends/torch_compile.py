@@ -28,7 +28,7 @@ from typing import Any
 from tritonclient.grpc import model_config_pb2 as mc
 
 from enginehouse.backends import inductor_artifact
-from enginehouse.backends.cuda_graphs import input_specs
+from enginehouse.backends.graph_setup import input_specs
 from enginehouse.backends.torch_quantize import QUANTIZED, quantize
 from enginehouse.config import model_config
 from enginehouse.config.build_spec import engine_precision

@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from enginehouse.backends.cuda_graphs import SETUP_LOCK
+from enginehouse.backends.graph_setup import SETUP_LOCK
 from enginehouse.errors import ModelLoadError
 
 

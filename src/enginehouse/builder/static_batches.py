@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from enginehouse.backends import inductor_artifact
-from enginehouse.backends.cuda_graphs import captured_cublas_workspace
+from enginehouse.backends.graph_setup import captured_cublas_workspace
 from enginehouse.config.build_spec import BuildSpec
 
 log = logging.getLogger(__name__)

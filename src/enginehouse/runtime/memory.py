@@ -44,7 +44,7 @@ def release_freed_memory() -> None:
         trim(0)
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
-        from enginehouse.backends.cuda_graphs import SETUP_LOCK
+        from enginehouse.backends.graph_setup import SETUP_LOCK
 
         # A device-wide synchronisation while another thread captures a graph fails both
         # (seen when one model's load ran out of memory while another captured).
