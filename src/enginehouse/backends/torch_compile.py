@@ -27,7 +27,7 @@ from typing import Any
 
 from tritonclient.grpc import model_config_pb2 as mc
 
-from enginehouse.backends import inductor_artifact
+from enginehouse.backends import cudnn_fused, inductor_artifact
 from enginehouse.backends.graph_setup import input_specs
 from enginehouse.backends.torch_quantize import QUANTIZED, quantize
 from enginehouse.config import model_config
@@ -92,7 +92,6 @@ def module_on(torch: Any, path: Path, config: mc.ModelConfig, device: str, preci
     """The saved program at ``path`` on ``device``, its linear layers quantised when the
     precision asks for it (the cache keeps the bf16 program): what both the build and every
     load compile."""
-    from enginehouse.backends import cudnn_fused
     from enginehouse.backends.torch_programs import load_program, program_on
 
     cudnn_fused.register(torch)  # the builder may have fused the program's convolutions

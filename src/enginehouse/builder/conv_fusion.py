@@ -3,7 +3,7 @@
 In a convnet on the GPU each convolution writes its output to memory, and a pointwise kernel
 reads it back to apply the batch norm, the residual add and the ReLU: Inductor fuses those
 pointwise steps with each other, but calls cuDNN for the convolution and cannot fuse into
-it. At batch 256 that traffic is a third of ResNet-50's time. cuDNN runs a convolution with
+it. cuDNN runs a convolution with
 its bias and ReLU (``aten.cudnn_convolution_relu``), or with a residual added before the
 ReLU (``aten.cudnn_convolution_add_relu``), as one call. This pass folds every inference
 batch norm into the convolution before it (its scale into the weights, its shift into the
@@ -172,13 +172,10 @@ def _fold_norm(graph: _Graph, found: _Convolution) -> bool:
     folded = folded.contiguous(memory_format=suggest_memory_format(weight))
     found.node.update_arg(1, graph.constant(folded, found.node))
     bias = graph.constant(shift.to(weight.dtype), found.node)
-    if found.node.target == torch.ops.aten.conv2d.default:
-        if len(found.node.args) > 2:
-            found.node.update_arg(2, bias)
-        else:
-            found.node.update_kwarg("bias", bias)
-    else:
+    if len(found.node.args) > 2:  # the bias is the third argument of both convolutions
         found.node.update_arg(2, bias)
+    else:
+        found.node.update_kwarg("bias", bias)
     output.replace_all_uses_with(found.node)
     graph.graph.erase_node(output)
     if output is not norm:

@@ -218,11 +218,13 @@ def _fuse_convolutions(
             want, got = wrap(inner)(*example), wrap(candidate)(*example)
         want = (want,) if isinstance(want, torch.Tensor) else tuple(want)
         got = (got,) if isinstance(got, torch.Tensor) else tuple(got)
-        for w, g in zip(want, got):
-            scale = float(w.float().abs().max()) or 1.0
-            error = float((w.float() - g.float()).abs().max()) / scale
-            if not error <= _FUSED_TOLERANCE:
-                raise ValueError(f"answers differ from the unfused program's by {error:.3g}")
+        errors = OutputErrors(str(i) for i in range(len(want)))
+        for index, (w, g) in enumerate(zip(want, got)):
+            errors.add(str(index), w.float().cpu().numpy(), g.float().cpu().numpy())
+        if not errors.max_relative <= _FUSED_TOLERANCE:
+            raise ValueError(
+                f"answers differ from the unfused program's by {errors.max_relative:.3g}"
+            )
     except Exception as exc:  # cuDNN and tracing raise many types
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         log.info("model '%s': convolutions left as they were (%s)", model, message)

@@ -87,7 +87,7 @@ class BuildSpec:
         parts["target"] = self.target.split(":")[0]
         if not self.static_batches:  # keys made before the field existed stay valid
             parts.pop("static_batches")
-        if self.fuse_convolutions:  # the default: keys made before the field stay valid
+        if self.fuse_convolutions:  # keyed only when off, as static_batches only when set
             parts.pop("fuse_convolutions")
         return parts
 
