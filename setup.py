@@ -4,8 +4,10 @@ install goes on without them.
 - The SIGBUS guard that lets system shared-memory regions be mapped
   (src/enginehouse/core/mapping_guard.py says why); without it regions are read through
   their descriptors.
-- The FP32 to FP16 conversion that stages fp16 GPU engines' inputs in half the bytes
-  (src/enginehouse/backends/_half.c); without it they are staged as FP32.
+- The host-staging copies (src/enginehouse/backends/_staging.c): large inputs copied into
+  GPU engines' page-locked buffers with streaming stores, and FP32 inputs of fp16 engines
+  converted to FP16 on the way (half the bytes); without it inputs are copied by NumPy and
+  staged as FP32.
 
 Everything else is in pyproject.toml."""
 
@@ -20,8 +22,8 @@ setup(
             optional=True,
         ),
         Extension(
-            "enginehouse.backends._half",
-            sources=["src/enginehouse/backends/_half.c"],
+            "enginehouse.backends._staging",
+            sources=["src/enginehouse/backends/_staging.c"],
             extra_compile_args=["-O2", "-std=c11"],
             optional=True,
         ),

@@ -189,7 +189,7 @@ def test_the_runtime_stage_is_lean_and_unprivileged(image: tuple[Path, str, floa
         # The mapping guard and the FP16 staging conversion, compiled in a stage of their own
         # for the image's Python.
         assert list((root / "opt" / "app" / "enginehouse" / "core").glob("_mapping_guard*.so"))
-        assert list((root / "opt" / "app" / "enginehouse" / "backends").glob("_half*.so"))
+        assert list((root / "opt" / "app" / "enginehouse" / "backends").glob("_staging*.so"))
         compiled = list((root / "opt" / "app" / "enginehouse").rglob("*.pyc"))
         sources = list((root / "opt" / "app" / "enginehouse").rglob("*.py"))
         assert len(compiled) >= len(sources)  # bytecode compiled at build time

@@ -1,7 +1,10 @@
-"""Large host copies split over threads land exactly where one np.copyto would put them;
-FP32 rows into an FP16 staging buffer are converted as NumPy would convert them."""
+"""Large host copies split over threads land exactly where one np.copyto would put them,
+streamed or not, at any alignment; FP32 rows into an FP16 staging buffer are converted as
+NumPy would convert them."""
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import pytest
@@ -51,7 +54,50 @@ def test_many_small_copies_spread_over_threads(monkeypatch: pytest.MonkeyPatch) 
     assert not staging[12:].any()
 
 
-needs_f16c = pytest.mark.skipif(not host_copies.HALF_STAGING, reason="_half not built or no F16C")
+needs_staging = pytest.mark.skipif(host_copies._staging is None, reason="_staging not built")
+
+
+@needs_staging
+@pytest.mark.parametrize("size", [1, 15, 64, 65, 1000, 70_001])
+def test_streamed_copies_land_exactly_at_every_alignment(size: int) -> None:
+    assert host_copies._staging is not None
+    source_buffer = np.random.default_rng(size).integers(0, 256, size + 40, dtype=np.uint8)
+    for target_offset, source_offset, streaming in itertools.product(
+        range(17), (0, 3, 16), (True, False)
+    ):
+        target = np.full(size + 40, 0xEE, np.uint8)
+        source = source_buffer[source_offset : source_offset + size]
+        host_copies._staging.copy(target[target_offset : target_offset + size], source, streaming)
+        assert np.array_equal(target[target_offset : target_offset + size], source)
+        assert (target[:target_offset] == 0xEE).all()
+        assert (target[target_offset + size :] == 0xEE).all()
+    with pytest.raises(ValueError, match="does not fill"):
+        host_copies._staging.copy(np.zeros(8, np.uint8), np.zeros(9, np.uint8))
+
+
+@needs_staging
+def test_large_copies_stream_and_outputs_do_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert host_copies._staging is not None
+    calls: list[int] = []
+    real = host_copies._staging.copy
+    monkeypatch.setattr(
+        host_copies._staging, "copy", lambda d, s: (calls.append(d.nbytes), real(d, s))[1]
+    )
+    source = np.random.default_rng(2).standard_normal((8, 3, 64, 64)).astype(np.float32)
+    staging = np.zeros((16, 3, 64, 64), np.float32)
+    host_copies.copy_rows(staging[3:11], source)
+    assert calls == [source.nbytes] and np.array_equal(staging[3:11], source)
+    calls.clear()
+    assert np.array_equal(host_copies.copied(source), source)
+    host_copies.copy_rows(staging[:8, :, ::2], source[:, :, ::2])  # strided: NumPy copies it
+    assert calls == []
+    host_copies.copy_rows(staging[:1, :, :4], source[:1, :, :4])  # small: NumPy copies it
+    assert calls == []
+
+
+needs_f16c = pytest.mark.skipif(
+    not host_copies.HALF_STAGING, reason="_staging not built or no F16C"
+)
 
 
 @needs_f16c
@@ -92,3 +138,18 @@ def test_a_region_tensor_in_fp32_is_read_then_converted() -> None:
 def test_other_narrowings_are_refused() -> None:
     with pytest.raises(TypeError, match="cannot stage int64 rows in a float16 buffer"):
         host_copies.copy_rows(np.zeros((4, 8), np.float16), np.zeros((4, 8), np.int64))
+
+
+@needs_f16c
+def test_fp16_targets_at_every_alignment_are_converted_whole() -> None:
+    assert host_copies._staging is not None
+    source = (np.random.default_rng(4).standard_normal(1003) * 100).astype(np.float32)
+    want = source.astype(np.float16)
+    # Odd offsets: float16 targets not even 2-byte aligned.
+    for byte_offset, streaming in itertools.product(range(18), (True, False)):
+        buffer = np.full(2 * 1003 + 40, 0xEE, np.uint8)
+        target = np.ndarray((1003,), np.float16, buffer=buffer, offset=byte_offset)
+        host_copies._staging.to_half(target, source, streaming)
+        assert np.array_equal(target.view(np.uint16), want.view(np.uint16)), byte_offset
+        assert (buffer[:byte_offset] == 0xEE).all()
+        assert (buffer[byte_offset + 2 * 1003 :] == 0xEE).all()

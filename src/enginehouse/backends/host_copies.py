@@ -7,8 +7,11 @@ releases the GIL while it copies plain arrays, so a copy split into row ranges r
 many cores at once. Small copies stay on the calling thread: handing work to a thread costs
 tens of microseconds.
 
-A destination of another dtype than its source is an FP16 staging buffer for FP32 rows (see
-cuda_graphs.py): those rows are converted on the way by ``_half`` (F16C, without the GIL).
+Large copies of contiguous arrays go through ``_staging`` (compiled, optional), whose
+streaming stores skip reading each destination line into the cache: what lands in a staging
+buffer is read next by the GPU, not the CPU. A destination of another dtype than its source is
+an FP16 staging buffer for FP32 rows (see cuda_graphs.py): those rows are converted on the way
+(F16C, without the GIL).
 """
 
 from __future__ import annotations
@@ -23,14 +26,17 @@ import numpy as np
 
 from enginehouse.messages import RegionTensor, Tensor
 
-_half: ModuleType | None
+_staging: ModuleType | None
 try:
-    import enginehouse.backends._half as _half
+    import enginehouse.backends._staging as _staging
 except ImportError:  # built without a C compiler
-    _half = None
+    _staging = None
 
 # Whether FP32 inputs can be staged as FP16: the conversion is built and this CPU runs it.
-HALF_STAGING = _half is not None and bool(_half.available())
+HALF_STAGING = _staging is not None and bool(_staging.half_available())
+# From this size a same-dtype copy of contiguous arrays streams its stores (``_staging``);
+# below it the call's own cost is the larger part and the destination may as well stay cached.
+STREAM_BYTES = 64 << 10
 
 # Below this many bytes a copy stays on the calling thread.
 PARALLEL_BYTES = 4 << 20
@@ -64,53 +70,63 @@ def _executor() -> ThreadPoolExecutor:
         return _pool
 
 
-def _copy(destination: np.ndarray, source: Tensor) -> None:
+def _copy(destination: np.ndarray, source: Tensor, streamed: bool = True) -> None:
     """One copy: an array's elements, or a region tensor's bytes read into place; FP32 rows
-    into an FP16 destination converted."""
+    into an FP16 destination converted. ``streamed``: the destination is read next by the
+    GPU (a staging buffer), not by this CPU, and large copies may bypass the cache."""
     if destination.dtype != source.dtype:
         _to_half(destination, source)
     elif isinstance(source, RegionTensor):
         source.read_into(destination)
+    elif (
+        streamed
+        and _staging is not None
+        and destination.nbytes >= STREAM_BYTES
+        and destination.shape == source.shape
+        and destination.flags.c_contiguous
+        and source.flags.c_contiguous
+    ):
+        _staging.copy(destination, source)
     else:
         np.copyto(destination, source, casting="no")
 
 
 def _to_half(destination: np.ndarray, source: Tensor) -> None:
-    if _half is None or destination.dtype != np.float16 or source.dtype != np.float32:
+    if _staging is None or destination.dtype != np.float16 or source.dtype != np.float32:
         raise TypeError(f"cannot stage {source.dtype} rows in a {destination.dtype} buffer")
     if isinstance(source, RegionTensor):
         read = np.empty(source.shape, source.dtype)
         source.read_into(read)
         source = read
-    _half.to_half(destination, np.ascontiguousarray(source))
+    _staging.to_half(destination, np.ascontiguousarray(source))
 
 
 def _rows(source: Tensor, start: int, stop: int) -> Tensor:
     return source.rows(start, stop) if isinstance(source, RegionTensor) else source[start:stop]
 
 
-def copy_rows(destination: np.ndarray, source: Tensor) -> None:
+def copy_rows(destination: np.ndarray, source: Tensor, streamed: bool = True) -> None:
     """``np.copyto(destination, source, casting="no")`` (or a region tensor read into
     ``destination``), split into row ranges copied in parallel when the copy is large and
-    the machine has the cores."""
+    the machine has the cores; ``streamed`` as for :func:`_copy`."""
     size = destination.nbytes
     rows = destination.shape[0] if destination.ndim else 0
     if size < PARALLEL_BYTES or rows < 2:
-        _copy(destination, source)
+        _copy(destination, source, streamed)
         return
     threads = _threads()
     if threads < 2:
-        _copy(destination, source)
+        _copy(destination, source, streamed)
         return
     parts = int(min(threads, rows, max(2, size // CHUNK_BYTES)))
     bounds = [rows * i // parts for i in range(parts + 1)]
     pool = _executor()
     futures: list[Future[None]] = [
-        pool.submit(_copy, destination[a:b], _rows(source, a, b))
+        pool.submit(_copy, destination[a:b], _rows(source, a, b), streamed)
         for a, b in itertools.pairwise(bounds[1:])
     ]
     try:
-        _copy(destination[: bounds[1]], _rows(source, 0, bounds[1]))
+        _copy(destination[: bounds[1]], _rows(source, 0, bounds[1]), streamed)
     finally:
         for future in futures:
             future.result()
@@ -152,7 +168,8 @@ def _copy_group(group: list[tuple[np.ndarray, Tensor]]) -> None:
 
 
 def copied(source: np.ndarray) -> np.ndarray:
-    """A copy of ``source`` of its own (``source.copy()``), made by :func:`copy_rows`."""
+    """A copy of ``source`` of its own (``source.copy()``), made by :func:`copy_rows`: an
+    engine's outputs, read next by this CPU (the answer's encoding), so not streamed."""
     out = np.empty_like(source)
-    copy_rows(out, source)
+    copy_rows(out, source, streamed=False)
     return out
