@@ -8,6 +8,12 @@ synchronised bare replay, the engine's own synchronous execution (``execute``: a
 shortly before the expected end, then checking the event), the same execution waited for by
 polling the event from the launch on, and the execution with 1 to 15 host-copy threads.
 
+Above batch 1 it also splits two instances taking turns (bench/gpu_engines.py's
+``TakingTurns``) into the same phases, with the span of each batch's graph on the GPU from
+timing events on the instances' streams: once with each call gathering its batch, and once
+launching batches staged already (the GPU's part alone). Where the graphs' spans cover the
+whole period, the GPU is the limit; where they leave gaps, the host is.
+
     python bench/host_phases.py [--model resnet50] [--batches 1,256] [--iters 200]
 """
 
@@ -75,6 +81,64 @@ def phases(
     return medians, p50_ms(polled, iters)
 
 
+def taking_turns(
+    torch: Any,
+    engines: list[Any],
+    parts: dict[str, list[np.ndarray]],
+    outputs: list[str],
+    iters: int,
+    gather: bool,
+) -> dict[str, float]:
+    """Two instances taking turns as bench/gpu_engines.py's ``TakingTurns`` does: per call,
+    ms p50 of each host phase (gather, launch, the wait for the other instance's batch, its
+    outputs) and of the whole call (one batch's period), and the mean span of a batch's
+    graph on the GPU and the mean gap between one batch's end and the next one's start
+    (negative: they overlapped). ``gather`` false launches batches staged beforehand."""
+    staged = [engine.gather(parts) for engine in engines]
+    spent: dict[str, list[float]] = {"gather": [], "launch": [], "wait": [], "outputs": []}
+    periods: list[float] = []
+    events: list[tuple[Any, Any]] = []
+    pending: Any = None
+    for call in range(iters + 2):
+        engine = engines[call % 2]
+        t0 = time.perf_counter()
+        inputs = engine.gather(parts) if gather else staged[call % 2]
+        t1 = time.perf_counter()
+        began = torch.cuda.Event(enable_timing=True)
+        ended = torch.cuda.Event(enable_timing=True)
+        began.record(engine.stream)
+        launched = engine.launch(inputs, outputs)
+        ended.record(engine.stream)
+        t2 = time.perf_counter()
+        previous, pending = pending, launched
+        if previous is not None:
+            while not previous.done():
+                time.sleep(0)
+        t3 = time.perf_counter()
+        if previous is not None:
+            previous.outputs()
+        t4 = time.perf_counter()
+        if call >= 2:  # the first two calls start the turns
+            for name, since, until in (
+                ("gather", t0, t1),
+                ("launch", t1, t2),
+                ("wait", t2, t3),
+                ("outputs", t3, t4),
+            ):
+                spent[name].append(until - since)
+            periods.append(t4 - t0)
+            events.append((began, ended))
+    torch.cuda.synchronize()
+    spans = [b.elapsed_time(e) for b, e in events]
+    gaps = [events[i][0].elapsed_time(events[i + 1][0]) for i in range(len(events) - 1)]
+    gaps = [start_to_start - span for start_to_start, span in zip(gaps, spans)]
+    row = {name: float(np.median(times) * 1e3) for name, times in spent.items()}
+    row["period"] = float(np.median(periods) * 1e3)
+    row["gpu_span"] = float(np.mean(spans))
+    row["gpu_gap"] = float(np.mean(gaps))
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="resnet50", choices=sorted(MODELS))
@@ -88,7 +152,7 @@ def main() -> None:
     model = MODELS[args.model]
     print(f"building {model.name} ...", flush=True)
     config, instance, seconds, hit, _ = build(model, PRECISION[model.kind], False)
-    engine = instance()
+    engine, other = instance(), instance()
     print(f"  built in {seconds:.1f} s (cache hit: {hit})", flush=True)
     outputs = [t.name for t in config.output]
     results: dict[int, dict[str, Any]] = {}
@@ -121,6 +185,11 @@ def main() -> None:
             row[f"execute_ms_{threads}_threads"] = p50_ms(execute, iters)
         os.environ.pop("ENGINEHOUSE_HOST_COPY_THREADS")
         host_copies._pool = None
+        if batch > 1:
+            other.execute(host, outputs)
+            for gather in (True, False):
+                turns = taking_turns(torch, [engine, other], parts, outputs, iters, gather)
+                row["two_instances" if gather else "two_instances_staged"] = turns
         results[batch] = row
         print(
             f"  b{batch}: replay {row['replay_ms']:.3f} ms, host->host {row['execute_ms']:.3f} ms"
@@ -130,6 +199,20 @@ def main() -> None:
             + ", ".join(f"{t}: {row[f'execute_ms_{t}_threads']:.3f}" for t in THREADS),
             flush=True,
         )
+        for key, label in (("two_instances", "gathering"), ("two_instances_staged", "staged")):
+            if key in row:
+                turns = row[key]
+                print(
+                    f"  b{batch} 2 instances, {label}: period {turns['period']:.3f} ms "
+                    f"({row['replay_ms'] / turns['period']:.2f}x replay); "
+                    + ", ".join(
+                        f"{name} {turns[name]:.3f}"
+                        for name in ("gather", "launch", "wait", "outputs")
+                    )
+                    + f"; on the GPU a batch's graph {turns['gpu_span']:.3f} ms, "
+                    f"{turns['gpu_gap']:+.3f} ms to the next",
+                    flush=True,
+                )
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "host_phases.json").write_text(json.dumps(results, indent=1))
     print(

@@ -192,3 +192,48 @@ def test_outputs_that_cannot_be_written_on_the_device_are_left_to_the_host(
     assert [t.written for t in targets["y"] if t] == [None, None]
     assert not small.any() and not elsewhere.any()
     assert engine.device_written_outputs == 0
+
+
+WIDE = 1 << 20  # 4 MB a row: four rows are a batch large enough to go in row ranges
+
+
+def wide_config() -> mc.ModelConfig:
+    model = mc.ModelConfig(name="wide", max_batch_size=8)
+    model.input.add(name="x", data_type=mc.TYPE_FP32, dims=[WIDE])
+    model.output.add(name="y", data_type=mc.TYPE_FP32, dims=[WIDE])
+    return model
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_a_large_host_batch_goes_to_the_device_range_by_range(half: bool) -> None:
+    """Rows from the host beyond host_copies.RANGED_BYTES are sent to the device in ranges
+    as the gather stages them, and the graph without input copies runs; a smaller batch takes
+    the graph that copies its inputs. Staged as FP16 (``half``), each range is widened on the
+    device as the whole batch was."""
+    engine = CudaGraphEngine(torch, lambda x: x * 2.0 - 1.0, wide_config(), "cuda:0", [2, 8], half)
+    try:
+        rng = np.random.default_rng(5)
+        x = rng.standard_normal((5, WIDE)).astype(np.float32)
+        if half:
+            x = x.astype(np.float16).astype(np.float32)  # exactly representable as staged
+        # Parts that straddle the ranges' bounds, from a plain array and a region tensor.
+        region = RegionTensor(
+            lambda offset, view: np.frombuffer(view, np.uint8).__setitem__(
+                slice(None), x[3:].view(np.uint8).reshape(-1)[offset : offset + view.nbytes]
+            ),
+            0,
+            (2, WIDE),
+            np.dtype(np.float32),
+        )
+        got = engine.execute(engine.gather({"x": [x[:3], region]}), ["y"])[0]
+        np.testing.assert_array_equal(got, x * 2.0 - 1.0)
+        assert engine.ranged_batches == 1 and engine.device_fed_batches == 0
+        small = engine.execute(engine.gather({"x": [x[:1]]}), ["y"])[0]
+        np.testing.assert_array_equal(small, x[:1] * 2.0 - 1.0)
+        assert engine.ranged_batches == 1
+        # A padded batch after a larger one: the padding rows hold what they held.
+        again = engine.execute(engine.gather({"x": [x[1:4] + 1.0]}), ["y"])[0]
+        np.testing.assert_array_equal(again, (x[1:4] + 1.0) * 2.0 - 1.0)
+        assert engine.ranged_batches == 2
+    finally:
+        engine.close()

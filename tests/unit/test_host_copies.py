@@ -153,3 +153,40 @@ def test_fp16_targets_at_every_alignment_are_converted_whole() -> None:
         assert np.array_equal(target.view(np.uint16), want.view(np.uint16)), byte_offset
         assert (buffer[:byte_offset] == 0xEE).all()
         assert (buffer[byte_offset + 2 * 1003 :] == 0xEE).all()
+
+
+def test_a_batch_in_row_ranges_lands_whole_and_says_each_range(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(host_copies, "_threads", lambda: 3)
+    images = np.random.default_rng(6).standard_normal((24, 3, 224, 224)).astype(np.float32)
+    labels = np.arange(24, dtype=np.float32).reshape(24, 1) * 1e5
+    staging_images = np.zeros_like(images)
+    staging_labels = np.zeros((32, 1), np.float32)
+
+    def read(offset: int, view: memoryview) -> None:
+        view[:] = images[10:].tobytes()[offset : offset + view.nbytes]
+
+    region = RegionTensor(read, 0, (14, 3, 224, 224), np.dtype(np.float32))
+    # Parts of unequal sizes across the ranges' bounds, two inputs, one part a region.
+    copies = [
+        (0, staging_images[:10], images[:10]),
+        (10, staging_images[10:], region),
+        (0, staging_labels[:24], labels),
+    ]
+    said: list[tuple[int, int]] = []
+    seen_whole: list[bool] = []
+
+    def copied_rows(start: int, stop: int) -> None:
+        said.append((start, stop))
+        seen_whole.append(np.array_equal(staging_images[:stop], images[:stop]))
+
+    assert host_copies.copy_in_row_ranges(copies, 24, copied_rows)
+    assert said == [(0, 6), (6, 12), (12, 18), (18, 24)]
+    assert all(seen_whole)
+    assert np.array_equal(staging_images, images)
+    assert np.array_equal(staging_labels[:24], labels) and not staging_labels[24:].any()
+    # Too few bytes for ranges to gain: nothing is copied and the caller copies at once.
+    small = [(0, staging_images[:2, :, :8], images[:2, :, :8])]
+    assert not host_copies.copy_in_row_ranges(small, 2, copied_rows)
+    assert len(said) == 4

@@ -22,10 +22,12 @@ Inputs in a client's CUDA shared-memory region on the instance's device never cr
 host: the gather leaves them where they are, and the launch copies them device to device into
 the static input buffers, copies the batch's other rows there from the staging buffers, and
 replays the bucket's second graph, captured beside the first: the model and the output copies
-without the input copies (:meth:`CudaGraphEngine._feed_on_device`). Inputs in a pinned system
-region take the same way, by DMA from the client's pages: no CPU copies them. Outputs bound
-for a CUDA region on the device are copied there from the graph's own output buffers, device
-to device, on the same stream before the launch's done event
+without the input copies (:meth:`CudaGraphEngine._feed_on_device`). So does a large batch from
+the host: the gather sends each of a few row ranges to the device once it is staged, and the
+copy, slow beside another instance's model, ends with the gather, not after. Inputs in pinned
+system regions take the same way, by DMA from the client's pages: no CPU copies them. Outputs
+bound for a CUDA region on the device are copied there from the graph's own output buffers,
+device to device, on the same stream before the launch's done event
 (:meth:`CudaGraphEngine._write_on_device`).
 
 An engine whose program casts its floating inputs to fp16 first (``half_inputs``: an fp16
@@ -46,8 +48,6 @@ from __future__ import annotations
 import bisect
 import contextlib
 import logging
-import math
-import mmap
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -65,7 +65,14 @@ from enginehouse.backends.graph_setup import (
     input_specs,
     take_stream,
 )
-from enginehouse.backends.host_copies import HALF_STAGING, copied, copy_all, copy_rows
+from enginehouse.backends.host_copies import (
+    HALF_STAGING,
+    copied,
+    copy_all,
+    copy_in_row_ranges,
+    copy_rows,
+)
+from enginehouse.backends.page_locked import PageLocked
 from enginehouse.backends.stream_wake import StreamWaker, stream_waker
 from enginehouse.messages import (
     ANY_DEVICE,
@@ -135,7 +142,9 @@ class CudaGraphEngine(Engine):
         # Set by gather() for the launch that follows it: the inputs it left in CUDA regions
         # on this device or in page-locked ones, as (input index, first row, tensor).
         self._on_device: list[tuple[int, int, RegionTensor]] = []
-        self.device_fed_batches = 0
+        # Set by gather() for the launch: the rows it sent to the device range by range.
+        self._sent_rows = 0
+        self.device_fed_batches = self.ranged_batches = 0
         # Per bucket and graph (fed from staging, fed on the device): each of the model's
         # outputs on the device as (address, bytes per row), where outputs bound for CUDA
         # regions are copied from; None for one that is not a single contiguous buffer.
@@ -156,7 +165,7 @@ class CudaGraphEngine(Engine):
         self._pool: Any = None
         self._pinned_in: list[Any] = []
         self._pinned_out: list[Any] = []
-        self._registered: list[np.ndarray] = []
+        self._locked = PageLocked(torch)
         # NumPy views of the pinned buffers, made once: requests copy into and out of them.
         self._host_in: list[np.ndarray] = []
         self._host_out: list[np.ndarray] = []
@@ -174,7 +183,7 @@ class CudaGraphEngine(Engine):
                 # Page-locked memory would outlive the engine; no copy may still be using it.
                 with contextlib.suppress(Exception):
                     self.stream.synchronize()
-                self._unregister()
+                self._locked.release()
                 raise
 
     def _capture(self) -> None:
@@ -188,7 +197,7 @@ class CudaGraphEngine(Engine):
             for dims, dtype in zip(self._dims, self._dtypes)
         ]
         self._pinned_in = [
-            self._pin((largest, *dims), staged)
+            self._locked.pin((largest, *dims), staged)
             for dims, staged in zip(self._dims, self._staged_dtypes)
         ]
         self._landing = [
@@ -214,7 +223,7 @@ class CudaGraphEngine(Engine):
                 self.stream.synchronize()
                 warming += time.perf_counter() - began
                 if not self._pinned_out:  # the largest bucket comes first
-                    self._pinned_out = [self._pin(tuple(t.shape), t.dtype) for t in warm]
+                    self._pinned_out = [self._locked.pin(tuple(t.shape), t.dtype) for t in warm]
                 del warm
                 served, results = self._graph(size, from_staging=True, to_staging=True)
                 self._keep_outputs((size, True), results)
@@ -298,26 +307,6 @@ class CudaGraphEngine(Engine):
             for r in results
         ]
 
-    def _pin(self, shape: tuple[int, ...], dtype: Any) -> Any:
-        """A CPU tensor on page-locked memory of its own, registered with CUDA here rather
-        than taken from torch's pinned-memory allocator: graphs that copied to and from that
-        allocator's buffers hung the next instance's first synchronisation (two GPU instances
-        of one model, torch 2.11)."""
-        torch = self._torch
-        size = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-        pages = -(-max(size, 1) // mmap.PAGESIZE) * mmap.PAGESIZE
-        raw = np.frombuffer(mmap.mmap(-1, pages), np.uint8)
-        code = torch.cuda.cudart().cudaHostRegister(raw.ctypes.data, raw.nbytes, 0)
-        if int(code) != 0:
-            raise RuntimeError(f"cannot page-lock {pages} bytes of staging memory: {code}")
-        self._registered.append(raw)
-        return torch.from_numpy(raw[:size]).view(dtype).view(shape)
-
-    def _unregister(self) -> None:
-        for raw in self._registered:
-            self._torch.cuda.cudart().cudaHostUnregister(raw.ctypes.data)
-        self._registered.clear()
-
     def _as_tuple(self, result: Any) -> tuple[Any, ...]:
         return (result,) if isinstance(result, self._torch.Tensor) else tuple(result)
 
@@ -338,12 +327,13 @@ class CudaGraphEngine(Engine):
         input)."""
         self._on_device = []
         self._out_on_device = []
+        self._sent_rows = 0
         lists = [parts.get(name, []) for name in self._inputs]
         rows = self._stageable_rows(lists)
         if not rows:
             return super().gather(parts)
         staged = {}
-        copies: list[tuple[np.ndarray, Tensor]] = []
+        copies: list[tuple[int, np.ndarray, Tensor]] = []
         on_device = []
         for index, (name, arrays, host) in enumerate(zip(self._inputs, lists, self._host_in)):
             offset = 0
@@ -352,14 +342,23 @@ class CudaGraphEngine(Engine):
                 if isinstance(array, RegionTensor) and array.device in self._copied_in:
                     on_device.append((index, offset, array))
                 else:
-                    copies.append((host[offset:end], array))
+                    copies.append((offset, host[offset:end], array))
                 offset = end
             staged[name] = host[:rows]
-        copy_all(copies)
+        if not on_device and copy_in_row_ranges(copies, rows, self._send_rows):
+            self._sent_rows = rows
+        else:
+            copy_all([(destination, source) for _, destination, source in copies])
         self._on_device = on_device
         if output_targets:
             self._out_on_device = self._outputs_here(lists[0], output_targets)
         return staged
+
+    def _send_rows(self, start: int, stop: int) -> None:
+        """Enqueue rows ``start:stop`` of every input from staging to the static buffers."""
+        with self._torch.cuda.stream(self.stream):
+            for index in range(len(self._static_in)):
+                self._from_staging(index, start, stop)
 
     def _outputs_here(
         self, firsts: list[Tensor], output_targets: OutputTargets
@@ -412,6 +411,7 @@ class CudaGraphEngine(Engine):
         # while its launch needs it.
         on_device, self._on_device = self._on_device, []
         out_on_device, self._out_on_device = self._out_on_device, []
+        sent_rows, self._sent_rows = self._sent_rows, 0
         arrays = [inputs[name] for name in self._inputs]
         rows = arrays[0].shape[0] if arrays and arrays[0].ndim else 0
         size = self.bucket(rows) if self.buckets else None
@@ -427,11 +427,13 @@ class CudaGraphEngine(Engine):
                 staged = False
         started = time.perf_counter()
         with torch.cuda.stream(self.stream):
-            fed = bool(on_device) and staged
+            fed = (bool(on_device) or sent_rows == rows) and staged
             if fed:
-                self._feed_on_device(on_device, rows)
+                if on_device:
+                    self._feed_on_device(on_device, rows)
+                self.device_fed_batches += bool(on_device)
+                self.ranged_batches += not on_device
                 self._fed_graphs[size].replay()
-                self.device_fed_batches += 1
             else:
                 self._graphs[size].replay()
             if out_on_device:
@@ -554,7 +556,7 @@ class CudaGraphEngine(Engine):
         self._pinned_out.clear()
         self._host_in.clear()
         self._host_out.clear()
-        self._unregister()
+        self._locked.release()
         if self.waker is not None:
             self.waker.close()
             self.waker = None

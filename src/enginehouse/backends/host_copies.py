@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import ModuleType
 
@@ -160,6 +161,39 @@ def copy_all(pairs: list[tuple[np.ndarray, Tensor]]) -> None:
     finally:
         for future in futures:
             future.result()
+
+
+# From this many bytes a batch's copy goes in row ranges (copy_in_row_ranges), at most this
+# many, each of at least a quarter of these bytes.
+RANGED_BYTES = 8 << 20
+RANGES = 4
+
+
+def copy_in_row_ranges(
+    copies: list[tuple[int, np.ndarray, Tensor]],
+    rows: int,
+    copied_rows: Callable[[int, int], None],
+) -> bool:
+    """:func:`copy_all` of a batch's parts, each at its first row in its staging buffer
+    (``(first, destination rows, source)``), in ranges of the batch's ``rows`` one after the
+    other, calling ``copied_rows(start, stop)`` once each range is in place: the caller sends
+    that range to the device while the next one is copied, so the batch's host-to-device
+    copy runs beside its gather instead of after it. False, copying nothing, where the batch
+    is too small for that to gain (below RANGED_BYTES)."""
+    total = sum(destination.nbytes for _, destination, _ in copies)
+    ranges = int(min(RANGES, rows, total // (RANGED_BYTES // RANGES)))
+    if total < RANGED_BYTES or ranges < 2:
+        return False
+    bounds = [rows * i // ranges for i in range(ranges + 1)]
+    for start, stop in itertools.pairwise(bounds):
+        part = []
+        for first, destination, source in copies:
+            a, b = max(first, start) - first, min(first + destination.shape[0], stop) - first
+            if a < b:
+                part.append((destination[a:b], _rows(source, a, b)))
+        copy_all(part)
+        copied_rows(start, stop)
+    return True
 
 
 def _copy_group(group: list[tuple[np.ndarray, Tensor]]) -> None:
