@@ -3,9 +3,10 @@
  * What a staging buffer holds is read next by the GPU's copy engine, never by this CPU, so
  * both copies here write with non-temporal (streaming) stores: a plain store first reads
  * each destination line into the cache and later writes it back, a third more memory
- * traffic than the copy needs, and the memory bus is what bounds a batch's copy on the
- * copy threads (588 KB images, 154 MB a batch of 256). Streaming stores copied such a
- * batch 1.3-1.5x faster than memcpy on the machines measured (bench/RESULTS.md).
+ * traffic than the copy needs where memory bounds a batch's copy (588 KB images, 154 MB a
+ * batch of 256). bench/staging_copies.py measured such a batch 1.29-1.38x faster than
+ * memcpy on a 2-core machine, and as fast (0.97-1.02x; 1.02-1.11x converting to FP16) on the
+ * 16 cores of the GPU machine, whose copies scale with threads instead.
  *
  * - copy(destination, source): the bytes of source into destination (C-contiguous both,
  *   the same size).
