@@ -47,6 +47,12 @@ def p50_ms(run: Callable[[], Any], iters: int) -> float:
     return float(np.median(times) * 1e3)
 
 
+def note_phases(spent: dict[str, list[float]], *times: float) -> None:
+    """Add one execution's phases, from the five times that bound them, to ``spent``."""
+    for name, since, until in zip(("gather", "launch", "wait", "outputs"), times, times[1:]):
+        spent[name].append(until - since)
+
+
 def phases(
     engine: Any, parts: dict[str, list[np.ndarray]], outputs: list[str], iters: int
 ) -> tuple[dict[str, float], float]:
@@ -63,13 +69,7 @@ def phases(
         t3 = time.perf_counter()
         launched.outputs()
         t4 = time.perf_counter()
-        for name, since, until in (
-            ("gather", t0, t1),
-            ("launch", t1, t2),
-            ("wait", t2, t3),
-            ("outputs", t3, t4),
-        ):
-            spent[name].append(until - since)
+        note_phases(spent, t0, t1, t2, t3, t4)
 
     def polled() -> None:
         launched = engine.launch(engine.gather(parts), outputs)
@@ -119,13 +119,7 @@ def taking_turns(
             previous.outputs()
         t4 = time.perf_counter()
         if call >= 2:  # the first two calls start the turns
-            for name, since, until in (
-                ("gather", t0, t1),
-                ("launch", t1, t2),
-                ("wait", t2, t3),
-                ("outputs", t3, t4),
-            ):
-                spent[name].append(until - since)
+            note_phases(spent, t0, t1, t2, t3, t4)
             periods.append(t4 - t0)
             events.append((began, ended))
     torch.cuda.synchronize()

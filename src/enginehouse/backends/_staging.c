@@ -113,33 +113,43 @@ static void stream_copy(char *target, const char *source, size_t size, int strea
 static int cpu_has_f16c(void) { return 0; }
 #endif
 
-/* Parses (writable destination, readable source[, streaming]), both C-contiguous; 0 with
- * an error set where they do not parse. */
-static int buffers(PyObject *args, Py_buffer *target, Py_buffer *source, int *streaming) {
-    *streaming = 1;
-    return PyArg_ParseTuple(args, "w*y*|p", target, source, streaming);
-}
-
 static PyObject *half_available(PyObject *self, PyObject *unused) {
     (void)self;
     (void)unused;
     return PyBool_FromLong(cpu_has_f16c());
 }
 
-static PyObject *copy(PyObject *self, PyObject *args) {
-    (void)self;
+/* copy() and to_half(): parses (writable destination, readable source[, streaming]), both
+ * C-contiguous, checks that they fit each other, and copies (half: converting to FP16)
+ * without the GIL. */
+static PyObject *staged_copy(PyObject *args, int half) {
     Py_buffer target, source;
-    int streaming;
-    if (!buffers(args, &target, &source, &streaming)) {
+    int streaming = 1;
+    if (!PyArg_ParseTuple(args, "w*y*|p", &target, &source, &streaming)) {
         return NULL;
     }
     PyObject *result = NULL;
-    if (target.len != source.len) {
+    if (half && !cpu_has_f16c()) {
+        PyErr_SetString(PyExc_RuntimeError, "this CPU has no F16C instructions");
+    } else if (half &&
+               (source.len % (Py_ssize_t)sizeof(float) != 0 || target.len * 2 != source.len)) {
+        PyErr_Format(PyExc_ValueError,
+                     "a float32 source of %zd bytes does not fill a float16 target of %zd bytes",
+                     source.len, target.len);
+    } else if (!half && target.len != source.len) {
         PyErr_Format(PyExc_ValueError, "a source of %zd bytes does not fill a target of %zd bytes",
                      source.len, target.len);
     } else {
-        Py_BEGIN_ALLOW_THREADS stream_copy((char *)target.buf, (const char *)source.buf,
-                                           (size_t)source.len, streaming);
+        Py_BEGIN_ALLOW_THREADS
+        if (half) {
+#if HAVE_X86_BUILD
+            convert((const float *)source.buf, (uint16_t *)target.buf,
+                    (size_t)source.len / sizeof(float), streaming);
+#endif
+        } else {
+            stream_copy((char *)target.buf, (const char *)source.buf, (size_t)source.len,
+                        streaming);
+        }
         Py_END_ALLOW_THREADS
         result = Py_None;
         Py_INCREF(result);
@@ -149,32 +159,14 @@ static PyObject *copy(PyObject *self, PyObject *args) {
     return result;
 }
 
+static PyObject *copy(PyObject *self, PyObject *args) {
+    (void)self;
+    return staged_copy(args, 0);
+}
+
 static PyObject *to_half(PyObject *self, PyObject *args) {
     (void)self;
-    Py_buffer target, source;
-    int streaming;
-    if (!buffers(args, &target, &source, &streaming)) {
-        return NULL;
-    }
-    PyObject *result = NULL;
-    if (!cpu_has_f16c()) {
-        PyErr_SetString(PyExc_RuntimeError, "this CPU has no F16C instructions");
-    } else if (source.len % (Py_ssize_t)sizeof(float) != 0 || target.len * 2 != source.len) {
-        PyErr_Format(PyExc_ValueError,
-                     "a float32 source of %zd bytes does not fill a float16 target of %zd bytes",
-                     source.len, target.len);
-    } else {
-#if HAVE_X86_BUILD
-        Py_BEGIN_ALLOW_THREADS convert((const float *)source.buf, (uint16_t *)target.buf,
-                                       (size_t)source.len / sizeof(float), streaming);
-        Py_END_ALLOW_THREADS
-#endif
-        result = Py_None;
-        Py_INCREF(result);
-    }
-    PyBuffer_Release(&target);
-    PyBuffer_Release(&source);
-    return result;
+    return staged_copy(args, 1);
 }
 
 static PyMethodDef methods[] = {
