@@ -11,8 +11,9 @@ times, on 1 to N threads, in alternating rounds:
   (what an fp16 engine's FP32 inputs take), with plain stores and with streaming stores.
 
 It needs no GPU (the copies are the CPU's half of the input copy); the destination is
-ordinary memory, faulted in first, as page-locked memory is. Ends with one line of figures:
-streamed against numpy, and fp16 streamed against cached, on the most threads.
+ordinary memory, faulted in first, as page-locked memory is. Writes the figures and a plot
+(bench/results/staging_copies.json, .png) and ends with one line of figures: streamed against
+numpy, and fp16 streamed against cached, on the most threads.
 
     python bench/staging_copies.py [--images 256] [--threads 1,2,4,8] [--rounds 7]
 """
@@ -70,6 +71,35 @@ def batch_ms(
     return (time.perf_counter() - started) * 1e3
 
 
+def plot(rows: list[dict[str, object]], names: list[str], path: Path) -> None:
+    """GB/s of FP32 read per copy kind, grouped by thread count (skipped without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    threads = sorted({int(str(r["threads"])) for r in rows})
+    rate = {(r["threads"], r["copy"]): float(str(r["fp32_read_gb_s"])) for r in rows}
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(names)
+    for k, name in enumerate(names):
+        ax.bar(
+            [i + k * width for i in range(len(threads))],
+            [rate[(t, name)] for t in threads],
+            width,
+            label=name,
+        )
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(threads))], [str(t) for t in threads])
+    ax.set_xlabel("copy threads")
+    ax.set_ylabel("GB/s of FP32 images read")
+    ax.set_title("a batch copied into a staging buffer")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=256)
@@ -125,6 +155,7 @@ def main() -> None:
         print(f"{threads:7d} {cells}  {ratio:13.2f}x")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "staging_copies.json").write_text(json.dumps(rows, indent=1))
+    plot(rows, list(found), RESULTS / "staging_copies.png")
     most = thread_counts[-1]
     line = (
         f"staging_copies: {args.images} images on {most} threads: streamed "
