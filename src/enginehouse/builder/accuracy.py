@@ -44,6 +44,29 @@ class OutputErrors:
     def max_relative(self) -> float:
         return max((e["max_rel"] for e in self.errors.values()), default=0.0)
 
+    def add_results(self, torch: Any, reference: Any, built: Any) -> None:
+        """Add one run of each program: their results, a tensor or a sequence of tensors in
+        the order of this object's names."""
+        pairs = zip(self.errors, as_tensors(torch, reference), as_tensors(torch, built))
+        for name, want, got in pairs:
+            self.add(name, _host(want), _host(got))
+
+
+def as_tensors(torch: Any, result: Any) -> tuple[Any, ...]:
+    """A program's result as a tuple of tensors (one tensor, or its sequence of them)."""
+    return (result,) if isinstance(result, torch.Tensor) else tuple(result)
+
+
+def relative_difference(torch: Any, reference: Any, built: Any) -> float:
+    """max |built - reference| / max |reference| over every output of one run."""
+    errors = OutputErrors(str(i) for i in range(len(as_tensors(torch, reference))))
+    errors.add_results(torch, reference, built)
+    return errors.max_relative
+
+
+def _host(tensor: Any) -> np.ndarray:
+    return tensor.detach().float().cpu().numpy()
+
 
 def build_manifest(
     source: Path,

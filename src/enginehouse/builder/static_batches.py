@@ -24,6 +24,7 @@ from typing import Any
 
 from enginehouse.backends import inductor_artifact
 from enginehouse.backends.graph_setup import captured_cublas_workspace
+from enginehouse.builder.accuracy import relative_difference
 from enginehouse.config.build_spec import BuildSpec
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def build(
             )
             candidate = inductor_artifact.ArtifactRunner(artifact, list(weights.values()))
             with torch.inference_mode():
-                error = _relative_difference(torch, runner(*inputs), candidate(*inputs))
+                error = relative_difference(torch, runner(*inputs), candidate(*inputs))
         except Exception as exc:  # export, Inductor and its shape asserts raise many types
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             refused[batch] = {"reason": reason}
@@ -109,18 +110,6 @@ def build(
         )
     inductor_artifact.write_static_index(out, kept, refused)
     return kept
-
-
-def _relative_difference(torch: Any, want: Any, got: Any) -> float:
-    """max |got - want| / max |want| over every output."""
-    want = (want,) if isinstance(want, torch.Tensor) else tuple(want)
-    got = (got,) if isinstance(got, torch.Tensor) else tuple(got)
-    worst = 0.0
-    for w, g in zip(want, got, strict=True):
-        w, g = w.float(), g.float()
-        scale = float(w.abs().max()) or 1.0
-        worst = max(worst, float((g - w).abs().max()) / scale)
-    return worst
 
 
 def replay_times(

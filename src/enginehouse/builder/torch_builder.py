@@ -35,7 +35,7 @@ from enginehouse.backends.torch_programs import (
 )
 from enginehouse.backends.torch_quantize import QUANTIZED
 from enginehouse.builder import conv_fusion, static_batches
-from enginehouse.builder.accuracy import OutputErrors, build_manifest
+from enginehouse.builder.accuracy import OutputErrors, build_manifest, relative_difference
 from enginehouse.builder.onnx_builder import cpu_model
 from enginehouse.builder.samples import Sample, load_calibration, random_samples
 from enginehouse.config.build_spec import BuildSpec
@@ -216,15 +216,9 @@ def _fuse_convolutions(
             return inner
         with torch.inference_mode():
             want, got = wrap(inner)(*example), wrap(candidate)(*example)
-        want = (want,) if isinstance(want, torch.Tensor) else tuple(want)
-        got = (got,) if isinstance(got, torch.Tensor) else tuple(got)
-        errors = OutputErrors(str(i) for i in range(len(want)))
-        for index, (w, g) in enumerate(zip(want, got)):
-            errors.add(str(index), w.float().cpu().numpy(), g.float().cpu().numpy())
-        if not errors.max_relative <= _FUSED_TOLERANCE:
-            raise ValueError(
-                f"answers differ from the unfused program's by {errors.max_relative:.3g}"
-            )
+            difference = relative_difference(torch, want, got)
+        if not difference <= _FUSED_TOLERANCE:
+            raise ValueError(f"answers differ from the unfused program's by {difference:.3g}")
     except Exception as exc:  # cuDNN and tracing raise many types
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         log.info("model '%s': convolutions left as they were (%s)", model, message)
@@ -405,12 +399,7 @@ def _accuracy(
                     a.to(d) if a.is_floating_point() and d.is_floating_point else a
                     for a, d in zip(args, source_dtypes)
                 ]
-            want = reference(*fed)
-            got = built(*[a.to(device) for a in args])
-            want = (want,) if isinstance(want, torch.Tensor) else tuple(want)
-            got = (got,) if isinstance(got, torch.Tensor) else tuple(got)
-            for name, w, g in zip(names, want, got):
-                errors.add(name, w.detach().float().cpu().numpy(), g.detach().float().cpu().numpy())
+            errors.add_results(torch, reference(*fed), built(*[a.to(device) for a in args]))
     return errors.as_dict()
 
 
