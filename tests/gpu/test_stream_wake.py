@@ -21,7 +21,7 @@ def _readable(fd: int, timeout_s: float) -> bool:
 def test_the_pipe_is_readable_only_after_the_work_before_the_wake_up() -> None:
     stream = torch.cuda.Stream()
     waker = stream_waker(stream.cuda_stream)
-    assert waker is not None, "libcuda and the C library are there on a GPU machine"
+    assert waker is not None, "libcuda and the C library are there on a GPU host"
     done = torch.cuda.Event()
     try:
         with torch.cuda.stream(stream):

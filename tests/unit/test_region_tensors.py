@@ -156,7 +156,7 @@ def test_a_region_truncated_before_or_after_the_request_is_a_400(
 def test_pinning_asked_where_the_driver_cannot_pin_reads_as_before(
     region: tuple[SharedMemoryRegions, str, np.ndarray],
 ) -> None:
-    """Pinning is asked of every region on a GPU machine; where the CUDA driver refuses (here:
+    """Pinning is asked of every region on a GPU host; where the CUDA driver refuses (here:
     none is loaded, or no device), the region registers and is read through its descriptor."""
     from enginehouse.core import cuda_ipc
 

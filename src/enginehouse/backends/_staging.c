@@ -6,7 +6,7 @@
  * traffic than the copy needs where memory bounds a batch's copy (588 KB images, 154 MB a
  * batch of 256). bench/staging_copies.py measured such a batch 1.29-1.38x faster than
  * memcpy on a 2-core machine, and as fast (0.97-1.02x; 1.02-1.11x converting to FP16) on the
- * 16 cores of the GPU machine, whose copies scale with threads instead.
+ * 16 cores of the H200 host, whose copies scale with threads instead.
  *
  * - copy(destination, source): the bytes of source into destination (C-contiguous both,
  *   the same size).

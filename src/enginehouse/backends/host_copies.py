@@ -1,6 +1,6 @@
 """Large host copies on several threads: requests' inputs into an engine's pinned staging.
 
-One CPU thread copies a large array at 5-6 GB/s on the GPU machine (cache misses, not the
+One CPU thread copies a large array at 5-6 GB/s on the H200 host (cache misses, not the
 memory bus, are its limit), while a page-locked host-to-device transfer runs at 50+ GB/s:
 for a batch of images the copy into the staging buffer, not the bus, is the cost. NumPy
 releases the GIL while it copies plain arrays, so a copy split into row ranges runs on that

@@ -11,7 +11,7 @@ its inputs from it with device-to-device copies on its own stream (``copy_to_dev
 readers copy to host memory. Every copy is bounds-checked against the size
 the driver reports for the allocation; nothing here touches memory past it.
 
-The same driver page-locks a client's system region on a GPU machine (``PageLockedHost``):
+The same driver page-locks a client's system region on a GPU host (``PageLockedHost``):
 a GPU engine then has the DMA engine take an input from the client's pages to the device,
 where it would otherwise first copy it on a CPU into its own pinned staging buffer.
 """

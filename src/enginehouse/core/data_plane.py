@@ -137,7 +137,7 @@ def _mapped_by_default(asked: bool | None) -> bool:
     and the machine has no GPU. Mapped, a CPU model reads its inputs in place (1 MB in and
     out over HTTP: 0.37x tritonserver's rate through descriptors, 0.54-0.56x mapped, on the
     2-core machine); a GPU model reads them into its pinned staging buffers either way, and
-    on the GPU machine served ResNet-50 from system shared memory ran 7-16% slower with
+    on the H200 host served ResNet-50 from system shared memory ran 7-16% slower with
     regions mapped (the cause was not found)."""
     if asked is not None:
         return asked

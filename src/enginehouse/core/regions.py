@@ -196,7 +196,7 @@ class Region(HeldRegion):
     def read(self, offset: int, destination: memoryview) -> int:
         """A read into a buffer of the caller's (a GPU engine's staging buffer) goes
         through the descriptor even where the region is mapped, the path measured at least
-        as fast on the GPU machine: served ResNet-50 from system shared memory ran 16%
+        as fast on the H200 host: served ResNet-50 from system shared memory ran 16%
         slower with such reads copied out of the mapping, and 7% slower mapped with them
         through the descriptor (the rest of that cost was not found). Only a read in place,
         which copies nothing, gains from the mapping."""
